@@ -1,0 +1,271 @@
+"""The MoE config: one validated object that YAML, the CLI, the notebook form and Python all fill in.
+
+The schema is mergekit-moe's, accepted unchanged (BRIEF §2), plus a few lazymoe extensions that are
+optional and documented in the README (``seed``, ``allow_all_same_experts``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import random as _random
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import ConfigError
+
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+GATE_MODES: tuple[str, ...] = get_args(GateMode)
+#: gate modes that read no prompt (the reference tool lets these go without prompts)
+RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})
+
+DType = Literal["bfloat16", "float16", "float32"]
+DTYPES: tuple[str, ...] = get_args(DType)
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+#: output architectures the mergekit schema names, and which of them lazymoe writes today
+_ARCHITECTURE_ALIASES = {"mixtral": "mixtral"}
+_KNOWN_UNSUPPORTED_ARCHITECTURES = {"qwen", "qwen2", "qwen2_moe", "qwen moe", "qwen3", "qwen3_moe", "qwen3 moe", "deepseek", "deepseek moe"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExpertConfig(_Strict):
+    """One expert: whose MLPs to take, and the prompts that describe what it is for."""
+
+    source_model: str
+    positive_prompts: list[str] = []
+    negative_prompts: list[str] = []
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):  # a single prompt written without a list
+            return [value]
+        return value
+
+    @field_validator("source_model", mode="before")
+    @classmethod
+    def _model_ref(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
+            model = value["model"]
+            value = model.get("path") if isinstance(model, dict) else model
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise ValueError("is empty: give a Hub id (org/name), org/name@revision or a local folder")
+        return value
+
+
+class MoEConfig(_Strict):
+    """A whole frankenMoE recipe."""
+
+    base_model: str
+    experts: list[ExpertConfig]
+    gate_mode: GateMode = "hidden"
+    dtype: DType | None = None
+    experts_per_token: int = 2
+    shared_experts: list[ExpertConfig] | None = None
+    architecture: str | None = None
+    # lazymoe extensions
+    seed: int | None = None
+    allow_all_same_experts: bool = False
+
+    _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower().removeprefix("torch.")
+            return _DTYPE_ALIASES.get(value, value)
+        return value
+
+    @field_validator("gate_mode", mode="before")
+    @classmethod
+    def _gate_mode(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def uses_prompts(self) -> bool:
+        return self.gate_mode not in RANDOM_GATE_MODES
+
+    def model_refs(self) -> list[str]:
+        """Every distinct model reference, base first, in order of appearance."""
+        seen: dict[str, None] = {self.base_model: None}
+        for expert in self.experts:
+            seen.setdefault(expert.source_model, None)
+        return list(seen)
+
+    def with_seed(self) -> "MoEConfig":
+        """A copy whose randomness is pinned, so the saved config reproduces the merge exactly."""
+        if self.seed is not None:
+            return self
+        return self.model_copy(update={"seed": _random.SystemRandom().randrange(2**31)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mergekit-compatible dict: extensions and defaults-only fields are left out."""
+        data = self.model_dump(exclude_none=True)
+        for expert in data["experts"]:
+            if not expert.get("negative_prompts"):
+                expert.pop("negative_prompts", None)
+        if not data.get("allow_all_same_experts"):
+            data.pop("allow_all_same_experts", None)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+
+
+# --------------------------------------------------------------------- parsing
+
+_TOP_KEYS = tuple(MoEConfig.model_fields)
+_EXPERT_KEYS = tuple(ExpertConfig.model_fields)
+
+
+def _did_you_mean(key: str, options: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(options)}."
+
+
+def _check_keys(data: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"Unknown key '{key}' in {where}.{_did_you_mean(str(key), allowed)}")
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ""
+    for part in first["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        field = first["loc"][-1]
+        allowed = GATE_MODES if field == "gate_mode" else DTYPES if field == "dtype" else ()
+        close = difflib.get_close_matches(str(first.get("input")), allowed, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{loc}: {first.get('input')!r} is not allowed; use one of {', '.join(allowed)}.{hint}"
+    if first["type"] == "missing":
+        return f"{loc} is required but missing from the config."
+    return f"{loc}: {msg} (got {first.get('input')!r})."
+
+
+def parse_config(data: Any) -> MoEConfig:
+    """Validate a mapping (parsed YAML, form values) into a :class:`MoEConfig`, or raise :class:`ConfigError`."""
+    if isinstance(data, MoEConfig):
+        return validate_config(data)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"A MoE config must be a mapping with base_model and experts, got {type(data).__name__}."
+        )
+    _check_keys(data, _TOP_KEYS, "the config")
+    experts = data.get("experts")
+    if experts is None:
+        raise ConfigError("experts is required: list the models whose MLPs become experts (at least two).")
+    if not isinstance(experts, list):
+        raise ConfigError("experts must be a list of mappings, each with source_model and positive_prompts.")
+    for key in ("experts", "shared_experts"):
+        for i, expert in enumerate(data.get(key) or []):
+            if not isinstance(expert, dict):
+                raise ConfigError(f"{key}[{i}] must be a mapping with source_model and positive_prompts.")
+            _check_keys(expert, _EXPERT_KEYS, f"{key}[{i}]")
+    try:
+        config = MoEConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+    return validate_config(config)
+
+
+def validate_config(config: MoEConfig) -> MoEConfig:
+    """The semantic rules of BRIEF §2, each with a message that names the fix."""
+    n = len(config.experts)
+    if n < 2:
+        raise ConfigError(f"A MoE needs at least 2 experts; this config has {n}. Add experts under 'experts'.")
+    if not 1 <= config.experts_per_token <= n:
+        raise ConfigError(
+            f"experts_per_token is {config.experts_per_token} but must be between 1 and the number of "
+            f"experts ({n}). 2 is the usual choice."
+        )
+    if config.shared_experts:
+        raise ConfigError(
+            "shared_experts is only used by Qwen2-MoE output, which lazymoe does not write yet; "
+            "remove shared_experts to build a Mixtral model."
+        )
+    if config.architecture is not None:
+        arch = config.architecture.strip().lower()
+        if arch in _KNOWN_UNSUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {config.architecture!r} is not supported yet: lazymoe writes Mixtral "
+                "(for Llama and Mistral experts). Remove 'architecture' or set it to 'mixtral'."
+            )
+        if arch not in _ARCHITECTURE_ALIASES:
+            raise ConfigError(f"Unknown architecture {config.architecture!r}; lazymoe writes 'mixtral'.")
+    for i, expert in enumerate(config.experts):
+        for field in ("noise_scale", "residual_scale"):
+            value = getattr(expert, field)
+            if value is not None and (value != value or value in (float("inf"), float("-inf"))):
+                raise ConfigError(f"experts[{i}].{field} must be a finite number, got {value}.")
+        if expert.noise_scale is not None and expert.noise_scale < 0:
+            raise ConfigError(f"experts[{i}].noise_scale must be >= 0 (it is a standard deviation).")
+        for field in ("positive_prompts", "negative_prompts"):
+            for j, prompt in enumerate(getattr(expert, field)):
+                if not prompt.strip():
+                    raise ConfigError(f"experts[{i}].{field}[{j}] is empty; remove it or write a prompt.")
+    if config.uses_prompts:
+        for i, expert in enumerate(config.experts):
+            if not expert.positive_prompts:
+                raise ConfigError(
+                    f"experts[{i}] ({expert.source_model}) has no positive_prompts, which gate_mode "
+                    f"'{config.gate_mode}' needs: add a few prompts that describe what this expert is for, "
+                    "or use gate_mode 'random'."
+                )
+        prompts = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in config.experts}
+        if len(prompts) == 1:
+            raise ConfigError(
+                "The positive and negative prompts are identical for every expert, so the router cannot "
+                "tell them apart. Give each expert prompts that describe its own domain."
+            )
+    if not config.allow_all_same_experts and len({e.source_model for e in config.experts}) == 1:
+        raise ConfigError(
+            f"Every expert is the same model ({config.experts[0].source_model}): the MoE would cost "
+            f"{n}x the MLP memory and compute the same thing. If you will train it afterwards, set "
+            "allow_all_same_experts: true (CLI: --allow-all-same-experts)."
+        )
+    return config
+
+
+def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
+    """Load a config from a YAML file path, a YAML string, a dict or a config object."""
+    if isinstance(source, (MoEConfig, dict)):
+        return parse_config(source)
+    text: str
+    path = Path(source)
+    if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = str(source)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"The config is not valid YAML{where}: {problem}.") from None
+    return parse_config(data)

@@ -1,0 +1,160 @@
+"""config -> plan -> gates -> stream -> finished folder. The one entry point every front end calls.
+
+The output is assembled in a hidden sibling folder and renamed into place only when complete, so an
+interrupted or failed merge never leaves something that looks like a model; inputs are only read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import plan as planning
+from .config import MoEConfig, load_config
+from .errors import ConfigError, InsufficientResourcesError, OutputExistsError
+from .sources import TOKENIZER_FILES, ModelRef, describe, fetch_weights
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "lazymoe_config.yml"  # written last before the rename: the recipe that built the folder
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def make_plan(
+    config,
+    *,
+    max_shard_bytes: int | str = planning.DEFAULT_MAX_SHARD_BYTES,
+    layout: str = "classic",
+    progress: bool = True,
+) -> planning.MergePlan:
+    """Validate the config and the models (headers only) and return the plan. Reads no weights."""
+    config = load_config(config)
+    max_shard_bytes = planning.parse_bytes(max_shard_bytes)
+    refs = config.model_refs()
+    models = {}
+    for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
+        models[ref] = describe(ModelRef.parse(ref))
+    warnings = planning.check_models(config, models)
+    planning.check_tokenizer(config, models[config.base_model])
+    return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings)
+
+
+def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -> None:
+    out = output_dir.resolve()
+    for ref, info in plan.models.items():
+        src = info.folder.resolve() if info.folder else None
+        if src and (out == src or src in out.parents or out in src.parents):
+            raise OutputExistsError(
+                f"The output folder {output_dir} overlaps the input model {ref}; choose a separate folder "
+                "(inputs are never modified)."
+            )
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise OutputExistsError(f"{output_dir} exists and is a file; choose another output folder.")
+        if any(output_dir.iterdir()):
+            ours = (output_dir / CONFIG_FILENAME).is_file() and (output_dir / "config.json").is_file()
+            if not (overwrite and ours):
+                hint = ("pass overwrite=True / --overwrite to replace it" if ours else
+                        "it was not made by lazymoe, so it is never replaced; choose an empty or new folder")
+                raise OutputExistsError(f"{output_dir} already exists and is not empty: {hint}.")
+
+
+def _finalise(tmp: Path, output_dir: Path) -> None:
+    old = None
+    if output_dir.exists() and any(output_dir.iterdir()):
+        old = output_dir.with_name(f".{output_dir.name}.lazymoe-old-{os.getpid()}")
+        os.replace(output_dir, old)
+    elif output_dir.exists():
+        output_dir.rmdir()
+    os.replace(tmp, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def merge(
+    config: MoEConfig | dict | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int | str = planning.DEFAULT_MAX_SHARD_BYTES,
+    layout: str = "classic",
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    plan: planning.MergePlan | None = None,
+) -> Path:
+    """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
+    from transformers import AutoTokenizer
+
+    from .gates import compute_gates, degenerate_layers, pick_device
+    from .writer import write_shards
+
+    output_dir = Path(output_dir)
+    if plan is None:
+        plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, progress=progress)
+    config = plan.config.with_seed()
+    if config.uses_prompts and config.gate_mode.startswith("hidden"):
+        pick_device(device)  # a bad --device fails now, not after the downloads
+    _check_output(output_dir, plan, overwrite)
+    parent = output_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = planning.free_disk_bytes(parent)
+    if free < plan.disk_bytes:
+        raise InsufficientResourcesError(
+            f"The merge needs about {_fmt_bytes(plan.disk_bytes)} of free disk at {parent} "
+            f"(output {_fmt_bytes(plan.output_bytes)} + downloads {_fmt_bytes(plan.download_bytes)}) but only "
+            f"{_fmt_bytes(free)} is free. Free some space or choose another output folder."
+        )
+    # downloads (no-op for local folders), then a plan whose offsets point at real files
+    models = {ref: fetch_weights(info) for ref, info in plan.models.items()}
+    plan = planning.build_plan(config, models, max_shard_bytes=plan.max_shard_bytes,
+                               layout=plan.layout, warnings=plan.warnings)
+    for w in plan.warnings:
+        logger.warning(w)
+
+    base = plan.base
+    tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
+    gates = compute_gates(plan, tokenizer, device=device, progress=progress)
+    degenerate = degenerate_layers(gates)
+    if degenerate:
+        plan.warnings.append(
+            f"Router rows are nearly parallel in {len(degenerate)} of {plan.num_layers} layers "
+            f"(first: {degenerate[0]}): your prompts may be too similar, and some experts will get little traffic."
+        )
+        logger.warning(plan.warnings[-1])
+
+    tmp = parent / f".{output_dir.name}.lazymoe-partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write_shards(plan, gates, tmp, progress=progress)
+        (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            src = base.folder / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
+        _write_extras(plan, gates, tmp)
+        (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
+        _finalise(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Wrote %s (%s)", output_dir, _fmt_bytes(plan.output_bytes))
+    return output_dir
+
+
+def _write_extras(plan: planning.MergePlan, gates, folder: Path) -> None:
+    """Hook for the model card and other files rendered from the plan (see card.py)."""
+    try:
+        from .card import write_card
+    except ImportError:
+        return
+    write_card(plan, folder)

@@ -1,0 +1,86 @@
+"""Stream a plan to safetensors shards: headers first (the plan knows every offset), then bytes.
+
+Straight copies (same dtype, no noise, no residual scale) go file-to-file through the kernel; anything
+transformed is read as one tensor, transformed in float32, cast and written, then released. Peak memory
+is therefore one tensor (three with a dtype change), whatever the model or shard size.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .plan import MergePlan, OutTensor, Piece
+from .safetensors_io import ST_DTYPES, build_header, copy_bytes, read_tensor, tensor_bytes_view, write_all
+
+
+class _Transforms:
+    def __init__(self, plan: MergePlan, gates: torch.Tensor):
+        self.plan = plan
+        self.gates = gates
+        self.seed = plan.config.seed or 0
+
+    def is_copy(self, out: OutTensor, piece: Piece) -> bool:
+        if piece.source is None or piece.source.dtype != out.dtype:
+            return False
+        if piece.expert is None:
+            return True
+        expert = self.plan.config.experts[piece.expert]
+        return not expert.noise_scale and (not piece.is_residual or expert.residual_scale in (None, 1.0))
+
+    def materialise(self, out: OutTensor, piece: Piece) -> torch.Tensor:
+        dtype = ST_DTYPES[out.dtype][0]
+        if piece.source is None:
+            return self.gates[out.gate_layer].to(dtype)
+        t = read_tensor(piece.source)
+        if piece.expert is None:
+            return t.to(dtype)
+        expert = self.plan.config.experts[piece.expert]
+        t = t.float()
+        if expert.noise_scale:
+            # one generator per (seed, expert, tensor): the result does not depend on write order
+            key = zlib.crc32(f"{piece.expert}:{piece.source.name}".encode())
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + key) % 2**63)
+            t = t + torch.randn(t.shape, generator=gen) * expert.noise_scale
+        if piece.is_residual and expert.residual_scale is not None:
+            t = t * expert.residual_scale
+        return t.to(dtype)
+
+
+def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, *, progress: bool = True) -> None:
+    """Write every shard of ``plan`` (and the index when there are several) into ``folder``."""
+    tx = _Transforms(plan, gates)
+    bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+               desc="Writing shards", disable=not progress)
+    try:
+        for shard in plan.shards:
+            header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors])
+            path = folder / shard.filename
+            with open(path, "wb", buffering=0) as f:
+                write_all(f, header)
+                for t in shard.tensors:
+                    start = f.tell()
+                    for piece in t.pieces:
+                        if tx.is_copy(t, piece):
+                            copy_bytes(piece.source, f)
+                        else:
+                            data = tx.materialise(t, piece)
+                            write_all(f, tensor_bytes_view(data))
+                            del data
+                    written = f.tell() - start
+                    if written != t.nbytes:  # a source whose header lied about its size
+                        raise OSError(f"{t.name}: wrote {written} bytes, the plan expected {t.nbytes}")
+                    bar.update(t.nbytes)
+            bar.set_postfix_str(shard.filename, refresh=False)
+    finally:
+        bar.close()
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": plan.output_bytes, "total_parameters": plan.total_params},
+            "weight_map": {t.name: s.filename for s in plan.shards for t in s.tensors},
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
