@@ -1,0 +1,125 @@
+"""``lazymoe`` command line: plan, merge, demo (and the commands other modules register).
+
+Library code raises :class:`LazyMoEError`; only this wrapper turns one into a single readable line
+and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import LazyMoEError
+from .plan import DEFAULT_MAX_SHARD_BYTES
+
+log = logging.getLogger("lazymoe")
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), metavar="BYTES",
+                   help="largest shard, in bytes with a unit: 2GB (default), 500MB, 1.5GiB")
+    p.add_argument("--layout", choices=("classic", "fused"), default="classic",
+                   help="classic: block_sparse_moe.experts.E.w1/w2/w3, read by every consumer (default); "
+                        "fused: transformers-5 native mlp.experts.gate_up_proj, not read by llama.cpp")
+    p.add_argument("--allow-all-same-experts", "--i-understand-this-is-not-useful-without-training",
+                   action="store_true", dest="allow_all_same",
+                   help="allow every expert to be the same model (only useful if you train afterwards)")
+
+
+def _load(args):
+    from .config import load_config
+
+    config = load_config(Path(args.config))
+    if args.allow_all_same:
+        config = config.model_copy(update={"allow_all_same_experts": True})
+    return config
+
+
+def cmd_plan(args) -> int:
+    from .merge import make_plan
+    from .report import format_plan
+
+    plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, progress=not args.quiet)
+    print(format_plan(plan))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    out = merge(_load(args), args.output_dir, max_shard_bytes=args.max_shard_size, layout=args.layout,
+                device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"Merged model written to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import build_demo
+    from .merge import merge
+
+    work = Path(args.output_dir)
+    config_path = build_demo(work / "inputs")
+    print(f"Built tiny local experts and {config_path}")
+    out = merge(config_path, work / "merged", overwrite=True, progress=not args.quiet)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("def add(a, b):", return_tensors="pt")
+    text = tok.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
+    print(f"Merged {type(model).__name__} at {out}\nSample (tiny random-ish model, not meant to be smart): {text!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazymoe", description="Build Mixture-of-Experts models from dense LLMs.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="show what a config will build, reading only configs and headers")
+    p.add_argument("config", help="mergekit-moe YAML config")
+    _add_merge_options(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("merge", help="build the MoE into OUTPUT_DIR")
+    p.add_argument("config", help="mergekit-moe YAML config")
+    p.add_argument("output_dir")
+    _add_merge_options(p)
+    p.add_argument("--device", default="auto", help="device for the hidden-state router pass: auto, cpu, cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier lazymoe output in OUTPUT_DIR")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")
+    p.add_argument("output_dir")
+    p.set_defaults(func=cmd_demo)
+
+    for register in _plugins():
+        register(sub)
+    return parser
+
+
+def _plugins():
+    """Commands that live beside their modules (hub, card, gguf, routing)."""
+    from . import cli_plugins
+
+    return cli_plugins.REGISTRARS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except LazyMoEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

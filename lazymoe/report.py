@@ -1,0 +1,62 @@
+"""Human-readable numbers and the plan table shared by the CLI and the notebook."""
+
+from __future__ import annotations
+
+from .plan import MergePlan
+
+
+def human_params(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
+    """(label, value) rows, in the order a user reads them."""
+    c = plan.config
+    rows = [
+        ("Output architecture", f"MixtralForCausalLM ({plan.layout} layout)"),
+        ("Base model", c.base_model),
+        ("Layers", str(plan.num_layers)),
+        ("Experts", f"{c.num_experts} ({c.experts_per_token} per token)"),
+        ("Gate mode", c.gate_mode),
+        ("dtype", plan.dtype),
+        ("Total parameters", f"{human_params(plan.total_params)} ({plan.total_params:,})"),
+        ("Active parameters", f"{human_params(plan.active_params)} ({plan.active_params:,})"),
+        ("Output size", f"{human_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s) of at most "
+                        f"{human_bytes(plan.max_shard_bytes)}"),
+        ("To download", human_bytes(plan.download_bytes)),
+        ("Disk needed", human_bytes(plan.disk_bytes)),
+        ("RAM needed (peak)", human_bytes(plan.peak_ram_bytes)),
+    ]
+    if plan.hidden_pass_bytes:
+        rows.append(("Router pass", f"loads the base in bfloat16: {human_bytes(plan.hidden_pass_bytes)} "
+                                    "of GPU memory (or RAM on CPU)"))
+    return rows
+
+
+def format_plan(plan: MergePlan) -> str:
+    rows = plan_rows(plan)
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append("")
+    lines.append("Experts:")
+    for i, e in enumerate(plan.config.experts):
+        prompts = "; ".join(e.positive_prompts) or "(no prompts)"
+        lines.append(f"  [{i}] {e.source_model}: {prompts}")
+    if plan.warnings:
+        lines.append("")
+        lines.append("Warnings:")
+        lines.extend(f"  - {w}" for w in plan.warnings)
+    else:
+        lines.append("")
+        lines.append("No problems found.")
+    return "\n".join(lines)
