@@ -1,0 +1,118 @@
+"""The config schema: mergekit-moe YAML accepted unchanged, every mistake explained before any work."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lazymoe.config import MoEConfig, load_config
+from lazymoe.errors import ConfigError
+
+BEYONDER = """\
+base_model: mlabonne/AlphaMonarch-7B
+experts:
+  - source_model: mlabonne/AlphaMonarch-7B
+    positive_prompts: ["chat", "assistant", "tell me", "explain", "I want"]
+  - source_model: beowolx/CodeNinja-1.0-OpenChat-7B
+    positive_prompts: ["code", "python", "javascript", "programming", "algorithm"]
+  - source_model: SanjiWatsuki/Kunoichi-DPO-v2-7B
+    positive_prompts: ["storywriting", "write", "scene", "story", "character"]
+  - source_model: mlabonne/NeuralDaredevil-7B
+    positive_prompts: ["reason", "math", "mathematics", "solve", "count"]
+"""
+
+
+def cfg(**overrides) -> dict:
+    data = yaml.safe_load(BEYONDER)
+    data.update(overrides)
+    return data
+
+
+def test_beyonder_recipe_parses_with_reference_defaults():
+    c = load_config(BEYONDER)
+    assert c.gate_mode == "hidden" and c.experts_per_token == 2 and c.dtype is None
+    assert c.num_experts == 4 and c.experts[1].source_model == "beowolx/CodeNinja-1.0-OpenChat-7B"
+    assert load_config(c.to_yaml()) == c
+
+
+def test_yaml_round_trip_keeps_every_field():
+    data = cfg(gate_mode="cheap_embed", dtype="bf16", experts_per_token=1, seed=3)
+    data["experts"][0]["negative_prompts"] = ["code"]
+    data["experts"][0]["noise_scale"] = 0.01
+    data["experts"][1]["residual_scale"] = 0.9
+    c = load_config(data)
+    assert c.dtype == "bfloat16"
+    again = load_config(c.to_yaml())
+    assert again == c and again.experts[0].negative_prompts == ["code"]
+
+
+def test_with_seed_pins_randomness_once():
+    c = load_config(cfg(gate_mode="random"))
+    seeded = c.with_seed()
+    assert isinstance(seeded.seed, int) and seeded.with_seed() is seeded
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (cfg(gate_mod="hidden"), "Unknown key 'gate_mod' in the config. Did you mean 'gate_mode'?"),
+        (cfg(experts=[{"source_model": "a/b", "positive_promts": ["x"]}, {"source_model": "c/d"}]),
+         "Unknown key 'positive_promts' in experts[0]. Did you mean 'positive_prompts'?"),
+        (cfg(gate_mode="hiden"), "gate_mode: 'hiden' is not allowed; use one of hidden,"),
+        (cfg(gate_mode="hiden"), "Did you mean 'hidden'?"),
+        (cfg(dtype="int8"), "dtype: 'int8' is not allowed; use one of bfloat16, float16, float32."),
+        (cfg(experts_per_token=0), "experts_per_token is 0 but must be between 1 and the number of experts (4)"),
+        (cfg(experts_per_token=5), "experts_per_token is 5 but must be between 1"),
+        (cfg(experts_per_token="two"), "experts_per_token"),
+        ({"experts": []}, "base_model is required but missing from the config."),
+        ({"base_model": "a/b"}, "experts is required"),
+        (cfg(experts=[{"source_model": "a/b", "positive_prompts": ["x"]}]), "at least 2 experts"),
+        (cfg(experts=[{"source_model": "a/b", "positive_prompts": ["x"]}, {"source_model": "c/d"}]),
+         "experts[1] (c/d) has no positive_prompts, which gate_mode 'hidden' needs"),
+        (cfg(experts=[{"source_model": "a/b", "positive_prompts": ["x"]},
+                      {"source_model": "c/d", "positive_prompts": ["x"]}]),
+         "The positive and negative prompts are identical for every expert"),
+        (cfg(experts=[{"source_model": "a/b", "positive_prompts": ["x"]},
+                      {"source_model": "a/b", "positive_prompts": ["y"]}]),
+         "Every expert is the same model (a/b)"),
+        (cfg(experts=[{"source_model": "", "positive_prompts": ["x"]},
+                      {"source_model": "a/b", "positive_prompts": ["y"]}]), "experts[0].source_model: is empty"),
+        (cfg(shared_experts=[{"source_model": "a/b"}]), "shared_experts is only used by Qwen2-MoE output"),
+        (cfg(architecture="qwen"), "architecture 'qwen' is not supported yet"),
+        (cfg(architecture="gpt2"), "Unknown architecture 'gpt2'"),
+        ("just a string", "must be a mapping"),
+    ],
+)
+def test_bad_configs_name_the_problem_and_the_fix(data, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(data) if isinstance(data, dict) else load_config(yaml.safe_dump(data))
+    assert message in str(err.value)
+
+
+def test_random_gates_need_no_prompts_and_same_models_can_be_allowed():
+    data = cfg(gate_mode="random", experts=[{"source_model": "a/b"}, {"source_model": "a/b"}],
+               allow_all_same_experts=True)
+    c = load_config(data)
+    assert not c.uses_prompts and c.experts[0].positive_prompts == []
+
+
+def test_noise_scale_must_be_a_non_negative_finite_number():
+    data = cfg()
+    data["experts"][0]["noise_scale"] = -1
+    with pytest.raises(ConfigError, match=r"experts\[0\].noise_scale must be >= 0"):
+        load_config(data)
+
+
+def test_invalid_yaml_reports_the_line():
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_config("base_model: a/b\nexperts: [\n  - :")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_object_is_accepted_as_is():
+    c = MoEConfig.model_validate(cfg())
+    assert load_config(c) == c
