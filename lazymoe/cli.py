@@ -23,6 +23,9 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("classic", "fused"), default="classic",
                    help="classic: block_sparse_moe.experts.E.w1/w2/w3, read by every consumer (default); "
                         "fused: transformers-5 native mlp.experts.gate_up_proj, not read by llama.cpp")
+    p.add_argument("--low-disk", action="store_true",
+                   help="write experts one source model at a time and delete each downloaded expert once written "
+                        "(disk: output + two models instead of output + all models)")
     p.add_argument("--allow-all-same-experts", "--i-understand-this-is-not-useful-without-training",
                    action="store_true", dest="allow_all_same",
                    help="allow every expert to be the same model (only useful if you train afterwards)")
@@ -41,7 +44,8 @@ def cmd_plan(args) -> int:
     from .merge import make_plan
     from .report import format_plan
 
-    plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, progress=not args.quiet)
+    plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, low_disk=args.low_disk,
+                     progress=not args.quiet)
     print(format_plan(plan))
     return 0
 
@@ -50,7 +54,7 @@ def cmd_merge(args) -> int:
     from .merge import merge
 
     out = merge(_load(args), args.output_dir, max_shard_bytes=args.max_shard_size, layout=args.layout,
-                device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+                low_disk=args.low_disk, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
     print(f"Merged model written to {out}")
     return 0
 

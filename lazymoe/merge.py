@@ -6,6 +6,7 @@ interrupted or failed merge never leaves something that looks like a model; inpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import checks
 from . import plan as planning
 from .config import MoEConfig, load_config
 from .errors import ConfigError, InsufficientResourcesError, OutputExistsError
-from .sources import TOKENIZER_FILES, ModelRef, describe, fetch_weights
+from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ def make_plan(
     *,
     max_shard_bytes: int | str = planning.DEFAULT_MAX_SHARD_BYTES,
     layout: str = "classic",
+    low_disk: bool = False,
     progress: bool = True,
 ) -> planning.MergePlan:
     """Validate the config and the models (headers only) and return the plan. Reads no weights."""
@@ -42,9 +45,10 @@ def make_plan(
     models = {}
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
-    warnings = planning.check_models(config, models)
-    planning.check_tokenizer(config, models[config.base_model])
-    return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings)
+    warnings = checks.check_models(config, models)
+    checks.check_tokenizer(config, models[config.base_model])
+    return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
+                               low_disk=low_disk)
 
 
 def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -> None:
@@ -86,6 +90,7 @@ def merge(
     max_shard_bytes: int | str = planning.DEFAULT_MAX_SHARD_BYTES,
     layout: str = "classic",
     device: str | None = None,
+    low_disk: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     plan: planning.MergePlan | None = None,
@@ -98,7 +103,7 @@ def merge(
 
     output_dir = Path(output_dir)
     if plan is None:
-        plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, progress=progress)
+        plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
     config = plan.config.with_seed()
     if config.uses_prompts and config.gate_mode.startswith("hidden"):
         pick_device(device)  # a bad --device fails now, not after the downloads
@@ -112,14 +117,15 @@ def merge(
             f"(output {_fmt_bytes(plan.output_bytes)} + downloads {_fmt_bytes(plan.download_bytes)}) but only "
             f"{_fmt_bytes(free)} is free. Free some space or choose another output folder."
         )
-    # downloads (no-op for local folders), then a plan whose offsets point at real files
-    models = {ref: fetch_weights(info) for ref, info in plan.models.items()}
-    plan = planning.build_plan(config, models, max_shard_bytes=plan.max_shard_bytes,
-                               layout=plan.layout, warnings=plan.warnings)
+    if config is not plan.config:
+        plan = dataclasses.replace(plan, config=config)
     for w in plan.warnings:
         logger.warning(w)
 
-    base = plan.base
+    # weights become local on first use (no-op for local folders); the router pass needs the base's
+    store = WeightStore(plan.models, release=plan.low_disk)
+    base = store.local(config.base_model)
+    plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
     tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
     gates = compute_gates(plan, tokenizer, device=device, progress=progress)
     degenerate = degenerate_layers(gates)
@@ -135,7 +141,7 @@ def merge(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_shards(plan, gates, tmp, progress=progress)
+        write_shards(plan, gates, tmp, store, progress=progress)
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
         for name in ("generation_config.json", *TOKENIZER_FILES):
             src = base.folder / name

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import arch
 from .config import MoEConfig
-from .errors import ConfigError, ModelMismatchError
+from .errors import ConfigError
 from .safetensors_io import NAME_TO_ST, ST_DTYPES, TensorInfo
 from .sources import ModelInfo
 
@@ -27,6 +27,7 @@ class Piece:
     """A run of output bytes: one source tensor, optionally transformed (dtype, noise, residual scale)."""
 
     source: TensorInfo | None  # None for computed tensors (the router)
+    model: str | None = None  # the model reference the bytes come from
     expert: int | None = None  # which expert's transform applies
     is_residual: bool = False  # down_proj: residual_scale applies
 
@@ -77,6 +78,7 @@ class MergePlan:
     expert_params: int  # one expert's MLP parameters, all layers
     download_bytes: int
     max_shard_bytes: int
+    low_disk: bool = False
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -109,8 +111,27 @@ class MergePlan:
         return max(3 * biggest, self.hidden_pass_bytes) + 600 * 1000**2  # + interpreter, torch, transformers
 
     @property
+    def peak_download_bytes(self) -> int:
+        """Downloaded bytes on disk at the worst moment: all of them, or in low-disk mode the base plus
+        the largest other model (each expert is deleted once its tensors are written)."""
+        if not self.low_disk:
+            return self.download_bytes
+        pending = {r: m.weight_bytes for r, m in self.models.items() if m.ref.repo_id and not _cached(m)}
+        base = pending.pop(self.config.base_model, 0)
+        return base + max(pending.values(), default=0)
+
+    @property
     def disk_bytes(self) -> int:
-        return self.output_bytes + self.download_bytes + (64 << 20)
+        return self.output_bytes + self.peak_download_bytes + (64 << 20)
+
+    def last_use(self) -> dict[str, int]:
+        """For each model, the index (in write order) of the last output tensor that reads it."""
+        out: dict[str, int] = {}
+        for i, t in enumerate(self.tensors):
+            for p in t.pieces:
+                if p.model is not None:
+                    out[p.model] = i
+        return out
 
     def summary(self) -> dict:
         return {
@@ -130,161 +151,6 @@ class MergePlan:
             "ram_bytes": self.peak_ram_bytes,
             "warnings": list(self.warnings),
         }
-
-
-# --------------------------------------------------------------------------- checks
-
-_SAME_KEYS = (
-    ("hidden_size", "hidden size"),
-    ("intermediate_size", "intermediate (MLP) size"),
-    ("num_hidden_layers", "layer count"),
-    ("num_attention_heads", "attention head count"),
-    ("num_key_value_heads", "key/value head count"),
-    ("head_dim", "head dimension"),
-    ("hidden_act", "MLP activation"),
-    ("rope_theta", "RoPE theta"),
-    ("rope_scaling", "RoPE scaling"),
-    ("rope_parameters", "RoPE parameters"),
-)
-
-
-def _label(config: MoEConfig, ref: str) -> str:
-    names = [f"experts[{i}]" for i, e in enumerate(config.experts) if e.source_model == ref]
-    who = "base_model" if ref == config.base_model else ""
-    return " / ".join(([who] if who else []) + names) + f" ({ref})"
-
-
-def _norm_rope(cfg: dict, key: str):
-    value = cfg.get(key)
-    if key == "rope_theta" and value is None:
-        value = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    if key == "head_dim" and value is None:
-        value = cfg["hidden_size"] // cfg["num_attention_heads"]
-    if key == "num_key_value_heads" and value is None:
-        value = cfg.get("num_attention_heads")
-    return value
-
-
-def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
-    """Raise :class:`ModelMismatchError` for anything that would build a broken MoE; return warnings."""
-    warnings: list[str] = []
-    base = models[config.base_model]
-    btype = base.model_type
-    if btype not in arch.FAMILIES:
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}) is a '{btype}' model; lazymoe builds Mixtral MoEs from "
-            f"Llama or Mistral models ({', '.join(arch.FAMILIES)}). Pick a base of that family."
-        )
-    if base.config.get("attention_bias") or base.config.get("mlp_bias"):
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}) uses attention/MLP biases, which Mixtral has no place for."
-        )
-    for ref, info in models.items():
-        if ref == config.base_model:
-            continue
-        label = _label(config, ref)
-        if arch.FAMILIES.get(info.model_type) != arch.FAMILIES[btype]:
-            raise ModelMismatchError(
-                f"{label} is a '{info.model_type}' model but the base is '{btype}': experts must be of the "
-                "base's family (fine-tunes of the same architecture). Remove it or choose another base."
-            )
-        if info.model_type != btype:
-            warnings.append(f"{label} is '{info.model_type}' and the base '{btype}'; their MLPs are compatible.")
-        for key, what in _SAME_KEYS:
-            mine, theirs = _norm_rope(info.config, key), _norm_rope(base.config, key)
-            if mine != theirs:
-                raise ModelMismatchError(
-                    f"{label} has {what} {key}={mine!r} but the base has {theirs!r}. Its MLPs were trained "
-                    "for different inputs; use experts fine-tuned from the same base model."
-                )
-    num_layers = int(base.config["num_hidden_layers"])
-    H, I = int(base.config["hidden_size"]), int(base.config["intermediate_size"])
-    expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
-    for ref, info in models.items():
-        if ref != config.base_model and ref not in {e.source_model for e in config.experts}:
-            continue
-        label = _label(config, ref)
-        extra_layers = sorted({l for n in info.tensors if (l := arch.layer_of(n)) is not None and l >= num_layers})
-        if extra_layers:
-            raise ModelMismatchError(f"{label} has tensors for layer {extra_layers[0]} but config says {num_layers} layers.")
-        if ref not in {e.source_model for e in config.experts}:
-            continue
-        for layer in range(num_layers):
-            for part, shape in expected.items():
-                name = arch.mlp_name(layer, part)
-                t = info.tensors.get(name)
-                if t is None:
-                    raise ModelMismatchError(
-                        f"{label} has no tensor {name}; an expert needs every layer's MLP "
-                        "(is it a LoRA adapter or a differently named architecture?)."
-                    )
-                if t.shape != shape:
-                    raise ModelMismatchError(f"{label}: {name} has shape {list(t.shape)}, expected {list(shape)}.")
-                if t.dtype not in _ST_TO_NAME and t.dtype != "F64":
-                    raise ModelMismatchError(f"{label}: {name} has dtype {t.dtype}; only float weights can be merged.")
-    # base: every shared tensor present, nothing unknown
-    for name, t in base.tensors.items():
-        if arch.SHARED_RE.match(name) or arch.MLP_RE.match(name) or arch.IGNORED_RE.match(name):
-            continue
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}) has tensor {name}, which Mixtral has no place for "
-            "(quantised or adapter weights?). Use a plain float checkpoint."
-        )
-    needed = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{l}.{n}.weight"
-        for l in range(num_layers)
-        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                  "self_attn.v_proj", "self_attn.o_proj")
-    ]
-    for name in needed:
-        if name not in base.tensors:
-            raise ModelMismatchError(f"base_model ({config.base_model}) has no tensor {name}.")
-    tied = bool(base.config.get("tie_word_embeddings", False))
-    if not tied and "lm_head.weight" not in base.tensors:
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}) has no lm_head.weight and tie_word_embeddings is false; "
-            "the checkpoint is incomplete."
-        )
-    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
-    if vocab != base.config.get("vocab_size", vocab):
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}): config vocab_size={base.config['vocab_size']} but "
-            f"embed_tokens has {vocab} rows; the checkpoint is inconsistent."
-        )
-    for ref, info in models.items():
-        other = info.config.get("vocab_size")
-        if ref != config.base_model and other is not None and other != vocab:
-            warnings.append(
-                f"{_label(config, ref)} has a vocabulary of {other} tokens, the base {vocab}. Only its MLPs are "
-                "used and they do not depend on the vocabulary, but tokens it added do not exist in the MoE."
-            )
-    n = config.num_experts
-    if n & (n - 1):
-        warnings.append(
-            f"{n} experts is not a power of two. transformers and current llama.cpp handle it, but some "
-            "GGUF runtimes and older llama.cpp builds assume 2/4/8 experts; prefer a power of two if you "
-            "plan to share GGUF files."
-        )
-    return warnings
-
-
-def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
-    """The base tokenizer must not produce ids the embedding matrix does not have."""
-    from transformers import AutoTokenizer
-
-    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
-    try:
-        tok = AutoTokenizer.from_pretrained(str(base.folder))
-    except Exception as err:
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
-            "The MoE reuses the base tokenizer, so the base folder must contain one."
-        ) from None
-    if len(tok) > vocab:
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}): the tokenizer has {len(tok)} tokens but the embedding only "
-            f"{vocab} rows, so some token ids would crash the model. Use a base whose tokenizer matches its weights."
-        )
 
 
 # --------------------------------------------------------------------------- plan
@@ -339,9 +205,18 @@ def build_plan(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     layout: arch.Layout = "classic",
     warnings: list[str] | None = None,
+    low_disk: bool = False,
 ) -> MergePlan:
+    """Every output tensor in write order.
+
+    The default order is layer by layer. ``low_disk`` writes the base's tensors first and then the experts
+    grouped by source model, so each downloaded expert can be deleted as soon as it is written: a 4x7B
+    merge then needs disk for the output plus two models instead of five (free Colab has ~100 GB).
+    """
     if layout not in arch.LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(arch.LAYOUTS)}, got {layout!r}.")
+    if low_disk and layout != "classic":
+        raise ConfigError("low_disk needs the classic layout: the fused layout mixes every expert in one tensor.")
     if max_shard_bytes < 1:
         raise ConfigError("max_shard_bytes must be positive.")
     base = models[config.base_model]
@@ -356,10 +231,15 @@ def build_plan(
 
     def shared(name: str) -> OutTensor:
         src = base.tensors[name]
-        return OutTensor(name, st, src.shape, (Piece(src),))
+        return OutTensor(name, st, src.shape, (Piece(src, config.base_model),))
 
     def expert_piece(e: int, layer: int, part: str) -> Piece:
-        return Piece(experts[e].tensors[arch.mlp_name(layer, part)], expert=e, is_residual=part == "down_proj")
+        return Piece(experts[e].tensors[arch.mlp_name(layer, part)], config.experts[e].source_model,
+                     expert=e, is_residual=part == "down_proj")
+
+    def expert_tensors(e: int, layer: int) -> list[OutTensor]:
+        return [OutTensor(names.expert(layer, e, part), st, (p := expert_piece(e, layer, part)).source.shape, (p,),
+                          expert=e) for part in arch.MLP_PARTS]
 
     tensors: list[OutTensor] = [shared("model.embed_tokens.weight")]
     for layer in range(L):
@@ -367,12 +247,10 @@ def build_plan(
         for name in sorted(n for n in base.tensors if n.startswith(prefix) and arch.SHARED_RE.match(n)):
             tensors.append(shared(name))
         tensors.append(OutTensor(names.gate(layer), st, (E, H), (Piece(None),), gate_layer=layer))
-        if layout == "classic":
+        if layout == "classic" and not low_disk:
             for e in range(E):
-                for part in arch.MLP_PARTS:
-                    p = expert_piece(e, layer, part)
-                    tensors.append(OutTensor(names.expert(layer, e, part), st, p.source.shape, (p,), expert=e))
-        else:
+                tensors.extend(expert_tensors(e, layer))
+        elif layout == "fused":
             gate_up = tuple(expert_piece(e, layer, part) for e in range(E) for part in ("gate_proj", "up_proj"))
             tensors.append(OutTensor(names.fused(layer, "gate_up_proj"), st, (E, 2 * I, H), gate_up))
             down = tuple(expert_piece(e, layer, "down_proj") for e in range(E))
@@ -380,6 +258,12 @@ def build_plan(
     tensors.append(shared("model.norm.weight"))
     if "lm_head.weight" in base.tensors and not base.config.get("tie_word_embeddings", False):
         tensors.append(shared("lm_head.weight"))
+    if low_disk:  # base first (its model is needed longest), then one source model after another
+        order = sorted(range(E), key=lambda e: (config.experts[e].source_model != config.base_model,
+                                                config.model_refs().index(config.experts[e].source_model)))
+        for e in order:
+            for layer in range(L):
+                tensors.extend(expert_tensors(e, layer))
 
     total = sum(t.numel for t in tensors)
     expert_params = 3 * H * I * L
@@ -399,6 +283,7 @@ def build_plan(
         expert_params=expert_params,
         download_bytes=download,
         max_shard_bytes=max_shard_bytes,
+        low_disk=low_disk,
         warnings=list(warnings or []),
     )
 

@@ -168,3 +168,56 @@ def fetch_weights(info: ModelInfo) -> ModelInfo:
         raise _hub_error(info.ref, err) from err
     tensors = _scan_local(folder, info.ref)
     return ModelInfo(info.ref, info.config, tensors, folder, sum(t.nbytes for t in tensors.values()))
+
+
+class WeightStore:
+    """Local weights on demand: fetches a model the first time one of its tensors is needed and, with
+    ``release``, deletes the weight files *it downloaded* once the model's last tensor is written.
+
+    Files that were already in the Hugging Face cache, and local folders, are never deleted.
+    """
+
+    def __init__(self, models: dict[str, ModelInfo], *, release: bool = False):
+        self._remote = dict(models)
+        self._local: dict[str, ModelInfo] = {}
+        self._downloaded: dict[str, list[Path]] = {}
+        self.release_enabled = release
+
+    def local(self, ref: str) -> ModelInfo:
+        if ref not in self._local:
+            info = self._remote[ref]
+            before = _cached_files(info) if info.ref.repo_id else set()
+            fetched = fetch_weights(info)
+            self._local[ref] = fetched
+            self._downloaded[ref] = sorted({t.file for t in fetched.tensors.values()} - before)
+        return self._local[ref]
+
+    def resolve(self, ref: str, name: str) -> TensorInfo:
+        return self.local(ref).tensors[name]
+
+    def release(self, ref: str) -> int:
+        """Delete what we downloaded for ``ref``; returns the bytes freed."""
+        if not self.release_enabled:
+            return 0
+        freed = 0
+        for link in self._downloaded.pop(ref, []):
+            blob = link.resolve()
+            if blob.is_file():
+                freed += blob.stat().st_size
+                blob.unlink()
+            link.unlink(missing_ok=True)
+            logger.info("deleted downloaded %s to save disk", link.name)
+        self._local.pop(ref, None)
+        return freed
+
+
+def _cached_files(info: ModelInfo) -> set[Path]:
+    """Weight files of a Hub model that are already complete in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    out = set()
+    for filename in {t.file.name for t in info.tensors.values()}:
+        hit = try_to_load_from_cache(info.ref.repo_id, filename, revision=info.ref.revision)
+        if isinstance(hit, str):
+            out.add(Path(hit))
+    return out

@@ -15,14 +15,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .plan import MergePlan, OutTensor, Piece
+from .sources import TensorInfo, WeightStore
 from .safetensors_io import ST_DTYPES, build_header, copy_bytes, read_tensor, tensor_bytes_view, write_all
 
 
 class _Transforms:
-    def __init__(self, plan: MergePlan, gates: torch.Tensor):
+    def __init__(self, plan: MergePlan, gates: torch.Tensor, store: WeightStore):
         self.plan = plan
         self.gates = gates
+        self.store = store
         self.seed = plan.config.seed or 0
+
+    def source(self, piece: Piece) -> TensorInfo:
+        return self.store.resolve(piece.model, piece.source.name)
 
     def is_copy(self, out: OutTensor, piece: Piece) -> bool:
         if piece.source is None or piece.source.dtype != out.dtype:
@@ -36,7 +41,7 @@ class _Transforms:
         dtype = ST_DTYPES[out.dtype][0]
         if piece.source is None:
             return self.gates[out.gate_layer].to(dtype)
-        t = read_tensor(piece.source)
+        t = read_tensor(self.source(piece))
         if piece.expert is None:
             return t.to(dtype)
         expert = self.plan.config.experts[piece.expert]
@@ -51,9 +56,18 @@ class _Transforms:
         return t.to(dtype)
 
 
-def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, *, progress: bool = True) -> None:
-    """Write every shard of ``plan`` (and the index when there are several) into ``folder``."""
-    tx = _Transforms(plan, gates)
+def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: WeightStore, *,
+                 progress: bool = True) -> None:
+    """Write every shard of ``plan`` (and the index when there are several) into ``folder``.
+
+    ``store`` makes source weights local on first use and, in low-disk mode, releases each model after
+    the last tensor that reads it.
+    """
+    tx = _Transforms(plan, gates, store)
+    last_use = {}
+    for ref, index in plan.last_use().items():
+        last_use.setdefault(index, []).append(ref)
+    index = 0
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                desc="Writing shards", disable=not progress)
     try:
@@ -66,7 +80,7 @@ def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, *, progress
                     start = f.tell()
                     for piece in t.pieces:
                         if tx.is_copy(t, piece):
-                            copy_bytes(piece.source, f)
+                            copy_bytes(tx.source(piece), f)
                         else:
                             data = tx.materialise(t, piece)
                             write_all(f, tensor_bytes_view(data))
@@ -75,6 +89,9 @@ def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, *, progress
                     if written != t.nbytes:  # a source whose header lied about its size
                         raise OSError(f"{t.name}: wrote {written} bytes, the plan expected {t.nbytes}")
                     bar.update(t.nbytes)
+                    for ref in last_use.get(index, ()):
+                        store.release(ref)
+                    index += 1
             bar.set_postfix_str(shard.filename, refresh=False)
     finally:
         bar.close()

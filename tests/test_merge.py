@@ -225,3 +225,17 @@ def test_existing_folders_are_never_clobbered(tiny_world, tmp_path):
 
     with pytest.raises(OutputExistsError, match="overlaps the input model"):
         lazymoe.merge(cfg, tiny_world["base"] / "moe", progress=False)
+
+
+def test_low_disk_order_writes_the_same_tensors_one_model_at_a_time(tiny_world, tmp_path):
+    experts = [tiny_world["chat"], tiny_world["base"], tiny_world["code"]]
+    cfg = moe_config(tiny_world["base"], experts, gate_mode="random", seed=3, experts_per_token=2)
+    plan = lazymoe.make_plan(cfg, low_disk=True, progress=False)
+    order = [t.pieces[0].model for t in plan.tensors if t.expert is not None]
+    # base-sourced experts first, then each other model in one contiguous run
+    runs = [m for i, m in enumerate(order) if i == 0 or order[i - 1] != m]
+    assert runs == [str(tiny_world["base"]), str(tiny_world["chat"]), str(tiny_world["code"])]
+    normal = lazymoe.merge(cfg, tmp_path / "normal", progress=False)
+    low = lazymoe.merge(cfg, tmp_path / "low", progress=False, low_disk=True)
+    assert raw_bytes(low) == raw_bytes(normal)
+    assert all(p.is_file() for p in tiny_world["chat"].glob("*.safetensors")), "local inputs are never deleted"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import moe_config
 
+from lazymoe import checks
 from lazymoe import plan as planning
 from lazymoe.config import load_config
 from lazymoe.errors import ConfigError, ModelMismatchError, ModelNotFoundError
@@ -78,7 +79,7 @@ def plan_for(tmp_path, base_cfg: dict, expert_cfgs: list[dict], shapes=None, **k
     from lazymoe.sources import ModelRef, describe
 
     models = {ref: describe(ModelRef.parse(ref)) for ref in config.model_refs()}
-    warnings = planning.check_models(config, models)
+    warnings = checks.check_models(config, models)
     return planning.build_plan(config, models, warnings=warnings, max_shard_bytes=planning.parse_bytes("5GB"))
 
 

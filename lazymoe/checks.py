@@ -1,0 +1,167 @@
+"""Compatibility checks from configs and headers alone: refuse what would build a broken MoE.
+
+Each error names the expert (or base), the field or tensor, and what to do instead.
+"""
+
+from __future__ import annotations
+
+from . import arch
+from .config import MoEConfig
+from .errors import ModelMismatchError
+from .safetensors_io import NAME_TO_ST
+from .sources import ModelInfo
+
+_ST_TO_NAME = {v: k for k, v in NAME_TO_ST.items()}
+
+
+_SAME_KEYS = (
+    ("hidden_size", "hidden size"),
+    ("intermediate_size", "intermediate (MLP) size"),
+    ("num_hidden_layers", "layer count"),
+    ("num_attention_heads", "attention head count"),
+    ("num_key_value_heads", "key/value head count"),
+    ("head_dim", "head dimension"),
+    ("hidden_act", "MLP activation"),
+    ("rope_theta", "RoPE theta"),
+    ("rope_scaling", "RoPE scaling"),
+    ("rope_parameters", "RoPE parameters"),
+)
+
+
+def _label(config: MoEConfig, ref: str) -> str:
+    names = [f"experts[{i}]" for i, e in enumerate(config.experts) if e.source_model == ref]
+    who = "base_model" if ref == config.base_model else ""
+    return " / ".join(([who] if who else []) + names) + f" ({ref})"
+
+
+def _norm_rope(cfg: dict, key: str):
+    value = cfg.get(key)
+    if key == "rope_theta" and value is None:
+        value = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if key == "head_dim" and value is None:
+        value = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if key == "num_key_value_heads" and value is None:
+        value = cfg.get("num_attention_heads")
+    return value
+
+
+def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
+    """Raise :class:`ModelMismatchError` for anything that would build a broken MoE; return warnings."""
+    warnings: list[str] = []
+    base = models[config.base_model]
+    btype = base.model_type
+    if btype not in arch.FAMILIES:
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}) is a '{btype}' model; lazymoe builds Mixtral MoEs from "
+            f"Llama or Mistral models ({', '.join(arch.FAMILIES)}). Pick a base of that family."
+        )
+    if base.config.get("attention_bias") or base.config.get("mlp_bias"):
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}) uses attention/MLP biases, which Mixtral has no place for."
+        )
+    for ref, info in models.items():
+        if ref == config.base_model:
+            continue
+        label = _label(config, ref)
+        if arch.FAMILIES.get(info.model_type) != arch.FAMILIES[btype]:
+            raise ModelMismatchError(
+                f"{label} is a '{info.model_type}' model but the base is '{btype}': experts must be of the "
+                "base's family (fine-tunes of the same architecture). Remove it or choose another base."
+            )
+        if info.model_type != btype:
+            warnings.append(f"{label} is '{info.model_type}' and the base '{btype}'; their MLPs are compatible.")
+        for key, what in _SAME_KEYS:
+            mine, theirs = _norm_rope(info.config, key), _norm_rope(base.config, key)
+            if mine != theirs:
+                raise ModelMismatchError(
+                    f"{label} has {what} {key}={mine!r} but the base has {theirs!r}. Its MLPs were trained "
+                    "for different inputs; use experts fine-tuned from the same base model."
+                )
+    num_layers = int(base.config["num_hidden_layers"])
+    H, I = int(base.config["hidden_size"]), int(base.config["intermediate_size"])
+    expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    for ref, info in models.items():
+        if ref != config.base_model and ref not in {e.source_model for e in config.experts}:
+            continue
+        label = _label(config, ref)
+        extra_layers = sorted({l for n in info.tensors if (l := arch.layer_of(n)) is not None and l >= num_layers})
+        if extra_layers:
+            raise ModelMismatchError(f"{label} has tensors for layer {extra_layers[0]} but config says {num_layers} layers.")
+        if ref not in {e.source_model for e in config.experts}:
+            continue
+        for layer in range(num_layers):
+            for part, shape in expected.items():
+                name = arch.mlp_name(layer, part)
+                t = info.tensors.get(name)
+                if t is None:
+                    raise ModelMismatchError(
+                        f"{label} has no tensor {name}; an expert needs every layer's MLP "
+                        "(is it a LoRA adapter or a differently named architecture?)."
+                    )
+                if t.shape != shape:
+                    raise ModelMismatchError(f"{label}: {name} has shape {list(t.shape)}, expected {list(shape)}.")
+                if t.dtype not in _ST_TO_NAME and t.dtype != "F64":
+                    raise ModelMismatchError(f"{label}: {name} has dtype {t.dtype}; only float weights can be merged.")
+    # base: every shared tensor present, nothing unknown
+    for name, t in base.tensors.items():
+        if arch.SHARED_RE.match(name) or arch.MLP_RE.match(name) or arch.IGNORED_RE.match(name):
+            continue
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}) has tensor {name}, which Mixtral has no place for "
+            "(quantised or adapter weights?). Use a plain float checkpoint."
+        )
+    needed = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{l}.{n}.weight"
+        for l in range(num_layers)
+        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                  "self_attn.v_proj", "self_attn.o_proj")
+    ]
+    for name in needed:
+        if name not in base.tensors:
+            raise ModelMismatchError(f"base_model ({config.base_model}) has no tensor {name}.")
+    tied = bool(base.config.get("tie_word_embeddings", False))
+    if not tied and "lm_head.weight" not in base.tensors:
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}) has no lm_head.weight and tie_word_embeddings is false; "
+            "the checkpoint is incomplete."
+        )
+    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
+    if vocab != base.config.get("vocab_size", vocab):
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}): config vocab_size={base.config['vocab_size']} but "
+            f"embed_tokens has {vocab} rows; the checkpoint is inconsistent."
+        )
+    for ref, info in models.items():
+        other = info.config.get("vocab_size")
+        if ref != config.base_model and other is not None and other != vocab:
+            warnings.append(
+                f"{_label(config, ref)} has a vocabulary of {other} tokens, the base {vocab}. Only its MLPs are "
+                "used and they do not depend on the vocabulary, but tokens it added do not exist in the MoE."
+            )
+    n = config.num_experts
+    if n & (n - 1):
+        warnings.append(
+            f"{n} experts is not a power of two. transformers and current llama.cpp handle it, but some "
+            "GGUF runtimes and older llama.cpp builds assume 2/4/8 experts; prefer a power of two if you "
+            "plan to share GGUF files."
+        )
+    return warnings
+
+
+def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
+    """The base tokenizer must not produce ids the embedding matrix does not have."""
+    from transformers import AutoTokenizer
+
+    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base.folder))
+    except Exception as err:
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
+            "The MoE reuses the base tokenizer, so the base folder must contain one."
+        ) from None
+    if len(tok) > vocab:
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}): the tokenizer has {len(tok)} tokens but the embedding only "
+            f"{vocab} rows, so some token ids would crash the model. Use a base whose tokenizer matches its weights."
+        )
