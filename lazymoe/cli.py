@@ -100,16 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.set_defaults(func=cmd_demo)
 
-    for register in _plugins():
-        register(sub)
+    # commands that live beside the module they drive
+    from .card import add_card_parser
+    from .gguf import add_gguf_parsers
+    from .hub import add_push_parser
+
+    add_card_parser(sub)
+    add_push_parser(sub)
+    add_gguf_parsers(sub)
     return parser
-
-
-def _plugins():
-    """Commands that live beside their modules (hub, card, gguf, routing)."""
-    from . import cli_plugins
-
-    return cli_plugins.REGISTRARS
 
 
 def main(argv: list[str] | None = None) -> int:

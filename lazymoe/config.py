@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import random as _random
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -17,13 +18,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ConfigError
 
-GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+# centroid / classifier are lazymoe's fitted modes: routers fitted on each layer's real MLP input (gates.py).
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "centroid", "classifier"]
 GATE_MODES: tuple[str, ...] = get_args(GateMode)
 #: gate modes that read no prompt (the reference tool lets these go without prompts)
 RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})
 
 DType = Literal["bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = get_args(DType)
+#: what the merged folder calls the recipe that built it (written by merge, read by card and ui)
+CONFIG_FILENAME = "lazymoe_config.yml"
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,63}$")
+
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 #: output architectures the mergekit schema names, and which of them lazymoe writes today
@@ -79,6 +85,10 @@ class MoEConfig(_Strict):
     # lazymoe extensions
     seed: int | None = None
     allow_all_same_experts: bool = False
+    #: the merged model's license on its card and the Hub (a Hub license id; default apache-2.0)
+    license: str | None = None
+    #: fitted gate modes: wrap each prompt as a user turn of the base's chat template (None = false)
+    router_chat_template: bool | None = None
 
     _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
 
@@ -89,6 +99,19 @@ class MoEConfig(_Strict):
             value = value.strip().lower().removeprefix("torch.")
             return _DTYPE_ALIASES.get(value, value)
         return value
+
+    @field_validator("license", mode="before")
+    @classmethod
+    def _license(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        text = str(value).strip().lower()
+        if not _LICENSE_ID.match(text):
+            raise ValueError(
+                "is not a Hub license id; use one like apache-2.0, mit, llama3 or cc-by-nc-4.0 "
+                "(one that the licenses of your source models allow)"
+            )
+        return text
 
     @field_validator("gate_mode", mode="before")
     @classmethod

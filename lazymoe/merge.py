@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from . import checks
 from . import plan as planning
-from .config import MoEConfig, load_config
+from .card import write_card
+from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import ConfigError, InsufficientResourcesError, OutputExistsError
 from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILENAME = "lazymoe_config.yml"  # written last before the rename: the recipe that built the folder
 
 
 def _fmt_bytes(n: int) -> str:
@@ -147,20 +147,11 @@ def merge(
             src = base.folder / name
             if src.is_file():
                 shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
-        _write_extras(plan, gates, tmp)
         (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
+        write_card(plan, tmp, model_name=output_dir.name)
         _finalise(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("Wrote %s (%s)", output_dir, _fmt_bytes(plan.output_bytes))
     return output_dir
-
-
-def _write_extras(plan: planning.MergePlan, gates, folder: Path) -> None:
-    """Hook for the model card and other files rendered from the plan (see card.py)."""
-    try:
-        from .card import write_card
-    except ImportError:
-        return
-    write_card(plan, folder)

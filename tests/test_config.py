@@ -116,3 +116,9 @@ def test_missing_config_file(tmp_path):
 def test_config_object_is_accepted_as_is():
     c = MoEConfig.model_validate(cfg())
     assert load_config(c) == c
+
+
+def test_license_is_a_hub_license_id():
+    assert load_config(cfg(license="Apache-2.0")).license == "apache-2.0"
+    with pytest.raises(ConfigError, match="license: is not a Hub license id; use one like apache-2.0"):
+        load_config(cfg(license="my license!"))

@@ -1,0 +1,393 @@
+"""Tiny real checkpoints built offline: a SentencePiece tokenizer, dense Llama/Mistral models, a demo config.
+
+Everything here runs in seconds on a CPU and never touches the network, so tests, CI and a newcomer's first
+``lazymoe demo`` exercise the same code paths as a 4x7B merge, only smaller.
+
+The tokenizer is written by hand (``tokenizer.model`` + ``tokenizer.json`` + ``tokenizer_config.json``)
+rather than through ``save_pretrained`` because transformers 5 neither reads a ``vocab_file`` given to
+``LlamaTokenizer`` nor reliably writes ``tokenizer.model``, and llama.cpp's converter needs that file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import yaml
+
+from .errors import LazyMoEError
+
+__all__ = ["build_tokenizer", "build_model", "build_demo", "DEMO_EXPERTS", "CHAT_TEMPLATE"]
+
+# Mistral-style [INST] template: simple, and both transformers (Jinja) and llama-cpp-python render it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+_CORPUS = """\
+The assistant answers questions politely and explains its reasoning step by step.
+Tell me about the weather today. I want to plan a picnic in the park with my friends.
+Explain how a rainbow forms: sunlight is refracted, reflected and dispersed inside water droplets.
+Can you help me write an email to my manager asking for a day off next Friday?
+Thank you for your help! You are welcome, and have a wonderful day.
+Once upon a time, in a quiet village by the sea, there lived a curious girl named Mira.
+Every morning she walked along the shore, collecting shells and listening to the waves.
+One stormy night, a ship appeared on the horizon, its sails torn and its lantern flickering.
+The old captain told stories of dragons, hidden treasure and a castle made of glass.
+The hero drew his sword, the dragon roared, and the forest fell silent as the moon rose.
+She opened the door slowly; the room was dark, and a cold wind carried the smell of rain.
+def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+class Stack:
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        self.items.append(item)
+
+    def pop(self):
+        return self.items.pop()
+
+import numpy as np
+x = np.arange(10)
+print(x.sum(), x.mean())
+for i in range(3):
+    if i % 2 == 0:
+        print("even", i)
+    else:
+        print("odd", i)
+function add(a, b) { return a + b; }
+const items = [1, 2, 3].map((x) => x * 2);
+SELECT name, age FROM users WHERE age > 30 ORDER BY name;
+git commit -m "fix bug in parser"
+Solve for x: 2x + 3 = 11, so 2x = 8 and x = 4.
+The derivative of x^2 is 2x, and the integral of 2x dx is x^2 + C.
+What is 17 * 23? 17 * 23 = 391. What is 144 / 12? It is 12.
+If a train travels 60 miles per hour for 2.5 hours, it covers 150 miles.
+The sum of the angles of a triangle is 180 degrees; a square has four right angles.
+Let n be an even number; then n = 2k for some integer k, and n^2 = 4k^2 is divisible by 4.
+Prime numbers: 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47.
+Compute the probability of rolling two sixes with two dice: 1/36, about 0.0278.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Café, naïve, résumé, jalapeño, straße, 東京, Привет, ¿Qué tal? — “quotes” and ‘apostrophes’.
+"""
+
+# name -> (positive prompts, negative prompts): the classic 4-domain frankenMoE, in miniature.
+DEMO_EXPERTS: dict[str, tuple[list[str], list[str]]] = {
+    "chat": (["chat", "assistant", "tell me", "explain", "I want"], []),
+    "code": (["code", "python", "javascript", "programming", "algorithm"], []),
+    "math": (["reason", "math", "mathematics", "solve", "count"], []),
+    "stories": (["storywriting", "write", "scene", "story", "character"], ["code", "python"]),
+}
+
+_SPM_CACHE: dict[tuple[int, str], bytes] = {}
+_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+class DemoError(LazyMoEError):
+    """Building a demo checkpoint failed (a bug or an environment problem, reported with its cause)."""
+
+
+def _train_spm(corpus: str, vocab_size: int) -> bytes:
+    """Train a Llama-style SentencePiece BPE model; cached per process (training takes ~50 ms)."""
+    key = (vocab_size, corpus)
+    if key not in _SPM_CACHE:
+        import sentencepiece as spm
+
+        lines = [line for line in corpus.splitlines() if line.strip()]
+        buf = io.BytesIO()
+        # Llama's own settings: identity normalisation, spaces kept, dummy prefix, split digits, byte
+        # fallback. BPE (not unigram) because llama.cpp's SPM tokenizer merges greedily by score, which
+        # reproduces SentencePiece BPE exactly.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+            character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+            minloglevel=2, max_sentence_length=100_000,
+        )
+        _SPM_CACHE[key] = buf.getvalue()
+    return _SPM_CACHE[key]
+
+
+def _hf_tokenizer_json(model_proto: bytes) -> str:
+    """The ``tokenizer.json`` equivalent of a SentencePiece BPE model (same ids for every input)."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    # SentencePiece BPE merges the adjacent pair whose concatenation scores highest (= lowest id), so
+    # ranking merges by the id of the merged piece reproduces its segmentation.
+    merges = []
+    for piece, pid in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if sp.is_control(pid) or sp.is_unknown(pid) or sp.is_byte(pid) or len(piece) < 2:
+            continue
+        pairs = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        pairs = [p for p in pairs if p[0] in vocab and p[1] in vocab]
+        merges.extend(sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]])))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    # Llama's "legacy" normalizer: always prepend the dummy prefix, spaces become "▁". Unlike a Metaspace
+    # pre-tokenizer it also prefixes text that already starts with a space, exactly as SentencePiece does.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _SPECIALS])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return tok.to_str(pretty=True)
+
+
+def build_tokenizer(out_dir: str | os.PathLike, *, vocab_size: int = 512, corpus: str | None = None) -> Path:
+    """Train a small Llama-style SentencePiece tokenizer and write a tokenizer folder for transformers and llama.cpp.
+
+    Writes ``tokenizer.model`` (what llama.cpp's converter reads), ``tokenizer.json`` and
+    ``tokenizer_config.json`` (BOS ``<s>``, EOS ``</s>``, UNK ``<unk>``, no pad token, a chat template)
+    and ``special_tokens_map.json``. Returns the folder.
+    """
+    if vocab_size < 300:
+        raise DemoError(f"vocab_size={vocab_size} is too small: 256 byte-fallback pieces and 3 specials "
+                        "already take 259 ids; use at least 300.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proto = _train_spm(_CORPUS if corpus is None else corpus, vocab_size)
+    (out / "tokenizer.model").write_bytes(proto)
+    (out / "tokenizer.json").write_text(_hf_tokenizer_json(proto), encoding="utf-8")
+    added = {
+        str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, s in enumerate(_SPECIALS)
+    }
+    config = {
+        # Not "LlamaTokenizer": transformers 5 rebuilds that class's pre-tokenizer (Metaspace) whatever
+        # tokenizer.json says, which splits leading spaces differently from SentencePiece and llama.cpp.
+        # The generic class honours tokenizer.json exactly, in transformers 4 and 5 alike.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+        "added_tokens_decoder": added, "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja")
+
+
+def _tokenizer_vocab_size(tokenizer_dir: Path) -> int:
+    import sentencepiece as spm
+
+    model = tokenizer_dir / "tokenizer.model"
+    if not model.is_file():
+        raise DemoError(f"{tokenizer_dir} has no tokenizer.model; build it with build_tokenizer() first.")
+    return spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+
+
+def _perturb_(model: Any, perturb: float, seed: int) -> None:
+    """Add ``perturb * N(0,1) * std(tensor)`` to every weight in place: a stand-in for a fine-tune."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            std = param.float().std() if param.numel() > 1 else param.new_zeros(()).float()
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * (perturb * std)
+            param.copy_((param.float() + noise).to(param.dtype))
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-model load/save bars (five tiny models would print ten), then restore."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _model_class(model_type: str) -> Any:
+    # Direct imports: going through AutoModel scans transformers' lazy registry (seconds on first use).
+    if model_type == "mistral":
+        from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+
+        return MistralForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
+def build_model(
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike,
+    model_type: Literal["llama", "mistral"] = "llama",
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    seed: int = 0,
+    base: str | os.PathLike | None = None,
+    perturb: float = 0.0,
+    rope_theta: float = 10000.0,
+    max_shard_bytes: int | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write a real dense Hugging Face checkpoint (random init, or ``base`` plus noise) and return its folder.
+
+    With ``base``, the architecture comes from the base's config (the size arguments are ignored) and
+    ``perturb=0`` reproduces its tensors byte for byte. ``config_overrides`` go into the model config
+    (e.g. ``initializer_range=0.2`` for logits that are not all near zero).
+    """
+    import torch
+
+    if model_type not in ("llama", "mistral"):
+        raise DemoError(f"model_type={model_type!r} is not supported; use 'llama' or 'mistral'.")
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise DemoError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16.")
+    tokenizer_dir = Path(tokenizer_dir)
+    vocab_size = _tokenizer_vocab_size(tokenizer_dir)
+    out = Path(out_dir)
+
+    if base is not None:
+        base_type = json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if base_type not in ("llama", "mistral"):
+            raise DemoError(f"base {base} is a {base_type!r} model; the demo builds llama and mistral only.")
+        with _quiet_transformers():
+            model = _model_class(base_type).from_pretrained(base, dtype=torch_dtype)
+        if model.config.vocab_size != vocab_size:
+            raise DemoError(f"base {base} has vocab_size {model.config.vocab_size} but {tokenizer_dir} has "
+                            f"{vocab_size} tokens; build both from the same tokenizer.")
+        if perturb:
+            _perturb_(model, perturb, seed)
+    else:
+        config = _model_class(model_type).config_class(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads, tie_word_embeddings=tie_word_embeddings,
+            rope_theta=rope_theta, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+            max_position_embeddings=4096, **config_overrides,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _model_class(model_type)(config)
+        if perturb:
+            _perturb_(model, perturb, seed + 1)
+        model = model.to(torch_dtype)
+    model.eval()
+    model.generation_config.pad_token_id = None
+    save_kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_bytes is not None:
+        save_kwargs["max_shard_size"] = int(max_shard_bytes)
+    with _quiet_transformers():
+        model.save_pretrained(out, **save_kwargs)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    _check_saved_names(out, model.config)
+    return out
+
+
+def _check_saved_names(out: Path, config: Any) -> None:
+    """Fail loudly if transformers saved non-standard tensor names (the merge engine reads these)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for shard in sorted(out.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            names.update(f.keys())
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not config.tie_word_embeddings:
+        expected.add("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        expected.update(p + s for s in (
+            "input_layernorm.weight", "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        ))
+    if names != expected:
+        raise DemoError(f"transformers saved unexpected tensor names in {out}: missing "
+                        f"{sorted(expected - names)[:5]}, extra {sorted(names - expected)[:5]}.")
+
+
+def build_demo(
+    out_dir: str | os.PathLike,
+    *,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    gate_mode: str = "hidden",
+    perturb: float = 0.02,
+    vocab_size: int = 512,
+    **model_kwargs: Any,
+) -> Path:
+    """Build a tokenizer, a dense base and ``num_experts`` perturbed copies, and a mergekit-moe YAML over them.
+
+    Layout: ``out_dir/{tokenizer,base,chat,code,math,stories}`` and ``out_dir/demo.yaml`` (returned).
+    Expert names beyond the four classic domains are ``expert5``, ``expert6``, ...
+    """
+    if num_experts < 1:
+        raise DemoError(f"num_experts={num_experts}: a MoE needs at least one expert.")
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = build_tokenizer(out / "tokenizer", vocab_size=vocab_size)
+    base_dir = build_model(out / "base", tokenizer_dir=tok_dir, seed=0, **model_kwargs)
+    domains = list(DEMO_EXPERTS)
+    experts = []
+    for e in range(num_experts):
+        if e < len(domains):
+            name, (positive, negative) = domains[e], DEMO_EXPERTS[domains[e]]
+        else:
+            name, positive, negative = f"expert{e + 1}", [f"topic {e + 1}", f"subject {e + 1}", f"area {e + 1}"], []
+        path = build_model(out / name, tokenizer_dir=tok_dir, base=base_dir, perturb=perturb, seed=1000 + e)
+        entry: dict[str, Any] = {"source_model": str(path), "positive_prompts": list(positive)}
+        if negative:
+            entry["negative_prompts"] = list(negative)
+        experts.append(entry)
+    config = {
+        "base_model": str(base_dir),
+        "gate_mode": gate_mode,
+        "dtype": model_kwargs.get("dtype", "float32"),
+        "experts_per_token": min(experts_per_token, num_experts),
+        "experts": experts,
+    }
+    path = out / "demo.yaml"
+    path.write_text("# Tiny offline frankenMoE built by lazymoe.demo\n" + yaml.safe_dump(config, sort_keys=False),
+                    encoding="utf-8")
+    return path
+
+
+def iter_test_strings() -> list[str]:
+    """Strings that exercise spaces, digits, code, unicode and byte fallback (shared by the tests)."""
+    return [
+        "Hello world", "  two  leading spaces", " one", "trailing ", "def f(x):\n    return x * 2",
+        "Solve 2x + 3 = 11", "3.14159 and 1,000,000", "Café naïve 東京 😀 \u00a0nbsp", "tabs\tand\r\nlines",
+        "Once upon a time, the dragon roared.", "", " ", "ⅷ ﬁ ＡＢＣ",
+    ]

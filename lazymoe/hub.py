@@ -1,0 +1,422 @@
+"""Push a finished model folder to the Hugging Face Hub (or whatever Hub ``HF_ENDPOINT`` names).
+
+``create_repo(exist_ok=True)`` then ``upload_folder``: the client uploads large files through the Hub's
+large-file path and skips what the Hub already holds, so re-running an interrupted push finishes it.
+The token is never printed, logged or written anywhere; every failure a user can fix becomes a
+:class:`~lazymoe.errors.HubError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import HubError
+
+if TYPE_CHECKING:  # huggingface_hub is imported lazily: `import lazymoe` stays fast and works offline
+    from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str = field(repr=False)  # never in a repr, a traceback or a log line
+    source: str  # where it came from ("your HF_TOKEN environment variable"), so messages name the one to fix
+
+
+# ----------------------------------------------------------------------------- token
+
+
+def resolve_token(token: str | None = None, colab_secret: str = "HF_TOKEN") -> str | None:
+    """The token to push with: ``token``, else the Colab secret ``colab_secret`` (only inside Colab),
+    else the ``HF_TOKEN`` environment variable, else the saved login (``hf auth login``). None if none."""
+    found, _ = _find_token(token, colab_secret)
+    return found.value if found else None
+
+
+def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, list[str]]:
+    """The token and its source, plus notes on sources that exist but could not be used (for the error)."""
+    notes: list[str] = []
+    if token is not None and token.strip():
+        return _Token(token.strip(), "your token= / --token argument"), notes
+    if colab_secret and _in_colab():
+        value, note = _read_colab_secret(colab_secret)
+        if value:
+            return _Token(value, f"your Colab secret {colab_secret!r}"), notes
+        if note:
+            notes.append(note)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name, "").strip():
+            return _Token(os.environ[name].strip(), f"your {name} environment variable"), notes
+    from huggingface_hub import get_token
+
+    saved = get_token()  # the saved login (refreshed if it is an expiring OAuth token)
+    return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
+
+
+def _in_colab() -> bool:
+    if os.environ.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
+        return False  # Colab Enterprise has no user secrets
+    if "google.colab" in sys.modules:  # the Colab kernel imports it at start-up
+        return True
+    from huggingface_hub.utils import is_google_colab
+
+    return is_google_colab()
+
+
+def _read_colab_secret(name: str) -> tuple[str | None, str | None]:
+    try:
+        userdata = importlib.import_module("google.colab.userdata")
+    except ImportError:
+        return None, None
+    try:
+        value = userdata.get(name)
+    except Exception as error:  # SecretNotFoundError, NotebookAccessError, or whatever the vault raises
+        kind = type(error).__name__
+        if kind == "NotebookAccessError":
+            return None, (
+                f"the Colab secret {name!r} exists but this notebook may not read it: "
+                "switch on 'Notebook access' for it in the Secrets panel (key icon)"
+            )
+        if kind == "SecretNotFoundError":
+            return None, f"there is no Colab secret named {name!r}"
+        return None, f"reading the Colab secret {name!r} failed ({kind})"
+    value = (value or "").strip()
+    return (value or None), (None if value else f"the Colab secret {name!r} is empty")
+
+
+def _token_help(endpoint: str) -> str:
+    return (
+        f"Create a token with write access at {endpoint}/settings/tokens, then either store it as a Colab secret "
+        "named 'HF_TOKEN' (key icon in the left bar; switch on notebook access), set the HF_TOKEN environment "
+        "variable, run `hf auth login`, or pass it with --token / token=."
+    )
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def check_model_folder(model_dir: str | Path) -> Path:
+    """Refuse anything but a finished model folder: config.json plus every weight file, none truncated
+    (or, for a GGUF repo, a folder of ``*.gguf`` files).
+
+    Reads only the index and the file headers. Returns the folder's path.
+    """
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir():
+        raise HubError(f"Nothing to push: {folder} is not a folder. Give the folder a merge wrote.")
+    unfinished = f"{folder} is not a finished model folder"
+    config = folder / "config.json"
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not config.is_file() and ggufs:
+        for path in ggufs:
+            with path.open("rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise HubError(f"{unfinished}: {path.name} is not a GGUF file. Re-run the conversion.")
+        return folder
+    if not config.is_file():
+        raise HubError(
+            f"{unfinished}: config.json is missing (and there are no .gguf files). "
+            "Push the output folder of a merge that completed."
+        )
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise HubError(f"{unfinished}: config.json is not valid ({err}). Re-run the merge.") from None
+    index = next((folder / n for n in _INDEX_FILES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            weight_files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as err:
+            raise HubError(f"{unfinished}: {index.name} is not a valid index ({err}). Re-run the merge.") from None
+        missing = [name for name in weight_files if not (folder / name).is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise HubError(
+                f"{unfinished}: {index.name} lists weight files that are missing: {shown}. "
+                "Re-run the merge (or finish copying the folder), then push."
+            )
+    else:
+        weight_files = [name for name in _SINGLE_WEIGHT_FILES if (folder / name).is_file()][:1]
+        if not weight_files:
+            raise HubError(f"{unfinished}: it holds no weights (no model.safetensors and no weight index).")
+    for name in weight_files:
+        if name.endswith(".safetensors"):
+            _check_safetensors_complete(folder / name, unfinished)
+    if not (folder / "README.md").is_file():
+        logger.warning("%s has no README.md: the repo will have no model card (`lazymoe card` writes one).", folder)
+    return folder
+
+
+def _check_safetensors_complete(path: Path, unfinished: str) -> None:
+    # a safetensors file is exactly 8 + header + data bytes, so a short file is a write that never finished
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+        ends = [meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"]
+        expected = 8 + header_len + max(ends, default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise HubError(f"{unfinished}: {path.name} is not a readable safetensors file. Re-run the merge.") from None
+    if size != expected:
+        raise HubError(
+            f"{unfinished}: {path.name} is truncated ({size} bytes where its header describes {expected}). "
+            "Re-run the merge, then push."
+        )
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def push_to_hub(
+    model_dir: str | Path,
+    repo: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    colab_secret: str = "HF_TOKEN",
+    commit_message: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Upload a finished model folder to ``repo`` (``name`` in your own namespace, or ``namespace/name``).
+
+    Creates the repo if needed (private if ``private``; an existing public repo is refused rather than
+    silently exposed), then uploads every file. Re-running after an interruption resumes: the Hub keeps
+    what it received and only the rest is sent. The local folder is only read. Returns the repo URL.
+    """
+    from huggingface_hub import HfApi
+
+    folder = check_model_folder(model_dir)
+    # read at call time: a notebook may set HF_ENDPOINT after huggingface_hub was imported
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or _default_endpoint()
+    found, notes = _find_token(token, colab_secret)
+    if found is None:
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise HubError(f"No Hugging Face token found{why}. Pushing needs one. {_token_help(endpoint)}")
+    api = HfApi(endpoint=endpoint, token=found.value, library_name="lazymoe")
+
+    with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
+        who = api.whoami()
+    repo_id = _check_permissions(api, found, who, repo, endpoint)
+
+    with _errors_as_hub_errors(found, endpoint, repo_id, stage="connect"):
+        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        if private and not api.repo_info(repo_id).private:
+            raise HubError(
+                f"{repo_id!r} already exists and is public, but you asked for a private upload; nothing was "
+                f"uploaded. Make it private ({endpoint}/{repo_id}/settings) and push again, or push without "
+                "--private."
+            )
+    sizes = [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
+    logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
+    with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {folder.name} with lazymoe",
+        )
+    logger.info("Pushed %s to %s", folder, url)
+    return url
+
+
+def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str, endpoint: str) -> str:
+    """The full repo id for ``repo``, after refusing what the token visibly cannot do.
+
+    Checked up front so that the user gets a precise message before anything is created; the Hub's
+    own 403 (e.g. a fine-grained token without write scope) is still translated later.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    user, orgs = who["name"], [org["name"] for org in who.get("orgs", [])]
+    repo_id = repo.strip().strip("/") if "/" in repo else f"{user}/{repo.strip()}"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise HubError(f"{repo!r} is not a valid repo name: {err}") from None
+    namespace, name = repo_id.split("/")
+    holder = f"{token.source} (user {user!r})"
+    if ((who.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
+        raise HubError(
+            f"The token from {holder} is read-only; pushing needs write access. Create a 'Write' token (or a "
+            f"fine-grained one with write access to {namespace!r}) at {endpoint}/settings/tokens and use it instead."
+        )
+    if namespace in (user, *orgs):
+        return repo_id
+    with _errors_as_hub_errors(token, endpoint, repo_id, stage="connect"):
+        taken = api.repo_exists(repo_id)
+    if taken:
+        raise HubError(
+            f"The repo {repo_id!r} belongs to {namespace!r}; the token from {holder} cannot write to it. "
+            f"Push to '{user}/{name}' instead (or to one of your organizations)."
+        )
+    yours = ", ".join(repr(o) for o in orgs) or "none"
+    raise HubError(
+        f"You cannot create {repo_id!r}: {namespace!r} is neither your user ({user!r}) nor one of your "
+        f"organizations ({yours}). Use '{user}/{name}', or just '{name}'."
+    )
+
+
+def _default_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@contextmanager
+def _errors_as_hub_errors(token: _Token, endpoint: str, repo_id: str, *, stage: str) -> Iterator[None]:
+    """Turn the client's exceptions into HubErrors a user can act on; the token never appears in them."""
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as error:  # noqa: BLE001 - classified below; anything unknown keeps its type name
+        raise HubError(_explain(error, token, endpoint, repo_id, stage)) from error
+
+
+def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage: str) -> str:
+    status = _http_status(error)
+    cause = _describe(error).replace(token.value, "hf_***")
+    if status == 401:
+        return (
+            f"The Hub rejected the token from {token.source} (401 Unauthorized): it is invalid, expired or "
+            f"revoked. {_token_help(endpoint)}"
+        )
+    if status == 403:
+        return (
+            f"The Hub refused write access to {repo_id!r} (403 Forbidden) for the token from {token.source}. "
+            f"It needs write permission on {repo_id.split('/')[0]!r}: create a 'Write' token, or give your "
+            f"fine-grained token write access there, at {endpoint}/settings/tokens."
+        )
+    if _is_network_error(error) or (status is not None and (status >= 500 or status in (408, 429))):
+        if stage == "upload":
+            return (
+                f"The upload to {repo_id!r} was interrupted ({cause}). Nothing is lost: your folder is untouched "
+                "and the Hub keeps the files it already received. Run the same push again to resume; only the "
+                "missing files are sent."
+            )
+        return (
+            f"Could not reach the Hub at {endpoint} ({cause}). Check the network (and HF_ENDPOINT if you set "
+            "it), then push again."
+        )
+    if isinstance(error, ValueError) and "README.md" in str(error):
+        return (
+            f"The Hub rejected the model card metadata: {cause}. Fix the YAML block at the top of README.md "
+            "(or re-render it with `lazymoe card`), then push again."
+        )
+    return f"Pushing to {repo_id!r} failed: {type(error).__name__}: {cause}"
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the error's message, plus its root cause when that says more (a dropped connection...)."""
+    chain = list(_causes(error))
+    parts = [" ".join(str(e).split()).rstrip(".") or type(e).__name__ for e in (chain[0], chain[-1])]
+    text = parts[0] if len(chain) == 1 or parts[1] in parts[0] else f"{parts[0]}: {parts[1]}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _http_status(error: BaseException) -> int | None:
+    for cause in _causes(error):
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _is_network_error(error: BaseException) -> bool:
+    transport = _transport_error_types()
+    return any(isinstance(cause, transport) for cause in _causes(error))
+
+
+def _transport_error_types() -> tuple[type[BaseException], ...]:
+    # huggingface_hub 2.x speaks httpx2, 1.x httpx, 0.x requests: recognise whichever is loaded
+    candidates = {
+        "httpx2": ("TransportError",),
+        "httpx": ("TransportError",),
+        "requests": ("ConnectionError", "Timeout"),
+    }
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name, names in candidates.items():
+        module = sys.modules.get(module_name)
+        types.extend(getattr(module, n) for n in names if module is not None and hasattr(module, n))
+    return tuple(types)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``lazymoe push MODEL_DIR REPO [--private] [--token TOKEN]``; ``func`` defaults to :func:`run_push`."""
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a merged model folder to the Hugging Face Hub",
+        description="Upload a finished model folder to the Hub. Run it again to resume an interrupted upload.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="folder written by `lazymoe merge`")
+    parser.add_argument("repo", metavar="REPO", help="'name' (in your own namespace) or 'namespace/name'")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="Hub token with write access (default: HF_TOKEN, then your saved login). A token typed on the "
+        "command line ends up in your shell history: prefer HF_TOKEN or `hf auth login`.",
+    )
+    parser.add_argument("--commit-message", default=None, help="message of the upload commit")
+    parser.set_defaults(func=run_push)
+    return parser
+
+
+def run_push(args: argparse.Namespace) -> int:
+    url = push_to_hub(
+        args.model_dir,
+        args.repo,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        progress=not getattr(args, "quiet", False),  # the CLI's global -q
+    )
+    print(f"Pushed {args.model_dir} to {url}")
+    return 0
