@@ -1,0 +1,140 @@
+"""The base model's forward pass, one decoder layer in memory at a time.
+
+Router initialisation needs the base's hidden states, and the reference tool loads the whole base for
+that: 14.5 GB in bfloat16 for a 7B model, more than a free Colab has in RAM (12.7 GB). Here the model is
+built on the meta device and each decoder layer gets its weights from safetensors just before it runs
+and drops them right after, so memory is one layer (~0.45 GB for 7B) plus activations, on CPU or GPU.
+
+Every prompt batch passes through a layer before the next layer is loaded, so the weights are read once
+however many batches there are. The computation is transformers' own: its embedding, rotary, mask and
+decoder-layer code run unchanged, so results equal a full-model run (tests compare them).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import arch
+from .safetensors_io import read_tensor
+from .sources import ModelInfo
+
+#: a reduction of one layer's input, (B, T, H) and the attention mask (B, T) -> anything
+Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _meta_model(config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            return AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+
+
+def _causal_mask(inner, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    """transformers' own mask for this model; its keyword names changed across versions, so ask."""
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs = {"config": inner.config, "inputs_embeds": embeds, "attention_mask": attention_mask}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kwargs[name] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    if "position_ids" in params:
+        kwargs["position_ids"] = position_ids
+    return create_causal_mask(**kwargs)
+
+
+class StreamedBase:
+    """Run batches through the base model's first ``num_layers`` decoder layers, layer by layer."""
+
+    def __init__(self, base: ModelInfo, *, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+        from transformers import AutoConfig
+
+        self.base = base
+        self.device = torch.device(device)
+        self.dtype = dtype
+        config = AutoConfig.from_pretrained(str(base.folder))
+        self.inner = _meta_model(config, dtype).model
+        self.num_layers = int(config.num_hidden_layers)
+        # the rotary table is a computed buffer: build it for real on the target device
+        rotary_cls = type(self.inner.rotary_emb)
+        self.rotary = rotary_cls(config=self.inner.config).to(self.device)
+
+    def _load_layer(self, index: int) -> torch.nn.Module:
+        layer = self.inner.layers[index]
+        prefix = f"model.layers.{index}."
+        state = {
+            name[len(prefix):]: read_tensor(info).to(self.device, self.dtype)
+            for name, info in self.base.tensors.items()
+            if name.startswith(prefix) and not arch.IGNORED_RE.match(name)
+        }
+        layer.to_empty(device=self.device)
+        layer.load_state_dict(state, strict=True)
+        return layer.eval()
+
+    @torch.no_grad()
+    def collect(
+        self,
+        batches: list[dict[str, torch.Tensor]],
+        *,
+        residual: Reducer | None = None,
+        mlp_input: Reducer | None = None,
+        progress: bool = True,
+    ) -> dict[str, list[list[torch.Tensor]]]:
+        """Per batch and layer, reductions of what the base computes, without holding the model.
+
+        ``residual``: applied to the residual stream entering each layer (``hidden_states[l]`` of a full
+        run, what the reference router init reads). ``mlp_input``: applied to each layer's MLP input (the
+        post-attention, post-norm state the MoE router sees at inference). ``batches`` hold ``input_ids``
+        and ``attention_mask`` (B, T), positions implicit as in ``model(**batch)``. Returns
+        ``{"residual": out[batch][layer], "mlp_input": ...}`` for what was asked.
+        """
+        if residual is None and mlp_input is None:
+            raise ValueError("collect() needs residual= or mlp_input=")
+        # the residual stream entering the last layer needs layers 0..L-2 only; MLP inputs need them all
+        layers = self.num_layers if mlp_input is not None else self.num_layers - 1
+        embed = read_tensor(self.base.tensors["model.embed_tokens.weight"]).to(self.device, self.dtype)
+        states, extras = [], []
+        out: dict[str, list[list[torch.Tensor]]] = {}
+        if residual is not None:
+            out["residual"] = [[] for _ in batches]
+        if mlp_input is not None:
+            out["mlp_input"] = [[] for _ in batches]
+        for b, batch in enumerate(batches):
+            ids = batch["input_ids"].to(self.device)
+            mask = batch["attention_mask"].to(self.device)
+            h = torch.nn.functional.embedding(ids, embed)
+            pos = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+            extras.append((mask, _causal_mask(self.inner, h, mask, pos), pos, self.rotary(h, pos)))
+            states.append(h)
+        del embed
+        current: list[torch.Tensor | None] = [None]
+
+        def grab(_module, args):
+            current[0] = args[0]
+
+        for index in tqdm(range(layers), desc="Router: base layers", disable=not progress or layers < 3):
+            layer = self._load_layer(index)
+            hook = layer.mlp.register_forward_pre_hook(grab) if mlp_input is not None else None
+            for b, (mask, causal, pos, rope) in enumerate(extras):
+                if residual is not None:
+                    out["residual"][b].append(residual(states[b], mask))
+                h = layer(states[b], attention_mask=causal, position_ids=pos, position_embeddings=rope)
+                states[b] = h[0] if isinstance(h, tuple) else h  # transformers 4.x returns a tuple
+                if mlp_input is not None:
+                    out["mlp_input"][b].append(mlp_input(current[0], mask))
+            if hook is not None:
+                hook.remove()
+            layer.to("meta")  # frees this layer's weights before the next one is read
+        if residual is not None and layers == self.num_layers - 1:
+            for b, (mask, *_rest) in enumerate(extras):
+                out["residual"][b].append(residual(states[b], mask))
+        return out
