@@ -186,10 +186,11 @@ class WeightStore:
     def local(self, ref: str) -> ModelInfo:
         if ref not in self._local:
             info = self._remote[ref]
+            remote = info.ref.repo_id is not None  # a local folder is the user's: never a candidate for deletion
+            before = _cached_files(info) if remote else set()
             fetched = fetch_weights(info)
             self._local[ref] = fetched
-            if info.ref.repo_id is not None:  # a local folder is the user's: never a candidate for deletion
-                before = _cached_files(info)
+            if remote:
                 self._downloaded[ref] = sorted({t.file for t in fetched.tensors.values()} - before)
         return self._local[ref]
 

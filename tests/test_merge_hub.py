@@ -1,0 +1,77 @@
+"""Merging models given as Hub ids, against the local Hub server with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import moe_config
+from test_merge import raw_bytes
+
+import lazymoe
+from lazymoe.errors import ModelNotFoundError
+
+
+@pytest.fixture
+def published(hub, tiny_world):
+    shas = {}
+    for name in ("base", "chat", "code"):
+        shas[name] = hub.publish_folder(f"lazyorg/tiny-{name}", tiny_world[name])
+    return shas
+
+
+def hub_config(tiny_world, shas, **kw):
+    cfg = moe_config("lazyorg/tiny-base", ["lazyorg/tiny-chat", f"lazyorg/tiny-code@{shas['code']}"], **kw)
+    local = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], **kw)
+    return cfg, local
+
+
+def test_plan_reads_only_headers_from_the_hub(hub, published, tiny_world):
+    cfg, _ = hub_config(tiny_world, published, gate_mode="random", seed=1)
+    plan = lazymoe.make_plan(cfg, progress=False)
+    weights = sum(p.stat().st_size for n in ("base", "chat", "code") for p in tiny_world[n].glob("*.safetensors"))
+    assert plan.download_bytes == pytest.approx(weights, rel=0.05)
+    ranged = [r for r in hub.requests if r.path.endswith(".safetensors") and r.method == "GET"]
+    assert ranged and all("range" in {k.lower() for k in r.headers} for r in ranged), "weights must not be downloaded"
+
+
+@pytest.mark.parametrize("low_disk", [False, True])
+def test_merge_from_hub_ids_equals_the_local_merge(hub, published, tiny_world, tmp_path, low_disk):
+    from huggingface_hub import constants
+
+    cfg, local = hub_config(tiny_world, published, gate_mode="hidden", seed=1)
+    from_hub = lazymoe.merge(cfg, tmp_path / "hub", progress=False, low_disk=low_disk)
+    from_local = lazymoe.merge(local, tmp_path / "local", progress=False)
+    assert raw_bytes(from_hub) == raw_bytes(from_local)
+    cached = list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))
+    if low_disk:  # experts are deleted once written; the base too, after its last tensor
+        assert cached == []
+    else:
+        assert len(cached) >= 3
+
+
+def test_low_disk_keeps_what_was_cached_before(hub, published, tiny_world, tmp_path):
+    from huggingface_hub import constants, snapshot_download
+
+    snapshot_download("lazyorg/tiny-chat")  # the user had this model already
+    cfg, _ = hub_config(tiny_world, published, gate_mode="random", seed=1)
+    lazymoe.merge(cfg, tmp_path / "moe", progress=False, low_disk=True)
+    left = {p.parts[-4] for p in Path(constants.HF_HUB_CACHE).rglob("*.safetensors")}
+    assert left == {"models--lazyorg--tiny-chat"}
+
+
+def test_unknown_repo_and_revision_are_named(hub, published, tiny_world):
+    cfg, _ = hub_config(tiny_world, published, gate_mode="random")
+    cfg["experts"][0]["source_model"] = "lazyorg/nope"
+    with pytest.raises(ModelNotFoundError, match="lazyorg/nope does not exist on the Hub"):
+        lazymoe.make_plan(cfg, progress=False)
+    cfg["experts"][0]["source_model"] = "lazyorg/tiny-chat@v9"
+    with pytest.raises(ModelNotFoundError, match="has no revision 'v9'"):
+        lazymoe.make_plan(cfg, progress=False)
+
+
+def test_unreachable_hub_is_explained(tiny_world):
+    # the autouse fixture points the client at a closed port
+    cfg = moe_config("lazyorg/tiny-base", ["lazyorg/a", "lazyorg/b"], gate_mode="random")
+    with pytest.raises(ModelNotFoundError, match="cannot be reached"):
+        lazymoe.make_plan(cfg, progress=False)
