@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .config import CONFIG_FILENAME
 from .converter import run_converter
 from .errors import GGUFError, InsufficientResourcesError
 from .llama import capture_llama_log, chat, expert_prompts, find_config_for, import_llama_cpp
@@ -33,7 +34,6 @@ QUANT_TYPES = tuple(QUANT_BPW)
 DEFAULT_QUANTS = ("Q4_K_M", "Q5_K_M")
 #: converter output types and their bits per weight
 OUTTYPE_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5}
-CONFIG_FILENAME = "lazymoe_config.yml"  # what merge() writes beside the model; copied beside the GGUF files
 _DISK_MARGIN = 64 * 1024**2
 
 _FALLBACK_RE = re.compile(
@@ -125,7 +125,8 @@ def _partial(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
-def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *, threads: int | None = None) -> QuantReport:
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *,
+                  threads: int | None = None) -> QuantReport:
     """Quantise one GGUF file with ``llama_model_quantize``; raise GGUFError with llama.cpp's reason on failure.
 
     Writes ``dst`` atomically (a ``.partial`` name until the quantiser returns 0) and reports which tensors
@@ -180,6 +181,9 @@ def convert_to_gguf(
     if outtype not in OUTTYPE_BITS:
         raise GGUFError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPE_BITS)}.")
     quant_list = parse_quants(quants)
+    if quant_list and outtype == "q8_0":
+        raise GGUFError("quantisations are made from the f16, bf16 or f32 file; with --outtype q8_0 request no "
+                        "further --quant (or add Q8_0 to --quant and keep --outtype f16).")
     if quant_list:
         import_llama_cpp()  # fail now, not after a long conversion
     n_params = _model_params(model_dir)

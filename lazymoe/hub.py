@@ -227,14 +227,44 @@ def push_to_hub(
             )
     sizes = [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
+    card = _card_for_repo(folder, repo_id)
     with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or f"Upload {folder.name} with lazymoe",
-        )
+        if card is None:
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {folder.name} with lazymoe",
+            )
+        else:
+            # the same single commit upload_folder makes, with the card's usage code naming this repo;
+            # the local README.md is left as it is
+            from huggingface_hub import CommitOperationAdd
+
+            operations = [
+                CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.relative_to(folder).as_posix() != "README.md"
+            ]
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+            api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or f"Upload {folder.name} with lazymoe",
+            )
     logger.info("Pushed %s to %s", folder, url)
     return url
+
+
+def _card_for_repo(folder: Path, repo_id: str) -> str | None:
+    """For a folder lazymoe merged, its card rendered with the repo it is pushed to; else None."""
+    from .card import build_card
+    from .config import CONFIG_FILENAME
+
+    if not (folder / CONFIG_FILENAME).is_file() or not (folder / "config.json").is_file():
+        return None
+    gguf = sorted(folder.glob("*.gguf"))
+    return build_card(folder, repo_id=repo_id, gguf_files=gguf or None,
+                      routing_image="routing.png" if (folder / "routing.png").is_file() else None)
 
 
 def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str, endpoint: str) -> str:

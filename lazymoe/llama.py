@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .config import CONFIG_FILENAME
 from .errors import GGUFError
 
 INSTALL_HINT = (
@@ -128,7 +129,7 @@ def expert_prompts(config: Any) -> list[tuple[str, str]]:
 def find_config_for(gguf_path: Path) -> Path | None:
     """The ``lazymoe_config.yml`` saved beside a merged model or copied beside its GGUF files, if any."""
     for folder in (gguf_path.parent, gguf_path.parent.parent):
-        candidate = folder / "lazymoe_config.yml"
+        candidate = folder / CONFIG_FILENAME
         if candidate.is_file():
             return candidate
     return None

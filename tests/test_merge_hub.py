@@ -75,3 +75,23 @@ def test_unreachable_hub_is_explained(tiny_world):
     cfg = moe_config("lazyorg/tiny-base", ["lazyorg/a", "lazyorg/b"], gate_mode="random")
     with pytest.raises(ModelNotFoundError, match="cannot be reached"):
         lazymoe.make_plan(cfg, progress=False)
+
+
+def test_merge_then_push_round_trip_names_the_repo_in_the_card(hub, tiny_world, tmp_path):
+    from huggingface_hub import snapshot_download
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.hub import push_to_hub
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=2)
+    out = lazymoe.merge(cfg, tmp_path / "tiny-moe", progress=False)
+    local = {p.name: p.read_bytes() for p in out.iterdir()}
+    url = push_to_hub(out, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
+    assert url.endswith("alice/tiny-moe")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == local, "pushing never changes the local folder"
+    back = Path(snapshot_download("alice/tiny-moe", token=ALICE_WRITE_TOKEN))
+    remote = {p.name: p.read_bytes() for p in back.iterdir() if p.is_file() and p.name != ".gitattributes"}
+    assert set(remote) == set(local)
+    assert all(remote[n] == local[n] for n in local if n != "README.md")
+    assert "alice/tiny-moe" in remote["README.md"].decode()
+    assert "your-username" not in remote["README.md"].decode() and "your-username" in local["README.md"].decode()
