@@ -195,6 +195,7 @@ def push_to_hub(
     colab_secret: str = "HF_TOKEN",
     commit_message: str | None = None,
     progress: bool = True,
+    base_repo_id: str | None = None,
 ) -> str:
     """Upload a finished model folder to ``repo`` (``name`` in your own namespace, or ``namespace/name``).
 
@@ -216,6 +217,7 @@ def push_to_hub(
     with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
         who = api.whoami()
     repo_id = _check_permissions(api, found, who, repo, endpoint)
+    card = _card_for_repo(folder, repo_id, base_repo_id)  # before creating anything: it may refuse
 
     with _errors_as_hub_errors(found, endpoint, repo_id, stage="connect"):
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
@@ -227,7 +229,6 @@ def push_to_hub(
             )
     sizes = [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
-    card = _card_for_repo(folder, repo_id)
     with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
         if card is None:
             api.upload_folder(
@@ -255,15 +256,25 @@ def push_to_hub(
     return url
 
 
-def _card_for_repo(folder: Path, repo_id: str) -> str | None:
-    """For a folder lazymoe merged, its card rendered with the repo it is pushed to; else None."""
-    from .card import build_card
+def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:
+    """The card to upload: for a merged lazymoe folder, its card naming ``repo_id``; for a folder of
+    GGUF files, the ``NAME-GGUF`` card (quantisations of ``base_repo_id``, by default ``repo_id``
+    without its ``-GGUF`` suffix). None for anything else (its own README.md is uploaded as is)."""
+    from .card import build_card, find_gguf_files, gguf_card_data, render_gguf_card
     from .config import CONFIG_FILENAME
 
+    if not (folder / "config.json").is_file() and any(folder.glob("*.gguf")):
+        if base_repo_id is None:
+            if not repo_id.upper().endswith("-GGUF"):
+                raise HubError(
+                    f"{folder} holds GGUF files; push them to a repo named like the merged model plus -GGUF "
+                    f"(e.g. {repo_id}-GGUF), or name the merged model's repo with base_repo_id= / --gguf-of."
+                )
+            base_repo_id = repo_id[: -len("-GGUF")]
+        return render_gguf_card(gguf_card_data(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id))
     if not (folder / CONFIG_FILENAME).is_file() or not (folder / "config.json").is_file():
         return None
-    gguf = sorted(folder.glob("*.gguf"))
-    return build_card(folder, repo_id=repo_id, gguf_files=gguf or None,
+    return build_card(folder, repo_id=repo_id,
                       routing_image="routing.png" if (folder / "routing.png").is_file() else None)
 
 
@@ -435,6 +446,9 @@ def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "command line ends up in your shell history: prefer HF_TOKEN or `hf auth login`.",
     )
     parser.add_argument("--commit-message", default=None, help="message of the upload commit")
+    parser.add_argument("--gguf-of", dest="base_repo_id", default=None, metavar="MERGED_REPO",
+                        help="for a folder of GGUF files: the merged model's repo they quantise "
+                             "(default: REPO without its -GGUF suffix)")
     parser.set_defaults(func=run_push)
     return parser
 
@@ -447,6 +461,7 @@ def run_push(args: argparse.Namespace) -> int:
         token=args.token,
         commit_message=args.commit_message,
         progress=not getattr(args, "quiet", False),  # the CLI's global -q
+        base_repo_id=args.base_repo_id,
     )
     print(f"Pushed {args.model_dir} to {url}")
     return 0

@@ -95,3 +95,27 @@ def test_merge_then_push_round_trip_names_the_repo_in_the_card(hub, tiny_world, 
     assert all(remote[n] == local[n] for n in local if n != "README.md")
     assert "alice/tiny-moe" in remote["README.md"].decode()
     assert "your-username" not in remote["README.md"].decode() and "your-username" in local["README.md"].decode()
+
+
+def test_pushing_gguf_files_makes_the_quantized_repo_card(hub, tmp_path):
+    import yaml
+    from huggingface_hub import hf_hub_download
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import HubError
+    from lazymoe.hub import push_to_hub
+
+    folder = tmp_path / "tiny-moe-GGUF"
+    folder.mkdir()
+    for quant in ("Q4_K_M", "Q8_0"):
+        (folder / f"tiny-moe.{quant}.gguf").write_bytes(b"GGUF" + bytes(1000))
+    with pytest.raises(HubError, match="-GGUF"):
+        push_to_hub(folder, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
+    assert not hub.requests_of("create-repo"), "a refused push creates nothing"
+    push_to_hub(folder, "tiny-moe-GGUF", token=ALICE_WRITE_TOKEN, progress=False)
+    card = Path(hf_hub_download("alice/tiny-moe-GGUF", "README.md", token=ALICE_WRITE_TOKEN)).read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] in ("alice/tiny-moe", ["alice/tiny-moe"])
+    assert meta["base_model_relation"] == "quantized"
+    assert "tiny-moe.Q4_K_M.gguf" in card and "tiny-moe.Q8_0.gguf" in card
+    assert not (folder / "README.md").exists()
