@@ -149,6 +149,8 @@ def kernel_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     path = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(_REPO_ROOT)] + ([path] if path else [])))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # a notebook that tried to pip install anything would fail loudly
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
     monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
     return dict(os.environ)

@@ -1,0 +1,378 @@
+"""The notebook's logic: one call per cell, each reading the form as it is now.
+
+    from lazymoe import ui
+    ui.setup()                                  # 1. what this runtime has
+    moe = ui.Builder.from_preset(PRESET_YAML)   # 2. the form (re-running keeps the user's edits)
+    moe.show()
+    moe.plan(); moe.merge(); moe.try_model()    # 3-5
+    moe.push(); moe.gguf(); moe.chat()          # 6-8, each skipped unless ticked in the form
+
+A step that fails because of something the user can fix shows one red line and raises :class:`StepFailed`,
+whose traceback IPython renders as a single line: *Run all* stops at the real cause instead of carrying on
+into a misleading error, and nobody has to read a traceback. Bugs keep their full traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import MoEConfig, load_config
+from .errors import LazyMoEError
+from .report import human_bytes
+from .ui_form import MoEForm, Settings
+from .ui_runtime import (
+    Raw,
+    error_html,
+    install_llama_cpp,
+    notice_html,
+    plan_html,
+    probe,
+    runtime_html,
+    table_html,
+)
+
+__all__ = ["Builder", "StepFailed", "setup", "prepare_demo"]
+
+
+class StepFailed(LazyMoEError):
+    """A notebook step stopped; the reason is already on screen as a red message."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [f"Stopped at “{self.step}”: see the red message above, change what it says, and run this cell again."]
+
+
+def _display(obj: Any) -> None:
+    from IPython.display import display
+
+    display(obj)
+
+
+def _html(markup: str):
+    from IPython.display import HTML
+
+    return HTML(markup)
+
+
+def setup(path: str | Path = ".", *, installed: bool = False, show: Callable[[Any], None] = _display):
+    """Report where lazymoe came from and what this runtime has (GPU, RAM, disk)."""
+    import lazymoe
+
+    runtime = probe(path)
+    show(_html(runtime_html(runtime, lazymoe_version=lazymoe.__version__,
+                            lazymoe_path=str(Path(lazymoe.__file__).parent), installed=installed)))
+    return runtime
+
+
+def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], None] = _display) -> Path:
+    """Build the tiny offline demo models into ``folder`` (skipped when they are already there)."""
+    from .demo import DEMO_EXPERTS, build_demo
+
+    folder = Path(folder)
+    parts = ["base", *DEMO_EXPERTS]
+    if all((folder / p / "config.json").is_file() for p in parts):
+        show(_html(notice_html(f"The demo models are already in {folder}/: {', '.join(parts)}.", "ok")))
+        return folder
+    try:
+        build_demo(folder)
+    except LazyMoEError as err:
+        show(_html(error_html(str(err))))
+        raise StepFailed("Build the demo models", str(err)) from None
+    rows = [(p, human_bytes(sum(f.stat().st_size for f in (folder / p).iterdir()))) for p in parts]
+    built = f"Built the demo models in {folder}/ (tiny random weights: answers will be gibberish)."
+    show(_html(notice_html(built, "ok") + table_html(rows, ("Model", "Size"))))
+    return folder
+
+
+def _step(title: str):
+    """Run a step: our errors become one red line plus :class:`StepFailed`; anything else propagates."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self: Builder, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except StepFailed:
+                raise
+            except LazyMoEError as err:
+                self._show(_html(error_html(str(err))))
+                raise StepFailed(title, str(err)) from None
+
+        return run
+
+    return wrap
+
+
+class Builder:
+    """The form plus the steps that act on it. One per preset per kernel (see :meth:`from_preset`)."""
+
+    _instances: dict[str, Builder] = {}
+
+    def __init__(self, form: MoEForm, *, workdir: str | Path | None = None, show: Callable[[Any], None] = _display):
+        self.form = form
+        self.workdir = Path(workdir) if workdir is not None else Path.cwd()
+        self._show = show
+        self._plan = None
+        self._plan_key: tuple | None = None
+        self.model_dir: Path | None = None
+        self.repo_id: str | None = None  # namespace/name once uploaded
+        self.gguf_files: list[Path] = []
+        form.on_build(self._build_from_button)
+
+    @classmethod
+    def from_preset(cls, preset_text: str, **kwargs) -> Builder:
+        """The form for this preset; re-running the cell returns the same one, so edits survive *Run all*."""
+        key = hashlib.sha256(preset_text.encode()).hexdigest()
+        builder = cls._instances.get(key)
+        if builder is None:
+            try:
+                form = MoEForm(preset_text)
+            except LazyMoEError as err:  # a preset that is not even a mapping: nothing to show a form for
+                kwargs.get("show", _display)(_html(error_html(f"The PRESET in this cell cannot be read: {err}")))
+                raise StepFailed("Your MoE", str(err)) from None
+            builder = cls._instances[key] = cls(form, **kwargs)
+        else:
+            builder.form.show_notice("Your edits were kept. “Reset to preset” starts over.", "info")
+        return builder
+
+    def show(self) -> None:
+        self._show(self.form.widget)
+
+    # ------------------------------------------------------------------ shared
+
+    def values(self) -> tuple[MoEConfig, Settings]:
+        """The form's config and settings, validated (ConfigError names the field)."""
+        return self.form.to_config(), self.form.settings()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.workdir / self.form.settings().folder_name
+
+    def _notice(self, text: str, kind: str = "info") -> None:
+        self._show(_html(notice_html(text, kind)))
+
+    def _require_model(self) -> Path:
+        """The finished model the form's name points at (merged now or in an earlier session)."""
+        folder = self.output_dir
+        if not ((folder / "config.json").is_file() and (folder / "lazymoe_config.yml").is_file()):
+            raise LazyMoEError(f"There is no merged model at {folder} yet: run the Merge step first.")
+        if folder != self.model_dir:  # another model than the last one: its GGUF files and repo are unknown
+            self.model_dir, self.gguf_files, self.repo_id = folder, [], None
+        return folder
+
+    @staticmethod
+    def _key(config: MoEConfig, settings: Settings) -> tuple:
+        """What a plan depends on: a plan made for other values is never reused by the merge."""
+        return config.to_yaml(), settings.max_shard_bytes, settings.low_disk
+
+    # ------------------------------------------------------------------ 3. plan
+
+    @_step("Plan")
+    def plan(self):
+        """Check the models from their headers and show sizes against this runtime's disk, RAM and GPU."""
+        from .merge import make_plan
+
+        config, settings = self.values()
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        plan = make_plan(config, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk)
+        self._plan, self._plan_key = plan, self._key(config, settings)
+        runtime = probe(self.output_dir.parent)
+        self._show(_html(plan_html(plan, runtime, gguf_quants=settings.quants if settings.gguf else ())))
+        return plan
+
+    # ------------------------------------------------------------------ 4. merge
+
+    @_step("Merge")
+    def merge(self) -> Path:
+        """Build the MoE into ``workdir/<model name>``; progress bars show each phase."""
+        from .merge import merge
+
+        config, settings = self.values()
+        fresh = self._plan is not None and self._plan_key == self._key(config, settings)
+        out = merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
+                    overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
+        self.model_dir, self.gguf_files, self.repo_id = out, [], None
+        files = sorted(p for p in out.iterdir() if p.is_file())
+        rows = [(p.name, human_bytes(p.stat().st_size)) for p in files]
+        self._show(_html(notice_html(f"Merged model written to {out}", "ok") + table_html(rows, ("File", "Size"))))
+        return out
+
+    # ------------------------------------------------------------------ 5. try
+
+    @_step("Try it")
+    def try_model(self, max_new_tokens: int = 24) -> list[dict] | None:
+        """Generate from one prompt per expert and show which experts the router picked for it."""
+        from .llama import expert_prompts
+        from .ui_try import (
+            choose_loading,
+            free_memory,
+            load_merged,
+            routing_and_generation,
+            stored_dtype,
+        )
+
+        folder = self._require_model()
+        config = load_config(folder / "lazymoe_config.yml")
+        size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        choice = choose_loading(size, probe(folder), dtype=stored_dtype(folder))
+        if choice.device is None:
+            self._notice(f"Skipped: {choice.reason}", "warn")
+            return None
+        self._notice(f"Loading the merged model: {choice.reason}", "info")
+        model, tokenizer = load_merged(folder, choice)
+        prompts = [prompt for _, prompt in expert_prompts(config)]
+        try:
+            results = routing_and_generation(model, tokenizer, prompts, config.experts_per_token, max_new_tokens)
+        finally:
+            del model
+            free_memory()  # the GPU is needed next (GGUF chat), and Colab's RAM is small
+        rows = []
+        for i, r in enumerate(results):
+            share = " ".join(f"<b>{100 * s:.0f}%</b>" if j == i else f"{100 * s:.0f}%"
+                             for j, s in enumerate(r["share"]))
+            rows.append((f"experts[{i}]", r["prompt"], r["text"], Raw(share)))
+        self._show(_html(table_html(rows, ("Expert", "Prompt", "Generated", "Routing share per expert (own in bold)"))))
+        return results
+
+    # ------------------------------------------------------------------ 6. upload
+
+    def _push(self, folder: Path, repo: str, settings: Settings) -> str:
+        hub = _optional("lazymoe.hub")
+        if hub is None:
+            raise LazyMoEError("Uploading is not available in this lazymoe version (no lazymoe.hub).")
+        return hub.push_to_hub(folder, repo, private=settings.private, token=self.form.token,
+                               colab_secret=settings.hf_secret or "HF_TOKEN")
+
+    def _card(self, folder: Path, **options) -> None:
+        """Re-render the local model card with what is known now (repo ids, GGUF files)."""
+        card = _optional("lazymoe.card")
+        if card is not None and hasattr(card, "rerender_card"):
+            card.rerender_card(folder, **{k: v for k, v in options.items() if v})
+
+    @_step("Upload")
+    def push(self) -> str | None:
+        """Upload the merged model (only when ticked). push_to_hub renders the card with the repo's id."""
+        settings = self.form.settings()
+        if not settings.upload:
+            self._notice("Upload is off: tick “Upload to the Hugging Face Hub” in the form to publish the model.")
+            return None
+        url = self._push(self._require_model(), settings.model_name, settings)
+        self.repo_id = _repo_id(url)
+        self._show(_html(notice_html(f"Uploaded to {url}", "ok")))
+        return url
+
+    # ------------------------------------------------------------------ 7-8. GGUF
+
+    @_step("GGUF")
+    def gguf(self) -> list[Path] | None:
+        """Convert to GGUF and quantise (only when ticked); upload as NAME-GGUF when the upload is ticked too."""
+        settings = self.form.settings()
+        if not settings.gguf:
+            self._notice("GGUF is off: tick “Also make GGUF files” in the form to build llama.cpp files.")
+            return None
+        folder = self._require_model()
+        gguf = _optional("lazymoe.gguf")
+        if gguf is None:
+            self._notice("GGUF conversion is not available in this lazymoe version (no lazymoe.gguf).", "warn")
+            return None
+        from .converter import LLAMA_CPP_PYTHON_VERSION
+
+        install_llama_cpp(probe(folder), self._notice, version=LLAMA_CPP_PYTHON_VERSION)
+        files = _gguf_paths(gguf.convert_to_gguf(folder, outtype="f16", quants=settings.quants))
+        self.gguf_files = files
+        rows = [(p.name, human_bytes(p.stat().st_size)) for p in files if p.is_file()]
+        self._show(_html(notice_html(f"GGUF files in {files[0].parent}", "ok") + table_html(rows, ("File", "Size"))))
+        if settings.upload and self.repo_id is None:
+            self.push()  # idempotent: a model already on the Hub is not sent again; gives the repo id
+        gguf_repo = f"{self.repo_id}-GGUF" if self.repo_id else None
+        self._card(folder, repo_id=self.repo_id, gguf_repo=gguf_repo, gguf_files=files)  # the local card lists them
+        if not settings.upload:
+            return files
+        card = _optional("lazymoe.card")
+        if card is not None and hasattr(card, "write_gguf_card"):
+            card.write_gguf_card(files[0].parent, base_repo_id=self.repo_id, repo_id=gguf_repo,
+                                 license=load_config(folder / "lazymoe_config.yml").license)
+        url = self._push(files[0].parent, gguf_repo, settings)
+        self._notice(f"Uploaded the GGUF files to {url}", "ok")
+        return files
+
+    @_step("Chat")
+    def chat(self, **llama_options) -> list[str] | None:
+        """Ask the quantised model one question per expert with llama.cpp (options go to ``lazymoe.gguf.chat``)."""
+        settings = self.form.settings()
+        if not settings.gguf:
+            self._notice("GGUF is off, so there is nothing to chat with (the Try step already tested the model).")
+            return None
+        folder = self._require_model()
+        if not self.gguf_files:  # made in an earlier session: convert_to_gguf's default folder
+            self.gguf_files = sorted((folder.parent / f"{folder.name}-GGUF").glob("*.gguf"))
+        if not self.gguf_files:
+            raise LazyMoEError("There are no GGUF files yet: run the GGUF step first.")
+        gguf = _optional("lazymoe.gguf")
+        if gguf is None or not hasattr(gguf, "chat"):
+            self._notice("Chatting with GGUF files is not available in this lazymoe version.", "warn")
+            return None
+        from .llama import expert_prompts
+
+        names, prompts = zip(*expert_prompts(folder / "lazymoe_config.yml"))
+        unquantised = (".F16.GGUF", ".BF16.GGUF", ".F32.GGUF")
+        quantised = [p for p in self.gguf_files if not p.name.upper().endswith(unquantised)]
+        target = (quantised or self.gguf_files)[0]
+        answers = gguf.chat(target, list(prompts), **llama_options)
+        rows = list(zip(names, prompts, answers))
+        table = table_html(rows, ("Expert", "Prompt", "Answer"))
+        self._show(_html(notice_html(f"Answers from {target.name}", "ok") + table))
+        return answers
+
+    # ------------------------------------------------------------------ the Build button
+
+    def build(self) -> None:
+        """Every step in order, stopping at the first that fails (what the Build button runs)."""
+        for step in (self.plan, self.merge, self.try_model, self.push, self.gguf, self.chat):
+            try:
+                step()
+            except StepFailed:
+                return
+
+    def _build_from_button(self) -> None:
+        if self.form.check() is None:
+            return
+        self.form.messages.outputs = ()
+        with self.form.messages:  # prints, progress bars and bug tracebacks land in the form, not in a void
+            self.build()
+
+
+def _optional(module: str):
+    """A feature module that may not exist in this version of lazymoe (None then)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        return None
+
+
+def _gguf_paths(result: Any) -> list[Path]:
+    """convert_to_gguf's result as paths, whatever container it comes in."""
+    if result is None:
+        return []
+    if isinstance(result, (str, Path)):
+        return [Path(result)]
+    if isinstance(result, dict):
+        return [Path(v) for v in result.values()]
+    files = getattr(result, "files", None)
+    if files is not None:
+        return _gguf_paths(files)
+    return [Path(p) for p in result]
+
+
+def _repo_id(url: str) -> str:
+    """``namespace/name`` from the URL push_to_hub returns (``https://host/namespace/name``)."""
+    return "/".join(str(url).rstrip("/").split("/")[-2:])

@@ -1,0 +1,307 @@
+"""What this runtime has (disk, RAM, GPU), set against what a plan needs, and the HTML the notebook shows.
+
+Nothing here imports ipywidgets or ``google.colab``: the functions return plain data and HTML strings, so
+they are unit-tested without a kernel and reused by every notebook step.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import GGUFError
+from .report import human_bytes
+
+#: approximate bits per weight of each llama.cpp file type (mixes keep some tensors at higher precision)
+GGUF_BITS_PER_WEIGHT = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q5_K_S": 5.55,
+    "Q5_1": 6.0, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K_S": 4.6, "Q4_1": 5.0, "Q4_0": 4.5, "Q3_K_L": 4.3,
+    "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 2.96,
+}  # fmt: skip
+
+_RED, _AMBER, _GREEN, _GREY = "#b00020", "#8a5a00", "#1b6e20", "#555"
+
+
+def in_colab() -> bool:
+    """True inside a Colab kernel (which imports ``google.colab`` at start-up); never imports it here."""
+    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
+
+
+def read_meminfo(path: str | os.PathLike = "/proc/meminfo") -> dict[str, int]:
+    """``/proc/meminfo`` as bytes per field (empty where the file does not exist, e.g. macOS)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return out
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A snapshot of the machine the notebook runs on."""
+
+    in_colab: bool
+    python: str
+    disk_path: Path
+    disk_free: int
+    ram_available: int | None
+    ram_total: int | None
+    torch: str | None = None
+    gpu_name: str | None = None
+    vram_free: int | None = None
+    vram_total: int | None = None
+    bf16: bool = False
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_name is not None
+
+
+def probe(path: str | os.PathLike = ".") -> Runtime:
+    """Measure free disk at ``path`` (its nearest existing parent), RAM and, if torch sees one, the GPU."""
+    disk = Path(path).resolve()
+    while not disk.exists():
+        disk = disk.parent
+    mem = read_meminfo()
+    gpu = vram_free = vram_total = torch_version = None
+    bf16 = False
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch_version = torch.__version__
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+            vram_free, vram_total = torch.cuda.mem_get_info(0)
+            bf16 = torch.cuda.is_bf16_supported()
+    return Runtime(
+        in_colab=in_colab(), python=platform.python_version(), disk_path=disk,
+        disk_free=shutil.disk_usage(disk).free, ram_available=mem.get("MemAvailable"),
+        ram_total=mem.get("MemTotal"), torch=torch_version, gpu_name=gpu, vram_free=vram_free,
+        vram_total=vram_total, bf16=bf16,
+    )  # fmt: skip
+
+
+def estimate_gguf_bytes(params: int, quants: tuple[str, ...] | list[str], outtype: str = "F16") -> int:
+    """Disk for the ``outtype`` GGUF plus each quantised file, from bits per weight (an estimate)."""
+    total = params * GGUF_BITS_PER_WEIGHT.get(outtype.upper(), 16.0) / 8
+    for q in quants:
+        total += params * GGUF_BITS_PER_WEIGHT.get(q.upper(), 8.5) / 8
+    return int(total)
+
+
+@dataclass(frozen=True)
+class Need:
+    """One row of the resource check: ``ok`` is None where the comparison does not apply."""
+
+    what: str
+    needed: int | None
+    have: int | None
+    ok: bool | None
+    note: str = ""
+
+
+def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> list[Need]:
+    """Disk, RAM and GPU memory the merge (and the optional steps) need, against what ``runtime`` has."""
+    rows = []
+    gguf = estimate_gguf_bytes(plan.total_params, gguf_quants) if gguf_quants else 0
+    downloads = getattr(plan, "peak_download_bytes", plan.download_bytes)  # low-disk mode keeps two models at most
+    disk_note = f"at {runtime.disk_path}; downloads {human_bytes(downloads)} + output {human_bytes(plan.output_bytes)}"
+    disk = plan.disk_bytes
+    rows.append(Need("Disk: merge", disk, runtime.disk_free, disk <= runtime.disk_free, disk_note))
+    if gguf:
+        total = plan.disk_bytes + gguf
+        rows.append(Need("Disk: merge + GGUF", total, runtime.disk_free, total <= runtime.disk_free,
+                         f"f16 GGUF + {', '.join(gguf_quants)} ≈ {human_bytes(gguf)} more (estimate)"))
+    ram = runtime.ram_available
+    rows.append(Need("RAM: merge (peak)", plan.peak_ram_bytes, ram, None if ram is None else plan.peak_ram_bytes <= ram,
+                     "" if ram is not None else "this system does not report free memory"))
+    hidden = plan.hidden_pass_bytes
+    if hidden:
+        if runtime.has_gpu:
+            rows.append(Need("GPU memory: router pass", hidden, runtime.vram_free, hidden <= (runtime.vram_free or 0),
+                             f"{runtime.gpu_name}; the base model in bfloat16"))
+        else:
+            rows.append(Need("GPU memory: router pass", hidden, None, None,
+                             "no GPU: the router pass runs on the CPU (slower), inside the RAM figure above"))
+    size = plan.output_bytes
+    if runtime.has_gpu:
+        fits = size * 1.15 <= (runtime.vram_free or 0)
+        rows.append(Need("GPU memory: try the model", size, runtime.vram_free, fits,
+                         "" if fits else "step 5 loads it in 4-bit if bitsandbytes is installed, else skips"))
+    else:
+        fits = ram is not None and size * 1.2 <= ram
+        rows.append(Need("RAM: try the model (CPU)", size, ram, fits, "" if fits else "step 5 will be skipped"))
+    return rows
+
+
+def torch_constraints() -> Path:
+    """A pip constraints file pinning this runtime's torch (and friends): pip may add, never replace them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in ("torch", "torchvision", "torchaudio"):
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pass
+    with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as f:
+        f.write("\n".join(pins) + "\n")
+    return Path(f.name)
+
+
+def llama_cpp_build(runtime: Runtime) -> tuple[str, str]:
+    """CMAKE_ARGS for compiling llama-cpp-python here, and how long to say it takes."""
+    if not runtime.has_gpu:
+        return "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF", "a few minutes"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)  # one architecture instead of all: much shorter build
+    return (f"-DGGML_CUDA=on -DLLAVA_BUILD=OFF -DCMAKE_CUDA_ARCHITECTURES={major}{minor}",
+            "several minutes for the CUDA build")
+
+
+def install_llama_cpp(runtime: Runtime, say, *, version: str) -> bool:
+    """In Colab, build llama-cpp-python ``version`` once per runtime (with CUDA when there is a GPU).
+
+    Elsewhere nothing is installed: the GGUF step then reports the install command. Returns True if it ran.
+    """
+    if importlib.util.find_spec("llama_cpp") is not None or not runtime.in_colab:
+        return False
+    cmake, duration = llama_cpp_build(runtime)
+    say(f"Installing llama-cpp-python {version}: pip compiles llama.cpp ({duration}, once per Colab runtime).")
+    env = {**os.environ, "CMAKE_ARGS": cmake}
+    pins = str(torch_constraints())
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", pins, f"llama-cpp-python=={version}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
+        raise GGUFError(f"Building llama-cpp-python {version} failed (pip exit status {done.returncode}):\n{tail}")
+    importlib.invalidate_caches()
+    return True
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def error_html(message: str) -> str:
+    """A short red message: what went wrong and what to change (never a traceback)."""
+    return (f'<div class="lazymoe-error" style="color:{_RED};border-left:4px solid {_RED};padding:4px 8px;'
+            f'margin:4px 0;white-space:pre-wrap">✖ {html.escape(message)}</div>')
+
+
+def notice_html(message: str, kind: str = "info") -> str:
+    """``kind``: ok (green), warn (amber) or info (grey)."""
+    color, mark = {"ok": (_GREEN, "✔"), "warn": (_AMBER, "⚠"), "info": (_GREY, "ℹ")}[kind]
+    return (f'<div class="lazymoe-{kind}" style="color:{color};padding:2px 8px;margin:2px 0;'
+            f'white-space:pre-wrap">{mark} {html.escape(message)}</div>')
+
+
+def table_html(rows: list[tuple], header: tuple | None = None, *, css_class: str = "lazymoe-table") -> str:
+    """A plain table; cells are escaped unless they are ``Raw``."""
+
+    def cell(value, tag="td") -> str:
+        text = value.html if isinstance(value, Raw) else html.escape(str(value))
+        return f'<{tag} style="text-align:left;padding:2px 10px;vertical-align:top">{text}</{tag}>'
+
+    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f'<table class="{css_class}" style="border-collapse:collapse;margin:4px 0">{head}{body}</table>'
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Trusted HTML for :func:`table_html`."""
+
+    html: str
+
+
+def _status(ok: bool | None) -> Raw:
+    if ok is None:
+        return Raw(f'<span style="color:{_GREY}">–</span>')
+    style = "white-space:nowrap;color:"
+    return Raw(f'<b style="{style}{_GREEN}">✔ fits</b>' if ok else f'<b style="{style}{_RED}">✖ too little</b>')
+
+
+def needs_html(needs: list[Need]) -> str:
+    rows = [
+        (n.what, human_bytes(n.needed) if n.needed is not None else "–",
+         human_bytes(n.have) if n.have is not None else "–", _status(n.ok), n.note)
+        for n in needs
+    ]
+    return table_html(rows, ("", "Needed", "This runtime has", "", ""), css_class="lazymoe-resources")
+
+
+def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> str:
+    """The plan as the notebook shows it: facts, the experts, resources against this runtime, warnings."""
+    from .report import plan_rows
+
+    covered = ("Disk needed", "RAM needed (peak)", "Router pass")  # the resource table below shows these
+    parts = [table_html([r for r in plan_rows(plan) if r[0] not in covered], css_class="lazymoe-plan")]
+    experts = [(f"experts[{i}]", e.source_model, "; ".join(e.positive_prompts) or "–", "; ".join(e.negative_prompts) or "–")
+               for i, e in enumerate(plan.config.experts)]
+    header = ("#", "Expert", "Positive prompts", "Negative prompts")
+    parts.append(table_html(experts, header, css_class="lazymoe-experts"))
+    needs = resource_needs(plan, runtime, gguf_quants=gguf_quants)
+    parts.append(needs_html(needs))
+    short = [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+    for n in short:
+        parts.append(error_html(f"{n.what}: needs {human_bytes(n.needed)} but this runtime has "
+                                f"{human_bytes(n.have or 0)}. " + _advice(n, runtime, getattr(plan, "low_disk", True))))
+    for warning in plan.warnings:
+        parts.append(notice_html(warning, "warn"))
+    if not short and not plan.warnings:
+        parts.append(notice_html("No problems found: ready to merge.", "ok"))
+    return "".join(parts)
+
+
+def _advice(need: Need, runtime: Runtime, low_disk: bool) -> str:
+    if need.what.startswith("Disk"):
+        where = "a Colab Pro runtime or a machine with a bigger disk" if runtime.in_colab else "another disk"
+        first = "" if low_disk else "Tick Low-disk mode (Advanced), which keeps at most two downloaded models. "
+        return f"{first}Free some space, use {where}, or untick GGUF if it is on."
+    if need.what.startswith("RAM"):
+        return "Use a runtime with more memory (Colab: High-RAM), or fewer/smaller models."
+    return "Use a bigger GPU, or run without one (the router pass then runs on the CPU)."
+
+
+def runtime_html(runtime: Runtime, *, lazymoe_version: str, lazymoe_path: str, installed: bool) -> str:
+    """What ``setup()`` reports: where lazymoe came from and what this machine offers."""
+    gpu = (f"{runtime.gpu_name}, {human_bytes(runtime.vram_free or 0)} free of {human_bytes(runtime.vram_total or 0)}"
+           if runtime.has_gpu else "none")
+    ram = (f"{human_bytes(runtime.ram_available)} free of {human_bytes(runtime.ram_total or 0)}"
+           if runtime.ram_available is not None else "unknown")
+    rows = [
+        ("Where", "Google Colab" if runtime.in_colab else "Jupyter (not Colab)"),
+        ("lazymoe", f"{lazymoe_version} from {lazymoe_path} "
+                    + ("(just installed)" if installed else "(already installed; nothing installed)")),
+        ("Python", runtime.python),
+        ("torch", runtime.torch or "not installed"),
+        ("GPU", gpu),
+        ("RAM", ram),
+        ("Disk", f"{human_bytes(runtime.disk_free)} free at {runtime.disk_path}"),
+    ]
+    out = table_html(rows, css_class="lazymoe-runtime")
+    if not runtime.has_gpu:
+        if runtime.in_colab:
+            out += notice_html("No GPU: choose Runtime → Change runtime type → T4 GPU, then run this cell again. "
+                               "Without one the router pass and the test generation run on the CPU (slow for "
+                               "7B models).", "warn")
+        else:
+            out += notice_html("No GPU found: fine for the tiny demo; 7B experts will be slow on the CPU.", "info")
+    return out

@@ -1,0 +1,129 @@
+"""Widget building blocks shared by the form, written once for ipywidgets 7.7 (Colab) and 8.x (Jupyter).
+
+The differences that matter here: ipywidgets 8 has ``tooltip`` on every widget where 7 has
+``description_tooltip`` (buttons excepted), and only core widgets render everywhere (Colab's widget
+manager and JupyterLab's), so nothing here goes beyond ``ipywidgets`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ipywidgets as widgets
+
+from .config import ExpertConfig
+from .errors import ConfigError
+
+IPYWIDGETS_MAJOR = int(widgets.__version__.split(".")[0])
+
+#: BRIEF §7's common menu, in the order users read it (tests check it against lazymoe.gguf)
+QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+               "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-nc-4.0", "cc-by-sa-4.0", "llama2", "llama3", "gemma", "other")
+GATE_LABELS = {
+    "hidden": "hidden: the base model's hidden states (recommended)",
+    "hidden_last": "hidden_last: same as hidden",
+    "hidden_avg": "hidden_avg: hidden states averaged over the prompt",
+    "cheap_embed": "cheap_embed: token embeddings only (fast, no GPU)",
+    "random": "random: no prompts (you will train the router)",
+    "uniform_random": "uniform_random: no prompts (you will train the router)",
+    "centroid": "centroid: fitted on each layer's real MLP input, calibrated (lazymoe)",
+    "classifier": "classifier: a calibrated classifier per layer (lazymoe)",
+}
+NEWLINE_MARK = "↵"  # a line break inside one prompt, since the text area holds one prompt per line
+_ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"})
+_WIDE = "150px"
+
+
+def set_tooltip(widget: widgets.Widget, text: str) -> None:
+    """ipywidgets 8 has ``tooltip`` on every widget; 7 has it on buttons and ``description_tooltip`` elsewhere."""
+    if IPYWIDGETS_MAJOR >= 8 or isinstance(widget, (widgets.Button, widgets.ToggleButton)):
+        widget.tooltip = text
+    elif hasattr(widget, "description_tooltip"):
+        widget.description_tooltip = text
+
+
+def styled(widget, css: str, tip: str = "", width: str = "100%"):
+    widget.style = {"description_width": _WIDE} if hasattr(widget, "description") else widget.style
+    widget.layout = widgets.Layout(width=width)
+    widget.add_class(css)
+    if tip:
+        set_tooltip(widget, tip)
+    return widget
+
+
+def prompts_to_text(prompts: list[str]) -> str:
+    return "\n".join(p.replace("\n", NEWLINE_MARK) for p in prompts)
+
+
+def text_to_prompts(text: str) -> list[str]:
+    return [line.replace(NEWLINE_MARK, "\n") for line in text.split("\n") if line.strip()]
+
+
+def parse_number(text: str, what: str) -> float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a number; leave it empty for none.") from None
+
+
+class ExpertRow:
+    """One expert: model reference, prompts and the optional scales, with reorder/remove buttons."""
+
+    def __init__(self, *, on_up: Callable[[], None], on_down: Callable[[], None],
+                 on_remove: Callable[[], None]) -> None:
+        self.title = widgets.HTML()
+        self.source = styled(widgets.Text(placeholder="org/name, org/name@revision or a local folder"),
+                             "lazymoe-expert-model", "Whose MLPs this expert takes", width="auto")
+        self.source.layout.flex = "1 1 auto"
+        self.positive = styled(widgets.Textarea(description="Positive prompts", rows=5), "lazymoe-positive",
+                               f"One prompt per line: what this expert is for ({NEWLINE_MARK} marks a line "
+                               "break inside a prompt)")
+        self.negative = styled(widgets.Textarea(description="Negative prompts", rows=2), "lazymoe-negative",
+                               "Optional, one per line: what this expert is not for")
+        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none"), "lazymoe-noise",
+                            "Adds σ·N(0,1) to this expert's MLP weights", width="260px")
+        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none"), "lazymoe-residual",
+                               "Multiplies this expert's down_proj", width="260px")
+        self.up, self.down, self.remove = (widgets.Button(description=d, layout=widgets.Layout(width="38px"))
+                                           for d in ("↑", "↓", "✕"))
+        for button, tip, action in ((self.up, "Move up", on_up), (self.down, "Move down", on_down),
+                                    (self.remove, "Remove this expert", on_remove)):
+            set_tooltip(button, tip)
+            button.on_click(lambda _, action=action: action())
+        self.box = widgets.VBox(
+            [widgets.HBox([self.title, self.source, self.up, self.down, self.remove]), self.positive, self.negative,
+             widgets.HBox([self.noise, self.residual])],
+            layout=widgets.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"),
+        )
+        self.box.add_class("lazymoe-expert")
+        self.extras: dict[str, Any] = {}
+
+    def fill(self, expert: ExpertConfig | dict) -> None:
+        if isinstance(expert, dict):
+            expert = ExpertConfig.model_validate(expert)
+        get = lambda key, default=None: getattr(expert, key, default)  # noqa: E731
+        # fields the row has no widget for travel unchanged, so the round trip never drops them
+        self.extras = {k: v for k, v in expert.model_dump(exclude_defaults=True).items() if k not in _ROW_FIELDS}
+        self.source.value = str(get("source_model", "") or "")
+        self.positive.value = prompts_to_text(list(get("positive_prompts", []) or []))
+        self.negative.value = prompts_to_text(list(get("negative_prompts", []) or []))
+        for widget, key in ((self.noise, "noise_scale"), (self.residual, "residual_scale")):
+            value = get(key, None)
+            widget.value = "" if value is None else repr(value)
+
+    def values(self, i: int) -> dict:
+        out: dict[str, Any] = {"source_model": self.source.value.strip(),
+                               "positive_prompts": text_to_prompts(self.positive.value)}
+        negative = text_to_prompts(self.negative.value)
+        if negative:
+            out["negative_prompts"] = negative
+        for widget, key, what in ((self.noise, "noise_scale", "noise scale"),
+                                  (self.residual, "residual_scale", "residual scale")):
+            value = parse_number(widget.value, f"Expert {i + 1} {what}")
+            if value is not None:
+                out[key] = value
+        return {**out, **self.extras}

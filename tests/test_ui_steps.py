@@ -1,0 +1,242 @@
+"""The notebook steps (lazymoe.ui.Builder) on tiny real checkpoints, without a kernel: what each step shows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from helpers import moe_config  # noqa: E402
+
+from lazymoe import ui  # noqa: E402
+from lazymoe.config import load_config  # noqa: E402
+from lazymoe.ui import Builder, StepFailed  # noqa: E402
+from lazymoe.ui_form import MoEForm  # noqa: E402
+
+
+class Screen(list):
+    """What a step displayed, as the HTML the notebook would render."""
+
+    def html(self) -> str:
+        return "\n".join(getattr(item, "data", "") or "" for item in self)
+
+
+@pytest.fixture
+def builder(tiny_world, tmp_path):
+    """A form over the tiny world's base and three experts, output under tmp_path/tiny-moe."""
+    import yaml
+
+    config = moe_config(tiny_world["base"], [tiny_world[n] for n in ("chat", "code", "math")])
+    preset = yaml.safe_dump({**config, "license": "mit", "notebook": {"model_name": "tiny-moe"}})
+    screen = Screen()
+    b = Builder(MoEForm(preset), workdir=tmp_path, show=screen.append)
+    b.screen = screen
+    return b
+
+
+@pytest.fixture(autouse=True)
+def _fresh_builders():
+    Builder._instances.clear()
+    yield
+    Builder._instances.clear()
+
+
+def test_plan_merge_and_try_show_what_happened(builder, tmp_path):
+    plan = builder.plan()
+    shown = builder.screen.html()
+    assert plan.config.num_experts == 3
+    assert "lazymoe-resources" in shown and "Disk: merge" in shown and "This runtime has" in shown
+    assert "lazymoe-error" not in shown
+
+    builder.screen.clear()
+    out = builder.merge()
+    assert out == tmp_path / "tiny-moe" and builder.model_dir == out
+    assert f"Merged model written to {out}" in builder.screen.html()
+    assert load_config(out / "lazymoe_config.yml") == builder.form.to_config().model_copy(
+        update={"seed": load_config(out / "lazymoe_config.yml").seed})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 3
+    assert "license: mit" in (out / "README.md").read_text(), "the card carries the form's licence"
+
+    builder.screen.clear()
+    results = builder.try_model(max_new_tokens=4)
+    from lazymoe.llama import expert_prompts
+
+    assert [r["prompt"] for r in results] == [p for _, p in expert_prompts(builder.form.to_config())]
+    for r in results:
+        assert len(r["share"]) == 3 and abs(sum(r["share"]) - 1) < 1e-5 and isinstance(r["text"], str)
+    assert "Routing share per expert" in builder.screen.html()
+
+
+def test_merge_reuses_the_plan_only_while_the_form_is_unchanged(builder, monkeypatch):
+    import sys
+
+    merging = sys.modules["lazymoe.merge"]  # the package attribute `lazymoe.merge` is the function
+    seen = []
+    real = merging.merge
+    monkeypatch.setattr(merging, "merge", lambda *a, **k: seen.append(k["plan"]) or real(*a, **k))
+    plan = builder.plan()
+    builder.merge()
+    builder.form.rows[0].positive.value = "a different first prompt"
+    builder.merge()
+    assert seen[0] is plan and seen[1] is None
+
+
+def test_low_disk_mode_reaches_the_plan(builder):
+    assert builder.plan().low_disk is False
+    builder.form.low_disk.value = True
+    assert builder.plan().low_disk is True
+
+
+def test_optional_steps_say_they_are_off(builder):
+    assert builder.push() is None and builder.gguf() is None and builder.chat() is None
+    shown = builder.screen.html()
+    assert "Upload is off" in shown and "GGUF is off" in shown and "nothing to chat with" in shown
+
+
+def test_a_step_that_fails_shows_one_red_line_and_stops_run_all(builder, tmp_path):
+    builder.form.base_model.value = str(tmp_path / "no-such-model")
+    with pytest.raises(StepFailed) as caught:
+        builder.plan()
+    shown = builder.screen.html()
+    assert "lazymoe-error" in shown and "no-such-model" in shown and "Traceback" not in shown
+    (line,) = caught.value._render_traceback_()  # what IPython prints instead of a traceback
+    assert "Plan" in line and "red message above" in line
+
+
+def test_steps_after_merge_act_on_the_model_the_form_names(builder):
+    with pytest.raises(StepFailed):
+        builder.try_model()
+    assert "run the Merge step first" in builder.screen.html()
+    builder.merge()
+    builder.form.model_name.value = "renamed"  # not merged under this name: nothing to try or upload
+    builder.screen.clear()
+    with pytest.raises(StepFailed):
+        builder.try_model()
+    assert f"There is no merged model at {builder.workdir / 'renamed'} yet" in builder.screen.html()
+
+
+def test_an_invalid_form_stops_the_step_with_the_form_message(builder):
+    builder.form.experts_per_token.value = 7
+    with pytest.raises(StepFailed, match="experts_per_token is 7"):
+        builder.merge()
+    assert not (builder.workdir / "tiny-moe").exists()
+
+
+def test_build_button_runs_every_step(builder, tmp_path):
+    builder.form.build_button.click()
+    assert (tmp_path / "tiny-moe" / "config.json").is_file()
+    shown = builder.screen.html()
+    for phrase in ("lazymoe-resources", "Merged model written", "Routing share", "Upload is off", "GGUF is off"):
+        assert phrase in shown
+
+
+def test_build_button_with_a_bad_form_only_shows_the_message(builder, tmp_path):
+    builder.form.model_name.value = "bad name"
+    builder.form.build_button.click()
+    assert builder.form.last_message[0] == "error" and not builder.screen
+    assert not (tmp_path / "bad name").exists()
+
+
+def test_rerunning_the_form_cell_keeps_the_edits():
+    text = "base_model: a/b\nexperts:\n- {source_model: c/d, positive_prompts: [x]}\n- {source_model: e/f, positive_prompts: [y]}\n"
+    first = Builder.from_preset(text, show=lambda _: None)
+    first.form.model_name.value = "edited"
+    again = Builder.from_preset(text, show=lambda _: None)
+    assert again is first and again.form.settings().model_name == "edited"
+    assert again.form.last_message == ("info", "Your edits were kept. “Reset to preset” starts over.")
+    other = Builder.from_preset(text + "gate_mode: cheap_embed\n", show=lambda _: None)
+    assert other is not first and other.form.to_config().gate_mode == "cheap_embed"
+
+
+def test_an_unreadable_preset_is_a_red_message_not_a_traceback():
+    screen = Screen()
+    with pytest.raises(StepFailed):
+        Builder.from_preset("base_model: [broken\n", show=screen.append)
+    assert "The PRESET in this cell cannot be read: The preset is not valid YAML at line 2" in screen.html()
+
+
+def test_a_preset_with_fixable_problems_still_opens_the_form():
+    builder = Builder.from_preset("base_model: a/b\nexperts: []\n", show=lambda _: None)
+    assert builder.form.last_message[0] == "error" and "at least 2 experts" in builder.form.last_message[1]
+
+
+def test_push_uploads_with_the_typed_token_and_never_shows_it(builder, hub):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    builder.merge()
+    builder.form.upload.value = True
+    builder.form.token_box.value = ALICE_WRITE_TOKEN
+    url = builder.push()
+    assert url == f"{hub.url}/alice/tiny-moe"
+    files = hub.files("alice/tiny-moe")
+    assert {"config.json", "lazymoe_config.yml", "model.safetensors"} <= set(files)
+    assert ALICE_WRITE_TOKEN not in builder.screen.html()
+    assert ALICE_WRITE_TOKEN not in json.dumps(builder.form.widget.get_state(), default=str)
+
+
+def test_push_without_any_token_says_how_to_get_one(builder, hub):
+    builder.merge()
+    builder.form.upload.value = True
+    with pytest.raises(StepFailed):
+        builder.push()
+    assert "No Hugging Face token found" in builder.screen.html()
+
+
+def test_missing_feature_modules_are_reported_not_crashed(builder, monkeypatch):
+    builder.merge()
+    builder.form.gguf.value = True
+    monkeypatch.setattr(ui, "_optional", lambda name: None)
+    assert builder.gguf() is None
+    assert "GGUF conversion is not available in this lazymoe version" in builder.screen.html()
+
+
+@pytest.mark.parametrize("result, names", [
+    (None, []),
+    ("out/m.f16.gguf", ["m.f16.gguf"]),
+    (["a.gguf", "b.gguf"], ["a.gguf", "b.gguf"]),
+    ({"f16": "a.gguf", "Q4_K_M": "b.gguf"}, ["a.gguf", "b.gguf"]),
+    (type("R", (), {"files": ["c.gguf"]})(), ["c.gguf"]),
+])
+def test_gguf_results_in_any_container_become_paths(result, names):
+    assert [p.name for p in ui._gguf_paths(result)] == names
+
+
+def test_prepare_demo_builds_once(tmp_path):
+    screen = Screen()
+    folder = ui.prepare_demo(tmp_path / "demo", show=screen.append)
+    assert {p.name for p in folder.iterdir()} >= {"base", "chat", "code", "math", "stories"}
+    assert "Built the demo models" in screen.html()
+    stamp = (folder / "base" / "model.safetensors").stat().st_mtime_ns
+    ui.prepare_demo(tmp_path / "demo", show=screen.append)
+    assert "already in" in screen.html() and (folder / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.llama
+def test_gguf_step_converts_uploads_as_name_gguf_and_chats(builder, hub):
+    pytest.importorskip("llama_cpp")
+    from hubserver import ALICE_WRITE_TOKEN
+
+    builder.merge()
+    form = builder.form
+    form.gguf.value, form.quants.value = True, ("Q8_0",)
+    form.upload.value, form.token_box.value = True, ALICE_WRITE_TOKEN
+    files = builder.gguf()  # uploads the model first (for its repo id), then the GGUF folder
+    assert [p.name for p in files] == ["tiny-moe.F16.gguf", "tiny-moe.Q8_0.gguf"]
+    assert builder.repo_id == "alice/tiny-moe"
+    stored = hub.files("alice/tiny-moe-GGUF")
+    assert {"tiny-moe.F16.gguf", "tiny-moe.Q8_0.gguf", "README.md"} <= set(stored)
+    gguf_card = (files[0].parent / "README.md").read_text()
+    assert "base_model_relation: quantized" in gguf_card and "alice/tiny-moe" in gguf_card
+    assert "alice/tiny-moe-GGUF" in (builder.model_dir / "README.md").read_text(), "the local card links the GGUF repo"
+
+    answers = builder.chat(n_threads=1, max_tokens=4)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert "Answers from tiny-moe.Q8_0.gguf" in builder.screen.html()
+    later = Builder(builder.form, workdir=builder.workdir, show=lambda _: None)  # a new session finds the files
+    assert later.chat(n_threads=1, max_tokens=2) is not None and later.gguf_files == files
+    assert ALICE_WRITE_TOKEN not in builder.screen.html()
