@@ -274,7 +274,11 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
         return render_gguf_card(gguf_card_data(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id))
     if not (folder / CONFIG_FILENAME).is_file() or not (folder / "config.json").is_file():
         return None
+    # `lazymoe gguf` writes beside the model, in NAME-GGUF: link those files to the NAME-GGUF repo
+    gguf_dir = folder.parent / f"{folder.name}-GGUF"
+    has_gguf = gguf_dir.is_dir() and any(gguf_dir.glob("*.gguf"))
     return build_card(folder, repo_id=repo_id,
+                      gguf_files=gguf_dir if has_gguf else None, gguf_repo=f"{repo_id}-GGUF" if has_gguf else None,
                       routing_image="routing.png" if (folder / "routing.png").is_file() else None)
 
 

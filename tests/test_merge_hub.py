@@ -96,6 +96,14 @@ def test_merge_then_push_round_trip_names_the_repo_in_the_card(hub, tiny_world, 
     assert "alice/tiny-moe" in remote["README.md"].decode()
     assert "your-username" not in remote["README.md"].decode() and "your-username" in local["README.md"].decode()
 
+    # once `lazymoe gguf` has written NAME-GGUF beside it, the pushed card links those files
+    gguf_dir = out.parent / "tiny-moe-GGUF"
+    gguf_dir.mkdir()
+    (gguf_dir / "tiny-moe.Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(100))
+    push_to_hub(out, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
+    card = Path(snapshot_download("alice/tiny-moe", token=ALICE_WRITE_TOKEN)).joinpath("README.md").read_text()
+    assert "alice/tiny-moe-GGUF" in card and "tiny-moe.Q4_K_M.gguf" in card
+
 
 def test_pushing_gguf_files_makes_the_quantized_repo_card(hub, tmp_path):
     import yaml
