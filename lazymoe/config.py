@@ -89,6 +89,8 @@ class MoEConfig(_Strict):
     license: str | None = None
     #: fitted gate modes: wrap each prompt as a user turn of the base's chat template (None = false)
     router_chat_template: bool | None = None
+    #: fitted gate modes: tokens the base generates after each positive prompt (None = 48; 0 = prompts only)
+    router_continuation_tokens: int | None = None
 
     _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
 
