@@ -108,26 +108,34 @@ def cheap_embed_gates(embed: torch.Tensor, tokenizer, config: MoEConfig, num_lay
     return torch.stack(out).unsqueeze(0).repeat(num_layers, 1, 1)
 
 
-@torch.no_grad()
-def hidden_states_for(model, tokenizer, prompts: list[str], *, average: bool) -> torch.Tensor:
-    """(num_layers, hidden) float32: the mean over prompts of the residual stream entering each layer."""
-    batch = {k: v.to(model.device) for k, v in tokenize_prompts(tokenizer, prompts).items()}
-    out = model(**batch, output_hidden_states=True, return_dict=True)
-    states = torch.stack(out.hidden_states[:-1]).float()  # (L, B, T, H)
-    states = states.mean(dim=2) if average else states[:, :, -1, :]
-    return states.mean(dim=1)
+def hidden_gates(base, tokenizer, config: MoEConfig, *, device: torch.device, progress: bool = True,
+                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The reference ``hidden``/``hidden_avg`` rows, from one layer-streamed pass of the base.
 
+    Each expert's positive prompts form one left-padded batch and its negatives another, exactly as the
+    reference batches them (padding changes ``hidden_avg``); every batch goes through a layer before the
+    next layer is read, so the base's weights are read once and never held whole.
+    """
+    from .streamed import StreamedBase
 
-def hidden_gates(model, tokenizer, config: MoEConfig, *, progress: bool = True) -> torch.Tensor:
     average = config.gate_mode == "hidden_avg"
-    rows = []
-    for expert in tqdm(config.experts, desc="Router: expert prompts", disable=not progress):
-        v = hidden_states_for(model, tokenizer, expert.positive_prompts, average=average)
-        if expert.negative_prompts:
-            v = v - hidden_states_for(model, tokenizer, expert.negative_prompts, average=average)
-        rows.append(_unit(v))
-    return torch.stack(rows, dim=1).cpu()  # (L, E, H)
+    batches, owners = [], []
+    for e, expert in enumerate(config.experts):
+        for prompts, sign in ((expert.positive_prompts, 1.0), (expert.negative_prompts, -1.0)):
+            if prompts:
+                batches.append(tokenize_prompts(tokenizer, prompts))
+                owners.append((e, sign))
 
+    def reduce(h: torch.Tensor, _mask: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        per_prompt = h.mean(dim=1) if average else h[:, -1, :]  # mean over positions, padding included
+        return per_prompt.mean(dim=0).cpu()
+
+    states = StreamedBase(base, device=device, dtype=dtype).collect(batches, residual=reduce, progress=progress)
+    rows = torch.zeros(len(states["residual"][0]), config.num_experts, states["residual"][0][0].shape[-1])
+    for (e, sign), per_layer in zip(owners, states["residual"]):
+        rows[:, e] += sign * torch.stack(per_layer)
+    return _unit(rows)  # (L, E, H)
 
 
 # ----------------------------------------------------------------------------------- fitted modes
@@ -451,13 +459,7 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
     elif mode == "cheap_embed":
         gates = cheap_embed_gates(read_tensor(base.tensors["model.embed_tokens.weight"]), tokenizer, config, L)
     elif mode in HIDDEN_MODES:
-        model = load_router_model(base.folder, device=pick_device(device))
-        try:
-            gates = hidden_gates(model, tokenizer, config, progress=progress)
-        finally:
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        gates = hidden_gates(base, tokenizer, config, device=pick_device(device), progress=progress)
     elif mode in FITTED_MODES:
         gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream)
     else:  # config validation makes this unreachable; keep the message for direct API misuse

@@ -46,6 +46,12 @@ def make_plan(
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
+    if low_disk and config.gate_mode in ("centroid", "classifier"):
+        warnings.append(
+            f"low-disk mode: gate_mode {config.gate_mode} fits each router with the base's MLPs upstream instead "
+            "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
+            "accurate than without low-disk mode."
+        )
     checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
                                low_disk=low_disk)
@@ -98,14 +104,14 @@ def merge(
     """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
     from transformers import AutoTokenizer
 
-    from .gates import compute_gates, degenerate_layers, pick_device
+    from .gates import FITTED_MODES, HIDDEN_MODES, compute_gates, degenerate_layers, pick_device
     from .writer import write_shards
 
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
     config = plan.config.with_seed()
-    if config.uses_prompts and config.gate_mode.startswith("hidden"):
+    if config.gate_mode in HIDDEN_MODES + FITTED_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
     _check_output(output_dir, plan, overwrite)
     parent = output_dir.resolve().parent
@@ -127,7 +133,10 @@ def merge(
     base = store.local(config.base_model)
     plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
     tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
-    gates = compute_gates(plan, tokenizer, device=device, progress=progress)
+    # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
+    # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
+    gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
+                          upstream="base" if plan.low_disk else "moe")
     degenerate = degenerate_layers(gates)
     if degenerate:
         plan.warnings.append(

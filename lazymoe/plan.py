@@ -98,17 +98,39 @@ class MergePlan:
         return self.models[self.config.base_model]
 
     @property
-    def hidden_pass_bytes(self) -> int:
-        """Memory the hidden-state router pass holds: the base model in bfloat16."""
-        if self.config.gate_mode not in ("hidden", "hidden_last", "hidden_avg"):
-            return 0
-        return sum(t.numel for t in self.base.tensors.values()) * 2
+    def router_pass_bytes(self) -> int:
+        """Memory (RAM, or GPU memory when there is a GPU) the router initialisation holds.
+
+        ``hidden`` modes stream the base one layer at a time in bfloat16 (embeddings + one layer). Fitted
+        modes stream the MoE one layer at a time in float32 (embeddings + one layer + its experts' MLPs), but
+        first load the whole base in the output dtype to write continuations, unless
+        ``router_continuation_tokens`` is 0.
+        """
+        from .gates import FITTED_MODES, HIDDEN_MODES
+
+        mode = self.config.gate_mode
+        base = self.base.tensors
+        embed = math.prod(base["model.embed_tokens.weight"].shape)
+        per_layer: dict[int, int] = {}
+        for name, t in base.items():
+            if (layer := arch.layer_of(name)) is not None:
+                per_layer[layer] = per_layer.get(layer, 0) + t.numel
+        layer = max(per_layer.values(), default=0)
+        if mode in HIDDEN_MODES:
+            return 2 * (embed + layer)
+        if mode in FITTED_MODES:
+            streamed = 4 * (embed + layer + self.config.num_experts * self.expert_params // max(self.num_layers, 1))
+            whole = 0
+            if self.config.router_continuation_tokens != 0:
+                whole = sum(t.numel for t in base.values()) * ST_DTYPES[NAME_TO_ST[self.dtype]][1]
+            return max(streamed, whole)
+        return 0
 
     @property
     def peak_ram_bytes(self) -> int:
-        """Streaming holds at most one tensor (plus its dtype-converted copy); the hidden pass holds the base."""
+        """Streaming holds at most one tensor (plus its dtype-converted copy); the router pass its own share."""
         biggest = max(t.nbytes for t in self.tensors)
-        return max(3 * biggest, self.hidden_pass_bytes) + 600 * 1000**2  # + interpreter, torch, transformers
+        return max(3 * biggest, self.router_pass_bytes) + 600 * 1000**2  # + interpreter, torch, transformers
 
     @property
     def peak_download_bytes(self) -> int:

@@ -37,9 +37,8 @@ def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
         ("Disk needed", human_bytes(plan.disk_bytes)),
         ("RAM needed (peak)", human_bytes(plan.peak_ram_bytes)),
     ]
-    if plan.hidden_pass_bytes:
-        rows.append(("Router pass", f"loads the base in bfloat16: {human_bytes(plan.hidden_pass_bytes)} "
-                                    "of GPU memory (or RAM on CPU)"))
+    if plan.router_pass_bytes:
+        rows.append(("Router pass", f"{human_bytes(plan.router_pass_bytes)} of GPU memory (or RAM on CPU)"))
     return rows
 
 

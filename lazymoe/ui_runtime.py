@@ -131,11 +131,11 @@ def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ())
     ram = runtime.ram_available
     rows.append(Need("RAM: merge (peak)", plan.peak_ram_bytes, ram, None if ram is None else plan.peak_ram_bytes <= ram,
                      "" if ram is not None else "this system does not report free memory"))
-    hidden = plan.hidden_pass_bytes
+    hidden = plan.router_pass_bytes
     if hidden:
         if runtime.has_gpu:
             rows.append(Need("GPU memory: router pass", hidden, runtime.vram_free, hidden <= (runtime.vram_free or 0),
-                             f"{runtime.gpu_name}; the base model in bfloat16"))
+                             f"{runtime.gpu_name}; the base one layer at a time, or whole to write continuations"))
         else:
             rows.append(Need("GPU memory: router pass", hidden, None, None,
                              "no GPU: the router pass runs on the CPU (slower), inside the RAM figure above"))

@@ -15,7 +15,8 @@ import lazymoe
 from lazymoe.errors import OutputExistsError
 from lazymoe.sources import ModelRef, describe
 
-ALL_GATE_MODES = ["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
+ALL_GATE_MODES = ["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "centroid",
+                  "classifier"]
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:

@@ -35,13 +35,14 @@ def test_plan_reads_only_headers_from_the_hub(hub, published, tiny_world):
     assert ranged and all("range" in {k.lower() for k in r.headers} for r in ranged), "weights must not be downloaded"
 
 
-@pytest.mark.parametrize("low_disk", [False, True])
-def test_merge_from_hub_ids_equals_the_local_merge(hub, published, tiny_world, tmp_path, low_disk):
+@pytest.mark.parametrize(("low_disk", "gate_mode"), [(False, "hidden"), (True, "hidden"), (False, "classifier"),
+                                                      (True, "classifier")])
+def test_merge_from_hub_ids_equals_the_local_merge(hub, published, tiny_world, tmp_path, low_disk, gate_mode):
     from huggingface_hub import constants
 
-    cfg, local = hub_config(tiny_world, published, gate_mode="hidden", seed=1)
+    cfg, local = hub_config(tiny_world, published, gate_mode=gate_mode, seed=1, router_continuation_tokens=4)
     from_hub = lazymoe.merge(cfg, tmp_path / "hub", progress=False, low_disk=low_disk)
-    from_local = lazymoe.merge(local, tmp_path / "local", progress=False)
+    from_local = lazymoe.merge(local, tmp_path / "local", progress=False, low_disk=low_disk)
     assert raw_bytes(from_hub) == raw_bytes(from_local)
     cached = list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))
     if low_disk:  # experts are deleted once written; the base too, after its last tensor

@@ -36,7 +36,7 @@ def runtime(*, disk=100 * GB, ram=12 * GB, gpu=None, vram=0, bf16=False, colab=F
 def beyonder_like_plan(**over):
     """The numbers of a 4x7B bf16 plan (BRIEF §1): only what the resource check reads."""
     values = dict(total_params=24_150_000_000, output_bytes=48_300_000_000, download_bytes=58_000_000_000,
-                  disk_bytes=106_400_000_000, peak_ram_bytes=15_100_000_000, hidden_pass_bytes=14_500_000_000)
+                  disk_bytes=106_400_000_000, peak_ram_bytes=15_100_000_000, router_pass_bytes=14_500_000_000)
     values.update(over)
     return SimpleNamespace(**values)
 
