@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .plan import MergePlan
 
 CARD_FILENAME = "README.md"
+ROUTING_IMAGE = "routing.png"  # written by `lazymoe route` into the model folder
 MODEL_TEMPLATE = "model_card.md.j2"
 GGUF_TEMPLATE = "gguf_card.md.j2"
 DEFAULT_LICENSE = "apache-2.0"
@@ -555,6 +556,19 @@ def build_card(
     data = card_data(ModelFacts.from_folder(folder), model_name=model_name, license=license, repo_id=repo_id,
                      gguf_repo=gguf_repo, **_options(folder, gguf_files, routing_image))
     return render_card(data)
+
+
+def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """What lazymoe has written into or beside a merged folder that its card should show: the routing
+    picture (``lazymoe route``) and the GGUF files in the sibling ``NAME-GGUF`` folder (``lazymoe gguf``)."""
+    folder = Path(model_dir)
+    extras: dict[str, Any] = {}
+    if (folder / ROUTING_IMAGE).is_file():
+        extras["routing_image"] = ROUTING_IMAGE
+    gguf_dir = folder.parent / f"{folder.name}-GGUF"
+    if gguf_dir.is_dir() and any(gguf_dir.glob("*.gguf")):
+        extras["gguf_files"] = gguf_dir
+    return extras
 
 
 def rerender_card(model_dir: str | os.PathLike, **options: Any) -> Path:

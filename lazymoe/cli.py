@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .card import add_card_parser
     from .gguf import add_gguf_parsers
     from .hub import add_push_parser
+    from .routing import add_route_parser
 
+    add_route_parser(sub)
     add_card_parser(sub)
     add_push_parser(sub)
     add_gguf_parsers(sub)

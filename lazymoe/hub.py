@@ -260,7 +260,7 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
     """The card to upload: for a merged lazymoe folder, its card naming ``repo_id``; for a folder of
     GGUF files, the ``NAME-GGUF`` card (quantisations of ``base_repo_id``, by default ``repo_id``
     without its ``-GGUF`` suffix). None for anything else (its own README.md is uploaded as is)."""
-    from .card import build_card, find_gguf_files, gguf_card_data, render_gguf_card
+    from .card import build_card, detected_extras, find_gguf_files, gguf_card_data, render_gguf_card
     from .config import CONFIG_FILENAME
 
     if not (folder / "config.json").is_file() and any(folder.glob("*.gguf")):
@@ -274,12 +274,9 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
         return render_gguf_card(gguf_card_data(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id))
     if not (folder / CONFIG_FILENAME).is_file() or not (folder / "config.json").is_file():
         return None
-    # `lazymoe gguf` writes beside the model, in NAME-GGUF: link those files to the NAME-GGUF repo
-    gguf_dir = folder.parent / f"{folder.name}-GGUF"
-    has_gguf = gguf_dir.is_dir() and any(gguf_dir.glob("*.gguf"))
-    return build_card(folder, repo_id=repo_id,
-                      gguf_files=gguf_dir if has_gguf else None, gguf_repo=f"{repo_id}-GGUF" if has_gguf else None,
-                      routing_image="routing.png" if (folder / "routing.png").is_file() else None)
+    extras = detected_extras(folder)  # routing picture; NAME-GGUF files, linked to the NAME-GGUF repo
+    gguf_repo = f"{repo_id}-GGUF" if "gguf_files" in extras else None
+    return build_card(folder, repo_id=repo_id, gguf_repo=gguf_repo, **extras)
 
 
 def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str, endpoint: str) -> str:

@@ -19,7 +19,7 @@ from . import checks
 from . import plan as planning
 from .card import write_card
 from .config import CONFIG_FILENAME, MoEConfig, load_config
-from .errors import ConfigError, InsufficientResourcesError, OutputExistsError
+from .errors import InsufficientResourcesError, OutputExistsError
 from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 
 logger = logging.getLogger(__name__)

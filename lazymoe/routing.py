@@ -383,9 +383,7 @@ def routing_report(
     condition = [gate_condition(weights.gate(layer)) for layer in range(L)]
     report = RoutingReport(folder, experts, [g[0] for g in groups], [g[1] for g in groups], chosen, top1, tokens,
                            k, condition)
-    report.warnings = routing_warnings(report)
-    for message in report.warnings:
-        logger.warning(message)
+    report.warnings = routing_warnings(report)  # shown by the caller (summary(), the CLI, the notebook)
     return report
 
 
@@ -438,3 +436,47 @@ def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str |
     fig.savefig(tmp, format="png")
     os.replace(tmp, out)
     return out
+
+
+def write_routing_picture(
+    model_dir: str | os.PathLike,
+    extra_texts: Sequence[str] = (),
+    *,
+    device: str | None = None,
+    progress: bool = True,
+    update_card: bool = True,
+) -> RoutingReport:
+    """Route the recipe's prompts (and ``extra_texts``) through a merged folder, draw ``routing.png`` into it
+    and, with ``update_card``, re-render its card so the picture is embedded. Returns the report."""
+    from .card import ROUTING_IMAGE, detected_extras, rerender_card
+
+    folder = Path(model_dir)
+    report = routing_report(folder, extra_texts=extra_texts, device=device, progress=progress)
+    plot_routing(report, folder / ROUTING_IMAGE)
+    if update_card:
+        rerender_card(folder, **detected_extras(folder))
+    return report
+
+
+def add_route_parser(subparsers) -> None:
+    """Register ``lazymoe route MODEL_DIR``."""
+    p = subparsers.add_parser(
+        "route", help="draw which experts each layer picks for the recipe's prompts (routing.png + card)",
+        description="Runs each expert's positive prompts (and any --text) through the merged model one layer at "
+                    "a time, writes MODEL_DIR/routing.png, prints per-expert routing and warns when routing is "
+                    "degenerate. The model card is re-rendered to embed the picture.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--text", action="append", default=[], help="extra text to route (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-card", action="store_true", help="leave README.md as it is")
+    p.set_defaults(func=run_route)
+
+
+def run_route(args) -> int:
+    report = write_routing_picture(args.model_dir, args.text, device=args.device,
+                                   progress=not getattr(args, "quiet", False), update_card=not args.no_card)
+    print(report.summary())  # ends with the warnings, if any
+    print(f"Routing picture: {Path(args.model_dir) / 'routing.png'}")
+    return 0
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
+import html
 from pathlib import Path
 from typing import Any, Callable
 
@@ -204,6 +204,25 @@ class Builder:
         self._show(_html(notice_html(f"Merged model written to {out}", "ok") + table_html(rows, ("File", "Size"))))
         return out
 
+    @_step("Routing")
+    def route(self):
+        """Route each expert's prompts through the merged model, show the picture, embed it in the card."""
+        from .routing import write_routing_picture
+
+        folder = self._require_model()
+        report = write_routing_picture(folder, progress=True)
+        table, *_ = report.summary().split("\nwarning: ")
+        self._show(_html(f"<pre>{html.escape(table)}</pre>"))
+        for message in report.warnings:
+            self._notice(message, "warn")
+        try:
+            from IPython.display import Image
+
+            self._show(Image(filename=str(folder / "routing.png")))
+        except ImportError:  # plain Python: the file is there for the user to open
+            self._notice(f"Routing picture written to {folder / 'routing.png'}")
+        return report
+
     # ------------------------------------------------------------------ 5. try
 
     @_step("Try it")
@@ -244,17 +263,16 @@ class Builder:
     # ------------------------------------------------------------------ 6. upload
 
     def _push(self, folder: Path, repo: str, settings: Settings) -> str:
-        hub = _optional("lazymoe.hub")
-        if hub is None:
-            raise LazyMoEError("Uploading is not available in this lazymoe version (no lazymoe.hub).")
+        from . import hub
+
         return hub.push_to_hub(folder, repo, private=settings.private, token=self.form.token,
                                colab_secret=settings.hf_secret or "HF_TOKEN")
 
     def _card(self, folder: Path, **options) -> None:
         """Re-render the local model card with what is known now (repo ids, GGUF files)."""
-        card = _optional("lazymoe.card")
-        if card is not None and hasattr(card, "rerender_card"):
-            card.rerender_card(folder, **{k: v for k, v in options.items() if v})
+        from .card import rerender_card
+
+        rerender_card(folder, **{k: v for k, v in options.items() if v})
 
     @_step("Upload")
     def push(self) -> str | None:
@@ -278,14 +296,11 @@ class Builder:
             self._notice("GGUF is off: tick “Also make GGUF files” in the form to build llama.cpp files.")
             return None
         folder = self._require_model()
-        gguf = _optional("lazymoe.gguf")
-        if gguf is None:
-            self._notice("GGUF conversion is not available in this lazymoe version (no lazymoe.gguf).", "warn")
-            return None
+        from . import gguf
         from .converter import LLAMA_CPP_PYTHON_VERSION
 
         install_llama_cpp(probe(folder), self._notice, version=LLAMA_CPP_PYTHON_VERSION)
-        files = _gguf_paths(gguf.convert_to_gguf(folder, outtype="f16", quants=settings.quants))
+        files = gguf.convert_to_gguf(folder, outtype="f16", quants=settings.quants)
         self.gguf_files = files
         rows = [(p.name, human_bytes(p.stat().st_size)) for p in files if p.is_file()]
         self._show(_html(notice_html(f"GGUF files in {files[0].parent}", "ok") + table_html(rows, ("File", "Size"))))
@@ -295,10 +310,10 @@ class Builder:
         self._card(folder, repo_id=self.repo_id, gguf_repo=gguf_repo, gguf_files=files)  # the local card lists them
         if not settings.upload:
             return files
-        card = _optional("lazymoe.card")
-        if card is not None and hasattr(card, "write_gguf_card"):
-            card.write_gguf_card(files[0].parent, base_repo_id=self.repo_id, repo_id=gguf_repo,
-                                 license=load_config(folder / "lazymoe_config.yml").license)
+        from .card import write_gguf_card
+
+        write_gguf_card(files[0].parent, base_repo_id=self.repo_id, repo_id=gguf_repo,
+                        license=load_config(folder / "lazymoe_config.yml").license)
         url = self._push(files[0].parent, gguf_repo, settings)
         self._notice(f"Uploaded the GGUF files to {url}", "ok")
         return files
@@ -315,10 +330,7 @@ class Builder:
             self.gguf_files = sorted((folder.parent / f"{folder.name}-GGUF").glob("*.gguf"))
         if not self.gguf_files:
             raise LazyMoEError("There are no GGUF files yet: run the GGUF step first.")
-        gguf = _optional("lazymoe.gguf")
-        if gguf is None or not hasattr(gguf, "chat"):
-            self._notice("Chatting with GGUF files is not available in this lazymoe version.", "warn")
-            return None
+        from . import gguf
         from .llama import expert_prompts
 
         names, prompts = zip(*expert_prompts(folder / "lazymoe_config.yml"))
@@ -335,7 +347,7 @@ class Builder:
 
     def build(self) -> None:
         """Every step in order, stopping at the first that fails (what the Build button runs)."""
-        for step in (self.plan, self.merge, self.try_model, self.push, self.gguf, self.chat):
+        for step in (self.plan, self.merge, self.route, self.try_model, self.push, self.gguf, self.chat):
             try:
                 step()
             except StepFailed:
@@ -347,30 +359,6 @@ class Builder:
         self.form.messages.outputs = ()
         with self.form.messages:  # prints, progress bars and bug tracebacks land in the form, not in a void
             self.build()
-
-
-def _optional(module: str):
-    """A feature module that may not exist in this version of lazymoe (None then)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        return None
-
-
-def _gguf_paths(result: Any) -> list[Path]:
-    """convert_to_gguf's result as paths, whatever container it comes in."""
-    if result is None:
-        return []
-    if isinstance(result, (str, Path)):
-        return [Path(result)]
-    if isinstance(result, dict):
-        return [Path(v) for v in result.values()]
-    files = getattr(result, "files", None)
-    if files is not None:
-        return _gguf_paths(files)
-    return [Path(p) for p in result]
 
 
 def _repo_id(url: str) -> str:

@@ -20,7 +20,10 @@ class Screen(list):
     """What a step displayed, as the HTML the notebook would render."""
 
     def html(self) -> str:
-        return "\n".join(getattr(item, "data", "") or "" for item in self)
+        return "\n".join(d for item in self if isinstance(d := getattr(item, "data", None), str))
+
+    def images(self) -> list[bytes]:
+        return [d for item in self if isinstance(d := getattr(item, "data", None), bytes)]
 
 
 @pytest.fixture
@@ -131,8 +134,12 @@ def test_build_button_runs_every_step(builder, tmp_path):
     builder.form.build_button.click()
     assert (tmp_path / "tiny-moe" / "config.json").is_file()
     shown = builder.screen.html()
-    for phrase in ("lazymoe-resources", "Merged model written", "Routing share", "Upload is off", "GGUF is off"):
+    for phrase in ("lazymoe-resources", "Merged model written", "Routing of tiny-moe", "Routing share", "Upload is off",
+                   "GGUF is off"):
         assert phrase in shown
+    (png,) = builder.screen.images()
+    assert png.startswith(b"\x89PNG") and png == (tmp_path / "tiny-moe" / "routing.png").read_bytes()
+    assert "](routing.png)" in (tmp_path / "tiny-moe" / "README.md").read_text()
 
 
 def test_build_button_with_a_bad_form_only_shows_the_message(builder, tmp_path):
@@ -185,25 +192,6 @@ def test_push_without_any_token_says_how_to_get_one(builder, hub):
     with pytest.raises(StepFailed):
         builder.push()
     assert "No Hugging Face token found" in builder.screen.html()
-
-
-def test_missing_feature_modules_are_reported_not_crashed(builder, monkeypatch):
-    builder.merge()
-    builder.form.gguf.value = True
-    monkeypatch.setattr(ui, "_optional", lambda name: None)
-    assert builder.gguf() is None
-    assert "GGUF conversion is not available in this lazymoe version" in builder.screen.html()
-
-
-@pytest.mark.parametrize("result, names", [
-    (None, []),
-    ("out/m.f16.gguf", ["m.f16.gguf"]),
-    (["a.gguf", "b.gguf"], ["a.gguf", "b.gguf"]),
-    ({"f16": "a.gguf", "Q4_K_M": "b.gguf"}, ["a.gguf", "b.gguf"]),
-    (type("R", (), {"files": ["c.gguf"]})(), ["c.gguf"]),
-])
-def test_gguf_results_in_any_container_become_paths(result, names):
-    assert [p.name for p in ui._gguf_paths(result)] == names
 
 
 def test_prepare_demo_builds_once(tmp_path):
