@@ -78,8 +78,30 @@ def mixtral_config(base: dict, *, num_experts: int, experts_per_token: int, dtyp
     out["num_local_experts"] = num_experts
     out["num_experts_per_tok"] = experts_per_token
     out.setdefault("sliding_window", None)  # Llama bases have none; Mistral's value is kept as is
+    _pin_rope(out)
     out.setdefault("router_aux_loss_coef", 0.02)
     out.setdefault("output_router_logits", False)
     # transformers < 4.56 reads only torch_dtype, later ones read both; writing one key keeps it unambiguous
     out["torch_dtype"] = dtype
     return out
+
+
+#: what Llama and Mistral configs mean when they omit rope_theta (Mixtral's own default is 1e6)
+DENSE_ROPE_THETA = 10000.0
+
+
+def _pin_rope(out: dict) -> None:
+    """Spell the base's RoPE out in both the transformers-5 and the 4.x form.
+
+    A transformers-5 base keeps RoPE in ``rope_parameters`` only; transformers 4.x (and older converters)
+    read ``rope_theta``/``rope_scaling`` and would otherwise fall back to *Mixtral's* default theta of 1e6,
+    silently breaking every attention layer. A base that omits theta altogether means the dense default.
+    """
+    params = out.get("rope_parameters")
+    if isinstance(params, dict):
+        out.setdefault("rope_theta", params.get("rope_theta", DENSE_ROPE_THETA))
+        if params.get("rope_type", "default") != "default" and out.get("rope_scaling") is None:
+            out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        out.setdefault("rope_theta", DENSE_ROPE_THETA)
+

@@ -137,6 +137,7 @@ def test_output_config_tokenizer_and_generation(merged, tiny_world):
     assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
     assert config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
     assert config["rope_parameters"] == base_config["rope_parameters"]
+    assert config["rope_theta"] == base_config["rope_parameters"]["rope_theta"]  # for transformers 4.x readers
     assert config["tie_word_embeddings"] == base_config["tie_word_embeddings"]
     assert config["torch_dtype"] == "float32" and "dtype" not in config
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
