@@ -37,9 +37,13 @@ def _meta_model(config, dtype: torch.dtype):
 
 
 def _causal_mask(inner, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
-    """transformers' own mask for this model; its keyword names changed across versions, so ask."""
-    from transformers.masking_utils import create_causal_mask
+    """transformers' own mask for this model (sliding-window for Mistral bases, as MistralModel picks it);
+    its keyword names changed across versions, so ask."""
+    from transformers import masking_utils
 
+    create_causal_mask = masking_utils.create_causal_mask
+    if getattr(inner.config, "sliding_window", None) is not None:
+        create_causal_mask = masking_utils.create_sliding_window_causal_mask
     params = inspect.signature(create_causal_mask).parameters
     kwargs = {"config": inner.config, "inputs_embeds": embeds, "attention_mask": attention_mask}
     for name in ("cache", "past_key_values"):

@@ -50,3 +50,19 @@ def test_streamed_pass_never_holds_more_than_one_layer(tiny_world, monkeypatch):
     monkeypatch.setattr(streamed, "_load_layer", load)
     streamed.collect([tokenize_prompts(tok, ["hi"])], residual=lambda h, m: h[:, -1], progress=False)
     assert live == [0] * len(live) and len(live) == streamed.num_layers - 1  # last layer never needed
+
+
+def test_mistral_sliding_window_matches_the_full_model(tiny_world, tmp_path):
+    from lazymoe.demo import build_model
+
+    # a window shorter than the prompt, so the sliding-window mask really differs from a causal one
+    base = build_model(tmp_path / "mistral", tokenizer_dir=tiny_world["tokenizer"], model_type="mistral",
+                       sliding_window=4, initializer_range=0.2)
+    tok = AutoTokenizer.from_pretrained(base)
+    batch = tokenize_prompts(tok, ["def add(a, b): return a + b, then more words", "hi"])
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = full(**batch, output_hidden_states=True).hidden_states[:-1]
+    streamed = StreamedBase(describe(ModelRef.parse(str(base))), device=torch.device("cpu"), dtype=torch.float32)
+    got = streamed.collect([batch], residual=lambda h, m: h.clone(), progress=False)["residual"][0]
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
