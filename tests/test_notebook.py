@@ -85,6 +85,9 @@ def test_template_without_its_tagged_cells_is_refused(checkout):
 def test_notebooks_are_colab_ready_and_stripped(path):
     import nbformat
 
+    raw = json.loads((ROOT / path).read_text())
+    ids = [c.get("id") for c in raw["cells"]]
+    assert len(set(ids)) == len(ids), f"duplicate cell ids (nbformat would silently rename them): {ids}"
     nb = nbformat.read(str(ROOT / path), as_version=4)
     nbformat.validate(nb)
     assert nb.metadata["accelerator"] == "GPU"
