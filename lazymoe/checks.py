@@ -22,9 +22,7 @@ _SAME_KEYS = (
     ("num_key_value_heads", "key/value head count"),
     ("head_dim", "head dimension"),
     ("hidden_act", "MLP activation"),
-    ("rope_theta", "RoPE theta"),
-    ("rope_scaling", "RoPE scaling"),
-    ("rope_parameters", "RoPE parameters"),
+    ("rope", "RoPE settings"),
 )
 
 
@@ -34,10 +32,30 @@ def _label(config: MoEConfig, ref: str) -> str:
     return " / ".join(([who] if who else []) + names) + f" ({ref})"
 
 
-def _norm_rope(cfg: dict, key: str):
+def rope_settings(cfg: dict) -> dict:
+    """RoPE as one canonical dict, whichever transformers version wrote the config.
+
+    transformers 4.x writes ``rope_theta`` + ``rope_scaling`` (with ``type`` or ``rope_type``); 5.x writes
+    ``rope_parameters``. Fine-tunes of one base are often saved by different versions, so comparing the raw
+    keys would refuse compatible experts.
+    """
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = dict(cfg.get("rope_scaling") or {})
+    theta = cfg.get("rope_theta", params.pop("rope_theta", arch.DENSE_ROPE_THETA))
+    params.pop("rope_theta", None)
+    merged = {**params, **scaling}
+    if "type" in merged:
+        merged.setdefault("rope_type", merged.pop("type"))
+        merged.pop("type", None)
+    if merged.get("rope_type", "default") == "default":
+        merged.pop("rope_type", None)
+    return {"rope_theta": float(theta), **merged}
+
+
+def _setting(cfg: dict, key: str):
+    if key == "rope":
+        return rope_settings(cfg)
     value = cfg.get(key)
-    if key == "rope_theta" and value is None:
-        value = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     if key == "head_dim" and value is None:
         value = cfg["hidden_size"] // cfg["num_attention_heads"]
     if key == "num_key_value_heads" and value is None:
@@ -71,11 +89,12 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
         if info.model_type != btype:
             warnings.append(f"{label} is '{info.model_type}' and the base '{btype}'; their MLPs are compatible.")
         for key, what in _SAME_KEYS:
-            mine, theirs = _norm_rope(info.config, key), _norm_rope(base.config, key)
+            mine, theirs = _setting(info.config, key), _setting(base.config, key)
             if mine != theirs:
+                shown = what if key == "rope" else f"{what} {key}="
                 raise ModelMismatchError(
-                    f"{label} has {what} {key}={mine!r} but the base has {theirs!r}. Its MLPs were trained "
-                    "for different inputs; use experts fine-tuned from the same base model."
+                    f"{label} has {shown}{' ' if key == 'rope' else ''}{mine!r} but the base has {theirs!r}. Its MLPs "
+                    "were trained for different inputs; use experts fine-tuned from the same base model."
                 )
     num_layers = int(base.config["num_hidden_layers"])
     H, I = int(base.config["hidden_size"]), int(base.config["intermediate_size"])

@@ -121,8 +121,9 @@ def small(**overrides) -> dict:
         (small(intermediate_size=256), None, "intermediate (MLP) size intermediate_size=256"),
         (small(num_hidden_layers=3), None, "layer count num_hidden_layers=3"),
         (small(num_key_value_heads=4), None, "key/value head count num_key_value_heads=4"),
-        (small(rope_theta=1e6), None, "RoPE theta rope_theta=1000000.0"),
-        (small(rope_scaling={"type": "linear", "factor": 2.0}), None, "RoPE scaling rope_scaling="),
+        (small(rope_theta=1e6), None, "RoPE settings {'rope_theta': 1000000.0}"),
+        (small(rope_scaling={"type": "linear", "factor": 2.0}), None,
+         "RoPE settings {'rope_theta': 10000.0, 'factor': 2.0, 'rope_type': 'linear'}"),
         (small(), llama_shapes(small(), drop="model.layers.1.mlp.up_proj.weight"),
          "has no tensor model.layers.1.mlp.up_proj.weight"),
         (small(), llama_shapes(small(), extra_layers=1), "has tensors for layer 2 but config says 2 layers"),
@@ -133,6 +134,17 @@ def test_incompatible_experts_are_refused_from_headers(tmp_path, expert, shapes,
         plan_for(tmp_path, small(), [small(), expert], shapes={1: shapes} if shapes else None)
     text = str(err.value)
     assert message.replace("experts[0]", "experts[1]") in text and "experts[1]" in text
+
+
+def test_rope_written_by_transformers_4_or_5_is_the_same_rope(tmp_path):
+    # a base saved by transformers 4 (rope_theta/rope_scaling) and experts saved by 5 (rope_parameters)
+    v4 = small(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    v5 = {k: v for k, v in small().items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "linear", "factor": 2.0}
+    plan_for(tmp_path, v4, [v5, v5])
+    v5["rope_parameters"]["factor"] = 4.0
+    with pytest.raises(ModelMismatchError, match="RoPE settings .*'factor': 4.0.* but the base has .*'factor': 2.0"):
+        plan_for(tmp_path / "again", v4, [v5, v5])
 
 
 def test_different_family_names_the_fix(tmp_path):
