@@ -435,10 +435,12 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
 
 
 def load_router_model(folder, *, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """The whole base, loaded straight onto ``device``: a 7B base in bfloat16 (14.5 GB) fits a T4's memory
+    but not a free Colab's 12.7 GB of RAM, so it must never be staged on the CPU first."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, low_cpu_mem_usage=True)
-    return model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": str(device)})
+    return model.eval()
 
 
 def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
