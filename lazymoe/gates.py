@@ -375,7 +375,8 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     if upstream not in ("moe", "base"):
         raise ValueError(f"upstream must be 'moe' or 'base', got {upstream!r}")
     from . import arch
-    from .routing import LayerStack, moe_mlp
+    from .routing import moe_mlp
+    from .streamed import LayerStack
 
     config = plan.config
     resolve = resolve or (lambda ref, name: plan.models[ref].tensors[name])

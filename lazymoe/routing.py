@@ -8,8 +8,8 @@ used, an expert's own prompts mostly go elsewhere, or a layer's gate rows are ne
 
 The model is run **one layer at a time** straight from its safetensors files: only one layer's weights
 are ever in memory, so a 4x7B MoE (48 GB) is pictured on a free Colab as easily as a test model. The
-maths is written out here (RMSNorm, rotary attention, top-k experts as in Mixtral) and a test checks it
-against transformers' own Mixtral; RoPE frequencies come from transformers so every scaling type works.
+attention half of each layer is transformers' own (``streamed.LayerStack``); the sparse block is written
+out here (top-k experts as in Mixtral) and a test checks the router logits against transformers' Mixtral.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, ModelNotFoundError
+from .streamed import LayerStack
 from .safetensors_io import TensorInfo, read_tensor, scan_file
 
 logger = logging.getLogger(__name__)
@@ -112,25 +113,6 @@ class _Weights:
         return self.get(classic if classic in self.tensors else f"model.layers.{layer}.mlp.gate.weight")
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(folder: Path, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin from transformers' own rotary class, so linear/dynamic/YaRN/llama3 scaling are all honoured."""
-    from transformers import AutoConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding
-
-    rotary = MixtralRotaryEmbedding(AutoConfig.from_pretrained(str(folder))).to(device)
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=device), positions.to(device))
-    return cos[:, None].float(), sin[:, None].float()  # (B, 1, T, head_dim)
-
-
 def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act) -> torch.Tensor:
     """Mixtral's sparse block: softmax over all experts, keep the top k, renormalise, mix their MLPs."""
     weights, chosen = logits.softmax(-1).topk(k, dim=-1)
@@ -145,56 +127,6 @@ def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act) -> torc
             w = (share[rows] * (picked[rows] == e)).sum(-1, keepdim=True)
             out.index_add_(0, rows, w * ((act(xe @ gate_proj.T) * (xe @ up_proj.T)) @ down_proj.T))
     return out.view_as(x)
-
-
-class LayerStack:
-    """Token sequences run through a Llama/Mistral/Mixtral decoder one layer at a time, float32.
-
-    The caller supplies each layer's tensors through ``get(name)`` (Llama names for attention and norms,
-    which Mixtral shares), so only one layer is ever in memory. Sequences are right-padded: every real
-    token sits at its true position and, attention being causal, never sees a pad.
-    """
-
-    def __init__(self, config_folder: Path, seqs: list[list[int]], embed: torch.Tensor, device: torch.device):
-        from transformers.activations import ACT2FN
-
-        from .gates import right_padded
-
-        self.cfg = json.loads((Path(config_folder) / "config.json").read_text())
-        self.device = device
-        self.eps = float(self.cfg.get("rms_norm_eps", 1e-6))
-        self.act = ACT2FN[self.cfg.get("hidden_act", "silu")]
-        self.ids, self.mask = right_padded(seqs, pad_id=seqs[0][0])
-        B, T = self.ids.shape
-        self.cos, self.sin = _rope(Path(config_folder), torch.arange(T).unsqueeze(0).expand(B, T), device)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        window = self.cfg.get("sliding_window")
-        if window:
-            causal &= ~torch.ones(T, T, dtype=torch.bool, device=device).tril(-int(window))
-        self.attn_bias = torch.zeros(T, T, device=device).masked_fill(~causal, float("-inf"))
-        self.h = embed.to(device, torch.float32)[self.ids.to(device)]
-
-    def mlp_input(self, layer: int, get) -> torch.Tensor:
-        """Add layer ``layer``'s attention to the residual stream; return what its MLP (and router) reads."""
-        cfg, p = self.cfg, f"model.layers.{layer}"
-        x = _rms_norm(self.h, get(f"{p}.input_layernorm.weight"), self.eps)
-        B, T, _ = x.shape
-        nh = cfg["num_attention_heads"]
-        nkv = cfg.get("num_key_value_heads") or nh
-        hd = cfg.get("head_dim") or cfg["hidden_size"] // nh
-        q = (x @ get(f"{p}.self_attn.q_proj.weight").T).view(B, T, nh, hd).transpose(1, 2)
-        k = (x @ get(f"{p}.self_attn.k_proj.weight").T).view(B, T, nkv, hd).transpose(1, 2)
-        v = (x @ get(f"{p}.self_attn.v_proj.weight").T).view(B, T, nkv, hd).transpose(1, 2)
-        q = q * self.cos + _rotate_half(q) * self.sin
-        k = k * self.cos + _rotate_half(k) * self.sin
-        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + self.attn_bias
-        att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, nh * hd)
-        self.h = self.h + att @ get(f"{p}.self_attn.o_proj.weight").T
-        return _rms_norm(self.h, get(f"{p}.post_attention_layernorm.weight"), self.eps)
-
-    def add_mlp_output(self, out: torch.Tensor) -> None:
-        self.h = self.h + out
 
 
 @torch.no_grad()

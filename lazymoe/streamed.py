@@ -142,3 +142,60 @@ class StreamedBase:
             for b, (mask, *_rest) in enumerate(extras):
                 out["residual"][b].append(residual(states[b], mask))
         return out
+
+
+class LayerStack:
+    """Token sequences through a decoder's attention half, layer by layer, with the MLP half left to the
+    caller: what the fitted gate modes and the routing picture need, since they run their own MoE block
+    (routers being fitted, or read from a merged folder) on each layer's MLP input.
+
+    The attention half is transformers' own (norms, rotary, mask, attention) built on the meta device;
+    ``mlp_input(layer, get)`` loads that layer's attention and norm weights through ``get(name)`` (float32,
+    Llama names, which Mixtral shares), runs them and drops them, so one layer is in memory at a time.
+    Sequences are right-padded: every real token sits at its true position and, attention being causal,
+    never sees a pad.
+    """
+
+    def __init__(self, config_folder, seqs: list[list[int]], embed: torch.Tensor, device: torch.device):
+        import json
+        from pathlib import Path
+
+        from transformers import AutoConfig
+        from transformers.activations import ACT2FN
+
+        from .gates import right_padded
+
+        self.cfg = json.loads((Path(config_folder) / "config.json").read_text())
+        self.device = torch.device(device)
+        self.act = ACT2FN[self.cfg.get("hidden_act", "silu")]
+        self.ids, self.mask = right_padded(seqs, pad_id=seqs[0][0])
+        self.inner = _meta_model(AutoConfig.from_pretrained(str(config_folder)), torch.float32).model
+        self.h = embed.to(self.device, torch.float32)[self.ids.to(self.device)]
+        self.pos = torch.arange(self.ids.shape[1], device=self.device).unsqueeze(0)
+        rotary = type(self.inner.rotary_emb)(config=self.inner.config).to(self.device)
+        self.rope = rotary(self.h, self.pos)
+        self.causal = _causal_mask(self.inner, self.h, self.mask.to(self.device), self.pos)
+
+    def _load(self, module: torch.nn.Module, prefix: str, get) -> torch.nn.Module:
+        names = list(module.state_dict())
+        module.to_empty(device=self.device)
+        module.load_state_dict({n: get(f"{prefix}.{n}") for n in names}, strict=True)
+        return module
+
+    @torch.no_grad()
+    def mlp_input(self, layer: int, get) -> torch.Tensor:
+        """Add layer ``layer``'s attention to the residual stream; return what its MLP (and router) reads."""
+        mod, p = self.inner.layers[layer], f"model.layers.{layer}"
+        parts = [self._load(getattr(mod, n), f"{p}.{n}", get)
+                 for n in ("input_layernorm", "self_attn", "post_attention_layernorm")]
+        norm_in, attn, norm_post = parts
+        out = attn(hidden_states=norm_in(self.h), position_embeddings=self.rope, attention_mask=self.causal,
+                   position_ids=self.pos)
+        self.h = self.h + (out[0] if isinstance(out, tuple) else out)
+        x = norm_post(self.h)
+        for part in parts:
+            part.to("meta")
+        return x
+
+    def add_mlp_output(self, out: torch.Tensor) -> None:
+        self.h = self.h + out

@@ -121,7 +121,7 @@ def test_router_token_ids_follow_the_tokenizer_and_the_chat_template(tiny_world)
 
 
 def test_layer_stack_reads_the_post_attention_norm_output_at_true_positions(tiny_world):
-    from lazymoe.routing import LayerStack
+    from lazymoe.streamed import LayerStack
     from lazymoe.safetensors_io import read_tensor
 
     plan, tok = _plan(tiny_world, "classifier"), _tok(tiny_world)
