@@ -376,6 +376,7 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
         raise ValueError(f"upstream must be 'moe' or 'base', got {upstream!r}")
     from . import arch
     from .routing import moe_mlp
+    from .transforms import expert_weight
     from .streamed import LayerStack
 
     config = plan.config
@@ -424,11 +425,12 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
             stack.add_mlp_output((stack.act(x @ mlp[0].T) * (x @ mlp[1].T)) @ mlp[2].T)
             continue
         experts = []
-        for spec in config.experts:
-            g, u, d = (read_tensor(resolve(spec.source_model, arch.mlp_name(layer, part))).to(dev, torch.float32)
-                       for part in arch.MLP_PARTS)
-            if spec.residual_scale is not None:
-                d = d * spec.residual_scale
+        stored = getattr(torch, plan.dtype)
+        for e, spec in enumerate(config.experts):
+            # exactly the weights the writer stores (noise, residual scale, dtype), as float32
+            g, u, d = (expert_weight(config, e, name, read_tensor(resolve(spec.source_model, name)),
+                                     is_residual=part == "down_proj", dtype=stored).to(dev, torch.float32)
+                       for part in arch.MLP_PARTS for name in [arch.mlp_name(layer, part)])
             experts.append((g, u, d))
         stack.add_mlp_output(moe_mlp(x, x @ W.to(dev).T, experts, k, stack.act))
         del experts

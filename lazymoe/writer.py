@@ -8,13 +8,13 @@ is therefore one tensor (three with a dtype change), whatever the model or shard
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .plan import MergePlan, OutTensor, Piece
+from .transforms import expert_weight
 from .sources import TensorInfo, WeightStore
 from .safetensors_io import ST_DTYPES, build_header, copy_bytes, read_tensor, tensor_bytes_view, write_all
 
@@ -24,7 +24,6 @@ class _Transforms:
         self.plan = plan
         self.gates = gates
         self.store = store
-        self.seed = plan.config.seed or 0
 
     def source(self, piece: Piece) -> TensorInfo:
         return self.store.resolve(piece.model, piece.source.name)
@@ -44,16 +43,8 @@ class _Transforms:
         t = read_tensor(self.source(piece))
         if piece.expert is None:
             return t.to(dtype)
-        expert = self.plan.config.experts[piece.expert]
-        t = t.float()
-        if expert.noise_scale:
-            # one generator per (seed, expert, tensor): the result does not depend on write order
-            key = zlib.crc32(f"{piece.expert}:{piece.source.name}".encode())
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + key) % 2**63)
-            t = t + torch.randn(t.shape, generator=gen) * expert.noise_scale
-        if piece.is_residual and expert.residual_scale is not None:
-            t = t * expert.residual_scale
-        return t.to(dtype)
+        return expert_weight(self.plan.config, piece.expert, piece.source.name, t, is_residual=piece.is_residual,
+                             dtype=dtype)
 
 
 def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: WeightStore, *,

@@ -225,12 +225,19 @@ def test_centroid_rows_are_centred_means_at_the_cross_entropy_optimal_scale():
     assert ce(s) <= min(ce(0.8 * s), ce(1.25 * s))  # a (near-)minimum of the calibration objective
 
 
-@pytest.mark.parametrize("mode", ["centroid", "classifier"])
-def test_fitted_routers_are_fitted_on_what_the_merged_moe_feeds_them(tiny_world, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "tweak"), [("centroid", False), ("classifier", False), ("classifier", True)])
+def test_fitted_routers_are_fitted_on_what_the_merged_moe_feeds_them(tiny_world, tmp_path, mode, tweak):
     # Merge, then run the prompts through transformers' Mixtral and capture what each router receives.
-    # Refitting every layer on those captured inputs must give back the gates that were written.
+    # Refitting every layer on those captured inputs must give back the gates that were written -- also
+    # when noise_scale / residual_scale change the experts: routers are fitted on the experts as written.
     plan, tok = _plan(tiny_world, mode, router_continuation_tokens=0), _tok(tiny_world)
-    out = lazymoe.merge(plan.config, tmp_path / "moe", progress=False)
+    config = plan.config
+    if tweak:
+        experts = [e.model_copy() for e in config.experts]
+        experts[0] = experts[0].model_copy(update={"noise_scale": 0.05})
+        experts[1] = experts[1].model_copy(update={"residual_scale": 0.5})
+        config = config.model_copy(update={"experts": experts})
+    out = lazymoe.merge(config, tmp_path / "moe", progress=False)
     moe = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     seen: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(moe.model.layers):
