@@ -25,7 +25,6 @@ from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 logger = logging.getLogger(__name__)
 
 
-
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
@@ -77,6 +76,31 @@ def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -
                 raise OutputExistsError(f"{output_dir} already exists and is not empty: {hint}.")
 
 
+def _remove_stale_work(parent: Path, name: str) -> int:
+    """Delete hidden work folders that a killed merge into ``name`` left behind (Colab's OOM killer and
+    stopped cells skip every cleanup); returns the bytes freed. Folders of a merge still running are kept."""
+    freed = 0
+    for kind in ("partial", "old"):
+        for folder in parent.glob(f".{name}.lazymoe-{kind}-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, left by an interrupted merge", folder)
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def _finalise(tmp: Path, output_dir: Path) -> None:
     old = None
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -116,15 +140,17 @@ def merge(
     _check_output(output_dir, plan, overwrite)
     parent = output_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_work(parent, output_dir.name)
     free = planning.free_disk_bytes(parent)
     if free < plan.disk_bytes:
         raise InsufficientResourcesError(
             f"The merge needs about {_fmt_bytes(plan.disk_bytes)} of free disk at {parent} "
-            f"(output {_fmt_bytes(plan.output_bytes)} + downloads {_fmt_bytes(plan.download_bytes)}) but only "
-            f"{_fmt_bytes(free)} is free. Free some space or choose another output folder."
+            f"(output {_fmt_bytes(plan.output_bytes)} + downloads {_fmt_bytes(plan.peak_download_bytes)}) but only "
+            f"{_fmt_bytes(free)} is free. Free some space, choose another output folder"
+            f"{'' if plan.low_disk else ', or use low-disk mode (--low-disk)'}."
         )
-    if config is not plan.config:
-        plan = dataclasses.replace(plan, config=config)
+    # our own copy: warnings found while merging must not leak into a plan the caller keeps
+    plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
         logger.warning(w)
 
