@@ -536,9 +536,9 @@ def write_card(
     or a list of them; ``routing_image`` a file inside ``folder``.
     """
     folder = Path(folder)
-    data = card_data(ModelFacts.from_plan(plan, folder), model_name=model_name, license=license,
-                     repo_id=repo_id, gguf_repo=gguf_repo, **_options(folder, gguf_files, routing_image))
-    return _write_text(folder / CARD_FILENAME, render_card(data))
+    text = _card_text(ModelFacts.from_plan(plan, folder), folder, model_name=model_name, license=license,
+                      repo_id=repo_id, gguf_repo=gguf_repo, gguf_files=gguf_files, routing_image=routing_image)
+    return _write_text(folder / CARD_FILENAME, text)
 
 
 def build_card(
@@ -553,9 +553,13 @@ def build_card(
 ) -> str:
     """The card text of a finished lazymoe folder, from its files alone; writes nothing (an upload can use it)."""
     folder = Path(model_dir)
-    data = card_data(ModelFacts.from_folder(folder), model_name=model_name, license=license, repo_id=repo_id,
-                     gguf_repo=gguf_repo, **_options(folder, gguf_files, routing_image))
-    return render_card(data)
+    return _card_text(ModelFacts.from_folder(folder), folder, model_name=model_name, license=license,
+                      repo_id=repo_id, gguf_repo=gguf_repo, gguf_files=gguf_files, routing_image=routing_image)
+
+
+def _card_text(facts: "ModelFacts", folder: Path, *, gguf_files, routing_image, **options: Any) -> str:
+    """The one rendering path of both entry points: facts from the plan or from the folder, same card."""
+    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image)))
 
 
 def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from .config import CONFIG_FILENAME
 from .converter import run_converter
 from .errors import GGUFError, InsufficientResourcesError
+from .report import human_bytes
 from .llama import capture_llama_log, chat, expert_prompts, find_config_for, import_llama_cpp
 
 log = logging.getLogger("lazymoe.gguf")
@@ -117,7 +118,7 @@ def _check_disk(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if free < need + _DISK_MARGIN:
         raise InsufficientResourcesError(
-            f"not enough disk for {what}: about {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free in {folder}; "
+            f"not enough disk for {what}: about {human_bytes(need)} needed, {human_bytes(free)} free in {folder}; "
             "free space, choose another --outdir, or request fewer quantisations.")
 
 

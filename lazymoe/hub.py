@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import struct
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -165,16 +164,16 @@ def check_model_folder(model_dir: str | Path) -> Path:
 
 def _check_safetensors_complete(path: Path, unfinished: str) -> None:
     # a safetensors file is exactly 8 + header + data bytes, so a short file is a write that never finished
+    from .safetensors_io import read_header
+
     size = path.stat().st_size
     try:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(header_len))
+        header, data_start = read_header(path)
+        if data_start > size:
+            raise ValueError("header longer than the file")
         ends = [meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"]
-        expected = 8 + header_len + max(ends, default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        expected = data_start + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise HubError(f"{unfinished}: {path.name} is not a readable safetensors file. Re-run the merge.") from None
     if size != expected:
         raise HubError(

@@ -7,6 +7,7 @@ interrupted or failed merge never leaves something that looks like a model; inpu
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -20,13 +21,10 @@ from . import plan as planning
 from .card import write_card
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import InsufficientResourcesError, OutputExistsError
+from .report import human_bytes
 from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 
 logger = logging.getLogger(__name__)
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def make_plan(
@@ -81,7 +79,7 @@ def _remove_stale_work(parent: Path, name: str) -> int:
     stopped cells skip every cleanup); returns the bytes freed. Folders of a merge still running are kept."""
     freed = 0
     for kind in ("partial", "old"):
-        for folder in parent.glob(f".{name}.lazymoe-{kind}-*"):
+        for folder in parent.glob(f".{glob.escape(name)}.lazymoe-{kind}-*"):
             pid = folder.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or _alive(int(pid)):
                 continue
@@ -144,9 +142,9 @@ def merge(
     free = planning.free_disk_bytes(parent)
     if free < plan.disk_bytes:
         raise InsufficientResourcesError(
-            f"The merge needs about {_fmt_bytes(plan.disk_bytes)} of free disk at {parent} "
-            f"(output {_fmt_bytes(plan.output_bytes)} + downloads {_fmt_bytes(plan.peak_download_bytes)}) but only "
-            f"{_fmt_bytes(free)} is free. Free some space, choose another output folder"
+            f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {parent} "
+            f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}) but only "
+            f"{human_bytes(free)} is free. Free some space, choose another output folder"
             f"{'' if plan.low_disk else ', or use low-disk mode (--low-disk)'}."
         )
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
@@ -188,5 +186,5 @@ def merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Wrote %s (%s)", output_dir, _fmt_bytes(plan.output_bytes))
+    logger.info("Wrote %s (%s)", output_dir, human_bytes(plan.output_bytes))
     return output_dir

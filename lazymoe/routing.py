@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import CONFIG_FILENAME
 from .errors import ConfigError, ModelNotFoundError
+from .safetensors_io import TensorInfo, read_tensor
+from .sources import ModelRef, describe
 from .streamed import LayerStack
-from .safetensors_io import TensorInfo, read_tensor, scan_file
 
 logger = logging.getLogger(__name__)
 
-RECIPE_FILENAME = "lazymoe_config.yml"  # what merge.py writes next to the weights
 DOMINANT_SHARE = 0.9  # one expert chosen first for this share of tokens: the others are wasted
 SINGULAR_CONDITION = 5.0  # gate_condition above this: some experts are hard to tell apart (mergekit warns at 5 too)
 
@@ -84,11 +85,8 @@ class _Weights:
     """Tensors of a merged folder by name, read one at a time (classic or fused expert layout)."""
 
     def __init__(self, folder: Path, device: torch.device):
-        self.tensors: dict[str, TensorInfo] = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            self.tensors.update(scan_file(path))
-        if not self.tensors:
-            raise ModelNotFoundError(f"{folder} has no *.safetensors files; pass the folder a merge wrote.")
+        # describe() follows the index and names a missing or unreadable shard
+        self.tensors: dict[str, TensorInfo] = describe(ModelRef.parse(str(folder))).tensors
         self.device = device
 
     def get(self, name: str) -> torch.Tensor:
@@ -159,7 +157,7 @@ def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *,
 
 
 def _recipe(folder: Path) -> dict | None:
-    path = folder / RECIPE_FILENAME
+    path = folder / CONFIG_FILENAME
     if not path.is_file():
         return None
     import yaml

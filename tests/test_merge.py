@@ -267,6 +267,6 @@ def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkey
 
     monkeypatch.setattr(planning, "free_disk_bytes", lambda path: 1000)
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
-    with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 0.0 MB is free.*--low-disk"):
+    with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free.*--low-disk"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)
     assert list(tmp_path.iterdir()) == []
