@@ -13,6 +13,12 @@ import torch
 from .config import MoEConfig
 
 
+def leaves_unchanged(config: MoEConfig, expert: int, *, is_residual: bool) -> bool:
+    """True when :func:`expert_weight` only casts: no noise, and no residual scale on this tensor."""
+    spec = config.experts[expert]
+    return not spec.noise_scale and (not is_residual or spec.residual_scale in (None, 1.0))
+
+
 def expert_weight(config: MoEConfig, expert: int, source_name: str, tensor: torch.Tensor, *, is_residual: bool,
                   dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` (expert ``expert``'s ``source_name``) as the MoE stores it, in ``dtype``.
@@ -22,7 +28,7 @@ def expert_weight(config: MoEConfig, expert: int, source_name: str, tensor: torc
     reference applies noise first, then the scale).
     """
     spec = config.experts[expert]
-    if not spec.noise_scale and (not is_residual or spec.residual_scale in (None, 1.0)):
+    if leaves_unchanged(config, expert, is_residual=is_residual):
         return tensor.to(dtype)
     t = tensor.float()
     if spec.noise_scale:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .plan import MergePlan, OutTensor, Piece
-from .transforms import expert_weight
+from .transforms import expert_weight, leaves_unchanged
 from .sources import TensorInfo, WeightStore
 from .safetensors_io import ST_DTYPES, build_header, copy_bytes, read_tensor, tensor_bytes_view, write_all
 
@@ -31,10 +31,7 @@ class _Transforms:
     def is_copy(self, out: OutTensor, piece: Piece) -> bool:
         if piece.source is None or piece.source.dtype != out.dtype:
             return False
-        if piece.expert is None:
-            return True
-        expert = self.plan.config.experts[piece.expert]
-        return not expert.noise_scale and (not piece.is_residual or expert.residual_scale in (None, 1.0))
+        return piece.expert is None or leaves_unchanged(self.plan.config, piece.expert, is_residual=piece.is_residual)
 
     def materialise(self, out: OutTensor, piece: Piece) -> torch.Tensor:
         dtype = ST_DTYPES[out.dtype][0]
