@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,29 @@ def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkey
     with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free.*--low-disk"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layout": "fused", "low_disk": True}, "low_disk needs the classic layout"),
+        ({"layout": "packed"}, "layout must be one of classic, fused, got 'packed'"),
+        ({"device": "tpu:0"}, "--device 'tpu:0' is not a device; use auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_merge_options_are_refused_before_any_work(tiny_world, tmp_path, kwargs, message):
+    from lazymoe.errors import ConfigError
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a GPU-less machine gives")
+def test_asking_for_cuda_without_a_gpu_names_the_fix(tiny_world, tmp_path):
+    from lazymoe.errors import ConfigError
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
+    with pytest.raises(ConfigError, match="--device cuda was asked for but this machine has no CUDA GPU; use --device cpu"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, device="cuda")
