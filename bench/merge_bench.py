@@ -1023,7 +1023,7 @@ def main(argv: list[str]) -> int:
     shard_bytes = parse_size(args.max_shard_size)
     full = args.verify == "full"
     # import-only runs that load each tool's libraries into the page cache after the drop (see measure)
-    lazymoe_warm = [sys.executable, "-c", "import lazymoe.merge, lazymoe.gates, lazymoe.writer, lazymoe.sources; "
+    lazymoe_warm = [sys.executable, "-c", "import lazymoe.pipeline.merge; "
                     "from transformers import AutoTokenizer, PreTrainedTokenizerFast, MixtralConfig"]
     mk_warm = [str(mk_exe.parent / "python") if mk_exe else "false", "-c",
                "import mergekit.scripts.moe, mergekit.moe.mixtral, mergekit.io; "

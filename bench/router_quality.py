@@ -4,7 +4,7 @@
     python bench/router_quality.py                  # both expert variants, every mode, mergekit-moe too
     python bench/router_quality.py --variants mlp --modes hidden,classifier --no-mergekit   # quicker
 
-1. Builds (once; cached under ``bench/.work/world-<spec>``) the world of ``lazymoe.world``: a small Llama
+1. Builds (once; cached under ``bench/.work/world-<spec>``) the world of ``bench/world.py``: a small Llama
    pretrained on four synthetic domains, and one expert per domain fine-tuned from it, in two variants:
    ``mlp`` (only MLPs fine-tuned: base attention + expert d's MLPs *is* expert d, so the MoE's loss
    measures routing alone) and ``full`` (every weight fine-tuned: what people really merge).
@@ -42,12 +42,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))  # world.py, the trained test world, lives beside this script
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from lazymoe.routing import stream_router_logits  # noqa: E402
-from lazymoe.world import DOMAINS, TINY_SPEC, WorldSpec, build_world, heldout_batch, lm_loss  # noqa: E402
+from lazymoe.router.routing import stream_router_logits  # noqa: E402
+from world import DOMAINS, TINY_SPEC, WorldSpec, build_world, heldout_batch, lm_loss  # noqa: E402
 
 WORK = HERE / ".work"
 RESULTS = HERE / "results"
@@ -65,8 +66,8 @@ MKVENV = WORK / "mkvenv"
 
 @contextlib.contextmanager
 def _timed_gates(sink: dict):
-    """Time lazymoe's gate step inside a real merge (merge imports compute_gates at call time)."""
-    gates = importlib.import_module("lazymoe.gates")
+    """Time lazymoe's gate step inside a real merge (the merge step calls its module's compute_gates)."""
+    gates = importlib.import_module("lazymoe.pipeline.merge")
     original = gates.compute_gates
 
     def timed(*args, **kwargs):
@@ -84,7 +85,7 @@ def _timed_gates(sink: dict):
 
 
 def merge_ours(recipe: dict, out: Path) -> float:
-    merge_module = importlib.import_module("lazymoe.merge")
+    merge_module = importlib.import_module("lazymoe.pipeline.merge")
     sink: dict = {}
     with _timed_gates(sink):
         merge_module.merge(dict(recipe, seed=0), out, overwrite=True, progress=False)
@@ -274,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(f"[router_quality] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
-    card = importlib.import_module("lazymoe.merge")
-    if hasattr(card, "_write_extras"):  # the model card is not what is measured here
-        card._write_extras = lambda *a, **k: None
     variants = [v for v in args.variants.split(",") if v]
     spec = dataclasses.replace(TINY_SPEC if args.tiny else WorldSpec(),
                                variants=tuple(v for v in ("mlp", "full") if v in variants))

@@ -39,6 +39,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from lazymoe.demo import build_tokenizer  # bench scripts put the checkout on sys.path before importing this
+
 logger = logging.getLogger(__name__)
 
 DOMAINS = ("arithmetic", "code", "dialogue", "stories")
@@ -351,8 +353,6 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec(), *, progress: bo
     and on a shared CPU oversubscription makes training tens of times slower.
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from .demo import build_tokenizer
 
     folder = Path(root) / f"world-{spec.key()}"
     manifest = folder / "world.json"

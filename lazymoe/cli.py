@@ -1,7 +1,9 @@
-"""``lazymoe`` command line: plan, merge, demo (and the commands other modules register).
+"""``lazymoe`` command line: every subcommand's flags, the call it makes, and what it prints.
 
-Library code raises :class:`LazyMoEError`; only this wrapper turns one into a single readable line
-and a non-zero exit status.
+Library code raises :class:`LazyMoEError`; only :func:`main` turns one into a single readable line and exit
+status 2. Each handler imports the module it drives when it runs, so ``lazymoe --help`` (and a command that
+needs no model) starts without loading torch. To add a subcommand: a ``_add_NAME`` function that registers
+its flags and a ``cmd_NAME`` handler, both here.
 """
 
 from __future__ import annotations
@@ -11,16 +13,22 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import LazyMoEError
-from .plan import DEFAULT_MAX_SHARD_BYTES
+from .errors import GGUFError, LazyMoEError
+from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
+from .io.folder import CONFIG_FILENAME
+from .moe.arch import LAYOUTS
+from .options import DEFAULT_LICENSE, DEFAULT_MAX_SHARD_BYTES
 
 log = logging.getLogger("lazymoe")
+
+
+# ------------------------------------------------------------------------------------------ plan, merge, demo
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), metavar="BYTES",
                    help="largest shard, in bytes with a unit: 2GB (default), 500MB, 1.5GiB")
-    p.add_argument("--layout", choices=("classic", "fused"), default="classic",
+    p.add_argument("--layout", choices=LAYOUTS, default="classic",
                    help="classic: block_sparse_moe.experts.E.w1/w2/w3, read by every consumer (default); "
                         "fused: transformers-5 native mlp.experts.gate_up_proj, not read by llama.cpp")
     p.add_argument("--low-disk", action="store_true",
@@ -41,8 +49,8 @@ def _load(args):
 
 
 def cmd_plan(args) -> int:
-    from .merge import make_plan
-    from .report import format_plan
+    from .moe.report import format_plan
+    from .pipeline.merge import make_plan
 
     plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, low_disk=args.low_disk,
                      progress=not args.quiet)
@@ -51,7 +59,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge
+    from .pipeline.merge import merge
 
     out = merge(_load(args), args.output_dir, max_shard_bytes=args.max_shard_size, layout=args.layout,
                 low_disk=args.low_disk, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
@@ -60,21 +68,196 @@ def cmd_merge(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from .demo import build_demo
-    from .merge import merge
+    from .pipeline.merge import merge
 
     work = Path(args.output_dir)
     config_path = build_demo(work / "inputs")
     print(f"Built tiny local experts and {config_path}")
     out = merge(config_path, work / "merged", overwrite=True, progress=not args.quiet)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok("def add(a, b):", return_tensors="pt")
     text = tok.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
     print(f"Merged {type(model).__name__} at {out}\nSample (tiny random-ish model, not meant to be smart): {text!r}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ route
+
+
+def _add_route(sub) -> None:
+    p = sub.add_parser(
+        "route", help="draw which experts each layer picks for the recipe's prompts (routing.png + card)",
+        description="Runs each expert's positive prompts (and any --text) through the merged model one layer at "
+                    "a time, writes MODEL_DIR/routing.png, prints per-expert routing and warns when routing is "
+                    "degenerate. The model card is re-rendered to embed the picture.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--text", action="append", default=[], help="extra text to route (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-card", action="store_true", help="leave README.md as it is")
+    p.set_defaults(func=cmd_route)
+
+
+def cmd_route(args) -> int:
+    from .pipeline.route import write_routing_picture
+    from .publish.card import ROUTING_IMAGE
+
+    report = write_routing_picture(args.model_dir, args.text, device=args.device,
+                                   progress=not getattr(args, "quiet", False), update_card=not args.no_card)
+    print(report.summary())  # ends with the warnings, if any
+    print(f"Routing picture: {Path(args.model_dir) / ROUTING_IMAGE}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ card
+
+
+def _add_card(sub) -> None:
+    p = sub.add_parser(
+        "card", help="(re)write README.md of a merged model folder from its files",
+        description="Render the model card (README.md) of a folder built by lazymoe merge from config.json, "
+                    f"{CONFIG_FILENAME} and the safetensors headers. With --gguf-of, DIR is a folder of GGUF "
+                    "files and the card is the one of its NAME-GGUF repo.",
+    )
+    p.add_argument("model_dir", metavar="DIR", help="the merged model folder (or, with --gguf-of, the GGUF folder)")
+    p.add_argument("--name", dest="model_name", help="title of the card (default: the repo or folder name)")
+    p.add_argument("--license", help=f"license id for the metadata (default: {DEFAULT_LICENSE})")
+    p.add_argument("--repo-id", help="Hub repo the model is pushed to, e.g. me/MyMoE-4x7B (used in the usage code)")
+    p.add_argument("--gguf-dir", help="folder of NAME.QUANT.gguf files to list in a GGUF section")
+    p.add_argument("--gguf-repo", help="Hub repo holding those GGUF files (default: REPO_ID-GGUF)")
+    p.add_argument("--routing-image", help="image inside the model folder showing the routing, e.g. routing.png")
+    p.add_argument("--gguf-of", metavar="MERGED_REPO",
+                   help="write the card of the GGUF repo in DIR, quantised from MERGED_REPO")
+    p.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
+    p.set_defaults(func=cmd_card)
+
+
+def cmd_card(args) -> int:
+    from .gguf.files import find_gguf_files
+    from .io.folder import write_text_atomic
+    from .publish.card import CARD_FILENAME, build_card, gguf_card_data
+    from .publish.render import render_gguf_card
+
+    folder = Path(args.model_dir)
+    if args.gguf_of:
+        data = gguf_card_data(find_gguf_files(folder), base_repo_id=args.gguf_of, repo_id=args.repo_id,
+                              model_name=args.model_name, license=args.license)
+        text = render_gguf_card(data)
+    else:
+        text = build_card(folder, model_name=args.model_name, license=args.license, repo_id=args.repo_id,
+                          gguf_repo=args.gguf_repo, gguf_files=args.gguf_dir, routing_image=args.routing_image)
+    if args.stdout:
+        print(text, end="")
+    else:
+        print(f"Wrote {write_text_atomic(folder / CARD_FILENAME, text)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ push
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload a merged model folder to the Hugging Face Hub",
+        description="Upload a finished model folder to the Hub. Run it again to resume an interrupted upload.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="folder written by `lazymoe merge`")
+    p.add_argument("repo", metavar="REPO", help="'name' (in your own namespace) or 'namespace/name'")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="Hub token with write access (default: HF_TOKEN, then your saved login). A token typed on the "
+        "command line ends up in your shell history: prefer HF_TOKEN or `hf auth login`.",
+    )
+    p.add_argument("--commit-message", default=None, help="message of the upload commit")
+    p.add_argument("--gguf-of", dest="base_repo_id", default=None, metavar="MERGED_REPO",
+                   help="for a folder of GGUF files: the merged model's repo they quantise "
+                        "(default: REPO without its -GGUF suffix)")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args) -> int:
+    from .publish.hub import push_to_hub
+
+    url = push_to_hub(
+        args.model_dir,
+        args.repo,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        progress=not getattr(args, "quiet", False),  # the CLI's global -q
+        base_repo_id=args.base_repo_id,
+    )
+    print(f"Pushed {args.model_dir} to {url}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ gguf, chat
+
+
+def _add_gguf(sub) -> None:
+    p = sub.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
+    p.add_argument("model_dir")
+    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
+                   help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
+                        f"menu: {','.join(QUANT_TYPES)}")
+    p.add_argument("--outdir", help="where to write (default: MODEL_DIR-GGUF beside the model)")
+    p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="unquantised file type (default f16)")
+    p.add_argument("--threads", type=int, help="quantiser threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild files that already exist")
+    p.set_defaults(func=cmd_gguf)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default)")
+    p.add_argument("gguf_file")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per expert, built from "
+                                                      f"its positive prompts in {CONFIG_FILENAME}")
+    p.add_argument("--config", help=f"the {CONFIG_FILENAME} to build per-expert prompts from "
+                                    "(default: beside the GGUF file or its parent)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_gguf(args) -> int:
+    from .gguf.convert import convert_to_gguf
+
+    paths = convert_to_gguf(args.model_dir, args.outdir, outtype=args.outtype, quants=args.quant,
+                            threads=args.threads, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
+    for path in paths:
+        print(f"{path}  ({path.stat().st_size / 1e6:,.1f} MB)")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .gguf.llama import chat, expert_prompts, find_config_for
+
+    gguf_file = Path(args.gguf_file)
+    if args.prompt:
+        labelled = [(None, p) for p in args.prompt]
+    else:
+        config = Path(args.config) if args.config else find_config_for(gguf_file)
+        if config is None:
+            raise GGUFError(f"no --prompt given and no {CONFIG_FILENAME} beside {gguf_file} to build one prompt per "
+                            "expert from; pass --prompt TEXT or --config PATH.")
+        labelled = expert_prompts(config)
+    replies = chat(gguf_file, [p for _, p in labelled], n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+                   max_tokens=args.max_tokens, n_ctx=args.n_ctx)
+    for (expert, prompt), reply in zip(labelled, replies):
+        print(f"--- {'expert ' + expert + ': ' if expert else ''}{prompt}\n{reply.strip()}\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,16 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.set_defaults(func=cmd_demo)
 
-    # commands that live beside the module they drive
-    from .card import add_card_parser
-    from .gguf import add_gguf_parsers
-    from .hub import add_push_parser
-    from .routing import add_route_parser
-
-    add_route_parser(sub)
-    add_card_parser(sub)
-    add_push_parser(sub)
-    add_gguf_parsers(sub)
+    _add_route(sub)
+    _add_card(sub)
+    _add_push(sub)
+    _add_gguf(sub)
+    _add_chat(sub)
     return parser
 
 

@@ -11,23 +11,19 @@ import os
 import random as _random
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ConfigError
+from .io.safetensors import NAME_TO_ST
+from .router.modes import GATE_MODES, RANDOM_MODES
 
-# centroid / classifier are lazymoe's fitted modes: routers fitted on each layer's real MLP input (gates.py).
-GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "centroid", "classifier"]
-GATE_MODES: tuple[str, ...] = get_args(GateMode)
-#: gate modes that read no prompt (the reference tool lets these go without prompts)
-RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})
-
-DType = Literal["bfloat16", "float16", "float32"]
-DTYPES: tuple[str, ...] = get_args(DType)
-#: what the merged folder calls the recipe that built it (written by merge, read by card and ui)
-CONFIG_FILENAME = "lazymoe_config.yml"
+# the names come from the gate-mode table (router/modes.py), the dtypes from the safetensors table
+GateMode = Literal[GATE_MODES]  # type: ignore[valid-type]
+DTYPES: tuple[str, ...] = tuple(NAME_TO_ST)
+DType = Literal[DTYPES]  # type: ignore[valid-type]
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,63}$")
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -127,7 +123,7 @@ class MoEConfig(_Strict):
 
     @property
     def uses_prompts(self) -> bool:
-        return self.gate_mode not in RANDOM_GATE_MODES
+        return self.gate_mode not in RANDOM_MODES
 
     def model_refs(self) -> list[str]:
         """Every distinct model reference, base first, in order of appearance."""

@@ -1,7 +1,7 @@
 """Tiny real checkpoints built offline: a SentencePiece tokenizer, dense Llama/Mistral models, a demo config.
 
-Everything here runs in seconds on a CPU and never touches the network, so tests, CI and a newcomer's first
-``lazymoe demo`` exercise the same code paths as a 4x7B merge, only smaller.
+Everything here runs in seconds on a CPU and never touches the network, so a newcomer's first ``lazymoe demo``
+(and the notebook's demo preset, the tests and CI) exercise the same code paths as a 4x7B merge, only smaller.
 
 The tokenizer is written by hand (``tokenizer.model`` + ``tokenizer.json`` + ``tokenizer_config.json``)
 rather than through ``save_pretrained`` because transformers 5 neither reads a ``vocab_file`` given to
@@ -18,9 +18,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import sentencepiece as spm
 import yaml
+from safetensors import safe_open
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
 
-from .errors import LazyMoEError
+from .errors import DemoError
 
 __all__ = ["build_tokenizer", "build_model", "build_demo", "DEMO_EXPERTS", "CHAT_TEMPLATE"]
 
@@ -97,16 +101,10 @@ _SPM_CACHE: dict[tuple[int, str], bytes] = {}
 _SPECIALS = ("<unk>", "<s>", "</s>")
 
 
-class DemoError(LazyMoEError):
-    """Building a demo checkpoint failed (a bug or an environment problem, reported with its cause)."""
-
-
 def _train_spm(corpus: str, vocab_size: int) -> bytes:
     """Train a Llama-style SentencePiece BPE model; cached per process (training takes ~50 ms)."""
     key = (vocab_size, corpus)
     if key not in _SPM_CACHE:
-        import sentencepiece as spm
-
         lines = [line for line in corpus.splitlines() if line.strip()]
         buf = io.BytesIO()
         # Llama's own settings: identity normalisation, spaces kept, dummy prefix, split digits, byte
@@ -125,10 +123,6 @@ def _train_spm(corpus: str, vocab_size: int) -> bytes:
 
 def _hf_tokenizer_json(model_proto: bytes) -> str:
     """The ``tokenizer.json`` equivalent of a SentencePiece BPE model (same ids for every input)."""
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
-
     sp = spm.SentencePieceProcessor(model_proto=model_proto)
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
     # SentencePiece BPE merges the adjacent pair whose concatenation scores highest (= lowest id), so
@@ -195,8 +189,6 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 
 
 def _tokenizer_vocab_size(tokenizer_dir: Path) -> int:
-    import sentencepiece as spm
-
     model = tokenizer_dir / "tokenizer.model"
     if not model.is_file():
         raise DemoError(f"{tokenizer_dir} has no tokenizer.model; build it with build_tokenizer() first.")
@@ -317,8 +309,6 @@ def build_model(
 
 def _check_saved_names(out: Path, config: Any) -> None:
     """Fail loudly if transformers saved non-standard tensor names (the merge engine reads these)."""
-    from safetensors import safe_open
-
     names: set[str] = set()
     for shard in sorted(out.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
@@ -382,12 +372,3 @@ def build_demo(
     path.write_text("# Tiny offline frankenMoE built by lazymoe.demo\n" + yaml.safe_dump(config, sort_keys=False),
                     encoding="utf-8")
     return path
-
-
-def iter_test_strings() -> list[str]:
-    """Strings that exercise spaces, digits, code, unicode and byte fallback (shared by the tests)."""
-    return [
-        "Hello world", "  two  leading spaces", " one", "trailing ", "def f(x):\n    return x * 2",
-        "Solve 2x + 3 = 11", "3.14159 and 1,000,000", "Café naïve 東京 😀 \u00a0nbsp", "tabs\tand\r\nlines",
-        "Once upon a time, the dragon roared.", "", " ", "ⅷ ﬁ ＡＢＣ",
-    ]

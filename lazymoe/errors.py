@@ -37,3 +37,22 @@ class HubError(LazyMoEError):
 
 class GGUFError(LazyMoEError):
     """Converting, quantising or running GGUF failed."""
+
+
+class CardError(LazyMoEError, ValueError):
+    """A model card cannot be rendered from what was given (the message names the fix)."""
+
+
+class DemoError(LazyMoEError):
+    """Building a demo checkpoint failed (a bug or an environment problem, reported with its cause)."""
+
+
+class StepFailed(LazyMoEError):
+    """A notebook step stopped; the reason is already on screen as a red message."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
+        return [f"Stopped at “{self.step}”: see the red message above, change what it says, and run this cell again."]

@@ -22,3 +22,12 @@ def moe_config(base, experts, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+def iter_test_strings() -> list[str]:
+    """Strings that exercise spaces, digits, code, unicode and byte fallback (tokenizer round trips)."""
+    return [
+        "Hello world", "  two  leading spaces", " one", "trailing ", "def f(x):\n    return x * 2",
+        "Solve 2x + 3 = 11", "3.14159 and 1,000,000", "Café naïve 東京 😀 \u00a0nbsp", "tabs\tand\r\nlines",
+        "Once upon a time, the dragon roared.", "", " ", "ⅷ ﬁ ＡＢＣ",
+    ]

@@ -9,7 +9,6 @@ and review the diff before committing it.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import difflib
 import json
@@ -17,7 +16,6 @@ import os
 import re
 import shutil
 import sys
-import tomllib
 import types
 from pathlib import Path
 
@@ -25,12 +23,13 @@ import jinja2
 import pytest
 import yaml
 
-from lazymoe import card
+from lazymoe.cli import build_parser
 from lazymoe.config import load_config
 from lazymoe.errors import ModelNotFoundError
-from lazymoe.plan import build_plan
-from lazymoe.safetensors_io import TensorInfo
-from lazymoe.sources import ModelInfo, ModelRef
+from lazymoe.io.safetensors import TensorInfo
+from lazymoe.io.sources import ModelInfo, ModelRef
+from lazymoe.moe.plan import build_plan
+from lazymoe.publish import card, render
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -414,21 +413,14 @@ def test_gguf_card_needs_a_hub_id_and_files():
     ],
 )
 def test_md_escape(text, escaped):
-    assert card.md_escape(text) == escaped
+    assert render.md_escape(text) == escaped
 
 
 def test_md_code_and_fence_outlast_backticks():
-    assert card.md_code("/models/base") == "`/models/base`"
-    assert card.md_code("a`b|c") == "``a`b\\|c``"
-    assert card.md_fenced("x: 1\n", "yaml") == "```yaml\nx: 1\n```"
-    assert card.md_fenced("p: ````four````\n") == "`````\np: ````four````\n`````"
-
-
-def test_every_gate_mode_is_explained():
-    from lazymoe.config import GATE_MODES
-
-    missing = [mode for mode in GATE_MODES if mode not in card.GATE_MODE_NOTES]
-    assert not missing, f"add a line for {missing} to lazymoe.card.GATE_MODE_NOTES"
+    assert render.md_code("/models/base") == "`/models/base`"
+    assert render.md_code("a`b|c") == "``a`b\\|c``"
+    assert render.md_fenced("x: 1\n", "yaml") == "```yaml\nx: 1\n```"
+    assert render.md_fenced("p: ````four````\n") == "`````\np: ````four````\n`````"
 
 
 def test_gguf_quant_names():
@@ -449,17 +441,28 @@ def test_find_gguf_files_reads_sizes_smallest_first(tmp_path):
         card.find_gguf_files(tmp_path / "empty")
 
 
-def test_templates_ship_with_the_package():
-    """pyproject maps templates/ to lazymoe.templates; every template must match its package-data globs."""
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    tool = project["tool"]["setuptools"]
-    assert tool["package-dir"]["lazymoe.templates"] == "templates"
-    globs = tool["package-data"]["lazymoe.templates"]
+def test_templates_ship_with_the_package(tmp_path):
+    """The wheel carries every template of the top-level templates/ folder, byte for byte, where render reads them."""
+    import subprocess
+    import sys
+    import zipfile
+
     templates = sorted(p.name for p in (REPO_ROOT / "templates").glob("*.j2"))
-    assert {card.MODEL_TEMPLATE, card.GGUF_TEMPLATE} <= set(templates)
+    assert {render.MODEL_TEMPLATE, render.GGUF_TEMPLATE} <= set(templates)
     for name in templates:
-        assert any(Path(name).match(g) for g in globs), f"{name} would not be installed (package-data {globs})"
-        assert card._template_source(name) == (REPO_ROOT / "templates" / name).read_text(encoding="utf-8")
+        assert render._template_source(name) == (REPO_ROOT / "templates" / name).read_text(encoding="utf-8")
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout (links kept as links)
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "lazymoe", "templates"):
+        copy = shutil.copytree if (REPO_ROOT / name).is_dir() else shutil.copy2
+        copy(REPO_ROOT / name, src / name, **({"symlinks": True} if copy is shutil.copytree else {}))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lazymoe-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        for name in templates:
+            assert z.read(f"lazymoe/publish/templates/{name}") == (REPO_ROOT / "templates" / name).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------- a real merged model
@@ -477,7 +480,7 @@ def merged(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_merge_writes_the_card_the_folder_alone_rebuilds(merged):
-    from lazymoe.merge import make_plan
+    from lazymoe.pipeline.merge import make_plan
 
     written = (merged / "README.md").read_text(encoding="utf-8")
     assert written == card.build_card(merged), "merge() and `lazymoe card` must produce the same card"
@@ -541,8 +544,7 @@ def test_four_bit_snippet_builds_a_quantization_config(merged, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_card_renders_from_the_folder(merged, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="lazymoe")
-    card.add_card_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     folder = shutil.copytree(merged, tmp_path / "copy")
     (folder / "README.md").unlink()
 

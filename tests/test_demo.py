@@ -10,6 +10,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from helpers import iter_test_strings
+
 from lazymoe import demo
 from lazymoe.config import load_config
 
@@ -51,7 +53,7 @@ def test_tokenizer_matches_sentencepiece_exactly(tok_dir):
 
     sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    for text in demo.iter_test_strings():
+    for text in iter_test_strings():
         ids = tok(text)["input_ids"]
         assert ids == [1] + sp.encode(text), text  # leading spaces included, unlike transformers' LlamaTokenizer
         assert tok.decode(ids, skip_special_tokens=True) == sp.decode(sp.encode(text)), text

@@ -17,10 +17,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lazymoe
-from lazymoe import gates
+from lazymoe.router import fitted, gates, reference
+from lazymoe.router import prompts as router_prompts
 from lazymoe.config import load_config
 from lazymoe.errors import ConfigError
-from lazymoe.merge import make_plan
+from lazymoe.pipeline.merge import make_plan
 
 
 def _plan(tiny_world, gate_mode, **overrides):
@@ -41,11 +42,11 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def test_random_modes_are_seeded_and_have_the_reference_distributions():
-    a = gates.random_gates(4, 8, 512, mode="random", seed=7)
-    assert torch.equal(a, gates.random_gates(4, 8, 512, mode="random", seed=7))
-    assert not torch.equal(a, gates.random_gates(4, 8, 512, mode="random", seed=8))
+    a = reference.random_gates(4, 8, 512, mode="random", seed=7)
+    assert torch.equal(a, reference.random_gates(4, 8, 512, mode="random", seed=7))
+    assert not torch.equal(a, reference.random_gates(4, 8, 512, mode="random", seed=8))
     assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1.0) < 0.02  # N(0, 1), not normalised
-    u = gates.random_gates(4, 8, 512, mode="uniform_random", seed=7)
+    u = reference.random_gates(4, 8, 512, mode="uniform_random", seed=7)
     bound = 1 / math.sqrt(512)
     assert float(u.abs().max()) <= bound
     assert abs(float(u.std()) - bound / math.sqrt(3)) < 0.02 * bound  # U(-b, b) has std b / sqrt(3)
@@ -109,20 +110,20 @@ def test_hidden_modes_are_the_residual_stream_entering_each_layer(tiny_world, mo
 
 def test_router_token_ids_follow_the_tokenizer_and_the_chat_template(tiny_world):
     tok = _tok(tiny_world)
-    plain = gates.router_token_ids(tok, "def add(a, b):")
+    plain = router_prompts.router_token_ids(tok, "def add(a, b):")
     assert plain == tok("def add(a, b):")["input_ids"] and plain[0] == tok.bos_token_id  # one BOS, not two
-    chat = gates.router_token_ids(tok, "def add(a, b):", chat_template=True)
+    chat = router_prompts.router_token_ids(tok, "def add(a, b):", chat_template=True)
     text = tok.apply_chat_template([{"role": "user", "content": "def add(a, b):"}], tokenize=False,
                                    add_generation_prompt=True)
     assert chat == tok(text, add_special_tokens=False)["input_ids"] and len(chat) > len(plain)
     tok.chat_template = None
     with pytest.raises(ConfigError, match="no chat template"):
-        gates.router_token_ids(tok, "hi", chat_template=True)
+        router_prompts.router_token_ids(tok, "hi", chat_template=True)
 
 
 def test_layer_stack_reads_the_post_attention_norm_output_at_true_positions(tiny_world):
-    from lazymoe.streamed import LayerStack
-    from lazymoe.safetensors_io import read_tensor
+    from lazymoe.router.streamed import LayerStack
+    from lazymoe.io.safetensors import read_tensor
 
     plan, tok = _plan(tiny_world, "classifier"), _tok(tiny_world)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_world["base"]), dtype=torch.float32).eval()
@@ -156,7 +157,7 @@ def test_softmax_regression_reaches_the_autograd_optimum():
     Xn = X[:10] + 0.1  # counter-examples against expert 2 that look like expert 0
     yn = torch.full((10,), 2)
     lam = 0.05
-    W = gates.softmax_regression(X, y, Xn, yn, 3, lam)
+    W = fitted.softmax_regression(X, y, Xn, yn, 3, lam)
     # the same objective written independently, minimised by autograd + Adam from another start
     w = 1.0 / (torch.bincount(y).double()[y] * 3)
     wn = 0.5 / (10 * 3) * torch.ones(10, dtype=torch.float64)
@@ -183,8 +184,8 @@ def test_softmax_regression_reaches_the_autograd_optimum():
 def test_negatives_push_their_expert_down_where_they_are():
     X, y = _separable(seed=1)
     probe = X[y == 0][:20]
-    no_neg = gates.softmax_regression(X, y, X[:0], y[:0], 3, 0.05)
-    with_neg = gates.softmax_regression(X, y, probe, torch.zeros(20, dtype=torch.long), 3, 0.05)
+    no_neg = fitted.softmax_regression(X, y, X[:0], y[:0], 3, 0.05)
+    with_neg = fitted.softmax_regression(X, y, probe, torch.zeros(20, dtype=torch.long), 3, 0.05)
     p_before = (probe.double() @ no_neg.T).softmax(1)[:, 0].mean()
     p_after = (probe.double() @ with_neg.T).softmax(1)[:, 0].mean()
     assert p_after < p_before - 0.2
@@ -193,12 +194,12 @@ def test_negatives_push_their_expert_down_where_they_are():
 def test_classifier_cross_validates_the_l2_strength_and_is_scale_free():
     X, y = _separable(seed=2, noise=2.5)
     groups = torch.arange(len(y)) % 5
-    W, lam = gates.fit_classifier(X, y, groups, X[:0], y[:0], 3)
-    assert lam in gates._LAMBDAS
+    W, lam = fitted.fit_classifier(X, y, groups, X[:0], y[:0], 3)
+    assert lam in fitted._LAMBDAS
     # rescaling one input dimension (a "massive activation") must not change the decisions
     Xs = X.clone()
     Xs[:, 0] *= 100
-    W2, lam2 = gates.fit_classifier(Xs, y, groups, Xs[:0], y[:0], 3)
+    W2, lam2 = fitted.fit_classifier(Xs, y, groups, Xs[:0], y[:0], 3)
     assert lam2 == lam
     assert torch.equal((X @ W.T).argmax(1), (Xs @ W2.T).argmax(1))
     # the rows are centred (the L2 optimum adds nothing all experts share) and route the training data
@@ -210,7 +211,7 @@ def test_centroid_rows_are_centred_means_at_the_cross_entropy_optimal_scale():
     X, y = _separable(seed=3, noise=2.0)
     Xn = X[y == 1][:5]
     yn = torch.zeros(5, dtype=torch.long)
-    W = gates.fit_centroid(X, y, Xn, yn, 3).double()
+    W = fitted.fit_centroid(X, y, Xn, yn, 3).double()
     means = torch.stack([X[y == e].double().mean(0) for e in range(3)])
     direction = means - means.mean(0)
     direction[0] -= Xn.double().mean(0) - means.mean(0)
@@ -242,7 +243,7 @@ def test_fitted_routers_are_fitted_on_what_the_merged_moe_feeds_them(tiny_world,
     seen: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(moe.model.layers):
         layer.mlp.gate.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0]))
-    prompts = gates.prompt_set(tok, plan.config)
+    prompts = router_prompts.prompt_set(tok, plan.config)
     feats = {i: [] for i in range(plan.num_layers)}
     for seq in prompts.seqs:  # one prompt at a time: no padding, true positions
         with torch.no_grad():
@@ -256,19 +257,19 @@ def test_fitted_routers_are_fitted_on_what_the_merged_moe_feeds_them(tiny_world,
                                for i in range(plan.num_layers)])
     for i in range(plan.num_layers):
         X = torch.cat(feats[i])
-        refit = gates.fit_layer(mode, X[pos], labels[pos], groups[pos], X[~pos], labels[~pos], 3)
+        refit = fitted.fit_layer(mode, X[pos], labels[pos], groups[pos], X[~pos], labels[~pos], 3)
         assert torch.allclose(refit, written[i], rtol=1e-3, atol=1e-4 * float(written[i].abs().max())), i
 
 
 def test_base_upstream_fits_on_the_dense_base_states(tiny_world):
     # upstream="base" (no expert weights needed) must fit exactly on the dense base's MLP inputs.
     plan, tok = _plan(tiny_world, "centroid", router_continuation_tokens=0), _tok(tiny_world)
-    got = gates.fitted_gates(plan, tok, progress=False, upstream="base")
+    got = fitted.fitted_gates(plan, tok, progress=False, upstream="base")
     model = AutoModelForCausalLM.from_pretrained(str(tiny_world["base"]), dtype=torch.float32).eval()
     seen: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(model.model.layers):
         layer.mlp.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0][0, 1:]))
-    prompts = gates.prompt_set(tok, plan.config)
+    prompts = router_prompts.prompt_set(tok, plan.config)
     feats = {i: [] for i in range(plan.num_layers)}
     for seq in prompts.seqs:
         with torch.no_grad():
@@ -279,21 +280,21 @@ def test_base_upstream_fits_on_the_dense_base_states(tiny_world):
     labels, pos = prompts.expert[owners], prompts.positive[owners]
     for i in range(plan.num_layers):
         X = torch.cat(feats[i])
-        want = gates.fit_centroid(X[pos], labels[pos], X[~pos], labels[~pos], 3)
+        want = fitted.fit_centroid(X[pos], labels[pos], X[~pos], labels[~pos], 3)
         assert torch.allclose(got[i], want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), i
     with pytest.raises(ValueError, match="upstream"):
-        gates.fitted_gates(plan, tok, progress=False, upstream="dense")
+        fitted.fitted_gates(plan, tok, progress=False, upstream="dense")
 
 
 def test_continuations_are_seeded_samples_of_the_base_appended_to_positive_prompts(tiny_world):
     plan, tok = _plan(tiny_world, "classifier"), _tok(tiny_world)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_world["base"]), dtype=torch.float32).eval()
-    prompts = gates.prompt_set(tok, plan.config)
+    prompts = router_prompts.prompt_set(tok, plan.config)
     rng_before = torch.get_rng_state()
-    a = gates.continue_prompts(model, tok, prompts, new_tokens=12, seed=5)
+    a = router_prompts.continue_prompts(model, tok, prompts, new_tokens=12, seed=5)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random state is left alone
-    b = gates.continue_prompts(model, tok, prompts, new_tokens=12, seed=5, batch_size=1)
-    c = gates.continue_prompts(model, tok, prompts, new_tokens=12, seed=6)
+    b = router_prompts.continue_prompts(model, tok, prompts, new_tokens=12, seed=5, batch_size=1)
+    c = router_prompts.continue_prompts(model, tok, prompts, new_tokens=12, seed=6)
     assert a.seqs != c.seqs
     for i, (old, new) in enumerate(zip(prompts.seqs, a.seqs)):
         assert new[: len(old)] == old  # the prompt itself is kept, unpadded

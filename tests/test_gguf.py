@@ -22,10 +22,13 @@ import pytest
 import torch
 
 from lazymoe import demo
-from lazymoe.converter import _extract_converter, ensure_converter
+from lazymoe.gguf.converter import _extract_converter, ensure_converter
 from lazymoe.errors import GGUFError
-from lazymoe.gguf import add_gguf_parsers, convert_to_gguf, parse_quants, quantize_gguf
-from lazymoe.llama import chat, expert_prompts, open_gguf
+from helpers import iter_test_strings
+
+from lazymoe.cli import build_parser, cmd_chat
+from lazymoe.gguf.convert import convert_to_gguf, parse_quants, quantize_gguf
+from lazymoe.gguf.llama import chat, expert_prompts, open_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (see README: GGUF)")
 pytestmark = pytest.mark.llama
@@ -34,7 +37,7 @@ PROMPTS = ["Once upon a time, the dragon", "def fibonacci(n):", "Solve 2x + 3 = 
 
 
 def _build_moe(root: Path, hidden: int, intermediate: int) -> Path:
-    from lazymoe.merge import merge
+    from lazymoe.pipeline.merge import merge
 
     config = demo.build_demo(root / "src", hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=4,
                              num_key_value_heads=2, initializer_range=0.1, perturb=0.3)
@@ -152,7 +155,7 @@ def test_tokenisation_matches_base_tokenizer(gguf256, moe256):
 
     tok = AutoTokenizer.from_pretrained(moe256)
     with open_gguf(gguf256["Q8_0"], n_threads=1, n_gpu_layers=0, vocab_only=True) as llm:
-        for text in demo.iter_test_strings():
+        for text in iter_test_strings():
             assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok(text)["input_ids"], text
             ids = tok(text)["input_ids"]  # llama-cpp-python drops the dummy-prefix space only after a BOS
             assert llm.detokenize(ids).decode("utf-8") == tok.decode(ids, skip_special_tokens=True), text
@@ -165,8 +168,7 @@ def test_chat_answers_one_prompt_per_expert(gguf256, capsys):
     replies = chat(gguf256["Q4_K_M"], [p for _, p in prompts], n_threads=1, max_tokens=8)
     assert len(replies) == 4 and all(isinstance(r, str) and r for r in replies)
 
-    parser = argparse.ArgumentParser()
-    add_gguf_parsers(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["chat", str(gguf256["Q4_K_M"]), "--max-tokens", "4", "--threads", "1"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
@@ -174,8 +176,7 @@ def test_chat_answers_one_prompt_per_expert(gguf256, capsys):
 
 
 def test_cli_gguf_reuses_complete_files(gguf256, moe256, capsys):
-    parser = argparse.ArgumentParser()
-    add_gguf_parsers(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     folder = gguf256["F32"].parent
     before = {p: p.stat().st_mtime_ns for p in gguf256.values()}
     args = parser.parse_args(["gguf", str(moe256), "--outdir", str(folder), "--outtype", "f32", "--quant", "q8_0"])
@@ -225,7 +226,7 @@ def test_unsupported_architecture_error(moe256, tmp_path):
 
 
 def test_fused_layout_is_refused_before_converting(tmp_path, moe256):
-    from lazymoe.merge import merge
+    from lazymoe.pipeline.merge import merge
 
     fused = merge(moe256 / "lazymoe_config.yml", tmp_path / "fused", layout="fused", progress=False)
     with pytest.raises(GGUFError, match="--layout classic"):
@@ -264,12 +265,10 @@ def test_disk_is_checked_before_each_step(moe256, tmp_path, monkeypatch):
 
 
 def test_chat_without_prompts_or_config_says_what_to_pass(tmp_path):
-    from lazymoe.gguf import run_chat
-
     args = argparse.Namespace(gguf_file=str(tmp_path / "m.gguf"), prompt=None, config=None, max_tokens=4,
                               n_gpu_layers=0, threads=1, n_ctx=64)
     with pytest.raises(GGUFError, match="pass --prompt TEXT or --config PATH"):
-        run_chat(args)
+        cmd_chat(args)
     with pytest.raises(GGUFError, match="no further --quant"):
         convert_to_gguf(tmp_path, outtype="q8_0", quants="Q4_K_M", progress=False)
 

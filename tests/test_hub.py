@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -27,7 +26,8 @@ from hubserver import (
 from safetensors.torch import save_file
 
 from lazymoe.errors import HubError
-from lazymoe.hub import add_push_parser, check_model_folder, push_to_hub, resolve_token
+from lazymoe.cli import build_parser
+from lazymoe.publish.hub import check_model_folder, push_to_hub, resolve_token
 
 README = """---
 license: apache-2.0
@@ -409,8 +409,7 @@ def test_a_colab_secret_is_used_to_push(hub, model_dir, monkeypatch):
 
 
 def test_cli_push(hub, model_dir, capsys):
-    parser = argparse.ArgumentParser(prog="lazymoe")
-    add_push_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["push", str(model_dir), "lazyorg/tiny-moe", "--private", "--token", ALICE_WRITE_TOKEN])
 
     assert args.func(args) == 0

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import lazymoe
 from lazymoe.errors import OutputExistsError
-from lazymoe.sources import ModelRef, describe
+from lazymoe.io.sources import ModelRef, describe
 
 ALL_GATE_MODES = ["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "centroid",
                   "classifier"]
@@ -194,7 +194,7 @@ def test_bfloat16_output_converts_every_tensor(tiny_world, tmp_path):
 
 
 def test_a_failed_merge_leaves_no_folder_and_no_debris(tiny_world, tmp_path, monkeypatch):
-    import lazymoe.writer as writer
+    import lazymoe.moe.writer as writer
 
     calls = {"n": 0}
     real = writer.copy_bytes
@@ -263,10 +263,10 @@ def test_work_left_by_a_killed_merge_is_cleaned_up(tiny_world, tmp_path):
 
 
 def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkeypatch):
-    from lazymoe import plan as planning
     from lazymoe.errors import InsufficientResourcesError
+    from lazymoe.pipeline import merge as merging
 
-    monkeypatch.setattr(planning, "free_disk_bytes", lambda path: 1000)
+    monkeypatch.setattr(merging, "free_disk_bytes", lambda path: 1000)
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
     with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free.*--low-disk"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)

@@ -82,7 +82,7 @@ def test_merge_then_push_round_trip_names_the_repo_in_the_card(hub, tiny_world, 
     from huggingface_hub import snapshot_download
     from hubserver import ALICE_WRITE_TOKEN
 
-    from lazymoe.hub import push_to_hub
+    from lazymoe.publish.hub import push_to_hub
 
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=2)
     out = lazymoe.merge(cfg, tmp_path / "tiny-moe", progress=False)
@@ -112,7 +112,7 @@ def test_pushing_gguf_files_makes_the_quantized_repo_card(hub, tmp_path):
     from hubserver import ALICE_WRITE_TOKEN
 
     from lazymoe.errors import HubError
-    from lazymoe.hub import push_to_hub
+    from lazymoe.publish.hub import push_to_hub
 
     folder = tmp_path / "tiny-moe-GGUF"
     folder.mkdir()

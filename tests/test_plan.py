@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from helpers import moe_config
 
-from lazymoe import checks
-from lazymoe import plan as planning
 from lazymoe.config import load_config
 from lazymoe.errors import ConfigError, ModelMismatchError, ModelNotFoundError
-from lazymoe.merge import make_plan
-from lazymoe.safetensors_io import build_header
+from lazymoe.io.safetensors import build_header
+from lazymoe.moe import checks
+from lazymoe.moe import plan as planning
+from lazymoe.pipeline.merge import make_plan
+from lazymoe.units import parse_bytes
 
 MISTRAL_7B = {
     "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
@@ -76,11 +77,11 @@ def plan_for(tmp_path, base_cfg: dict, expert_cfgs: list[dict], shapes=None, **k
     base = header_only_model(tmp_path / "base", base_cfg)
     experts = [header_only_model(tmp_path / f"e{i}", c, (shapes or {}).get(i)) for i, c in enumerate(expert_cfgs)]
     config = load_config(moe_config(base, experts, **kw))
-    from lazymoe.sources import ModelRef, describe
+    from lazymoe.io.sources import ModelRef, describe
 
     models = {ref: describe(ModelRef.parse(ref)) for ref in config.model_refs()}
     warnings = checks.check_models(config, models)
-    return planning.build_plan(config, models, warnings=warnings, max_shard_bytes=planning.parse_bytes("5GB"))
+    return planning.build_plan(config, models, warnings=warnings, max_shard_bytes=parse_bytes("5GB"))
 
 
 def test_four_mistral_7b_experts_top2(tmp_path):
@@ -98,12 +99,12 @@ def test_four_mistral_7b_experts_top2(tmp_path):
 
 
 def test_parse_bytes():
-    assert planning.parse_bytes("2GB") == 2_000_000_000
-    assert planning.parse_bytes("1.5GiB") == int(1.5 * 1024**3)
-    assert planning.parse_bytes("500 MB") == 500_000_000
+    assert parse_bytes("2GB") == 2_000_000_000
+    assert parse_bytes("1.5GiB") == int(1.5 * 1024**3)
+    assert parse_bytes("500 MB") == 500_000_000
     for bad in ("lots", "-1GB", "2XB"):
         with pytest.raises(ConfigError, match="is not a size"):
-            planning.parse_bytes(bad)
+            parse_bytes(bad)
 
 
 def small(**overrides) -> dict:

@@ -1,6 +1,6 @@
 """The fitted gate modes route a small *trained* world's tokens to the right expert (seconds on a CPU).
 
-The world (lazymoe.world.TINY_SPEC) is a 2-layer Llama pretrained on four synthetic domains and four
+The world (bench/world.py's TINY_SPEC) is a 2-layer Llama pretrained on four synthetic domains and four
 MLP-only experts fine-tuned from it, so the right expert for every held-out token is known. The benchmark
 script itself runs on it, end to end, so its measurements are tested too.
 """

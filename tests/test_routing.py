@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lazymoe
-from lazymoe import routing
+from lazymoe.router import block, plot, routing
 from lazymoe.errors import ConfigError
-from lazymoe.gates import right_padded
+from lazymoe.router.prompts import right_padded
 
 TEXTS = ["def add(a, b):\n    return a + b", "Once upon a time, a dragon slept.", "Solve 2x + 3 = 11", "Hi"]
 
@@ -94,7 +94,7 @@ def test_parallel_gate_rows_warn_of_a_singular_gate_and_a_collapse(moe, tmp_path
                 tensors[name] = t[0].expand_as(t).clone() + 1e-4 * torch.randn(t.shape, generator=gen)
         save_file(tensors, shard, metadata={"format": "pt"})
     report = routing.routing_report(broken)
-    assert all(c > routing.SINGULAR_CONDITION for c in report.gate_condition)
+    assert all(c > block.SINGULAR_CONDITION for c in report.gate_condition)
     text = "\n".join(report.warnings)
     assert "nearly singular in layer(s) 0-1" in text
     assert report.accuracy() < 0.5  # the experts' own prompts are routed about at random
@@ -118,13 +118,13 @@ def test_warning_rules_on_hand_made_counts(tmp_path):
 
 
 def test_gate_condition_measures_angles_not_lengths_nor_shared_parts():
-    assert routing.gate_condition(torch.eye(3, 8) * torch.tensor([[1.0], [10.0], [100.0]])) == pytest.approx(1.0)
+    assert block.gate_condition(torch.eye(3, 8) * torch.tensor([[1.0], [10.0], [100.0]])) == pytest.approx(1.0)
     centred = torch.eye(4, 8) - 0.25 * torch.ones(4, 8) * (torch.arange(8) < 4)  # rows sum to zero
-    assert routing.gate_condition(centred) < 1.5  # what a fitted router looks like: fine
-    assert routing.gate_condition(torch.tensor([[1.0, 0.0], [1.0, 0.01]])) > 100  # two rows nearly coincide
+    assert block.gate_condition(centred) < 1.5  # what a fitted router looks like: fine
+    assert block.gate_condition(torch.tensor([[1.0, 0.0], [1.0, 0.01]])) > 100  # two rows nearly coincide
     shared = torch.eye(3, 8) * 0.05 + torch.ones(8)  # one direction dominates every row
-    assert routing.gate_condition(shared) > routing.SINGULAR_CONDITION
-    assert routing.gate_condition(torch.ones(2, 4)) == float("inf")
+    assert block.gate_condition(shared) > block.SINGULAR_CONDITION
+    assert block.gate_condition(torch.ones(2, 4)) == float("inf")
 
 
 def test_plot_is_a_png_and_leaves_no_pyplot_figures(moe, tmp_path):
@@ -132,7 +132,7 @@ def test_plot_is_a_png_and_leaves_no_pyplot_figures(moe, tmp_path):
     import matplotlib.pyplot as plt
 
     report = routing.routing_report(moe, extra_texts=["hello there"])
-    path = routing.plot_routing(report, tmp_path / "sub" / "routing.png")
+    path = plot.plot_routing(report, tmp_path / "sub" / "routing.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lazymoe.gates import tokenize_prompts
-from lazymoe.sources import ModelRef, describe
-from lazymoe.streamed import StreamedBase
+from lazymoe.router.prompts import tokenize_prompts
+from lazymoe.io.sources import ModelRef, describe
+from lazymoe.router.streamed import StreamedBase
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,9 +10,9 @@ pytest.importorskip("ipywidgets")
 
 from lazymoe.config import load_config  # noqa: E402
 from lazymoe.errors import ConfigError  # noqa: E402
-from lazymoe.notebooks import load_preset  # noqa: E402
-from lazymoe.ui_form import MoEForm  # noqa: E402
-from lazymoe.ui_widgets import IPYWIDGETS_MAJOR, NEWLINE_MARK, set_tooltip  # noqa: E402
+from lazymoe.notebook.presets import load_preset  # noqa: E402
+from lazymoe.notebook.form import MoEForm  # noqa: E402
+from lazymoe.notebook.widgets import IPYWIDGETS_MAJOR, NEWLINE_MARK, set_tooltip  # noqa: E402
 
 PRESETS = Path(__file__).resolve().parent.parent / "notebooks" / "presets"
 
@@ -235,12 +235,3 @@ def test_config_errors_are_config_errors():
     form = MoEForm()
     with pytest.raises(ConfigError, match="Base model is empty"):
         form.to_config()
-
-
-def test_quant_menu_is_the_gguf_modules():
-    gguf = pytest.importorskip("lazymoe.gguf")
-    from lazymoe.notebooks import NOTEBOOK_KEYS
-    from lazymoe.ui_widgets import QUANT_TYPES
-
-    assert QUANT_TYPES == gguf.QUANT_TYPES
-    assert tuple(NOTEBOOK_KEYS["quants"][1]) == tuple(MoEForm().quants.value) == gguf.DEFAULT_QUANTS

@@ -1,4 +1,4 @@
-"""The notebook steps (lazymoe.ui.Builder) on tiny real checkpoints, without a kernel: what each step shows."""
+"""The notebook steps (lazymoe.notebook.ui.Builder) on tiny real checkpoints, without a kernel: what each step shows."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ pytest.importorskip("ipywidgets")
 
 from helpers import moe_config  # noqa: E402
 
-from lazymoe import ui  # noqa: E402
+from lazymoe.notebook import ui  # noqa: E402
 from lazymoe.config import load_config  # noqa: E402
-from lazymoe.ui import Builder, StepFailed  # noqa: E402
-from lazymoe.ui_form import MoEForm  # noqa: E402
+from lazymoe.notebook.ui import Builder, StepFailed  # noqa: E402
+from lazymoe.notebook.form import MoEForm  # noqa: E402
 
 
 class Screen(list):
@@ -67,7 +67,7 @@ def test_plan_merge_and_try_show_what_happened(builder, tmp_path):
 
     builder.screen.clear()
     results = builder.try_model(max_new_tokens=4)
-    from lazymoe.llama import expert_prompts
+    from lazymoe.gguf.llama import expert_prompts
 
     assert [r["prompt"] for r in results] == [p for _, p in expert_prompts(builder.form.to_config())]
     for r in results:
@@ -78,7 +78,7 @@ def test_plan_merge_and_try_show_what_happened(builder, tmp_path):
 def test_merge_reuses_the_plan_only_while_the_form_is_unchanged(builder, monkeypatch):
     import sys
 
-    merging = sys.modules["lazymoe.merge"]  # the package attribute `lazymoe.merge` is the function
+    merging = sys.modules["lazymoe.pipeline.merge"]  # the package attribute `lazymoe.merge` is the function
     seen = []
     real = merging.merge
     monkeypatch.setattr(merging, "merge", lambda *a, **k: seen.append(k["plan"]) or real(*a, **k))

@@ -1,34 +1,29 @@
-"""Presets and the notebooks generated from them.
-
-A preset is a mergekit-moe YAML file with one optional extra block, ``notebook:``, holding what the form
-needs beyond the MoE config (model name, licence, upload and GGUF choices...). Removing that block leaves a
-config any mergekit-moe user recognises.
+"""The notebook generator: one Colab notebook per preset (``lazymoe.notebook.presets``), from one template.
 
 ``notebooks/LazyMoE.ipynb`` is the template: its cells are the notebook every preset gets. The generator
 copies it once per preset in ``notebooks/presets/``, embeds the preset's YAML in the form cell, writes the
 intro and (for presets built from local demo models) a cell that builds them, strips outputs and sets the
 Colab metadata. The template itself is regenerated from the default preset, so it never drifts either.
 
-    python -m lazymoe.notebooks            # regenerate every notebook
-    python -m lazymoe.notebooks --check    # exit 1 if any notebook is out of date (what the tests run)
-    python -m lazymoe.notebooks --links    # the README's Open-in-Colab list
+    python tools/notebooks.py            # regenerate every notebook
+    python tools/notebooks.py --check    # exit 1 if any notebook is out of date (what the tests run)
+    python tools/notebooks.py --links    # the README's Open-in-Colab list
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import json
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the lazymoe of this checkout, not an installed copy
 
-from .errors import ConfigError
+from lazymoe.errors import ConfigError  # noqa: E402
+from lazymoe.notebook.presets import Preset, load_preset  # noqa: E402
 
 #: the GitHub repository the notebooks install from and the Colab links point at: change it here only
 OWNER_REPO = "lazymoe-dev/lazymoe"
@@ -37,22 +32,6 @@ BRANCH = "main"
 DEFAULT_PRESET = "beyonder-4x7b-v3"
 TEMPLATE = "notebooks/LazyMoE.ipynb"
 PRESETS_DIR = "notebooks/presets"
-
-#: ``notebook:`` keys a preset may set, with their types and the default the form starts from
-NOTEBOOK_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
-    "title": (str, None),
-    "description": (str, ""),
-    "model_name": (str, "my-frankenmoe"),
-    "upload": (bool, False),
-    "private": (bool, False),
-    "hf_secret": (str, "HF_TOKEN"),
-    "gguf": (bool, False),
-    "quants": (list, ["Q4_K_M", "Q5_K_M"]),
-    "max_shard_bytes": ((str, int), "2GB"),
-    "overwrite": (bool, True),
-    "low_disk": (bool, False),
-    "demo_dir": (str, None),
-}
 
 _TAG = "lazymoe"  # cell metadata: {"lazymoe": "intro" | "setup" | "demo" | "form" | ...}
 _PRESET_BLOCK = re.compile(r'(PRESET = r""")\n.*?\n(""")', re.S)
@@ -66,59 +45,6 @@ def package_spec() -> str:
 
 def colab_url(path: str) -> str:
     return f"https://colab.research.google.com/github/{OWNER_REPO}/blob/{BRANCH}/{path}"
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str  # file stem
-    text: str  # the YAML exactly as written (embedded in the notebook)
-    config: dict  # the mergekit-moe part, not yet validated (the form reports its problems)
-    notebook: dict = field(default_factory=dict)  # NOTEBOOK_KEYS, defaults filled in
-    given: tuple[str, ...] = ()  # the keys the preset's notebook block actually sets
-
-    @property
-    def title(self) -> str:
-        return self.notebook["title"] or self.notebook["model_name"]
-
-    @property
-    def demo_dir(self) -> str | None:
-        return self.notebook["demo_dir"]
-
-
-def parse_preset(text: str, name: str = "preset") -> Preset:
-    """Split a preset (or a plain mergekit-moe YAML) into its config and ``notebook:`` settings."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"The preset is not valid YAML{where}: {getattr(err, 'problem', None) or err}.") from None
-    if not isinstance(data, dict):
-        raise ConfigError("A preset must be a mapping: a mergekit-moe config, optionally with a 'notebook:' block.")
-    data = dict(data)
-    block = data.pop("notebook", None) or {}
-    if not isinstance(block, dict):
-        raise ConfigError("The preset's 'notebook:' block must be a mapping (model_name, upload, gguf, ...).")
-    settings = {key: copy.deepcopy(default) for key, (_, default) in NOTEBOOK_KEYS.items()}
-    for key, value in block.items():
-        if key not in NOTEBOOK_KEYS:
-            close = difflib.get_close_matches(str(key), NOTEBOOK_KEYS, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(NOTEBOOK_KEYS)}."
-            raise ConfigError(f"Unknown key '{key}' in the preset's notebook block.{hint}")
-        kind, default = NOTEBOOK_KEYS[key]
-        ok = (value is None and default is None) or (
-            isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-            and (kind is not list or all(isinstance(v, str) for v in value)))
-        if not ok:
-            want = {str: "text", bool: "true or false", list: "a list of names"}.get(kind, "text or a number")
-            raise ConfigError(f"notebook.{key} in the preset must be {want}, got {value!r}.")
-        settings[key] = value
-    return Preset(name=name, text=text, config=data, notebook=settings, given=tuple(block))
-
-
-def load_preset(path: str | Path) -> Preset:
-    path = Path(path)
-    return parse_preset(path.read_text(encoding="utf-8"), name=path.stem)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -220,10 +146,9 @@ def dumps(nb: dict) -> str:
 
 
 def repo_root() -> Path:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / TEMPLATE).is_file():
-        raise ConfigError(f"{TEMPLATE} not found under {root}: run the generator from a lazymoe checkout.")
-    return root
+    if not (ROOT / TEMPLATE).is_file():
+        raise ConfigError(f"{TEMPLATE} not found under {ROOT}: run the generator from a lazymoe checkout.")
+    return ROOT
 
 
 def notebook_path(preset_name: str) -> str:
@@ -277,7 +202,7 @@ def readme_links(root: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lazymoe.notebooks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/notebooks.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a notebook is out of date; write nothing")
     parser.add_argument("--links", action="store_true", help="print the README's Open-in-Colab list")
     args = parser.parse_args(argv)
@@ -287,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in old:
                 print(f"out of date: {path}")
             if old:
-                print("run: python -m lazymoe.notebooks")
+                print("run: python tools/notebooks.py")
             return 1 if old else 0
         if not args.links:
             for path in write():

@@ -18,23 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import CONFIG_FILENAME
+from tqdm.auto import tqdm
+
+from ..errors import GGUFError, InsufficientResourcesError
+from ..io.folder import CONFIG_FILENAME
+from ..io.safetensors import scan_file
+from ..units import human_bytes
 from .converter import run_converter
-from .errors import GGUFError, InsufficientResourcesError
-from .report import human_bytes
-from .llama import capture_llama_log, chat, expert_prompts, find_config_for, import_llama_cpp
+from .llama import capture_llama_log, import_llama_cpp
+from .quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, gguf_bytes
 
 log = logging.getLogger("lazymoe.gguf")
 
-#: quantisations offered, with approximate bits per weight (for the disk check, generous on purpose)
-QUANT_BPW: dict[str, float] = {
-    "Q2_K": 3.4, "Q3_K_S": 3.6, "Q3_K_M": 4.0, "Q3_K_L": 4.4, "Q4_0": 4.6, "Q4_1": 5.1, "Q4_K_S": 4.7,
-    "Q4_K_M": 5.0, "Q5_0": 5.6, "Q5_1": 6.1, "Q5_K_S": 5.7, "Q5_K_M": 5.8, "Q6_K": 6.7, "Q8_0": 8.6,
-}
-QUANT_TYPES = tuple(QUANT_BPW)
-DEFAULT_QUANTS = ("Q4_K_M", "Q5_K_M")
-#: converter output types and their bits per weight
-OUTTYPE_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5}
 _DISK_MARGIN = 64 * 1024**2
 
 _FALLBACK_RE = re.compile(
@@ -84,7 +79,7 @@ def parse_quants(quants: str | Iterable[str] | None) -> list[str]:
         return []
     if items == ["ALL"]:
         return list(QUANT_TYPES)
-    unknown = [q for q in items if q not in QUANT_BPW]
+    unknown = [q for q in items if q not in QUANT_TYPES]
     if unknown:
         raise GGUFError(f"unknown quantisation {', '.join(unknown)}; choose from {', '.join(QUANT_TYPES)} "
                         "(or 'all', 'none').")
@@ -93,8 +88,6 @@ def parse_quants(quants: str | Iterable[str] | None) -> list[str]:
 
 def _model_params(model_dir: Path) -> int:
     """Parameter count from safetensors headers alone; also refuses layouts the converter cannot read."""
-    from .safetensors_io import scan_file
-
     shards = sorted(model_dir.glob("*.safetensors"))
     if not (model_dir / "config.json").is_file() or not shards:
         raise GGUFError(f"{model_dir} is not a Hugging Face model folder (needs config.json and *.safetensors); "
@@ -179,8 +172,8 @@ def convert_to_gguf(
     """
     model_dir = Path(model_dir)
     outtype = outtype.lower()
-    if outtype not in OUTTYPE_BITS:
-        raise GGUFError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPE_BITS)}.")
+    if outtype not in OUTTYPES:
+        raise GGUFError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPES)}.")
     quant_list = parse_quants(quants)
     if quant_list and outtype == "q8_0":
         raise GGUFError("quantisations are made from the f16, bf16 or f32 file; with --outtype q8_0 request no "
@@ -201,7 +194,7 @@ def convert_to_gguf(
         if base.is_file() and not overwrite:
             log.info("%s exists, reusing it (pass overwrite=True to rebuild)", base)
         else:
-            _check_disk(out, int(n_params * OUTTYPE_BITS[outtype] / 8 * 1.02), base.name)
+            _check_disk(out, int(gguf_bytes(n_params, outtype) * 1.02), base.name)
             tmp = _partial(base)
             try:
                 run_converter(model_dir, tmp, outtype, echo=progress,
@@ -217,7 +210,7 @@ def convert_to_gguf(
             if dst.is_file() and not overwrite:
                 log.info("%s exists, reusing it", dst)
             else:
-                _check_disk(out, int(n_params * QUANT_BPW[quant] / 8 * 1.1), dst.name)
+                _check_disk(out, int(gguf_bytes(n_params, quant) * 1.1), dst.name)
                 report = quantize_gguf(base, dst, quant, threads=threads)
                 if report.fallbacks:
                     log.warning("%s", report.summary())
@@ -229,59 +222,4 @@ def convert_to_gguf(
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="file", disable=not enabled)
-
-
-# --- command line -------------------------------------------------------------------------------------------
-
-def add_gguf_parsers(subparsers: Any) -> None:
-    """Register ``lazymoe gguf`` and ``lazymoe chat`` on an argparse subparsers object."""
-    p = subparsers.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
-    p.add_argument("model_dir")
-    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
-                   help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
-                        f"menu: {','.join(QUANT_TYPES)}")
-    p.add_argument("--outdir", help="where to write (default: MODEL_DIR-GGUF beside the model)")
-    p.add_argument("--outtype", default="f16", choices=tuple(OUTTYPE_BITS), help="unquantised file type (default f16)")
-    p.add_argument("--threads", type=int, help="quantiser threads (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild files that already exist")
-    p.set_defaults(func=run_gguf)
-
-    p = subparsers.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default)")
-    p.add_argument("gguf_file")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per expert, built from "
-                                                      "its positive prompts in lazymoe_config.yml")
-    p.add_argument("--config", help="the lazymoe_config.yml to build per-expert prompts from "
-                                    "(default: beside the GGUF file or its parent)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--n-ctx", type=int, default=2048)
-    p.set_defaults(func=run_chat)
-
-
-def run_gguf(args: Any) -> int:
-    paths = convert_to_gguf(args.model_dir, args.outdir, outtype=args.outtype, quants=args.quant,
-                            threads=args.threads, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
-    for path in paths:
-        print(f"{path}  ({path.stat().st_size / 1e6:,.1f} MB)")
-    return 0
-
-
-def run_chat(args: Any) -> int:
-    gguf_file = Path(args.gguf_file)
-    if args.prompt:
-        labelled = [(None, p) for p in args.prompt]
-    else:
-        config = Path(args.config) if args.config else find_config_for(gguf_file)
-        if config is None:
-            raise GGUFError(f"no --prompt given and no {CONFIG_FILENAME} beside {gguf_file} to build one prompt per "
-                            "expert from; pass --prompt TEXT or --config PATH.")
-        labelled = expert_prompts(config)
-    replies = chat(gguf_file, [p for _, p in labelled], n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                   max_tokens=args.max_tokens, n_ctx=args.n_ctx)
-    for (expert, prompt), reply in zip(labelled, replies):
-        print(f"--- {'expert ' + expert + ': ' if expert else ''}{prompt}\n{reply.strip()}\n")
-    return 0

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .errors import GGUFError
+from ..errors import GGUFError
 
 log = logging.getLogger("lazymoe.gguf")
 
@@ -46,8 +47,6 @@ _HINTS = (
 
 def llama_cpp_python_version() -> str:
     """The installed llama-cpp-python version, else the pinned one (the converter must match the runtime)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("llama_cpp_python")
     except PackageNotFoundError:

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .config import CONFIG_FILENAME
-from .errors import GGUFError
+from ..config import load_config
+from ..errors import GGUFError
+from ..io.folder import CONFIG_FILENAME
 
 INSTALL_HINT = (
     "llama-cpp-python is not installed. CPU: CMAKE_ARGS=\"-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF\" "
@@ -106,8 +107,6 @@ def expert_prompts(config: Any) -> list[tuple[str, str]]:
 
     ``config`` is a MoE config, a mapping, or the path of the YAML saved beside a merged model.
     """
-    from .config import load_config
-
     cfg = load_config(config)
     out = []
     for i, expert in enumerate(cfg.experts):

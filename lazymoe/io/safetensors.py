@@ -13,25 +13,39 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is read or written, so headers and plans stay light
+    import torch
 
-#: safetensors dtype tag -> (torch dtype, bytes per element)
-ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+#: safetensors dtype tag -> (torch dtype name, bytes per element)
+ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-TORCH_TO_ST = {dt: tag for tag, (dt, _) in ST_DTYPES.items()}
-NAME_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+#: the float dtypes a merged model may be stored in: torch name -> safetensors tag
+NAME_TO_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ST_TO_NAME = {tag: name for name, tag in NAME_TO_ST.items()}
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a torch dtype name (``bfloat16`` -> 2) or a safetensors tag (``BF16`` -> 2)."""
+    return ST_DTYPES[NAME_TO_ST.get(name, name)][1]
+
+
+def torch_dtype(tag: str) -> "torch.dtype":
+    """The torch dtype of a safetensors tag."""
+    import torch
+
+    return getattr(torch, ST_DTYPES[tag][0])
 
 _MAX_HEADER = 100 * 1024 * 1024
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -80,9 +94,11 @@ def scan_file(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
+def read_tensor(info: TensorInfo) -> "torch.Tensor":
     """Read exactly one tensor with plain file reads (no mmap: touched pages would count as RSS)."""
-    dtype, _ = ST_DTYPES[info.dtype]
+    import torch
+
+    dtype = torch_dtype(info.dtype)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(info.file, "rb", buffering=0) as f:
         f.seek(info.offset)
@@ -137,7 +153,9 @@ def write_all(dst: BinaryIO, data) -> None:
         view = view[n:]
 
 
-def tensor_bytes_view(t: torch.Tensor) -> memoryview:
+def tensor_bytes_view(t: "torch.Tensor") -> memoryview:
+    import torch
+
     t = t.contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 

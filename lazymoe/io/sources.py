@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelNotFoundError
-from .safetensors_io import TensorInfo, scan_file
+from ..errors import ModelNotFoundError
+from .safetensors import TensorInfo, scan_file
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,10 @@ Each error names the expert (or base), the field or tensor, and what to do inste
 from __future__ import annotations
 
 from . import arch
-from .config import MoEConfig
-from .errors import ModelMismatchError
-from .safetensors_io import NAME_TO_ST
-from .sources import ModelInfo
-
-_ST_TO_NAME = {v: k for k, v in NAME_TO_ST.items()}
+from ..config import MoEConfig
+from ..errors import ModelMismatchError
+from ..io.safetensors import ST_TO_NAME
+from ..io.sources import ModelInfo
 
 
 _SAME_KEYS = (
@@ -119,7 +117,7 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
                     )
                 if t.shape != shape:
                     raise ModelMismatchError(f"{label}: {name} has shape {list(t.shape)}, expected {list(shape)}.")
-                if t.dtype not in _ST_TO_NAME and t.dtype != "F64":
+                if t.dtype not in ST_TO_NAME and t.dtype != "F64":
                     raise ModelMismatchError(f"{label}: {name} has dtype {t.dtype}; only float weights can be merged.")
     # base: every shared tensor present, nothing unknown
     for name, t in base.tensors.items():

@@ -7,19 +7,16 @@ previews, what the checks run against, and what the writer executes byte for byt
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from ..config import MoEConfig
+from ..errors import ConfigError
+from ..io.safetensors import NAME_TO_ST, ST_TO_NAME, TensorInfo, dtype_bytes
+from ..io.sources import ModelInfo
+from ..options import DEFAULT_MAX_SHARD_BYTES
+from ..router.modes import FITTED_MODES, HIDDEN_MODES
 from . import arch
-from .config import MoEConfig
-from .errors import ConfigError
-from .safetensors_io import NAME_TO_ST, ST_DTYPES, TensorInfo
-from .sources import ModelInfo
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3  # 2 GB: a free Colab (12.7 GB RAM) never holds more than one tensor anyway
-
-_ST_TO_NAME = {v: k for k, v in NAME_TO_ST.items()}
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * ST_DTYPES[self.dtype][1]
+        return self.numel * dtype_bytes(self.dtype)
 
 
 @dataclass
@@ -106,8 +103,6 @@ class MergePlan:
         first load the whole base in the output dtype to write continuations, unless
         ``router_continuation_tokens`` is 0.
         """
-        from .gates import FITTED_MODES, HIDDEN_MODES
-
         mode = self.config.gate_mode
         base = self.base.tensors
         embed = math.prod(base["model.embed_tokens.weight"].shape)
@@ -122,7 +117,7 @@ class MergePlan:
             streamed = 4 * (embed + layer + self.config.num_experts * self.expert_params // max(self.num_layers, 1))
             whole = 0
             if self.config.router_continuation_tokens != 0:
-                whole = sum(t.numel for t in base.values()) * ST_DTYPES[NAME_TO_ST[self.dtype]][1]
+                whole = sum(t.numel for t in base.values()) * dtype_bytes(self.dtype)
             return max(streamed, whole)
         return 0
 
@@ -178,31 +173,13 @@ class MergePlan:
 # --------------------------------------------------------------------------- plan
 
 
-def parse_bytes(text: str | int) -> int:
-    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (units are bytes, as the flag name says)."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-             "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-    s = str(text).strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise ConfigError(f"{text!r} is not a size; write it like 2GB, 500MB or 1.5GiB.")
-    return int(value * units[unit])
-
-
 def _out_dtype(config: MoEConfig, base: ModelInfo) -> str:
     if config.dtype:
         return config.dtype
     name = base.config.get("torch_dtype") or base.config.get("dtype")
     if name in NAME_TO_ST:
         return name
-    return _ST_TO_NAME.get(base.tensors["model.embed_tokens.weight"].dtype, "float32")
+    return ST_TO_NAME.get(base.tensors["model.embed_tokens.weight"].dtype, "float32")
 
 
 def _assign_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[Shard]:
@@ -312,10 +289,3 @@ def build_plan(
 
 def _cached(info: ModelInfo) -> bool:
     return all(t.file.is_file() for t in info.tensors.values())
-
-
-def free_disk_bytes(path: Path) -> int:
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free

@@ -1,22 +1,9 @@
-"""Human-readable numbers and the plan table shared by the CLI and the notebook."""
+"""The plan as a table: the rows both the CLI and the notebook show."""
 
 from __future__ import annotations
 
+from ..units import human_bytes, human_params
 from .plan import MergePlan
-
-
-def human_params(n: int) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
-def human_bytes(n: int) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ import zlib
 
 import torch
 
-from .config import MoEConfig
+from ..config import MoEConfig
 
 
 def leaves_unchanged(config: MoEConfig, expert: int, *, is_residual: bool) -> bool:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..io.safetensors import build_header, copy_bytes, read_tensor, tensor_bytes_view, torch_dtype, write_all
+from ..io.sources import TensorInfo, WeightStore
 from .plan import MergePlan, OutTensor, Piece
 from .transforms import expert_weight, leaves_unchanged
-from .sources import TensorInfo, WeightStore
-from .safetensors_io import ST_DTYPES, build_header, copy_bytes, read_tensor, tensor_bytes_view, write_all
 
 
 class _Transforms:
@@ -34,7 +34,7 @@ class _Transforms:
         return piece.expert is None or leaves_unchanged(self.plan.config, piece.expert, is_residual=piece.is_residual)
 
     def materialise(self, out: OutTensor, piece: Piece) -> torch.Tensor:
-        dtype = ST_DTYPES[out.dtype][0]
+        dtype = torch_dtype(out.dtype)
         if piece.source is None:
             return self.gates[out.gate_layer].to(dtype)
         t = read_tensor(self.source(piece))

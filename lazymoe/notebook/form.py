@@ -16,12 +16,14 @@ import ipywidgets as widgets
 import yaml
 from pydantic import ValidationError
 
-from .config import DTYPES, GATE_MODES, MoEConfig, parse_config
-from .errors import ConfigError, LazyMoEError
-from .notebooks import Preset, parse_preset
-from .plan import parse_bytes
-from .ui_runtime import error_html, notice_html
-from .ui_widgets import GATE_LABELS, LICENSES, QUANT_TYPES, ExpertRow, set_tooltip, styled
+from ..config import DTYPES, MoEConfig, parse_config
+from ..errors import ConfigError, LazyMoEError
+from ..gguf.quants import DEFAULT_QUANTS, QUANT_TYPES
+from ..router.modes import GATE_MODE_TABLE
+from ..units import parse_bytes
+from .presets import Preset, parse_preset
+from .runtime import error_html, notice_html
+from .widgets import LICENSES, ExpertRow, set_tooltip, styled
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
@@ -71,7 +73,7 @@ class MoEForm:
         self.experts_box = w.VBox(layout=w.Layout(width="100%"))
         self.add_button = w.Button(description="+ Add expert", button_style="")
         self.add_button.on_click(lambda _: self.add_expert())
-        gates = [(GATE_LABELS.get(m, m), m) for m in GATE_MODES]
+        gates = [(m.label, m.name) for m in GATE_MODE_TABLE]
         self.gate_mode = styled(w.Dropdown(description="Gate mode", options=gates),
                                 "lazymoe-gate-mode", "How each layer's router is initialised")
         self.experts_per_token = styled(w.IntText(description="Experts per token", value=2), "lazymoe-ept",
@@ -104,7 +106,7 @@ class MoEForm:
         self.forget_token.on_click(lambda _: self._set_token(None))
         self.gguf = w.Checkbox(description="Also make GGUF files (llama.cpp)", value=False, indent=False)
         self.quants = styled(w.SelectMultiple(description="Quantisations", options=list(QUANT_TYPES),
-                                              value=("Q4_K_M", "Q5_K_M"), rows=7), "lazymoe-quants",
+                                              value=DEFAULT_QUANTS, rows=7), "lazymoe-quants",
                              "Ctrl/Cmd-click to pick several", width="360px")
         self.yaml_box = styled(w.Textarea(rows=16, placeholder="Paste a mergekit-moe YAML here, then press Load"),
                                "lazymoe-yaml", "", width="100%")

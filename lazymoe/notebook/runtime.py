@@ -17,15 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GGUFError
-from .report import human_bytes
+from importlib.metadata import PackageNotFoundError, version
 
-#: approximate bits per weight of each llama.cpp file type (mixes keep some tensors at higher precision)
-GGUF_BITS_PER_WEIGHT = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q5_K_S": 5.55,
-    "Q5_1": 6.0, "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K_S": 4.6, "Q4_1": 5.0, "Q4_0": 4.5, "Q3_K_L": 4.3,
-    "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q2_K": 2.96,
-}  # fmt: skip
+from ..errors import GGUFError
+from ..gguf.quants import gguf_bytes
+from ..moe.report import plan_rows
+from ..units import human_bytes
 
 _RED, _AMBER, _GREEN, _GREY = "#b00020", "#8a5a00", "#1b6e20", "#555"
 
@@ -99,10 +96,7 @@ def probe(path: str | os.PathLike = ".") -> Runtime:
 
 def estimate_gguf_bytes(params: int, quants: tuple[str, ...] | list[str], outtype: str = "F16") -> int:
     """Disk for the ``outtype`` GGUF plus each quantised file, from bits per weight (an estimate)."""
-    total = params * GGUF_BITS_PER_WEIGHT.get(outtype.upper(), 16.0) / 8
-    for q in quants:
-        total += params * GGUF_BITS_PER_WEIGHT.get(q.upper(), 8.5) / 8
-    return int(total)
+    return gguf_bytes(params, outtype) + sum(gguf_bytes(params, q) for q in quants)
 
 
 @dataclass(frozen=True)
@@ -152,8 +146,6 @@ def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ())
 
 def torch_constraints() -> Path:
     """A pip constraints file pinning this runtime's torch (and friends): pip may add, never replace them."""
-    from importlib.metadata import PackageNotFoundError, version
-
     pins = []
     for name in ("torch", "torchvision", "torchaudio"):
         try:
@@ -249,8 +241,6 @@ def needs_html(needs: list[Need]) -> str:
 
 def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> str:
     """The plan as the notebook shows it: facts, the experts, resources against this runtime, warnings."""
-    from .report import plan_rows
-
     covered = ("Disk needed", "RAM needed (peak)", "Router pass")  # the resource table below shows these
     parts = [table_html([r for r in plan_rows(plan) if r[0] not in covered], css_class="lazymoe-plan")]
     experts = [(f"experts[{i}]", e.source_model, "; ".join(e.positive_prompts) or "–", "; ".join(e.negative_prompts) or "–")

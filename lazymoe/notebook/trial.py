@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import human_bytes
-from .ui_runtime import Runtime
+from ..units import human_bytes
+from .runtime import Runtime
 
 _OVERHEAD = 600 * 1000**2  # CUDA context, activations and the KV cache of a short generation
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -1,6 +1,6 @@
 """The notebook's logic: one call per cell, each reading the form as it is now.
 
-    from lazymoe import ui
+    from lazymoe.notebook import ui
     ui.setup()                                  # 1. what this runtime has
     moe = ui.Builder.from_preset(PRESET_YAML)   # 2. the form (re-running keeps the user's edits)
     moe.show()
@@ -20,11 +20,25 @@ import html
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import MoEConfig, load_config
-from .errors import LazyMoEError
-from .report import human_bytes
-from .ui_form import MoEForm, Settings
-from .ui_runtime import (
+from IPython.display import HTML, Image, display
+
+import lazymoe
+
+from .. import demo
+from ..config import MoEConfig, load_config
+from ..errors import LazyMoEError, StepFailed
+from ..gguf import convert as gguf_convert
+from ..gguf.converter import LLAMA_CPP_PYTHON_VERSION
+from ..gguf.llama import chat as gguf_chat
+from ..gguf.llama import expert_prompts
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
+from ..pipeline import merge as merging
+from ..pipeline.route import write_routing_picture
+from ..publish import hub
+from ..publish.card import ROUTING_IMAGE, rerender_card, write_gguf_card
+from ..units import human_bytes
+from .form import MoEForm, Settings
+from .runtime import (
     Raw,
     error_html,
     install_llama_cpp,
@@ -34,37 +48,21 @@ from .ui_runtime import (
     runtime_html,
     table_html,
 )
+from .trial import choose_loading, free_memory, load_merged, routing_and_generation, stored_dtype
 
 __all__ = ["Builder", "StepFailed", "setup", "prepare_demo"]
 
 
-class StepFailed(LazyMoEError):
-    """A notebook step stopped; the reason is already on screen as a red message."""
-
-    def __init__(self, step: str, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-
-    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
-        return [f"Stopped at “{self.step}”: see the red message above, change what it says, and run this cell again."]
-
-
 def _display(obj: Any) -> None:
-    from IPython.display import display
-
     display(obj)
 
 
-def _html(markup: str):
-    from IPython.display import HTML
-
+def _html(markup: str) -> HTML:
     return HTML(markup)
 
 
 def setup(path: str | Path = ".", *, installed: bool = False, show: Callable[[Any], None] = _display):
     """Report where lazymoe came from and what this runtime has (GPU, RAM, disk)."""
-    import lazymoe
-
     runtime = probe(path)
     show(_html(runtime_html(runtime, lazymoe_version=lazymoe.__version__,
                             lazymoe_path=str(Path(lazymoe.__file__).parent), installed=installed)))
@@ -73,15 +71,13 @@ def setup(path: str | Path = ".", *, installed: bool = False, show: Callable[[An
 
 def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], None] = _display) -> Path:
     """Build the tiny offline demo models into ``folder`` (skipped when they are already there)."""
-    from .demo import DEMO_EXPERTS, build_demo
-
     folder = Path(folder)
-    parts = ["base", *DEMO_EXPERTS]
+    parts = ["base", *demo.DEMO_EXPERTS]
     if all((folder / p / "config.json").is_file() for p in parts):
         show(_html(notice_html(f"The demo models are already in {folder}/: {', '.join(parts)}.", "ok")))
         return folder
     try:
-        build_demo(folder)
+        demo.build_demo(folder)
     except LazyMoEError as err:
         show(_html(error_html(str(err))))
         raise StepFailed("Build the demo models", str(err)) from None
@@ -161,7 +157,7 @@ class Builder:
     def _require_model(self) -> Path:
         """The finished model the form's name points at (merged now or in an earlier session)."""
         folder = self.output_dir
-        if not ((folder / "config.json").is_file() and (folder / "lazymoe_config.yml").is_file()):
+        if not is_lazymoe_output(folder):
             raise LazyMoEError(f"There is no merged model at {folder} yet: run the Merge step first.")
         if folder != self.model_dir:  # another model than the last one: its GGUF files and repo are unknown
             self.model_dir, self.gguf_files, self.repo_id = folder, [], None
@@ -177,11 +173,9 @@ class Builder:
     @_step("Plan")
     def plan(self):
         """Check the models from their headers and show sizes against this runtime's disk, RAM and GPU."""
-        from .merge import make_plan
-
         config, settings = self.values()
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        plan = make_plan(config, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk)
+        plan = merging.make_plan(config, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk)
         self._plan, self._plan_key = plan, self._key(config, settings)
         runtime = probe(self.output_dir.parent)
         self._show(_html(plan_html(plan, runtime, gguf_quants=settings.quants if settings.gguf else ())))
@@ -192,11 +186,9 @@ class Builder:
     @_step("Merge")
     def merge(self) -> Path:
         """Build the MoE into ``workdir/<model name>``; progress bars show each phase."""
-        from .merge import merge
-
         config, settings = self.values()
         fresh = self._plan is not None and self._plan_key == self._key(config, settings)
-        out = merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
+        out = merging.merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
                     overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
         self.model_dir, self.gguf_files, self.repo_id = out, [], None
         files = sorted(p for p in out.iterdir() if p.is_file())
@@ -207,20 +199,13 @@ class Builder:
     @_step("Routing")
     def route(self):
         """Route each expert's prompts through the merged model, show the picture, embed it in the card."""
-        from .routing import write_routing_picture
-
         folder = self._require_model()
         report = write_routing_picture(folder, progress=True)
         table, *_ = report.summary().split("\nwarning: ")
         self._show(_html(f"<pre>{html.escape(table)}</pre>"))
         for message in report.warnings:
             self._notice(message, "warn")
-        try:
-            from IPython.display import Image
-
-            self._show(Image(filename=str(folder / "routing.png")))
-        except ImportError:  # plain Python: the file is there for the user to open
-            self._notice(f"Routing picture written to {folder / 'routing.png'}")
+        self._show(Image(filename=str(folder / ROUTING_IMAGE)))
         return report
 
     # ------------------------------------------------------------------ 5. try
@@ -228,17 +213,8 @@ class Builder:
     @_step("Try it")
     def try_model(self, max_new_tokens: int = 24) -> list[dict] | None:
         """Generate from one prompt per expert and show which experts the router picked for it."""
-        from .llama import expert_prompts
-        from .ui_try import (
-            choose_loading,
-            free_memory,
-            load_merged,
-            routing_and_generation,
-            stored_dtype,
-        )
-
         folder = self._require_model()
-        config = load_config(folder / "lazymoe_config.yml")
+        config = load_config(folder / CONFIG_FILENAME)
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         choice = choose_loading(size, probe(folder), dtype=stored_dtype(folder))
         if choice.device is None:
@@ -263,15 +239,11 @@ class Builder:
     # ------------------------------------------------------------------ 6. upload
 
     def _push(self, folder: Path, repo: str, settings: Settings) -> str:
-        from . import hub
-
         return hub.push_to_hub(folder, repo, private=settings.private, token=self.form.token,
                                colab_secret=settings.hf_secret or "HF_TOKEN")
 
     def _card(self, folder: Path, **options) -> None:
         """Re-render the local model card with what is known now (repo ids, GGUF files)."""
-        from .card import rerender_card
-
         rerender_card(folder, **{k: v for k, v in options.items() if v})
 
     @_step("Upload")
@@ -296,11 +268,8 @@ class Builder:
             self._notice("GGUF is off: tick “Also make GGUF files” in the form to build llama.cpp files.")
             return None
         folder = self._require_model()
-        from . import gguf
-        from .converter import LLAMA_CPP_PYTHON_VERSION
-
         install_llama_cpp(probe(folder), self._notice, version=LLAMA_CPP_PYTHON_VERSION)
-        files = gguf.convert_to_gguf(folder, outtype="f16", quants=settings.quants)
+        files = gguf_convert.convert_to_gguf(folder, outtype="f16", quants=settings.quants)
         self.gguf_files = files
         rows = [(p.name, human_bytes(p.stat().st_size)) for p in files if p.is_file()]
         self._show(_html(notice_html(f"GGUF files in {files[0].parent}", "ok") + table_html(rows, ("File", "Size"))))
@@ -310,10 +279,8 @@ class Builder:
         self._card(folder, repo_id=self.repo_id, gguf_repo=gguf_repo, gguf_files=files)  # the local card lists them
         if not settings.upload:
             return files
-        from .card import write_gguf_card
-
         write_gguf_card(files[0].parent, base_repo_id=self.repo_id, repo_id=gguf_repo,
-                        license=load_config(folder / "lazymoe_config.yml").license)
+                        license=load_config(folder / CONFIG_FILENAME).license)
         url = self._push(files[0].parent, gguf_repo, settings)
         self._notice(f"Uploaded the GGUF files to {url}", "ok")
         return files
@@ -330,14 +297,11 @@ class Builder:
             self.gguf_files = sorted((folder.parent / f"{folder.name}-GGUF").glob("*.gguf"))
         if not self.gguf_files:
             raise LazyMoEError("There are no GGUF files yet: run the GGUF step first.")
-        from . import gguf
-        from .llama import expert_prompts
-
-        names, prompts = zip(*expert_prompts(folder / "lazymoe_config.yml"))
+        names, prompts = zip(*expert_prompts(folder / CONFIG_FILENAME))
         unquantised = (".F16.GGUF", ".BF16.GGUF", ".F32.GGUF")
         quantised = [p for p in self.gguf_files if not p.name.upper().endswith(unquantised)]
         target = (quantised or self.gguf_files)[0]
-        answers = gguf.chat(target, list(prompts), **llama_options)
+        answers = gguf_chat(target, list(prompts), **llama_options)
         rows = list(zip(names, prompts, answers))
         table = table_html(rows, ("Expert", "Prompt", "Answer"))
         self._show(_html(notice_html(f"Answers from {target.name}", "ok") + table))

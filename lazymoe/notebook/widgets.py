@@ -11,25 +11,12 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from .config import ExpertConfig
-from .errors import ConfigError
+from ..config import ExpertConfig
+from ..errors import ConfigError
 
 IPYWIDGETS_MAJOR = int(widgets.__version__.split(".")[0])
 
-#: BRIEF §7's common menu, in the order users read it (tests check it against lazymoe.gguf)
-QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
-               "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-nc-4.0", "cc-by-sa-4.0", "llama2", "llama3", "gemma", "other")
-GATE_LABELS = {
-    "hidden": "hidden: the base model's hidden states (mergekit's default)",
-    "hidden_last": "hidden_last: same as hidden",
-    "hidden_avg": "hidden_avg: hidden states averaged over the prompt",
-    "cheap_embed": "cheap_embed: token embeddings only (fast, no GPU)",
-    "random": "random: no prompts (you will train the router)",
-    "uniform_random": "uniform_random: no prompts (you will train the router)",
-    "centroid": "centroid: fitted on each layer's real MLP input, calibrated (lazymoe)",
-    "classifier": "classifier: a calibrated classifier per layer (lazymoe; routes best)",
-}
 NEWLINE_MARK = "↵"  # a line break inside one prompt, since the text area holds one prompt per line
 _ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"})
 _WIDE = "150px"

@@ -16,13 +16,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import checks
-from . import plan as planning
-from .card import write_card
-from .config import CONFIG_FILENAME, MoEConfig, load_config
-from .errors import InsufficientResourcesError, OutputExistsError
-from .report import human_bytes
-from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
+from ..config import MoEConfig, load_config
+from ..errors import InsufficientResourcesError, OutputExistsError
+from ..io.folder import CONFIG_FILENAME, free_disk_bytes, is_lazymoe_output
+from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
+from ..moe import checks
+from ..moe import plan as planning
+from ..moe.writer import write_shards
+from ..options import DEFAULT_MAX_SHARD_BYTES
+from ..publish.card import write_card
+from ..router.device import pick_device
+from ..router.gates import compute_gates, degenerate_layers
+from ..router.modes import FITTED_MODES, HIDDEN_MODES
+from ..units import human_bytes, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +36,20 @@ logger = logging.getLogger(__name__)
 def make_plan(
     config,
     *,
-    max_shard_bytes: int | str = planning.DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
     layout: str = "classic",
     low_disk: bool = False,
     progress: bool = True,
 ) -> planning.MergePlan:
     """Validate the config and the models (headers only) and return the plan. Reads no weights."""
     config = load_config(config)
-    max_shard_bytes = planning.parse_bytes(max_shard_bytes)
+    max_shard_bytes = parse_bytes(max_shard_bytes)
     refs = config.model_refs()
     models = {}
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
-    if low_disk and config.gate_mode in ("centroid", "classifier"):
+    if low_disk and config.gate_mode in FITTED_MODES:
         warnings.append(
             f"low-disk mode: gate_mode {config.gate_mode} fits each router with the base's MLPs upstream instead "
             "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
@@ -67,7 +73,7 @@ def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -
         if not output_dir.is_dir():
             raise OutputExistsError(f"{output_dir} exists and is a file; choose another output folder.")
         if any(output_dir.iterdir()):
-            ours = (output_dir / CONFIG_FILENAME).is_file() and (output_dir / "config.json").is_file()
+            ours = is_lazymoe_output(output_dir)
             if not (overwrite and ours):
                 hint = ("pass overwrite=True / --overwrite to replace it" if ours else
                         "it was not made by lazymoe, so it is never replaced; choose an empty or new folder")
@@ -115,7 +121,7 @@ def merge(
     config: MoEConfig | dict | str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    max_shard_bytes: int | str = planning.DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
     layout: str = "classic",
     device: str | None = None,
     low_disk: bool = False,
@@ -125,9 +131,6 @@ def merge(
 ) -> Path:
     """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
     from transformers import AutoTokenizer
-
-    from .gates import FITTED_MODES, HIDDEN_MODES, compute_gates, degenerate_layers, pick_device
-    from .writer import write_shards
 
     output_dir = Path(output_dir)
     if plan is None:
@@ -139,7 +142,7 @@ def merge(
     parent = output_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work(parent, output_dir.name)
-    free = planning.free_disk_bytes(parent)
+    free = free_disk_bytes(parent)
     if free < plan.disk_bytes:
         raise InsufficientResourcesError(
             f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {parent} "

@@ -1,7 +1,7 @@
 """Model cards: the README.md of a merged folder, and of its ``NAME-GGUF`` repo.
 
 Card = data + template. ``card_data()`` turns facts about a finished model into a plain dict; the Jinja
-templates in ``templates/`` (shipped as ``lazymoe.templates``) only lay it out. The front matter is that
+templates in ``templates/`` only lay it out (``render.py``). The front matter is that
 dict's ``front_matter`` dumped by ``yaml.safe_dump``, never YAML written by hand, and rendering uses
 ``StrictUndefined`` so a misspelt field fails loudly instead of leaving a hole in a published card.
 
@@ -13,8 +13,6 @@ safetensors headers.
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import os
 import re
@@ -23,70 +21,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from ..config import MoEConfig, load_config
+from ..errors import CardError, ModelNotFoundError
+from ..gguf.files import GGUFFile, find_gguf_files
+from ..gguf.quants import BY_NAME as QUANTS_BY_NAME
+from ..gguf.quants import PREFERENCE as QUANT_PREFERENCE
+from ..io.folder import CONFIG_FILENAME, write_text_atomic
+from ..io.sources import ModelRef, describe
+from ..options import DEFAULT_LICENSE
+from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
+from ..units import human_bytes, human_params
+from .render import render_card, render_gguf_card
 
-from .config import CONFIG_FILENAME, MoEConfig, load_config
-from .errors import LazyMoEError, ModelNotFoundError
-from .report import human_bytes, human_params
-from .sources import ModelRef, describe
-
-if TYPE_CHECKING:
-    from .plan import MergePlan
+if TYPE_CHECKING:  # the plan is only read here; moe/ never imports publish/
+    from ..moe.plan import MergePlan
 
 CARD_FILENAME = "README.md"
 ROUTING_IMAGE = "routing.png"  # written by `lazymoe route` into the model folder
-MODEL_TEMPLATE = "model_card.md.j2"
-GGUF_TEMPLATE = "gguf_card.md.j2"
-DEFAULT_LICENSE = "apache-2.0"
 TAGS = ("moe", "frankenmoe", "merge", "lazymoe", "mixtral")
 GGUF_TAGS = ("gguf", "llama-cpp", *TAGS)
 HUB_URL = "https://huggingface.co"
 EXAMPLE_PROMPT = "Explain in three sentences what a mixture of experts is."
 PLACEHOLDER_NAMESPACE = "your-username"
 
-#: how each gate mode initialised the routers, in a user's words
-GATE_MODE_NOTES = {
-    "hidden": "base model's hidden states at the last token of each expert's prompts",
-    "hidden_last": "base model's hidden states at the last token of each expert's prompts",
-    "hidden_avg": "base model's hidden states averaged over each expert's prompts",
-    "cheap_embed": "mean token embeddings of each expert's prompts",
-    "random": "random (normal), prompts not used",
-    "uniform_random": "random (uniform), prompts not used",
-    "centroid": "each expert's mean MLP input on its prompts, per layer, with a calibrated logit scale",
-    "classifier": "a calibrated classifier fitted per layer on the MLP inputs of the experts' prompts",
-}
-
-#: llama.cpp quantisation types, in the order a reader would pick them, with a one-line guide
-QUANT_NOTES = {
-    "Q4_K_M": "balanced size and quality (recommended)",
-    "Q5_K_M": "higher quality, a little larger",
-    "Q4_K_S": "slightly smaller than Q4_K_M, a little lower quality",
-    "Q6_K": "near-lossless",
-    "Q8_0": "near-lossless, large",
-    "Q5_K_S": "between Q4_K_M and Q5_K_M",
-    "Q3_K_L": "small, noticeable quality loss",
-    "Q3_K_M": "small, noticeable quality loss",
-    "Q3_K_S": "very small, large quality loss",
-    "Q2_K": "smallest, large quality loss",
-    "Q4_0": "legacy 4-bit; prefer Q4_K_M",
-    "Q4_1": "legacy 4-bit; prefer Q4_K_M",
-    "Q5_0": "legacy 5-bit; prefer Q5_K_M",
-    "Q5_1": "legacy 5-bit; prefer Q5_K_M",
-    "BF16": "unquantised (bfloat16)",
-    "F16": "unquantised (float16)",
-    "F32": "unquantised (float32)",
-}
-
 # merge() assembles the model in ".NAME.lazymoe-partial-PID" and renames it to NAME when done
 _PARTIAL_DIR = re.compile(r"^\.(?P<name>.+)\.lazymoe-partial-\d+$")
-_QUANT_TAG = re.compile(r"^(I?Q\d\w*|TQ\d\w*|F16|F32|BF16)$")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
-
-
-class CardError(LazyMoEError, ValueError):
-    """A model card cannot be rendered from what was given (the message names the fix)."""
 
 
 # ---------------------------------------------------------------------------------------- facts
@@ -210,39 +171,6 @@ def _is_local_ref(ref: str) -> bool:
         return True
 
 
-@dataclass(frozen=True)
-class GGUFFile:
-    name: str
-    size_bytes: int
-
-    @property
-    def quant(self) -> str | None:
-        """``NAME.Q4_K_M.gguf`` -> ``Q4_K_M`` (the naming the gguf command uses)."""
-        stem = self.name.removesuffix(".gguf")
-        tag = stem.rsplit(".", 1)[1].upper() if "." in stem else ""
-        return tag if _QUANT_TAG.match(tag) else None  # "Moe-v3.1.gguf" has no quant "1"
-
-
-def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:
-    """GGUF files from a folder (every ``*.gguf`` in it) or a list of paths, smallest first."""
-    if isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not folder.is_dir():
-            raise CardError(f"{folder} is not a folder of GGUF files.")
-        source = sorted(folder.glob("*.gguf"))
-        if not source:
-            raise CardError(f"{folder} has no *.gguf files; make them with lazymoe gguf first.")
-    files = []
-    for item in source:
-        if not isinstance(item, GGUFFile):
-            path = Path(item)
-            if not path.is_file():
-                raise CardError(f"GGUF file {path} does not exist.")
-            item = GGUFFile(path.name, path.stat().st_size)
-        files.append(item)
-    return sorted(files, key=lambda f: (f.size_bytes, f.name))
-
-
 # ---------------------------------------------------------------------------------------- data
 
 
@@ -283,14 +211,14 @@ def _expert_notes(expert) -> str:
 def _gguf_rows(files: list[GGUFFile]) -> list[dict[str, Any]]:
     return [
         {"name": f.name, "quant": f.quant, "size_bytes": f.size_bytes, "size": human_bytes(f.size_bytes),
-         "note": QUANT_NOTES.get(f.quant or "", "")}
+         "note": QUANTS_BY_NAME[f.quant].note if f.quant in QUANTS_BY_NAME else ""}
         for f in sorted(files, key=lambda f: (f.size_bytes, f.name))  # smallest first, as GGUF repos list them
     ]
 
 
 def _default_quant(files: list[GGUFFile]) -> str | None:
     quants = [f.quant for f in files if f.quant]
-    for quant in QUANT_NOTES:  # ordered by what a reader should pick first
+    for quant in QUANT_PREFERENCE:  # ordered by what a reader should pick first
         if quant in quants:
             return quant
     return quants[0] if quants else None
@@ -345,7 +273,8 @@ def card_data(
         "experts_per_token": config.experts_per_token,
         "gate_mode": config.gate_mode,
         # a mode added later without a note must not fail the card at the end of a long merge
-        "gate_mode_note": GATE_MODE_NOTES.get(config.gate_mode, "see the configuration below"),
+        "gate_mode_note": GATE_MODES_BY_NAME[config.gate_mode].card_note
+        if config.gate_mode in GATE_MODES_BY_NAME else "see the configuration below",
         "uses_prompts": config.uses_prompts,
         "total_params": facts.total_params,
         "active_params": facts.active_params,
@@ -412,81 +341,6 @@ def gguf_card_data(
     }
 
 
-# ---------------------------------------------------------------------------------------- rendering
-
-
-def _template_source(name: str) -> str:
-    """Template text from the installed ``lazymoe.templates`` package, else the checkout's templates/ folder."""
-    try:
-        from importlib.resources import files
-
-        resource = files("lazymoe.templates").joinpath(name)
-        if resource.is_file():
-            return resource.read_text(encoding="utf-8")
-    except ModuleNotFoundError:
-        pass  # running from a checkout: templates/ is not inside the lazymoe package folder
-    path = Path(__file__).resolve().parent.parent / "templates" / name
-    if not path.is_file():
-        raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
-    return path.read_text(encoding="utf-8")
-
-
-def md_escape(text: str) -> str:
-    """Literal text inside Markdown, including table cells: special characters escaped, newlines as <br>."""
-    text = _MD_SPECIAL.sub(r"\\\1", str(text).strip())
-    return re.sub(r"\r\n|\r|\n", "<br>", text)
-
-
-def md_code(text: str) -> str:
-    """An inline code span that survives backticks and, in tables, pipes."""
-    text = str(text)
-    ticks = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{ticks}{pad}{text.replace('|', chr(92) + '|')}{pad}{ticks}"
-
-
-def md_fenced(text: str, lang: str = "") -> str:
-    """A fenced code block that holds ``text`` unchanged, whatever backtick runs it contains."""
-    fence = "`" * max(3, max((len(run) + 1 for run in re.findall(r"`{3,}", text)), default=3))
-    return f"{fence}{lang}\n{text.rstrip(chr(10))}\n{fence}"
-
-
-def _py_str(text: str) -> str:
-    return json.dumps(str(text), ensure_ascii=False)  # a JSON string is a valid Python string literal
-
-
-@functools.lru_cache(maxsize=1)
-def _environment():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(_template_source),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,  # Markdown, not HTML: the filters below escape what needs it
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(md=md_escape, code=md_code, fenced=md_fenced, py=_py_str,
-                       thousands=lambda n: f"{n:,}")
-    return env
-
-
-def _render(template: str, data: dict[str, Any]) -> str:
-    front = yaml.safe_dump(data["front_matter"], sort_keys=False, allow_unicode=True, default_flow_style=False)
-    return _environment().get_template(template).render(data, front_matter_yaml=front)
-
-
-def render_card(data: dict[str, Any]) -> str:
-    """README.md text of a merged model from :func:`card_data`'s dict (a missing field raises UndefinedError)."""
-    return _render(MODEL_TEMPLATE, data)
-
-
-def render_gguf_card(data: dict[str, Any]) -> str:
-    """README.md text of a ``NAME-GGUF`` repo from :func:`gguf_card_data`'s dict."""
-    return _render(GGUF_TEMPLATE, data)
-
-
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -503,13 +357,6 @@ def _routing_ref(folder: Path, image: str | os.PathLike | None) -> str | None:
     if not path.is_file():
         raise CardError(f"The routing image {path} does not exist.")
     return path.relative_to(root).as_posix()
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a card
-    return path
 
 
 def _options(folder: Path, gguf_files_or_dir, routing_image) -> dict[str, Any]:
@@ -538,7 +385,7 @@ def write_card(
     folder = Path(folder)
     text = _card_text(ModelFacts.from_plan(plan, folder), folder, model_name=model_name, license=license,
                       repo_id=repo_id, gguf_repo=gguf_repo, gguf_files=gguf_files, routing_image=routing_image)
-    return _write_text(folder / CARD_FILENAME, text)
+    return write_text_atomic(folder / CARD_FILENAME, text)
 
 
 def build_card(
@@ -577,7 +424,7 @@ def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 def rerender_card(model_dir: str | os.PathLike, **options: Any) -> Path:
     """Rewrite ``model_dir/README.md`` from the folder alone (same options as :func:`build_card`)."""
-    return _write_text(Path(model_dir) / CARD_FILENAME, build_card(model_dir, **options))
+    return write_text_atomic(Path(model_dir) / CARD_FILENAME, build_card(model_dir, **options))
 
 
 def write_gguf_card(
@@ -591,45 +438,4 @@ def write_gguf_card(
     """Write ``gguf_dir/README.md`` listing its ``*.gguf`` files as quantisations of ``base_repo_id``."""
     data = gguf_card_data(find_gguf_files(gguf_dir), base_repo_id=base_repo_id, repo_id=repo_id,
                           model_name=model_name, license=license)
-    return _write_text(Path(gguf_dir) / CARD_FILENAME, render_gguf_card(data))
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def add_card_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``lazymoe card MODEL_DIR``."""
-    p = subparsers.add_parser(
-        "card", help="(re)write README.md of a merged model folder from its files",
-        description="Render the model card (README.md) of a folder built by lazymoe merge from config.json, "
-                    f"{CONFIG_FILENAME} and the safetensors headers. With --gguf-of, DIR is a folder of GGUF "
-                    "files and the card is the one of its NAME-GGUF repo.",
-    )
-    p.add_argument("model_dir", metavar="DIR", help="the merged model folder (or, with --gguf-of, the GGUF folder)")
-    p.add_argument("--name", dest="model_name", help="title of the card (default: the repo or folder name)")
-    p.add_argument("--license", help=f"license id for the metadata (default: {DEFAULT_LICENSE})")
-    p.add_argument("--repo-id", help="Hub repo the model is pushed to, e.g. me/MyMoE-4x7B (used in the usage code)")
-    p.add_argument("--gguf-dir", help="folder of NAME.QUANT.gguf files to list in a GGUF section")
-    p.add_argument("--gguf-repo", help="Hub repo holding those GGUF files (default: REPO_ID-GGUF)")
-    p.add_argument("--routing-image", help="image inside the model folder showing the routing, e.g. routing.png")
-    p.add_argument("--gguf-of", metavar="MERGED_REPO",
-                   help="write the card of the GGUF repo in DIR, quantised from MERGED_REPO")
-    p.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
-    p.set_defaults(func=run_card)
-    return p
-
-
-def run_card(args: argparse.Namespace) -> int:
-    folder = Path(args.model_dir)
-    if args.gguf_of:
-        data = gguf_card_data(find_gguf_files(folder), base_repo_id=args.gguf_of, repo_id=args.repo_id,
-                              model_name=args.model_name, license=args.license)
-        text = render_gguf_card(data)
-    else:
-        text = build_card(folder, model_name=args.model_name, license=args.license, repo_id=args.repo_id,
-                          gguf_repo=args.gguf_repo, gguf_files=args.gguf_dir, routing_image=args.routing_image)
-    if args.stdout:
-        print(text, end="")
-    else:
-        print(f"Wrote {_write_text(folder / CARD_FILENAME, text)}")
-    return 0
+    return write_text_atomic(Path(gguf_dir) / CARD_FILENAME, render_gguf_card(data))

@@ -8,7 +8,6 @@ The token is never printed, logged or written anywhere; every failure a user can
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -18,12 +17,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import HubError
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.utils import (
+    HFValidationError,
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+    is_google_colab,
+    validate_repo_id,
+)
 
-if TYPE_CHECKING:  # huggingface_hub is imported lazily: `import lazymoe` stays fast and works offline
-    from huggingface_hub import HfApi
+from ..errors import HubError
+from ..gguf.files import find_gguf_files
+from ..io.folder import is_lazymoe_output
+from ..io.safetensors import read_header
+from .card import build_card, detected_extras, gguf_card_data
+from .render import render_gguf_card
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +72,6 @@ def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, li
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         if os.environ.get(name, "").strip():
             return _Token(os.environ[name].strip(), f"your {name} environment variable"), notes
-    from huggingface_hub import get_token
-
     saved = get_token()  # the saved login (refreshed if it is an expiring OAuth token)
     return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
 
@@ -72,8 +81,6 @@ def _in_colab() -> bool:
         return False  # Colab Enterprise has no user secrets
     if "google.colab" in sys.modules:  # the Colab kernel imports it at start-up
         return True
-    from huggingface_hub.utils import is_google_colab
-
     return is_google_colab()
 
 
@@ -164,8 +171,6 @@ def check_model_folder(model_dir: str | Path) -> Path:
 
 def _check_safetensors_complete(path: Path, unfinished: str) -> None:
     # a safetensors file is exactly 8 + header + data bytes, so a short file is a write that never finished
-    from .safetensors_io import read_header
-
     size = path.stat().st_size
     try:
         header, data_start = read_header(path)
@@ -202,8 +207,6 @@ def push_to_hub(
     silently exposed), then uploads every file. Re-running after an interruption resumes: the Hub keeps
     what it received and only the rest is sent. The local folder is only read. Returns the repo URL.
     """
-    from huggingface_hub import HfApi
-
     folder = check_model_folder(model_dir)
     # read at call time: a notebook may set HF_ENDPOINT after huggingface_hub was imported
     endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or _default_endpoint()
@@ -238,8 +241,6 @@ def push_to_hub(
         else:
             # the same single commit upload_folder makes, with the card's usage code naming this repo;
             # the local README.md is left as it is
-            from huggingface_hub import CommitOperationAdd
-
             operations = [
                 CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
                 for p in sorted(folder.rglob("*"))
@@ -259,9 +260,6 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
     """The card to upload: for a merged lazymoe folder, its card naming ``repo_id``; for a folder of
     GGUF files, the ``NAME-GGUF`` card (quantisations of ``base_repo_id``, by default ``repo_id``
     without its ``-GGUF`` suffix). None for anything else (its own README.md is uploaded as is)."""
-    from .card import build_card, detected_extras, find_gguf_files, gguf_card_data, render_gguf_card
-    from .config import CONFIG_FILENAME
-
     if not (folder / "config.json").is_file() and any(folder.glob("*.gguf")):
         if base_repo_id is None:
             if not repo_id.upper().endswith("-GGUF"):
@@ -271,7 +269,7 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
                 )
             base_repo_id = repo_id[: -len("-GGUF")]
         return render_gguf_card(gguf_card_data(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id))
-    if not (folder / CONFIG_FILENAME).is_file() or not (folder / "config.json").is_file():
+    if not is_lazymoe_output(folder):
         return None
     extras = detected_extras(folder)  # routing picture; NAME-GGUF files, linked to the NAME-GGUF repo
     gguf_repo = f"{repo_id}-GGUF" if "gguf_files" in extras else None
@@ -284,8 +282,6 @@ def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str
     Checked up front so that the user gets a precise message before anything is created; the Hub's
     own 403 (e.g. a fine-grained token without write scope) is still translated later.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     user, orgs = who["name"], [org["name"] for org in who.get("orgs", [])]
     repo_id = repo.strip().strip("/") if "/" in repo else f"{user}/{repo.strip()}"
     try:
@@ -316,15 +312,11 @@ def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str
 
 
 def _default_endpoint() -> str:
-    from huggingface_hub import constants
-
     return constants.ENDPOINT
 
 
 @contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     if enabled or are_progress_bars_disabled():
         yield
         return
@@ -424,44 +416,3 @@ def _transport_error_types() -> tuple[type[BaseException], ...]:
         module = sys.modules.get(module_name)
         types.extend(getattr(module, n) for n in names if module is not None and hasattr(module, n))
     return tuple(types)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``lazymoe push MODEL_DIR REPO [--private] [--token TOKEN]``; ``func`` defaults to :func:`run_push`."""
-    parser = subparsers.add_parser(
-        "push",
-        help="upload a merged model folder to the Hugging Face Hub",
-        description="Upload a finished model folder to the Hub. Run it again to resume an interrupted upload.",
-    )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="folder written by `lazymoe merge`")
-    parser.add_argument("repo", metavar="REPO", help="'name' (in your own namespace) or 'namespace/name'")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument(
-        "--token",
-        default=None,
-        help="Hub token with write access (default: HF_TOKEN, then your saved login). A token typed on the "
-        "command line ends up in your shell history: prefer HF_TOKEN or `hf auth login`.",
-    )
-    parser.add_argument("--commit-message", default=None, help="message of the upload commit")
-    parser.add_argument("--gguf-of", dest="base_repo_id", default=None, metavar="MERGED_REPO",
-                        help="for a folder of GGUF files: the merged model's repo they quantise "
-                             "(default: REPO without its -GGUF suffix)")
-    parser.set_defaults(func=run_push)
-    return parser
-
-
-def run_push(args: argparse.Namespace) -> int:
-    url = push_to_hub(
-        args.model_dir,
-        args.repo,
-        private=args.private,
-        token=args.token,
-        commit_message=args.commit_message,
-        progress=not getattr(args, "quiet", False),  # the CLI's global -q
-        base_repo_id=args.base_repo_id,
-    )
-    print(f"Pushed {args.model_dir} to {url}")
-    return 0

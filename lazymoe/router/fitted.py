@@ -1,238 +1,23 @@
-"""Router initialisation: one (num_layers, num_experts, hidden) float32 tensor of gate rows.
-
-The reference modes follow mergekit-moe exactly (BRIEF §3), so recipes written for it route the way
-their authors expect:
-
-* ``random``: N(0, 1) entries; ``uniform_random``: U(-1/sqrt(H), 1/sqrt(H)) (torch.nn.Linear's init).
-* ``cheap_embed``: per expert, the normalised sum of the prompts' input embeddings (positives, minus the
-  normalised negatives), unit length, identical for every layer.
-* ``hidden``/``hidden_last``/``hidden_avg``: the **base** model in bfloat16 runs the raw prompts (BOS
-  prepended as text, left padding with BOS as pad, no position ids); row ℓ is the residual stream
-  entering layer ℓ at the last token (``hidden_avg``: averaged over every position, padding included),
-  averaged over prompts, positives minus negatives, unit length.
-
-All randomness comes from one seeded generator, so a saved config reproduces its gates bit for bit.
-
-The fitted modes are lazymoe's own, and fit each router on what it reads at inference: the input of its
-layer's MLP (the ``post_attention_layernorm`` output) **in the MoE being built**. The prompts run through
-the MoE one layer at a time, straight from the safetensors files (one layer in memory): layer l's router is
-fitted, then layer l's experts, mixed by that router, produce the input of layer l + 1. Every real token
-counts (right padding, so positions are the ones the model uses; padding masked; the leading BOS skipped,
-its state being the same for every prompt). Before that, the base continues each positive prompt with
-``router_continuation_tokens`` sampled tokens (default 48; 0 = prompts only), so the routers also see
-tokens deep inside a text of their expert's kind, as they will at inference.
-
-* ``centroid``: per layer, each expert's mean router input, centred on the mean over experts (minus the
-  centred mean of its negative prompts), times one logit scale fitted so that the router's softmax is
-  calibrated on the prompt tokens (cross-entropy; otherwise logits are ~|x| and far too peaked).
-* ``classifier``: per layer, a bias-free softmax regression on the prompt tokens: positives are labelled
-  with their expert, negatives are counter-examples (their probability for that expert is pushed down).
-  Classes are balanced, features are rescaled per dimension (real models have a few huge dimensions) and
-  the L2 strength is picked by leave-one-prompt-out cross-validation, which also calibrates the logits.
-
-``router_chat_template: true`` wraps each prompt as a user turn of the base's chat template first.
+"""The fitted gate modes (``centroid``, ``classifier``): routers fitted layer by layer on the MLP inputs of the
+MoE being built. The regression maths first, then the driver that streams the MoE (see ``router/gates.py``).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass
-
 import torch
 from tqdm.auto import tqdm
 
-from .config import MoEConfig
-from .errors import ConfigError
-from .safetensors_io import read_tensor
+from ..errors import ConfigError
+from ..io.safetensors import read_tensor
+from ..moe import arch
+from ..moe.transforms import expert_weight
+from .block import moe_mlp
+from .device import pick_device
+from .prompts import DEFAULT_CONTINUATION_TOKENS, continue_prompts, prompt_set, real_tokens
+from .streamed import LayerStack
 
-logger = logging.getLogger(__name__)
-
-HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu.")
-    return dev
-
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
-
-
-def tokenize_prompts(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """The reference tokenisation: BOS as text, no special tokens added, left-padded with BOS."""
-    texts = [(tokenizer.bos_token or "") + p for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    pad = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        if ids:
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def random_gates(num_layers: int, num_experts: int, hidden: int, *, mode: str, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (num_layers, num_experts, hidden)
-    if mode == "random":
-        return torch.randn(shape, generator=gen)
-    bound = 1.0 / math.sqrt(hidden)
-    return torch.rand(shape, generator=gen) * (2 * bound) - bound
-
-
-def cheap_embed_gates(embed: torch.Tensor, tokenizer, config: MoEConfig, num_layers: int) -> torch.Tensor:
-    embed = embed.float()
-
-    def vec(prompts: list[str]) -> torch.Tensor:
-        batch = tokenize_prompts(tokenizer, prompts)
-        rows = embed[batch["input_ids"]] * batch["attention_mask"].unsqueeze(-1)
-        return _unit(rows.sum(dim=(0, 1)))
-
-    out = []
-    for expert in config.experts:
-        v = vec(expert.positive_prompts)
-        if expert.negative_prompts:
-            v = v - vec(expert.negative_prompts)
-        out.append(_unit(v))
-    return torch.stack(out).unsqueeze(0).repeat(num_layers, 1, 1)
-
-
-def hidden_gates(base, tokenizer, config: MoEConfig, *, device: torch.device, progress: bool = True,
-                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The reference ``hidden``/``hidden_avg`` rows, from one layer-streamed pass of the base.
-
-    Each expert's positive prompts form one left-padded batch and its negatives another, exactly as the
-    reference batches them (padding changes ``hidden_avg``); every batch goes through a layer before the
-    next layer is read, so the base's weights are read once and never held whole.
-    """
-    from .streamed import StreamedBase
-
-    average = config.gate_mode == "hidden_avg"
-    batches, owners = [], []
-    for e, expert in enumerate(config.experts):
-        for prompts, sign in ((expert.positive_prompts, 1.0), (expert.negative_prompts, -1.0)):
-            if prompts:
-                batches.append(tokenize_prompts(tokenizer, prompts))
-                owners.append((e, sign))
-
-    def reduce(h: torch.Tensor, _mask: torch.Tensor) -> torch.Tensor:
-        h = h.float()
-        per_prompt = h.mean(dim=1) if average else h[:, -1, :]  # mean over positions, padding included
-        return per_prompt.mean(dim=0).cpu()
-
-    states = StreamedBase(base, device=device, dtype=dtype).collect(batches, residual=reduce, progress=progress)
-    rows = torch.zeros(len(states["residual"][0]), config.num_experts, states["residual"][0][0].shape[-1])
-    for (e, sign), per_layer in zip(owners, states["residual"]):
-        rows[:, e] += sign * torch.stack(per_layer)
-    return _unit(rows)  # (L, E, H)
-
-
-# ----------------------------------------------------------------------------------- fitted modes
-
-FITTED_MODES = ("centroid", "classifier")
 _LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)  # L2 strengths tried by cross-validation (per-token mean loss scale)
 _MAX_FOLDS = 5  # prompt j of every expert is held out in fold j % 5
-
-
-def router_token_ids(tokenizer, prompt: str, *, chat_template: bool = False) -> list[int]:
-    """The ids the MoE sees for ``prompt``: with the tokenizer's own BOS handling, or as a chat user turn."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(
-                "router_chat_template is true but the base model's tokenizer has no chat template; "
-                "set router_chat_template: false or use a base whose tokenizer_config.json defines one."
-            )
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding keeps every real token at its true position, and causal attention never sees the pads."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-@dataclass
-class PromptSet:
-    """Every prompt the fitted modes read, as token ids, and whose it is."""
-
-    seqs: list[list[int]]
-    expert: torch.Tensor  # (S,) expert the prompt belongs to (or argues against, for negatives)
-    positive: torch.Tensor  # (S,) bool
-    index: torch.Tensor  # (S,) index among that expert's positive prompts: the cross-validation fold
-
-
-def prompt_set(tokenizer, config: MoEConfig) -> PromptSet:
-    chat = bool(config.router_chat_template)
-    seqs, expert, positive, index = [], [], [], []
-    for e, spec in enumerate(config.experts):
-        for kind, prompts in ((True, spec.positive_prompts), (False, spec.negative_prompts)):
-            for j, prompt in enumerate(prompts):
-                seqs.append(router_token_ids(tokenizer, prompt, chat_template=chat))
-                expert.append(e)
-                positive.append(kind)
-                index.append(j if kind else 0)
-    return PromptSet(seqs, torch.tensor(expert), torch.tensor(positive), torch.tensor(index))
-
-
-DEFAULT_CONTINUATION_TOKENS = 48
-
-
-@torch.no_grad()
-def continue_prompts(model, tokenizer, prompts: PromptSet, *, new_tokens: int, seed: int,
-                     batch_size: int = 16) -> PromptSet:
-    """Extend every positive prompt with ``new_tokens`` tokens sampled from ``model`` (the base).
-
-    A router meets tokens deep inside texts of its expert's kind, with long contexts; five short prompts
-    only show it their first few tokens. The base's own continuation of a prompt is such a text (for a chat
-    template, it is the answer), and it costs no extra input from the user.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out = list(prompts.seqs)
-    todo = [i for i, positive in enumerate(prompts.positive.tolist()) if positive]
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # seeded, without disturbing the caller's random state
-        torch.manual_seed(seed)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start: start + batch_size]
-            width = max(len(prompts.seqs[i]) for i in chunk)
-            ids = torch.tensor([[pad] * (width - len(prompts.seqs[i])) + prompts.seqs[i] for i in chunk])
-            mask = torch.tensor([[0] * (width - len(prompts.seqs[i])) + [1] * len(prompts.seqs[i]) for i in chunk])
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                 do_sample=True, temperature=0.8, top_p=0.95, top_k=0, pad_token_id=pad)
-            for row, i in zip(gen[:, width:].tolist(), chunk):
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                out[i] = prompts.seqs[i] + row
-    return PromptSet(out, prompts.expert, prompts.positive, prompts.index)
-
-
-def real_tokens(mask: torch.Tensor, ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
-    """(B, T) bool: real tokens, minus a leading BOS (the same state whatever the prompt, so it says nothing)."""
-    keep = mask.bool().clone()
-    if bos_id is not None:
-        keep[:, 0] &= ids[:, 0] != bos_id
-    return keep
 
 
 def _balanced_weights(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -374,11 +159,6 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     """
     if upstream not in ("moe", "base"):
         raise ValueError(f"upstream must be 'moe' or 'base', got {upstream!r}")
-    from . import arch
-    from .routing import moe_mlp
-    from .transforms import expert_weight
-    from .streamed import LayerStack
-
     config = plan.config
     resolve = resolve or (lambda ref, name: plan.models[ref].tensors[name])
     dev = pick_device(device)
@@ -444,42 +224,3 @@ def load_router_model(folder, *, device: torch.device, dtype: torch.dtype = torc
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": str(device)})
     return model.eval()
-
-
-def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
-                  upstream: str = "moe") -> torch.Tensor:
-    """Gate rows for every layer and expert, as float32 on the CPU.
-
-    ``resolve(ref, name) -> TensorInfo`` (e.g. ``WeightStore.resolve``) locates the tensors the fitted modes
-    read: the base's, and every expert's MLPs. Without it they are looked up in ``plan.models``.
-    ``upstream="base"`` lets the fitted modes run without expert weights (see ``fitted_gates``).
-    """
-    config = plan.config
-    base = plan.base
-    L, E, H = plan.num_layers, config.num_experts, int(plan.out_config["hidden_size"])
-    mode = config.gate_mode
-    if mode in ("random", "uniform_random"):
-        assert config.seed is not None, "compute_gates needs a config with a pinned seed (MoEConfig.with_seed)"
-        gates = random_gates(L, E, H, mode=mode, seed=config.seed)
-    elif mode == "cheap_embed":
-        gates = cheap_embed_gates(read_tensor(base.tensors["model.embed_tokens.weight"]), tokenizer, config, L)
-    elif mode in HIDDEN_MODES:
-        gates = hidden_gates(base, tokenizer, config, device=pick_device(device), progress=progress)
-    elif mode in FITTED_MODES:
-        gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream)
-    else:  # config validation makes this unreachable; keep the message for direct API misuse
-        raise ConfigError(f"Unknown gate_mode {mode!r}.")
-    assert gates.shape == (L, E, H), gates.shape
-    return gates
-
-
-def degenerate_layers(gates: torch.Tensor, threshold: float | None = None) -> list[int]:
-    """Layers whose router can barely tell some experts apart (see ``routing.gate_condition``).
-
-    The measure ignores what all rows share, which a softmax router ignores too, so the centred rows of
-    the fitted modes are not flagged; for the reference modes it flags the layers mergekit-moe flags.
-    """
-    from .routing import SINGULAR_CONDITION, gate_condition
-
-    limit = SINGULAR_CONDITION if threshold is None else threshold
-    return [layer for layer in range(gates.shape[0]) if gate_condition(gates[layer]) > limit]

@@ -2,21 +2,20 @@
 
 ``routing_report(model_dir)`` runs every expert's positive prompts (read from the recipe saved next to
 the model, or given) and any extra text through the merged model and counts, per layer, how often each
-expert is chosen; ``plot_routing(report, path)`` draws it as heatmaps (PNG, matplotlib's Agg backend).
+expert is chosen; ``plot.plot_routing(report, path)`` draws it as heatmaps.
 The report also says when routing is degenerate: one expert takes almost every token, an expert is never
 used, an expert's own prompts mostly go elsewhere, or a layer's gate rows are nearly parallel.
 
 The model is run **one layer at a time** straight from its safetensors files: only one layer's weights
 are ever in memory, so a 4x7B MoE (48 GB) is pictured on a free Colab as easily as a test model. The
-attention half of each layer is transformers' own (``streamed.LayerStack``); the sparse block is written
-out here (top-k experts as in Mixtral) and a test checks the router logits against transformers' Mixtral.
+attention half of each layer is transformers' own (``streamed.LayerStack``); the sparse block is
+``block.moe_mlp``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,17 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from tqdm.auto import tqdm
 
-from .config import CONFIG_FILENAME
-from .errors import ConfigError, ModelNotFoundError
-from .safetensors_io import TensorInfo, read_tensor
-from .sources import ModelRef, describe
+from ..errors import ConfigError, ModelNotFoundError
+from ..io.folder import CONFIG_FILENAME
+from ..io.safetensors import TensorInfo, read_tensor
+from ..io.sources import ModelRef, describe
+from .block import SINGULAR_CONDITION, gate_condition, moe_mlp
+from .device import pick_device
+from .prompts import router_token_ids
 from .streamed import LayerStack
 
 logger = logging.getLogger(__name__)
 
 DOMINANT_SHARE = 0.9  # one expert chosen first for this share of tokens: the others are wasted
-SINGULAR_CONDITION = 5.0  # gate_condition above this: some experts are hard to tell apart (mergekit warns at 5 too)
 
 
 @dataclass
@@ -110,23 +113,6 @@ class _Weights:
         classic = f"model.layers.{layer}.block_sparse_moe.gate.weight"
         return self.get(classic if classic in self.tensors else f"model.layers.{layer}.mlp.gate.weight")
 
-
-def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act) -> torch.Tensor:
-    """Mixtral's sparse block: softmax over all experts, keep the top k, renormalise, mix their MLPs."""
-    weights, chosen = logits.softmax(-1).topk(k, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True)
-    flat, out = x.reshape(-1, x.shape[-1]), torch.zeros(x.numel() // x.shape[-1], x.shape[-1], device=x.device)
-    share = weights.reshape(-1, k)
-    picked = chosen.reshape(-1, k)
-    for e, (gate_proj, up_proj, down_proj) in enumerate(experts):
-        rows = (picked == e).any(-1).nonzero().squeeze(1)  # only the tokens that chose e run it
-        if rows.numel():
-            xe = flat[rows]
-            w = (share[rows] * (picked[rows] == e)).sum(-1, keepdim=True)
-            out.index_add_(0, rows, w * ((act(xe @ gate_proj.T) * (xe @ up_proj.T)) @ down_proj.T))
-    return out.view_as(x)
-
-
 @torch.no_grad()
 def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *, device: str | None = None,
                          progress: bool = False) -> list[torch.Tensor]:
@@ -135,10 +121,6 @@ def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *,
     Returns, per layer, the router logits (batch, tokens, experts) in float32 (right padding: the rows of
     padded positions are meaningless and must be masked by the caller).
     """
-    from tqdm.auto import tqdm
-
-    from .gates import pick_device
-
     folder = Path(model_dir)
     dev = pick_device(device)
     w = _Weights(folder, dev)
@@ -160,8 +142,6 @@ def _recipe(folder: Path) -> dict | None:
     path = folder / CONFIG_FILENAME
     if not path.is_file():
         return None
-    import yaml
-
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
@@ -169,25 +149,6 @@ def expert_labels(sources: Sequence[str]) -> list[str]:
     """Short, unique column labels from expert source models (the folder or repo name)."""
     names = [Path(str(s).rstrip("/").split("@")[0]).name or str(s) for s in sources]
     return [f"{n} #{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def gate_condition(gate: torch.Tensor) -> float:
-    """How close a layer's router is to being unable to tell some experts apart (about 1 = fully distinct).
-
-    A softmax router ignores whatever all rows share (adding a vector to every row adds the same number to
-    every logit), so the rows are scaled to unit length and centred, and the result is 1 / the smallest of
-    the E - 1 singular values that remain: 1 for orthonormal rows, 0.87 for four rows summing to zero,
-    large when two rows nearly coincide or when one shared direction dominates every row (then the logits
-    differ by little). mergekit-moe's warning takes the condition number of the raw rows instead, which
-    flags every well-fitted router whose rows sum to zero.
-    """
-    rows = gate.double() / gate.double().norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    E = rows.shape[0]
-    if E < 2:
-        return 1.0
-    smallest = float(torch.linalg.svdvals(rows - rows.mean(0))[E - 2])
-    return float("inf") if smallest <= 1e-12 else 1.0 / smallest
-
 
 def _layer_ranges(layers: list[int]) -> str:
     spans, start = [], None
@@ -246,8 +207,6 @@ def routing_report(
     them: every real token after the leading BOS.
     """
     from transformers import AutoTokenizer
-
-    from .gates import router_token_ids
 
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
@@ -315,98 +274,3 @@ def routing_report(
                            k, condition)
     report.warnings = routing_warnings(report)  # shown by the caller (summary(), the CLI, the notebook)
     return report
-
-
-def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Draw one heatmap per prompt group (layers x experts, share of tokens choosing each expert) as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    G, L, E = report.chosen.shape
-    cols = min(G, 4)
-    rows = math.ceil(G / cols)
-    cell = 0.42
-    fig = Figure(figsize=(max(3.0, cols * (1.2 + E * cell * 1.3)), rows * (1.4 + min(L, 40) * cell * 0.75) + 0.6),
-                 dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    image = None
-    annotate = L * E <= 160
-    for g in range(rows * cols):
-        ax = axes[g // cols][g % cols]
-        if g >= G:
-            ax.axis("off")
-            continue
-        data = report.chosen[g]
-        image = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
-        ax.set_title(f"{report.groups[g]}\n({report.tokens[g]} tokens)", fontsize=8)
-        ax.set_xticks(range(E), [e[:12] for e in report.experts], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(0, L, max(1, L // 16)))
-        ax.tick_params(axis="y", labelsize=7)
-        if g % cols == 0:
-            ax.set_ylabel("layer", fontsize=8)
-        expected = report.expected[g]
-        if expected is not None:  # frame the column these tokens should land in
-            ax.add_patch(Rectangle((expected - 0.5, -0.5), 1, L, fill=False, edgecolor="red", linewidth=1.5))
-        if annotate:
-            for layer in range(L):
-                for e in range(E):
-                    v = data[layer, e]
-                    ax.text(e, layer, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
-                            color="black" if v > 0.6 else "white")
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label=f"share of tokens routed there (top-{report.experts_per_token})")
-    acc = report.accuracy()
-    subtitle = f" — own-expert first choice {100 * acc:.0f}%" if acc is not None else ""
-    fig.suptitle(title or f"Expert choice per layer: {report.model_dir.name}{subtitle}", fontsize=10)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-    return out
-
-
-def write_routing_picture(
-    model_dir: str | os.PathLike,
-    extra_texts: Sequence[str] = (),
-    *,
-    device: str | None = None,
-    progress: bool = True,
-    update_card: bool = True,
-) -> RoutingReport:
-    """Route the recipe's prompts (and ``extra_texts``) through a merged folder, draw ``routing.png`` into it
-    and, with ``update_card``, re-render its card so the picture is embedded. Returns the report."""
-    from .card import ROUTING_IMAGE, detected_extras, rerender_card
-
-    folder = Path(model_dir)
-    report = routing_report(folder, extra_texts=extra_texts, device=device, progress=progress)
-    plot_routing(report, folder / ROUTING_IMAGE)
-    if update_card:
-        rerender_card(folder, **detected_extras(folder))
-    return report
-
-
-def add_route_parser(subparsers) -> None:
-    """Register ``lazymoe route MODEL_DIR``."""
-    p = subparsers.add_parser(
-        "route", help="draw which experts each layer picks for the recipe's prompts (routing.png + card)",
-        description="Runs each expert's positive prompts (and any --text) through the merged model one layer at "
-                    "a time, writes MODEL_DIR/routing.png, prints per-expert routing and warns when routing is "
-                    "degenerate. The model card is re-rendered to embed the picture.",
-    )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("--text", action="append", default=[], help="extra text to route (repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-card", action="store_true", help="leave README.md as it is")
-    p.set_defaults(func=run_route)
-
-
-def run_route(args) -> int:
-    report = write_routing_picture(args.model_dir, args.text, device=args.device,
-                                   progress=not getattr(args, "quiet", False), update_card=not args.no_card)
-    print(report.summary())  # ends with the warnings, if any
-    print(f"Routing picture: {Path(args.model_dir) / 'routing.png'}")
-    return 0
-

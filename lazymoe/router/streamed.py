@@ -13,14 +13,17 @@ decoder-layer code run unchanged, so results equal a full-model run (tests compa
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import arch
-from .safetensors_io import read_tensor
-from .sources import ModelInfo
+from ..io.safetensors import read_tensor
+from ..io.sources import ModelInfo
+from ..moe import arch
+from .prompts import right_padded
 
 #: a reduction of one layer's input, (B, T, H) and the attention mask (B, T) -> anything
 Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -157,13 +160,8 @@ class LayerStack:
     """
 
     def __init__(self, config_folder, seqs: list[list[int]], embed: torch.Tensor, device: torch.device):
-        import json
-        from pathlib import Path
-
         from transformers import AutoConfig
         from transformers.activations import ACT2FN
-
-        from .gates import right_padded
 
         self.cfg = json.loads((Path(config_folder) / "config.json").read_text())
         self.device = torch.device(device)

@@ -1,0 +1,42 @@
+"""The GGUF files of a model, as cards and uploads list them: ``NAME.QUANT.gguf``, smallest first."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CardError
+from .quants import quant_of
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    name: str
+    size_bytes: int
+
+    @property
+    def quant(self) -> str | None:
+        """``NAME.Q4_K_M.gguf`` -> ``Q4_K_M`` (the naming the gguf command uses)."""
+        return quant_of(self.name)
+
+
+def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:
+    """GGUF files from a folder (every ``*.gguf`` in it) or a list of paths, smallest first."""
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise CardError(f"{folder} is not a folder of GGUF files.")
+        source = sorted(folder.glob("*.gguf"))
+        if not source:
+            raise CardError(f"{folder} has no *.gguf files; make them with lazymoe gguf first.")
+    files = []
+    for item in source:
+        if not isinstance(item, GGUFFile):
+            path = Path(item)
+            if not path.is_file():
+                raise CardError(f"GGUF file {path} does not exist.")
+            item = GGUFFile(path.name, path.stat().st_size)
+        files.append(item)
+    return sorted(files, key=lambda f: (f.size_bytes, f.name))

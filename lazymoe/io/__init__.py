@@ -1,0 +1,4 @@
+"""Reading models and writing files: safetensors at the byte level, model references, the output folder.
+
+The bottom of the stack: imports nothing from lazymoe but ``errors``.
+"""

@@ -1,0 +1,37 @@
+"""Sizes and counts as people read and write them: ``24.2B`` parameters, ``48.3 GB``, ``--max-shard-size 2GB``."""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+
+
+def human_params(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (units are bytes, as the flag name says)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+             "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value <= 0:
+        raise ConfigError(f"{text!r} is not a size; write it like 2GB, 500MB or 1.5GiB.")
+    return int(value * units[unit])
