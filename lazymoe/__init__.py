@@ -13,14 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .config import ExpertConfig, MoEConfig, load_config
 from .errors import LazyMoEError
 
 if TYPE_CHECKING:
     from .pipeline.merge import make_plan, merge
 
-__all__ = ["ExpertConfig", "MoEConfig", "LazyMoEError", "load_config", "make_plan", "merge"]
-__version__ = "0.1.0"
+__all__ = ["ExpertConfig", "MoEConfig", "LazyMoEError", "__version__", "load_config", "make_plan", "merge"]
 
 _LAZY = {"make_plan": "lazymoe.pipeline.merge", "merge": "lazymoe.pipeline.merge"}
 

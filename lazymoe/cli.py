@@ -13,9 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import load_config
 from .errors import GGUFError, LazyMoEError
+from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
-from .io.folder import CONFIG_FILENAME
+from .io.folder import CONFIG_FILENAME, write_text_atomic
 from .moe.arch import LAYOUTS
 from .options import DEFAULT_LICENSE, DEFAULT_MAX_SHARD_BYTES
 
@@ -40,8 +42,6 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .config import load_config
-
     config = load_config(Path(args.config))
     if args.allow_all_same:
         config = config.model_copy(update={"allow_all_same_experts": True})
@@ -137,8 +137,6 @@ def _add_card(sub) -> None:
 
 
 def cmd_card(args) -> int:
-    from .gguf.files import find_gguf_files
-    from .io.folder import write_text_atomic
     from .publish.card import CARD_FILENAME, build_card, gguf_card_data
     from .publish.render import render_gguf_card
 

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+
 from ..errors import ModelNotFoundError
 from .safetensors import TensorInfo, scan_file
 
@@ -102,8 +104,6 @@ def _scan_local(folder: Path, ref: ModelRef) -> dict[str, TensorInfo]:
 
 
 def _hub_api():
-    from huggingface_hub import HfApi
-
     return HfApi()
 
 
@@ -129,8 +129,6 @@ def describe(ref: ModelRef) -> ModelInfo:
         tensors = _scan_local(ref.local_path, ref)
         return ModelInfo(ref, json.loads(cfg.read_text()), tensors, ref.local_path, sum(t.nbytes for t in tensors.values()))
 
-    from huggingface_hub import snapshot_download
-
     try:
         folder = Path(
             snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=METADATA_PATTERNS)
@@ -154,8 +152,6 @@ def fetch_weights(info: ModelInfo) -> ModelInfo:
     """Make every weight file local and return the info with real file offsets."""
     if info.ref.local_path is not None:
         return info
-    from huggingface_hub import snapshot_download
-
     try:
         folder = Path(
             snapshot_download(
@@ -215,8 +211,6 @@ class WeightStore:
 
 def _cached_files(info: ModelInfo) -> set[Path]:
     """Weight files of a Hub model that are already complete in the local cache."""
-    from huggingface_hub import try_to_load_from_cache
-
     out = set()
     for filename in {t.file.name for t in info.tensors.values()}:
         hit = try_to_load_from_cache(info.ref.repo_id, filename, revision=info.ref.revision)

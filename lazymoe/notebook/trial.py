@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ def load_merged(folder: Path, choice: LoadChoice):
 
 def free_memory() -> None:
     """Give a dropped model's memory back now rather than at the next collection."""
-    import gc
-
     import torch
 
     gc.collect()

@@ -22,9 +22,8 @@ from typing import Any, Callable
 
 from IPython.display import HTML, Image, display
 
-import lazymoe
-
 from .. import demo
+from .._version import __version__
 from ..config import MoEConfig, load_config
 from ..errors import LazyMoEError, StepFailed
 from ..gguf import convert as gguf_convert
@@ -64,8 +63,8 @@ def _html(markup: str) -> HTML:
 def setup(path: str | Path = ".", *, installed: bool = False, show: Callable[[Any], None] = _display):
     """Report where lazymoe came from and what this runtime has (GPU, RAM, disk)."""
     runtime = probe(path)
-    show(_html(runtime_html(runtime, lazymoe_version=lazymoe.__version__,
-                            lazymoe_path=str(Path(lazymoe.__file__).parent), installed=installed)))
+    show(_html(runtime_html(runtime, lazymoe_version=__version__,
+                            lazymoe_path=str(Path(__file__).resolve().parents[1]), installed=installed)))
     return runtime
 
 

@@ -1,0 +1,170 @@
+"""The package's shape (docs/architecture.md): imports go down the stack and never round in a cycle, nothing
+is imported inside a function except a heavy optional dependency, and start-up does not load torch."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "lazymoe"
+
+#: the stack, bottom first; a module may import from its own layer or any layer below, never above
+LAYERS: list[tuple[str, ...]] = [
+    # tables and basics that import nothing above them
+    ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.options", "lazymoe.router.modes", "lazymoe.gguf.quants"),
+    ("lazymoe.io",),
+    ("lazymoe.config",),
+    ("lazymoe.moe", "lazymoe.demo"),
+    ("lazymoe.router",),
+    ("lazymoe.gguf",),
+    ("lazymoe.publish",),
+    ("lazymoe.pipeline",),
+    ("lazymoe.cli", "lazymoe.notebook", "lazymoe.__main__"),
+]
+#: imported where they are used, never at import time: torch & co. are slow to load, the others optional extras
+LAZY_OK = {"torch", "transformers", "llama_cpp", "matplotlib"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> int:
+    if module == "lazymoe":  # the root re-exports the public API from below
+        return len(LAYERS) - 1
+    best = None  # the longest matching prefix: lazymoe.router.modes sits below the rest of lazymoe.router
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    if best is None:
+        raise AssertionError(f"{module} is in no layer of tests/test_layout.py: add it where it belongs")
+    return best[0]
+
+
+def _resolve(module: str, node: ast.ImportFrom | ast.Import) -> list[str]:
+    """The lazymoe modules an import statement loads (``from .x import y`` may name module y or a name in x)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "lazymoe"]
+    is_package = MODULES[module].name == "__init__.py"
+    if node.level:
+        base = module.split(".")
+        base = base[: len(base) - node.level + (1 if is_package else 0)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "lazymoe":
+        return []
+    submodules = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+    return submodules if len(submodules) == len(node.names) else [target, *submodules]
+
+
+def _top_level_imports(tree: ast.Module) -> list[ast.stmt]:
+    """Imports that run when the module is imported (``if TYPE_CHECKING:`` blocks do not)."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            found.extend(n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+        elif isinstance(node, ast.Try):
+            found.extend(n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[module] = {t for node in _top_level_imports(tree) for t in _resolve(module, node)
+                         if t in MODULES and t != module}
+    return graph
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    wrong = []
+    for module, targets in _graph().items():
+        for target in targets:
+            if target != "lazymoe" and _layer(target) > _layer(module):
+                wrong.append(f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})")
+    assert not wrong, "imports going up the stack:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    # the package root re-exports from below; submodules never need it (it would tie every module together)
+    users_of_root = sorted(m for m, targets in graph.items() if "lazymoe" in targets and m != "lazymoe")
+    assert users_of_root == [], f"modules importing the lazymoe root package: {users_of_root}"
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+
+
+def test_imports_inside_functions_are_only_heavy_optional_dependencies():
+    wrong = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    if module == "lazymoe.cli":  # a subcommand's module, loaded when the subcommand runs
+                        continue
+                    wrong.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+                    continue
+                roots = {a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) else \
+                    {(node.module or "").split(".")[0]}
+                if not roots <= LAZY_OK:
+                    wrong.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    assert not wrong, "imports inside functions (move them to the top, or move the function):\n" + "\n".join(wrong)
+
+
+def test_every_module_says_what_it_is_for():
+    missing = [m for m, path in MODULES.items() if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()]
+    assert not missing, f"modules without a docstring: {missing}"
+
+
+def _run(code: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, *code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("argv", [["-c", "import lazymoe"], ["-m", "lazymoe", "--help"]], ids=["import", "help"])
+def test_start_up_does_not_load_torch(argv):
+    done = _run(["-X", "importtime", *argv])
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    heavy = sorted(loaded & {"torch", "transformers", "huggingface_hub", "llama_cpp", "matplotlib"})
+    assert heavy == [], f"{' '.join(argv)} loads {heavy}"
