@@ -78,7 +78,7 @@ def test_plan_merge_and_try_show_what_happened(builder, tmp_path):
 def test_merge_reuses_the_plan_only_while_the_form_is_unchanged(builder, monkeypatch):
     import sys
 
-    merging = sys.modules["lazymoe.pipeline.merge"]  # the package attribute `lazymoe.merge` is the function
+    merging = sys.modules["lazymoe.pipeline.merge"]
     seen = []
     real = merging.merge
     monkeypatch.setattr(merging, "merge", lambda *a, **k: seen.append(k["plan"]) or real(*a, **k))

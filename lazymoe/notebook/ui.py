@@ -286,7 +286,7 @@ class Builder:
 
     @_step("Chat")
     def chat(self, **llama_options) -> list[str] | None:
-        """Ask the quantised model one question per expert with llama.cpp (options go to ``lazymoe.gguf.chat``)."""
+        """Ask the quantised model one question per expert with llama.cpp (options go to ``lazymoe.gguf.llama.chat``)."""
         settings = self.form.settings()
         if not settings.gguf:
             self._notice("GGUF is off, so there is nothing to chat with (the Try step already tested the model).")
