@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import GGUFError, LazyMoEError
+from .errors import ConfigError, GGUFError, LazyMoEError
 from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
 from .io.folder import CONFIG_FILENAME, write_text_atomic
@@ -183,7 +183,7 @@ def _add_push(sub) -> None:
 def cmd_push(args) -> int:
     from .publish.hub import push_to_hub
 
-    url = push_to_hub(
+    pushed = push_to_hub(
         args.model_dir,
         args.repo,
         private=args.private,
@@ -192,7 +192,41 @@ def cmd_push(args) -> int:
         progress=not getattr(args, "quiet", False),  # the CLI's global -q
         base_repo_id=args.base_repo_id,
     )
-    print(f"Pushed {args.model_dir} to {url}")
+    print(f"Pushed {args.model_dir} to {pushed.url}")
+    return 0
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser(
+        "publish", help="upload a merged model and (with --gguf) its GGUF files, each with its card",
+        description="Upload MODEL_DIR to REPO, then with --gguf convert it to GGUF, quantise it, list the files on "
+                    "its card and upload them to REPO-GGUF with their own card: what the notebook's Upload and "
+                    "GGUF steps do. Without REPO, --gguf makes the files and updates the local card only.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
+    p.add_argument("repo", metavar="REPO", nargs="?", help="'name' (in your own namespace) or 'namespace/name'")
+    p.add_argument("--gguf", action="store_true", help="also make GGUF files (needs llama-cpp-python)")
+    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
+                   help=f"with --gguf: comma-separated quantisations (default {','.join(DEFAULT_QUANTS)})")
+    p.add_argument("--private", action="store_true", help="create the repos private")
+    p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then your saved "
+                                                 "login); prefer those to a token in your shell history")
+    p.set_defaults(func=cmd_publish)
+
+
+def cmd_publish(args) -> int:
+    from .pipeline.release import release
+
+    if not args.repo and not args.gguf:
+        raise ConfigError("Nothing to publish: give a REPO to upload to, --gguf to make GGUF files, or both.")
+    done = release(args.model_dir, args.repo, gguf=args.gguf, quants=args.quant, private=args.private,
+                   token=args.token, progress=not getattr(args, "quiet", False))
+    if done.model:
+        print(f"Pushed {args.model_dir} to {done.model.url}")
+    for path in done.gguf_files:
+        print(f"{path}  ({path.stat().st_size / 1e6:,.1f} MB)")
+    if done.gguf:
+        print(f"Pushed the GGUF files to {done.gguf.url}")
     return 0
 
 
@@ -284,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_route(sub)
     _add_card(sub)
     _add_push(sub)
+    _add_publish(sub)
     _add_gguf(sub)
     _add_chat(sub)
     return parser

@@ -25,6 +25,18 @@ GateMode = Literal[GATE_MODES]  # type: ignore[valid-type]
 DTYPES: tuple[str, ...] = tuple(NAME_TO_ST)
 DType = Literal[DTYPES]  # type: ignore[valid-type]
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,63}$")
+LICENSE_HELP = (
+    "is not a Hub license id; use one like apache-2.0, mit, llama3 or cc-by-nc-4.0 "
+    "(one that the licenses of your source models allow)"
+)
+
+
+def license_id(value: Any) -> str:
+    """``value`` as a Hub licence id (stripped, lower case), or ValueError saying what one looks like."""
+    text = str(value).strip().lower()
+    if not _LICENSE_ID.match(text):
+        raise ValueError(LICENSE_HELP)
+    return text
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -101,15 +113,7 @@ class MoEConfig(_Strict):
     @field_validator("license", mode="before")
     @classmethod
     def _license(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        text = str(value).strip().lower()
-        if not _LICENSE_ID.match(text):
-            raise ValueError(
-                "is not a Hub license id; use one like apache-2.0, mit, llama3 or cc-by-nc-4.0 "
-                "(one that the licenses of your source models allow)"
-            )
-        return text
+        return None if value is None else license_id(value)
 
     @field_validator("gate_mode", mode="before")
     @classmethod

@@ -25,6 +25,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
 from .errors import DemoError
+from .io.safetensors import NAME_TO_ST
+from .moe import arch
 
 __all__ = ["build_tokenizer", "build_model", "build_demo", "DEMO_EXPERTS", "CHAT_TEMPLATE"]
 
@@ -261,9 +263,9 @@ def build_model(
 
     if model_type not in ("llama", "mistral"):
         raise DemoError(f"model_type={model_type!r} is not supported; use 'llama' or 'mistral'.")
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
+    if dtype not in NAME_TO_ST:
         raise DemoError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16.")
+    torch_dtype = getattr(torch, dtype)
     tokenizer_dir = Path(tokenizer_dir)
     vocab_size = _tokenizer_vocab_size(tokenizer_dir)
     out = Path(out_dir)
@@ -313,16 +315,12 @@ def _check_saved_names(out: Path, config: Any) -> None:
     for shard in sorted(out.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             names.update(f.keys())
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    expected = {arch.EMBED, arch.FINAL_NORM}
     if not config.tie_word_embeddings:
-        expected.add("lm_head.weight")
+        expected.add(arch.LM_HEAD)
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        expected.update(p + s for s in (
-            "input_layernorm.weight", "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-        ))
+        expected.update(f"{arch.layer_prefix(i)}{name}.weight" for name in arch.LAYER_SHARED)
+        expected.update(arch.mlp_name(i, part) for part in arch.MLP_PARTS)
     if names != expected:
         raise DemoError(f"transformers saved unexpected tensor names in {out}: missing "
                         f"{sorted(expected - names)[:5]}, extra {sorted(names - expected)[:5]}.")

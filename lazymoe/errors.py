@@ -56,3 +56,11 @@ class StepFailed(LazyMoEError):
 
     def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
         return [f"Stopped at “{self.step}”: see the red message above, change what it says, and run this cell again."]
+
+
+class ModelFileError(LazyMoEError, OSError):
+    """A weight file does not hold what its header says (truncated, or changed on disk since it was read)."""
+
+
+class WriteError(LazyMoEError, OSError):
+    """Writing the output failed (disk full, no permission, a folder that vanished); nothing half-written is kept."""

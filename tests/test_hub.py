@@ -115,9 +115,12 @@ def test_push_uploads_every_file_byte_identical_through_lfs(hub, model_dir, tmp_
     monkeypatch.setenv("HF_TOKEN", ALICE_WRITE_TOKEN)
     before = snapshot(model_dir)
 
-    url = push_to_hub(model_dir, "tiny-moe", progress=False)
+    pushed = push_to_hub(model_dir, "tiny-moe", progress=False)
 
-    assert url == f"{hub.url}/alice/tiny-moe"  # namespace taken from whoami
+    assert pushed.url == f"{hub.url}/alice/tiny-moe"  # namespace taken from whoami
+    assert (pushed.repo_id, pushed.private) == ("alice/tiny-moe", False)
+    files = [p for p in model_dir.rglob("*") if p.is_file()]
+    assert (pushed.files, pushed.bytes) == (len(files), sum(p.stat().st_size for p in files))
     assert len(hub.requests_of("create-repo", status=200)) == 1
     assert len(hub.requests_of("commit", status=200)) == 1
     assert_repo_matches(hub, "alice/tiny-moe", model_dir, tmp_path)
@@ -203,13 +206,13 @@ def test_rerun_after_a_network_failure_finishes_the_upload(
 def test_push_respects_hf_endpoint_set_after_import(hub, model_dir, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # what the client read at import
     monkeypatch.setenv("HF_ENDPOINT", hub.url)  # what the user set since
-    url = push_to_hub(model_dir, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
+    url = push_to_hub(model_dir, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False).url
     assert url.startswith(hub.url)
     assert "alice/tiny-moe" in hub.repos
 
 
 def test_push_to_an_organization_you_belong_to(hub, model_dir):
-    url = push_to_hub(model_dir, "lazyorg/tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
+    url = push_to_hub(model_dir, "lazyorg/tiny-moe", token=ALICE_WRITE_TOKEN, progress=False).url
     assert url == f"{hub.url}/lazyorg/tiny-moe"
     assert "config.json" in hub.files("lazyorg/tiny-moe")
 
@@ -321,7 +324,7 @@ def test_a_gguf_folder_can_be_pushed_but_not_a_fake_one(hub, tmp_path):
     folder.mkdir()
     (folder / "README.md").write_text(README)
     (folder / "tiny-moe.Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
-    url = push_to_hub(folder, "tiny-moe-GGUF", token=ALICE_WRITE_TOKEN, progress=False)
+    url = push_to_hub(folder, "tiny-moe-GGUF", token=ALICE_WRITE_TOKEN, progress=False).url
     assert url == f"{hub.url}/alice/tiny-moe-GGUF"
     assert hub.files("alice/tiny-moe-GGUF")["tiny-moe.Q4_K_M.gguf"].lfs
 
@@ -402,7 +405,8 @@ def test_a_colab_secret_without_notebook_access_is_explained(hub, model_dir, mon
 
 def test_a_colab_secret_is_used_to_push(hub, model_dir, monkeypatch):
     _fake_colab(monkeypatch, {"HF_TOKEN": ALICE_WRITE_TOKEN})
-    assert push_to_hub(model_dir, "tiny-moe", progress=False) == f"{hub.url}/alice/tiny-moe"
+    pushed = push_to_hub(model_dir, "tiny-moe", progress=False)
+    assert (pushed.repo_id, pushed.url) == ("alice/tiny-moe", f"{hub.url}/alice/tiny-moe")
 
 
 # --------------------------------------------------------------------------- CLI

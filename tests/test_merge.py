@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,36 @@ def test_asking_for_cuda_without_a_gpu_names_the_fix(tiny_world, tmp_path):
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
     with pytest.raises(ConfigError, match="--device cuda was asked for but this machine has no CUDA GPU; use --device cpu"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False, device="cuda")
+
+
+def test_a_full_disk_while_writing_is_one_line_saying_what_to_do(tiny_world, tmp_path, monkeypatch):
+    import errno
+
+    import lazymoe.moe.writer as writer
+    from lazymoe.errors import WriteError
+
+    def full(dst, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_all", full)
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
+    with pytest.raises(WriteError, match=r"failed \(No space left on device\): the disk is full\. Free some space"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_source_is_named_with_what_to_do(tiny_world, tmp_path):
+    from lazymoe.errors import ModelFileError
+
+    broken = shutil.copytree(tiny_world["chat"], tmp_path / "chat")
+    shard = broken / "model.safetensors"
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], broken], gate_mode="random", dtype="bfloat16")
+    plan = lazymoe.make_plan(cfg, progress=False)  # planned from the intact headers
+    from lazymoe.io.safetensors import read_header
+
+    _, data_start = read_header(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(data_start + 8)  # then the file loses its tensors (a copy that stopped early)
+    with pytest.raises(ModelFileError, match="ended early .* Download the model again"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, plan=plan)
+    assert not (tmp_path / "moe").exists()

@@ -87,8 +87,8 @@ def test_merge_then_push_round_trip_names_the_repo_in_the_card(hub, tiny_world, 
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=2)
     out = lazymoe.merge(cfg, tmp_path / "tiny-moe", progress=False)
     local = {p.name: p.read_bytes() for p in out.iterdir()}
-    url = push_to_hub(out, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
-    assert url.endswith("alice/tiny-moe")
+    pushed = push_to_hub(out, "tiny-moe", token=ALICE_WRITE_TOKEN, progress=False)
+    assert pushed.repo_id == "alice/tiny-moe" and pushed.url.endswith("alice/tiny-moe")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == local, "pushing never changes the local folder"
     back = Path(snapshot_download("alice/tiny-moe", token=ALICE_WRITE_TOKEN))
     remote = {p.name: p.read_bytes() for p in back.iterdir() if p.is_file() and p.name != ".gitattributes"}
@@ -128,3 +128,20 @@ def test_pushing_gguf_files_makes_the_quantized_repo_card(hub, tmp_path):
     assert meta["base_model_relation"] == "quantized"
     assert "tiny-moe.Q4_K_M.gguf" in card and "tiny-moe.Q8_0.gguf" in card
     assert not (folder / "README.md").exists()
+
+
+def test_cli_publish_uploads_a_merged_model_and_refuses_nothing_to_do(hub, tiny_world, tmp_path, capsys):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.cli import main
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=3)
+    out = lazymoe.merge(cfg, tmp_path / "tiny-pub", progress=False)
+    assert main(["publish", str(out)]) == 2
+    assert "Nothing to publish" in capsys.readouterr().err
+    assert main(["-q", "publish", str(out), "tiny-pub", "--token", ALICE_WRITE_TOKEN]) == 0
+    printed = capsys.readouterr().out
+    assert f"{hub.url}/alice/tiny-pub" in printed and ALICE_WRITE_TOKEN not in printed
+    assert {"config.json", "lazymoe_config.yml", "README.md"} <= set(hub.files("alice/tiny-pub"))
+    assert main(["publish", str(tmp_path), "tiny-pub", "--token", ALICE_WRITE_TOKEN]) == 2  # not a merged folder
+    assert "no merged model" in capsys.readouterr().err

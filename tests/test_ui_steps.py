@@ -178,8 +178,8 @@ def test_push_uploads_with_the_typed_token_and_never_shows_it(builder, hub):
     builder.merge()
     builder.form.upload.value = True
     builder.form.token_box.value = ALICE_WRITE_TOKEN
-    url = builder.push()
-    assert url == f"{hub.url}/alice/tiny-moe"
+    pushed = builder.push()
+    assert (pushed.repo_id, pushed.url) == ("alice/tiny-moe", f"{hub.url}/alice/tiny-moe")
     files = hub.files("alice/tiny-moe")
     assert {"config.json", "lazymoe_config.yml", "model.safetensors"} <= set(files)
     assert ALICE_WRITE_TOKEN not in builder.screen.html()

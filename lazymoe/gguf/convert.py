@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import GGUFError, InsufficientResourcesError
 from ..io.folder import CONFIG_FILENAME
 from ..io.safetensors import scan_file
+from ..moe import arch
 from ..units import human_bytes
 from .converter import run_converter
 from .llama import capture_llama_log, import_llama_cpp
@@ -99,7 +100,7 @@ def _model_params(model_dir: Path) -> int:
         except (OSError, ValueError) as err:
             raise GGUFError(f"cannot read {shard}: {err}") from err
         for info in infos.values():
-            if ".mlp.experts.gate_up_proj" in info.name:
+            if arch.layout_of([info.name]) == "fused":
                 raise GGUFError(
                     f"{model_dir} stores experts in transformers 5's fused layout ({info.name}), which llama.cpp's "
                     "converter cannot map; merge again with `--layout classic` (the default).")

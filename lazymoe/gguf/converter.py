@@ -22,11 +22,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..errors import GGUFError
+from .install import LLAMA_CPP_PYTHON_VERSION
 
 log = logging.getLogger("lazymoe.gguf")
 
-#: the llama-cpp-python release whose converter we use when llama-cpp-python itself is not installed
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 #: what we keep from the sdist's ``vendor/llama.cpp`` folder
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 _SDIST_PREFIX = "vendor/llama.cpp/"

@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CardError
-from .quants import quant_of
+from ..errors import CardError, GGUFError
+from .quants import PREFERENCE, UNQUANTISED, quant_of
+
+UNQUANTISED_NAMES = frozenset(q.name for q in UNQUANTISED)
 
 
 @dataclass(frozen=True)
@@ -40,3 +42,13 @@ def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGU
             item = GGUFFile(path.name, path.stat().st_size)
         files.append(item)
     return sorted(files, key=lambda f: (f.size_bytes, f.name))
+
+
+def preferred_gguf(paths: Iterable[str | os.PathLike]) -> Path:
+    """The file to run or recommend: the most advisable quantisation (``quants.PREFERENCE``), else the first."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise GGUFError("There are no GGUF files yet: run the GGUF step (lazymoe gguf) first.")
+    rank = {quant: i for i, quant in enumerate(q for q in PREFERENCE if q not in UNQUANTISED_NAMES)}
+    quantised = [p for p in paths if quant_of(p.name) in rank]
+    return min(quantised, key=lambda p: rank[quant_of(p.name)]) if quantised else paths[0]

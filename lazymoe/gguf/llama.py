@@ -15,12 +15,7 @@ from typing import Any, Iterator, Sequence
 from ..config import load_config
 from ..errors import GGUFError
 from ..io.folder import CONFIG_FILENAME
-
-INSTALL_HINT = (
-    "llama-cpp-python is not installed. CPU: CMAKE_ARGS=\"-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF\" "
-    "pip install llama-cpp-python==0.3.36 (compiles llama.cpp, a few minutes); "
-    "NVIDIA GPU: CMAKE_ARGS=\"-DGGML_CUDA=on -DLLAVA_BUILD=OFF\" pip install llama-cpp-python==0.3.36."
-)
+from .install import INSTALL_HINT
 
 
 def import_llama_cpp() -> Any:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from ..errors import ModelFileError
+
 if TYPE_CHECKING:  # torch is imported where a tensor is read or written, so headers and plans stay light
     import torch
 
@@ -47,6 +49,8 @@ def torch_dtype(tag: str) -> "torch.dtype":
 
     return getattr(torch, ST_DTYPES[tag][0])
 
+_TRUNCATED = ("the file is truncated or was changed after it was read. Download the model again (delete it from "
+              "the Hugging Face cache first) or re-save it, then run the merge again.")
 _MAX_HEADER = 100 * 1024 * 1024
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -107,7 +111,7 @@ def read_tensor(info: TensorInfo) -> "torch.Tensor":
         while got < info.nbytes:
             n = f.readinto(view[got:])
             if not n:
-                raise OSError(f"{info.file} ended early while reading {info.name}; the file is truncated")
+                raise ModelFileError(f"{info.file} ended early while reading {info.name}: {_TRUNCATED}")
             got += n
     return buf.view(dtype).reshape(info.shape)
 
@@ -123,7 +127,7 @@ def copy_bytes(info: TensorInfo, dst: BinaryIO) -> None:
                 while remaining:
                     n = os.copy_file_range(src.fileno(), out_fd, remaining, offset)
                     if n == 0:
-                        raise OSError(f"{info.file} ended early while copying {info.name}")
+                        raise ModelFileError(f"{info.file} ended early while copying {info.name}: {_TRUNCATED}")
                     remaining -= n
                     offset += n
                 return
@@ -138,7 +142,7 @@ def copy_bytes(info: TensorInfo, dst: BinaryIO) -> None:
         while remaining:
             n = src.readinto(view[: min(remaining, len(chunk))])
             if not n:
-                raise OSError(f"{info.file} ended early while copying {info.name}")
+                raise ModelFileError(f"{info.file} ended early while copying {info.name}: {_TRUNCATED}")
             write_all(dst, view[:n])
             remaining -= n
 

@@ -15,6 +15,7 @@ Both are byte streams of the same expert tensors in a different grouping, so the
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,12 @@ LAYOUTS = ("classic", "fused")
 FAMILIES = {"llama": "llama", "mistral": "llama"}
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+#: per layer, what the base contributes besides its MLP (Llama names, which Mixtral shares)
+LAYER_SHARED = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                "self_attn.v_proj", "self_attn.o_proj")
 CLASSIC_EXPERT_NAME = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 # Non-MLP tensors the base contributes unchanged. Anything else in the base is a tensor Mixtral has
@@ -42,8 +49,17 @@ MLP_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\
 IGNORED_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
 def mlp_name(layer: int, part: str) -> str:
-    return f"model.layers.{layer}.mlp.{part}.weight"
+    return f"{layer_prefix(layer)}mlp.{part}.weight"
+
+
+def expert_params(hidden: int, intermediate: int, layers: int) -> int:
+    """One expert's parameters over all layers: gate_proj, up_proj (I x H each) and down_proj (H x I)."""
+    return 3 * hidden * intermediate * layers
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,22 @@ class MixtralNames:
     def fused(self, layer: int, which: Literal["gate_up_proj", "down_proj"]) -> str:
         assert self.layout == "fused"
         return f"model.layers.{layer}.mlp.experts.{which}"
+
+
+def config_dtype(cfg: dict) -> str | None:
+    """The dtype a config.json declares (transformers 4 writes ``torch_dtype``, 5 writes ``dtype``), if any."""
+    value = cfg.get("torch_dtype") or cfg.get("dtype")
+    return str(value) if value else None
+
+
+def layout_of(names: Iterable[str]) -> Layout | None:
+    """The expert layout a Mixtral checkpoint's tensor names use; None when it has no expert tensors."""
+    names = list(names)
+    if any(".block_sparse_moe." in name for name in names):
+        return "classic"
+    if any(".mlp.experts." in name for name in names):
+        return "fused"
+    return None
 
 
 def layer_of(name: str) -> int | None:

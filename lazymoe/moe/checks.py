@@ -127,22 +127,19 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
             f"base_model ({config.base_model}) has tensor {name}, which Mixtral has no place for "
             "(quantised or adapter weights?). Use a plain float checkpoint."
         )
-    needed = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{l}.{n}.weight"
-        for l in range(num_layers)
-        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                  "self_attn.v_proj", "self_attn.o_proj")
+    needed = [arch.EMBED, arch.FINAL_NORM] + [
+        f"{arch.layer_prefix(l)}{n}.weight" for l in range(num_layers) for n in arch.LAYER_SHARED
     ]
     for name in needed:
         if name not in base.tensors:
             raise ModelMismatchError(f"base_model ({config.base_model}) has no tensor {name}.")
     tied = bool(base.config.get("tie_word_embeddings", False))
-    if not tied and "lm_head.weight" not in base.tensors:
+    if not tied and arch.LM_HEAD not in base.tensors:
         raise ModelMismatchError(
             f"base_model ({config.base_model}) has no lm_head.weight and tie_word_embeddings is false; "
             "the checkpoint is incomplete."
         )
-    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
+    vocab = base.tensors[arch.EMBED].shape[0]
     if vocab != base.config.get("vocab_size", vocab):
         raise ModelMismatchError(
             f"base_model ({config.base_model}): config vocab_size={base.config['vocab_size']} but "
@@ -169,7 +166,7 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
     """The base tokenizer must not produce ids the embedding matrix does not have."""
     from transformers import AutoTokenizer
 
-    vocab = base.tensors["model.embed_tokens.weight"].shape[0]
+    vocab = base.tensors[arch.EMBED].shape[0]
     try:
         tok = AutoTokenizer.from_pretrained(str(base.folder))
     except Exception as err:

@@ -105,7 +105,7 @@ class MergePlan:
         """
         mode = self.config.gate_mode
         base = self.base.tensors
-        embed = math.prod(base["model.embed_tokens.weight"].shape)
+        embed = math.prod(base[arch.EMBED].shape)
         per_layer: dict[int, int] = {}
         for name, t in base.items():
             if (layer := arch.layer_of(name)) is not None:
@@ -176,10 +176,10 @@ class MergePlan:
 def _out_dtype(config: MoEConfig, base: ModelInfo) -> str:
     if config.dtype:
         return config.dtype
-    name = base.config.get("torch_dtype") or base.config.get("dtype")
+    name = arch.config_dtype(base.config)
     if name in NAME_TO_ST:
         return name
-    return ST_TO_NAME.get(base.tensors["model.embed_tokens.weight"].dtype, "float32")
+    return ST_TO_NAME.get(base.tensors[arch.EMBED].dtype, "float32")
 
 
 def _assign_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[Shard]:
@@ -240,9 +240,9 @@ def build_plan(
         return [OutTensor(names.expert(layer, e, part), st, (p := expert_piece(e, layer, part)).source.shape, (p,),
                           expert=e) for part in arch.MLP_PARTS]
 
-    tensors: list[OutTensor] = [shared("model.embed_tokens.weight")]
+    tensors: list[OutTensor] = [shared(arch.EMBED)]
     for layer in range(L):
-        prefix = f"model.layers.{layer}."
+        prefix = arch.layer_prefix(layer)
         for name in sorted(n for n in base.tensors if n.startswith(prefix) and arch.SHARED_RE.match(n)):
             tensors.append(shared(name))
         tensors.append(OutTensor(names.gate(layer), st, (E, H), (Piece(None),), gate_layer=layer))
@@ -254,9 +254,9 @@ def build_plan(
             tensors.append(OutTensor(names.fused(layer, "gate_up_proj"), st, (E, 2 * I, H), gate_up))
             down = tuple(expert_piece(e, layer, "down_proj") for e in range(E))
             tensors.append(OutTensor(names.fused(layer, "down_proj"), st, (E, H, I), down))
-    tensors.append(shared("model.norm.weight"))
-    if "lm_head.weight" in base.tensors and not base.config.get("tie_word_embeddings", False):
-        tensors.append(shared("lm_head.weight"))
+    tensors.append(shared(arch.FINAL_NORM))
+    if arch.LM_HEAD in base.tensors and not base.config.get("tie_word_embeddings", False):
+        tensors.append(shared(arch.LM_HEAD))
     if low_disk:  # base first (its model is needed longest), then one source model after another
         order = sorted(range(E), key=lambda e: (config.experts[e].source_model != config.base_model,
                                                 config.model_refs().index(config.experts[e].source_model)))
@@ -265,7 +265,7 @@ def build_plan(
                 tensors.extend(expert_tensors(e, layer))
 
     total = sum(t.numel for t in tensors)
-    expert_params = 3 * H * I * L
+    expert_params = arch.expert_params(H, I, L)
     active = total - (E - config.experts_per_token) * expert_params
     download = sum(m.weight_bytes for m in models.values() if m.ref.repo_id is not None and not _cached(m))
     out_config = arch.mixtral_config(base.config, num_experts=E, experts_per_token=config.experts_per_token, dtype=dtype)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ModelFileError
 from ..io.safetensors import build_header, copy_bytes, read_tensor, tensor_bytes_view, torch_dtype, write_all
 from ..io.sources import TensorInfo, WeightStore
 from .plan import MergePlan, OutTensor, Piece
@@ -75,7 +76,9 @@ def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: Weig
                             del data
                     written = f.tell() - start
                     if written != t.nbytes:  # a source whose header lied about its size
-                        raise OSError(f"{t.name}: wrote {written} bytes, the plan expected {t.nbytes}")
+                        raise ModelFileError(
+                            f"{t.name}: wrote {written} bytes where the plan expected {t.nbytes}; a source file "
+                            "changed since it was planned. Download the model again, then run the merge again.")
                     bar.update(t.nbytes)
                     for ref in last_use.get(index, ()):
                         store.release(ref)

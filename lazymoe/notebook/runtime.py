@@ -20,16 +20,13 @@ from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
 from ..errors import GGUFError
+from ..colab import in_colab
+from ..gguf.install import CPU_CMAKE_ARGS, cuda_cmake_args
 from ..gguf.quants import gguf_bytes
 from ..moe.report import plan_rows
 from ..units import human_bytes
 
 _RED, _AMBER, _GREEN, _GREY = "#b00020", "#8a5a00", "#1b6e20", "#555"
-
-
-def in_colab() -> bool:
-    """True inside a Colab kernel (which imports ``google.colab`` at start-up); never imports it here."""
-    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
 
 
 def read_meminfo(path: str | os.PathLike = "/proc/meminfo") -> dict[str, int]:
@@ -160,12 +157,11 @@ def torch_constraints() -> Path:
 def llama_cpp_build(runtime: Runtime) -> tuple[str, str]:
     """CMAKE_ARGS for compiling llama-cpp-python here, and how long to say it takes."""
     if not runtime.has_gpu:
-        return "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF", "a few minutes"
+        return CPU_CMAKE_ARGS, "a few minutes"
     import torch
 
-    major, minor = torch.cuda.get_device_capability(0)  # one architecture instead of all: much shorter build
-    return (f"-DGGML_CUDA=on -DLLAVA_BUILD=OFF -DCMAKE_CUDA_ARCHITECTURES={major}{minor}",
-            "several minutes for the CUDA build")
+    # one architecture instead of all: a much shorter build
+    return cuda_cmake_args(torch.cuda.get_device_capability(0)), "several minutes for the CUDA build"
 
 
 def install_llama_cpp(runtime: Runtime, say, *, version: str) -> bool:

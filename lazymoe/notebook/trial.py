@@ -8,11 +8,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io.safetensors import NAME_TO_ST, dtype_bytes
+from ..moe.arch import config_dtype
 from ..units import human_bytes
 from .runtime import Runtime
 
 _OVERHEAD = 600 * 1000**2  # CUDA context, activations and the KV cache of a short generation
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class LoadChoice:
 
 def stored_dtype(folder: Path) -> str:
     config = json.loads((Path(folder) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return config_dtype(config) or "float32"
 
 
 def choose_loading(size: int, runtime: Runtime, *, dtype: str = "bfloat16",
@@ -33,7 +34,7 @@ def choose_loading(size: int, runtime: Runtime, *, dtype: str = "bfloat16",
     """Where a ``size``-byte checkpoint stored in ``dtype`` can run here: GPU, GPU in 4-bit, CPU, or nowhere."""
     if bitsandbytes is None:
         bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
-    params = size // _BYTES.get(dtype, 2)
+    params = size // (dtype_bytes(dtype) if dtype in NAME_TO_ST else 2)
     vram, ram = runtime.vram_free or 0, runtime.ram_available
     if runtime.has_gpu:
         on_gpu = "float16" if dtype == "bfloat16" and not runtime.bf16 else None  # T4: no native bfloat16

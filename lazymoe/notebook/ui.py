@@ -26,15 +26,16 @@ from .. import demo
 from .._version import __version__
 from ..config import MoEConfig, load_config
 from ..errors import LazyMoEError, StepFailed
-from ..gguf import convert as gguf_convert
-from ..gguf.converter import LLAMA_CPP_PYTHON_VERSION
+from ..gguf.files import preferred_gguf
+from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
 from ..gguf.llama import expert_prompts
 from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
 from ..pipeline import merge as merging
+from ..pipeline.release import ReleaseResult, release
 from ..pipeline.route import write_routing_picture
-from ..publish import hub
-from ..publish.card import ROUTING_IMAGE, rerender_card, write_gguf_card
+from ..publish.card import ROUTING_IMAGE
+from ..publish.hub import PushResult
 from ..units import human_bytes
 from .form import MoEForm, Settings
 from .runtime import (
@@ -237,25 +238,32 @@ class Builder:
 
     # ------------------------------------------------------------------ 6. upload
 
-    def _push(self, folder: Path, repo: str, settings: Settings) -> str:
-        return hub.push_to_hub(folder, repo, private=settings.private, token=self.form.token,
-                               colab_secret=settings.hf_secret or "HF_TOKEN")
+    def _release(self, settings: Settings, **options) -> ReleaseResult:
+        """The library's publishing step with the form's Hub settings; shows each part as it finishes."""
 
-    def _card(self, folder: Path, **options) -> None:
-        """Re-render the local model card with what is known now (repo ids, GGUF files)."""
-        rerender_card(folder, **{k: v for k, v in options.items() if v})
+        def shown(step: str, value) -> None:
+            if step == "model":
+                self.repo_id = value.repo_id
+                self._show(_html(notice_html(f"Uploaded to {value.url}", "ok")))
+            elif step == "gguf_files":
+                self.gguf_files = list(value)
+                rows = [(p.name, human_bytes(p.stat().st_size)) for p in value if p.is_file()]
+                self._show(_html(notice_html(f"GGUF files in {value[0].parent}", "ok")
+                                 + table_html(rows, ("File", "Size"))))
+            elif step == "gguf":
+                self._notice(f"Uploaded the GGUF files to {value.url}", "ok")
+
+        return release(self._require_model(), private=settings.private, token=self.form.token,
+                       colab_secret=settings.hf_secret or "HF_TOKEN", on_step=shown, **options)
 
     @_step("Upload")
-    def push(self) -> str | None:
+    def push(self) -> PushResult | None:
         """Upload the merged model (only when ticked). push_to_hub renders the card with the repo's id."""
         settings = self.form.settings()
         if not settings.upload:
             self._notice("Upload is off: tick “Upload to the Hugging Face Hub” in the form to publish the model.")
             return None
-        url = self._push(self._require_model(), settings.model_name, settings)
-        self.repo_id = _repo_id(url)
-        self._show(_html(notice_html(f"Uploaded to {url}", "ok")))
-        return url
+        return self._release(settings, repo=settings.model_name).model
 
     # ------------------------------------------------------------------ 7-8. GGUF
 
@@ -268,21 +276,11 @@ class Builder:
             return None
         folder = self._require_model()
         install_llama_cpp(probe(folder), self._notice, version=LLAMA_CPP_PYTHON_VERSION)
-        files = gguf_convert.convert_to_gguf(folder, outtype="f16", quants=settings.quants)
-        self.gguf_files = files
-        rows = [(p.name, human_bytes(p.stat().st_size)) for p in files if p.is_file()]
-        self._show(_html(notice_html(f"GGUF files in {files[0].parent}", "ok") + table_html(rows, ("File", "Size"))))
-        if settings.upload and self.repo_id is None:
-            self.push()  # idempotent: a model already on the Hub is not sent again; gives the repo id
-        gguf_repo = f"{self.repo_id}-GGUF" if self.repo_id else None
-        self._card(folder, repo_id=self.repo_id, gguf_repo=gguf_repo, gguf_files=files)  # the local card lists them
-        if not settings.upload:
-            return files
-        write_gguf_card(files[0].parent, base_repo_id=self.repo_id, repo_id=gguf_repo,
-                        license=load_config(folder / CONFIG_FILENAME).license)
-        url = self._push(files[0].parent, gguf_repo, settings)
-        self._notice(f"Uploaded the GGUF files to {url}", "ok")
-        return files
+        # the model goes up first when this session has not uploaded it yet: the GGUF repo names it
+        repo = (self.repo_id or settings.model_name) if settings.upload else None
+        result = self._release(settings, repo=repo, upload_model=self.repo_id is None, gguf=True,
+                               quants=settings.quants)
+        return result.gguf_files
 
     @_step("Chat")
     def chat(self, **llama_options) -> list[str] | None:
@@ -297,9 +295,7 @@ class Builder:
         if not self.gguf_files:
             raise LazyMoEError("There are no GGUF files yet: run the GGUF step first.")
         names, prompts = zip(*expert_prompts(folder / CONFIG_FILENAME))
-        unquantised = (".F16.GGUF", ".BF16.GGUF", ".F32.GGUF")
-        quantised = [p for p in self.gguf_files if not p.name.upper().endswith(unquantised)]
-        target = (quantised or self.gguf_files)[0]
+        target = preferred_gguf(self.gguf_files)
         answers = gguf_chat(target, list(prompts), **llama_options)
         rows = list(zip(names, prompts, answers))
         table = table_html(rows, ("Expert", "Prompt", "Answer"))
@@ -322,8 +318,3 @@ class Builder:
         self.form.messages.outputs = ()
         with self.form.messages:  # prints, progress bars and bug tracebacks land in the form, not in a void
             self.build()
-
-
-def _repo_id(url: str) -> str:
-    """``namespace/name`` from the URL push_to_hub returns (``https://host/namespace/name``)."""
-    return "/".join(str(url).rstrip("/").split("/")[-2:])

@@ -7,6 +7,7 @@ interrupted or failed merge never leaves something that looks like a model; inpu
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import MoEConfig, load_config
-from ..errors import InsufficientResourcesError, OutputExistsError
+from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, WriteError
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes, is_lazymoe_output
 from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 from ..moe import checks
@@ -117,6 +118,29 @@ def _finalise(tmp: Path, output_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_folder(plan, config: MoEConfig, gates, tmp: Path, store: WeightStore, base, model_name: str, *,
+                  progress: bool) -> None:
+    """Everything the finished folder holds, written into the hidden work folder ``tmp``."""
+    write_shards(plan, gates, tmp, store, progress=progress)
+    (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        src = base.folder / name
+        if src.is_file():
+            shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
+    (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
+    write_card(plan, tmp, model_name=model_name)
+
+
+def _write_failure(output_dir: Path, err: OSError) -> str:
+    """What went wrong while writing, and what to do: the disk, the permissions, or the folder itself."""
+    what = f"Writing the merged model to {output_dir} failed ({err.strerror or err})"
+    if err.errno == errno.ENOSPC:
+        return f"{what}: the disk is full. Free some space or choose another output folder, then merge again."
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}: no permission to write there. Choose a folder you can write to, then merge again."
+    return f"{what}. Nothing half-written was kept; check the disk and the folder, then merge again."
+
+
 def merge(
     config: MoEConfig | dict | str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -177,14 +201,12 @@ def merge(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        write_shards(plan, gates, tmp, store, progress=progress)
-        (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
-        for name in ("generation_config.json", *TOKENIZER_FILES):
-            src = base.folder / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
-        (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
-        write_card(plan, tmp, model_name=output_dir.name)
+        try:
+            _write_folder(plan, config, gates, tmp, store, base, output_dir.name, progress=progress)
+        except OSError as err:
+            if isinstance(err, LazyMoEError):
+                raise
+            raise WriteError(_write_failure(output_dir, err)) from err
         _finalise(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

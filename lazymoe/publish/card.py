@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import MoEConfig, load_config
+from ..config import MoEConfig, license_id, load_config
 from ..errors import CardError, ModelNotFoundError
 from ..gguf.files import GGUFFile, find_gguf_files
 from ..gguf.quants import BY_NAME as QUANTS_BY_NAME
 from ..gguf.quants import PREFERENCE as QUANT_PREFERENCE
 from ..io.folder import CONFIG_FILENAME, write_text_atomic
 from ..io.sources import ModelRef, describe
+from ..moe import arch
 from ..options import DEFAULT_LICENSE
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
 from ..units import human_bytes, human_params
@@ -47,7 +48,6 @@ PLACEHOLDER_NAMESPACE = "your-username"
 # merge() assembles the model in ".NAME.lazymoe-partial-PID" and renames it to NAME when done
 _PARTIAL_DIR = re.compile(r"^\.(?P<name>.+)\.lazymoe-partial-\d+$")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 
 # ---------------------------------------------------------------------------------------- facts
@@ -118,21 +118,18 @@ class ModelFacts:
                 "restore it (or merge again) so the card describes the real model."
             )
         tensors = describe(ModelRef.parse(str(folder))).tensors
-        if any(".block_sparse_moe." in name for name in tensors):
-            layout = "classic"
-        elif any(".mlp.experts." in name for name in tensors):
-            layout = "fused"
-        else:
+        layout = arch.layout_of(tensors)
+        if layout is None:
             raise CardError(f"{folder} has no expert tensors (block_sparse_moe or mlp.experts); is it a MoE?")
         total = sum(t.numel for t in tensors.values())
         layers, hidden = int(out["num_hidden_layers"]), int(out["hidden_size"])
-        expert_params = 3 * hidden * int(out["intermediate_size"]) * layers  # one expert's MLPs, all layers
+        expert_params = arch.expert_params(hidden, int(out["intermediate_size"]), layers)
         return cls(
             config=moe,
             config_yaml=(folder / CONFIG_FILENAME).read_text(encoding="utf-8"),
             total_params=total,
             active_params=total - (experts - per_token) * expert_params,
-            dtype=str(out.get("torch_dtype") or out.get("dtype") or "float32"),
+            dtype=arch.config_dtype(out) or "float32",
             layout=layout,
             num_layers=layers,
             hidden_size=hidden,
@@ -177,13 +174,10 @@ def _is_local_ref(ref: str) -> bool:
 def resolve_license(license: str | None, config: MoEConfig | None = None) -> str:
     """The license id: the argument, else the config's ``license`` (once the config has one), else apache-2.0."""
     value = license or getattr(config, "license", None) or DEFAULT_LICENSE
-    value = str(value).strip().lower()
-    if not _LICENSE_ID.match(value):
-        raise CardError(
-            f"license {value!r} is not a Hub license id; use one like apache-2.0, mit, llama3 or cc-by-nc-4.0 "
-            "(one that the licenses of your source models allow)."
-        )
-    return value
+    try:
+        return license_id(value)
+    except ValueError as err:
+        raise CardError(f"license {str(value).strip().lower()!r} {err}.") from None
 
 
 def _source(ref: str, local_refs: frozenset[str]) -> dict[str, Any]:

@@ -25,10 +25,10 @@ from huggingface_hub.utils import (
     are_progress_bars_disabled,
     disable_progress_bars,
     enable_progress_bars,
-    is_google_colab,
     validate_repo_id,
 )
 
+from ..colab import has_colab_secrets
 from ..errors import HubError
 from ..gguf.files import find_gguf_files
 from ..io.folder import is_lazymoe_output
@@ -40,6 +40,18 @@ logger = logging.getLogger(__name__)
 
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a push went: what the notebook and the CLI report, and what the next step (a GGUF repo) names."""
+
+    repo_id: str  # namespace/name, the namespace filled in from the token's user when it was not given
+    url: str  # the repo's page
+    private: bool
+    files: int  # files in the uploaded folder
+    bytes: int
+    commit_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,7 @@ def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, li
     notes: list[str] = []
     if token is not None and token.strip():
         return _Token(token.strip(), "your token= / --token argument"), notes
-    if colab_secret and _in_colab():
+    if colab_secret and has_colab_secrets():
         value, note = _read_colab_secret(colab_secret)
         if value:
             return _Token(value, f"your Colab secret {colab_secret!r}"), notes
@@ -74,14 +86,6 @@ def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, li
             return _Token(os.environ[name].strip(), f"your {name} environment variable"), notes
     saved = get_token()  # the saved login (refreshed if it is an expiring OAuth token)
     return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
-
-
-def _in_colab() -> bool:
-    if os.environ.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
-        return False  # Colab Enterprise has no user secrets
-    if "google.colab" in sys.modules:  # the Colab kernel imports it at start-up
-        return True
-    return is_google_colab()
 
 
 def _read_colab_secret(name: str) -> tuple[str | None, str | None]:
@@ -200,12 +204,12 @@ def push_to_hub(
     commit_message: str | None = None,
     progress: bool = True,
     base_repo_id: str | None = None,
-) -> str:
+) -> PushResult:
     """Upload a finished model folder to ``repo`` (``name`` in your own namespace, or ``namespace/name``).
 
     Creates the repo if needed (private if ``private``; an existing public repo is refused rather than
     silently exposed), then uploads every file. Re-running after an interruption resumes: the Hub keeps
-    what it received and only the rest is sent. The local folder is only read. Returns the repo URL.
+    what it received and only the rest is sent. The local folder is only read. Returns where it went.
     """
     folder = check_model_folder(model_dir)
     # read at call time: a notebook may set HF_ENDPOINT after huggingface_hub was imported
@@ -233,7 +237,7 @@ def push_to_hub(
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
     with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
         if card is None:
-            api.upload_folder(
+            commit = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
                 commit_message=commit_message or f"Upload {folder.name} with lazymoe",
@@ -247,13 +251,14 @@ def push_to_hub(
                 if p.is_file() and p.relative_to(folder).as_posix() != "README.md"
             ]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-            api.create_commit(
+            commit = api.create_commit(
                 repo_id=repo_id,
                 operations=operations,
                 commit_message=commit_message or f"Upload {folder.name} with lazymoe",
             )
     logger.info("Pushed %s to %s", folder, url)
-    return url
+    return PushResult(repo_id=repo_id, url=url, private=private, files=len(sizes), bytes=sum(sizes),
+                      commit_url=getattr(commit, "commit_url", None))
 
 
 def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:

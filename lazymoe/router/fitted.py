@@ -183,7 +183,7 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     E, k = config.num_experts, config.experts_per_token
-    stack = LayerStack(plan.base.folder, prompts.seqs, base_tensor("model.embed_tokens.weight"), dev)
+    stack = LayerStack(plan.base.folder, prompts.seqs, base_tensor(arch.EMBED), dev)
     keep = real_tokens(stack.mask, stack.ids, tokenizer.bos_token_id).to(dev)
     owner = torch.arange(len(prompts.seqs), device=dev)[:, None].expand_as(keep)[keep].cpu()
     labels, is_pos = prompts.expert[owner], prompts.positive[owner]

@@ -39,6 +39,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io.safetensors import read_tensor
+from ..moe import arch
 from .block import SINGULAR_CONDITION, gate_condition
 from .device import pick_device
 from .fitted import fitted_gates
@@ -63,7 +64,7 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
         assert config.seed is not None, "compute_gates needs a config with a pinned seed (MoEConfig.with_seed)"
         gates = random_gates(L, E, H, mode=mode, seed=config.seed)
     elif group == "embedding":
-        gates = cheap_embed_gates(read_tensor(base.tensors["model.embed_tokens.weight"]), tokenizer, config, L)
+        gates = cheap_embed_gates(read_tensor(base.tensors[arch.EMBED]), tokenizer, config, L)
     elif group == "hidden":
         gates = hidden_gates(base, tokenizer, config, device=pick_device(device), progress=progress)
     elif group == "fitted":

@@ -30,6 +30,7 @@ from ..errors import ConfigError, ModelNotFoundError
 from ..io.folder import CONFIG_FILENAME
 from ..io.safetensors import TensorInfo, read_tensor
 from ..io.sources import ModelRef, describe
+from ..moe import arch
 from .block import SINGULAR_CONDITION, gate_condition, moe_mlp
 from .device import pick_device
 from .prompts import router_token_ids
@@ -91,6 +92,7 @@ class _Weights:
         # describe() follows the index and names a missing or unreadable shard
         self.tensors: dict[str, TensorInfo] = describe(ModelRef.parse(str(folder))).tensors
         self.device = device
+        self.names = arch.MixtralNames(arch.layout_of(self.tensors) or "fused")
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
@@ -99,19 +101,17 @@ class _Weights:
 
     def experts(self, layer: int, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(gate_proj, up_proj, down_proj) per expert."""
-        classic = f"model.layers.{layer}.block_sparse_moe.experts.0.w1.weight"
-        if classic in self.tensors:
-            p = f"model.layers.{layer}.block_sparse_moe.experts"
-            return [(self.get(f"{p}.{e}.w1.weight"), self.get(f"{p}.{e}.w3.weight"), self.get(f"{p}.{e}.w2.weight"))
+        if self.names.layout == "classic":
+            return [tuple(self.get(self.names.expert(layer, e, part)) for part in arch.MLP_PARTS)
                     for e in range(num_experts)]
-        gate_up = self.get(f"model.layers.{layer}.mlp.experts.gate_up_proj")
-        down = self.get(f"model.layers.{layer}.mlp.experts.down_proj")
+        gate_up = self.get(self.names.fused(layer, "gate_up_proj"))
+        down = self.get(self.names.fused(layer, "down_proj"))
         half = gate_up.shape[1] // 2
         return [(gate_up[e, :half], gate_up[e, half:], down[e]) for e in range(num_experts)]
 
     def gate(self, layer: int) -> torch.Tensor:
-        classic = f"model.layers.{layer}.block_sparse_moe.gate.weight"
-        return self.get(classic if classic in self.tensors else f"model.layers.{layer}.mlp.gate.weight")
+        return self.get(self.names.gate(layer))
+
 
 @torch.no_grad()
 def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *, device: str | None = None,
@@ -124,7 +124,7 @@ def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *,
     folder = Path(model_dir)
     dev = pick_device(device)
     w = _Weights(folder, dev)
-    stack = LayerStack(folder, seqs, w.get("model.embed_tokens.weight"), dev)
+    stack = LayerStack(folder, seqs, w.get(arch.EMBED), dev)
     E, k = int(stack.cfg["num_local_experts"]), int(stack.cfg["num_experts_per_tok"])
     out = []
     for layer in tqdm(range(int(stack.cfg["num_hidden_layers"])), desc="Routing: layers", disable=not progress):

@@ -77,7 +77,7 @@ class StreamedBase:
 
     def _load_layer(self, index: int) -> torch.nn.Module:
         layer = self.inner.layers[index]
-        prefix = f"model.layers.{index}."
+        prefix = arch.layer_prefix(index)
         state = {
             name[len(prefix):]: read_tensor(info).to(self.device, self.dtype)
             for name, info in self.base.tensors.items()
@@ -108,7 +108,7 @@ class StreamedBase:
             raise ValueError("collect() needs residual= or mlp_input=")
         # the residual stream entering the last layer needs layers 0..L-2 only; MLP inputs need them all
         layers = self.num_layers if mlp_input is not None else self.num_layers - 1
-        embed = read_tensor(self.base.tensors["model.embed_tokens.weight"]).to(self.device, self.dtype)
+        embed = read_tensor(self.base.tensors[arch.EMBED]).to(self.device, self.dtype)
         states, extras = [], []
         out: dict[str, list[list[torch.Tensor]]] = {}
         if residual is not None:
@@ -183,7 +183,7 @@ class LayerStack:
     @torch.no_grad()
     def mlp_input(self, layer: int, get) -> torch.Tensor:
         """Add layer ``layer``'s attention to the residual stream; return what its MLP (and router) reads."""
-        mod, p = self.inner.layers[layer], f"model.layers.{layer}"
+        mod, p = self.inner.layers[layer], arch.layer_prefix(layer).rstrip(".")
         parts = [self._load(getattr(mod, n), f"{p}.{n}", get)
                  for n in ("input_layernorm", "self_attn", "post_attention_layernorm")]
         norm_in, attn, norm_post = parts

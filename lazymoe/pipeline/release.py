@@ -1,0 +1,78 @@
+"""The publishing step: upload a merged folder, make its GGUF files, list them on its card, upload them as
+``NAME-GGUF`` with their own card. One function behind ``lazymoe publish`` and the notebook's Upload and
+GGUF steps, so both do the same things in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import ModelNotFoundError
+from ..gguf.convert import convert_to_gguf
+from ..gguf.quants import DEFAULT_QUANTS
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
+from ..publish.card import rerender_card, write_gguf_card
+from ..publish.hub import PushResult, push_to_hub
+
+
+@dataclass
+class ReleaseResult:
+    """What a release did: the model's repo (None when not uploaded), the GGUF files, the GGUF repo."""
+
+    model: PushResult | None = None
+    gguf_files: list[Path] = field(default_factory=list)
+    gguf: PushResult | None = None
+
+
+def release(
+    model_dir: str | os.PathLike,
+    repo: str | None = None,
+    *,
+    gguf: bool = False,
+    quants: Iterable[str] = DEFAULT_QUANTS,
+    upload_model: bool = True,
+    private: bool = False,
+    token: str | None = None,
+    colab_secret: str = "HF_TOKEN",
+    progress: bool = True,
+    on_step: Callable[[str, object], None] | None = None,
+) -> ReleaseResult:
+    """Publish the merged folder ``model_dir``.
+
+    With ``repo`` (``name`` or ``namespace/name``) the model is uploaded there; ``upload_model=False`` skips
+    that upload for a model already pushed (then ``repo`` must be its full id). With ``gguf`` the folder is
+    converted to F16 GGUF plus ``quants``, its local card re-rendered to list them and, with ``repo``, they
+    are uploaded to ``REPO-GGUF`` with their own card. ``on_step(name, value)`` hears each finished step
+    ("model", "gguf_files", "gguf") as it happens, for a front end that shows progress.
+    """
+    folder = Path(model_dir)
+    if not is_lazymoe_output(folder):
+        raise ModelNotFoundError(f"There is no merged model at {folder}: run the merge first (it writes "
+                                 f"config.json and {CONFIG_FILENAME}).")
+    say = on_step or (lambda name, value: None)
+    result = ReleaseResult()
+    repo_id = repo
+    if repo and upload_model:
+        result.model = push_to_hub(folder, repo, private=private, token=token, colab_secret=colab_secret,
+                                   progress=progress)
+        repo_id = result.model.repo_id
+        say("model", result.model)
+    if not gguf:
+        return result
+    result.gguf_files = convert_to_gguf(folder, outtype="f16", quants=quants, progress=progress)
+    say("gguf_files", result.gguf_files)
+    gguf_repo = f"{repo_id}-GGUF" if repo_id else None
+    options = {"repo_id": repo_id, "gguf_repo": gguf_repo, "gguf_files": result.gguf_files}
+    rerender_card(folder, **{k: v for k, v in options.items() if v})  # the local card lists the files
+    if repo_id:
+        gguf_dir = result.gguf_files[0].parent
+        write_gguf_card(gguf_dir, base_repo_id=repo_id, repo_id=gguf_repo,
+                        license=load_config(folder / CONFIG_FILENAME).license)
+        result.gguf = push_to_hub(gguf_dir, gguf_repo, private=private, token=token, colab_secret=colab_secret,
+                                  progress=progress)
+        say("gguf", result.gguf)
+    return result
