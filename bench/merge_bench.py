@@ -34,7 +34,6 @@ import platform
 import shlex
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -50,6 +49,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # for _synth, imported in main() only: it pulls in torch, and the
 # measurement wrapper and the copy baseline, which run this same file, must stay light
+sys.path.insert(0, str(REPO))  # the lazymoe checked out here, not an installed copy
+
+from lazymoe.io.safetensors import TensorInfo, scan_file  # noqa: E402  (headers only: no torch)
 
 DEFAULT_WORK = HERE / ".work"
 DEFAULT_RESULTS = HERE / "results" / "merge_bench.md"
@@ -124,29 +126,15 @@ def rmtree(path: Path) -> None:
 # ============================================================================ safetensors headers
 
 
-@dataclass(frozen=True)
-class Entry:
-    """Where one tensor's bytes live: enough to copy or compare them without a tensor library."""
-
-    file: Path
-    offset: int  # absolute, in ``file``
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
+#: where one tensor's bytes live (file, absolute offset, nbytes, dtype, shape): enough to copy or compare them
+Entry = TensorInfo
 
 
 def read_index(folder: Path) -> dict[str, Entry]:
     """Every tensor of a safetensors checkpoint folder (sharded or not), from the headers alone."""
     entries: dict[str, Entry] = {}
     for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            entries[name] = Entry(f, 8 + size + start, end - start, meta["dtype"], tuple(meta["shape"]))
+        entries.update(scan_file(f))
     return entries
 
 
@@ -975,8 +963,6 @@ def main(argv: list[str]) -> int:
         raise SystemExit("this benchmark reads /proc/<pid>/io and needs Linux")
     work_dir: Path = args.work.resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))  # the lazymoe checked out here, not an installed copy
-
     shape = _synth.Shape(args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab, args.dtype)
     moe_bytes, inputs_bytes = expected_output_bytes(shape, args.experts)
     synth_root = work_dir / "synth"

@@ -12,14 +12,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from .config import load_config
 from .errors import ConfigError, GGUFError, LazyMoEError
 from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
 from .io.folder import CONFIG_FILENAME, write_text_atomic
-from .moe.arch import LAYOUTS
-from .options import DEFAULT_LICENSE, DEFAULT_MAX_SHARD_BYTES
+from .options import DEFAULT_LICENSE, MergeOptions, cli_fields, validated
 
 log = logging.getLogger("lazymoe")
 
@@ -27,18 +27,27 @@ log = logging.getLogger("lazymoe")
 # ------------------------------------------------------------------------------------------ plan, merge, demo
 
 
-def _add_merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), metavar="BYTES",
-                   help="largest shard, in bytes with a unit: 2GB (default), 500MB, 1.5GiB")
-    p.add_argument("--layout", choices=LAYOUTS, default="classic",
-                   help="classic: block_sparse_moe.experts.E.w1/w2/w3, read by every consumer (default); "
-                        "fused: transformers-5 native mlp.experts.gate_up_proj, not read by llama.cpp")
-    p.add_argument("--low-disk", action="store_true",
-                   help="write experts one source model at a time and delete each downloaded expert once written "
-                        "(disk: output + two models instead of output + all models)")
+#: the merge options each command takes (flags, defaults and help come from options.MergeOptions)
+_PLAN_OPTIONS = ("max_shard_bytes", "layout", "low_disk")
+_MERGE_OPTIONS = (*_PLAN_OPTIONS, "device", "overwrite")
+
+
+def _add_merge_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    for name, info, cli in cli_fields(MergeOptions, names):
+        flag = cli.pop("flag")
+        if info.annotation is bool:
+            p.add_argument(flag, action="store_true", dest=name, help=info.description)
+            continue
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+        p.add_argument(flag, dest=name, default=info.default, choices=choices, help=info.description, **cli)
     p.add_argument("--allow-all-same-experts", "--i-understand-this-is-not-useful-without-training",
                    action="store_true", dest="allow_all_same",
                    help="allow every expert to be the same model (only useful if you train afterwards)")
+
+
+def _options(args, names: tuple[str, ...]) -> MergeOptions:
+    flags = {name: cli["flag"] + ":" for name, _, cli in cli_fields(MergeOptions, names)}
+    return validated(MergeOptions, {name: getattr(args, name) for name in names}, flags)
 
 
 def _load(args):
@@ -52,8 +61,9 @@ def cmd_plan(args) -> int:
     from .moe.report import format_plan
     from .pipeline.merge import make_plan
 
-    plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, low_disk=args.low_disk,
-                     progress=not args.quiet)
+    options = _options(args, _PLAN_OPTIONS)
+    plan = make_plan(_load(args), max_shard_bytes=options.max_shard_bytes, layout=options.layout,
+                     low_disk=options.low_disk, progress=not args.quiet)
     print(format_plan(plan))
     return 0
 
@@ -61,8 +71,7 @@ def cmd_plan(args) -> int:
 def cmd_merge(args) -> int:
     from .pipeline.merge import merge
 
-    out = merge(_load(args), args.output_dir, max_shard_bytes=args.max_shard_size, layout=args.layout,
-                low_disk=args.low_disk, device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    out = merge(_load(args), args.output_dir, **_options(args, _MERGE_OPTIONS).merge_kwargs(), progress=not args.quiet)
     print(f"Merged model written to {out}")
     return 0
 
@@ -300,15 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what a config will build, reading only configs and headers")
     p.add_argument("config", help="mergekit-moe YAML config")
-    _add_merge_options(p)
+    _add_merge_options(p, _PLAN_OPTIONS)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("merge", help="build the MoE into OUTPUT_DIR")
     p.add_argument("config", help="mergekit-moe YAML config")
     p.add_argument("output_dir")
-    _add_merge_options(p)
-    p.add_argument("--device", default="auto", help="device for the hidden-state router pass: auto, cpu, cuda")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier lazymoe output in OUTPUT_DIR")
+    _add_merge_options(p, _MERGE_OPTIONS)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")

@@ -1,8 +1,139 @@
-"""The merge options a front end passes beside the config, and their defaults (one place for each)."""
+"""What a front end passes beside the MoE config, as typed models: the merge options (``lazymoe merge`` flags,
+the notebook's Advanced box) and the notebook settings (a preset's ``notebook:`` block, the form). Each field
+is declared once, with its default, its validation and the help text the CLI and the form show.
+"""
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .gguf.quants import DEFAULT_QUANTS, QUANT_TYPES
+from .moe.arch import Layout
+from .units import parse_bytes
+
 #: 2 GB: a free Colab (12.7 GB RAM) never holds more than one tensor anyway
-DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3
+DEFAULT_MAX_SHARD = "2GB"
+DEFAULT_MAX_SHARD_BYTES = parse_bytes(DEFAULT_MAX_SHARD)
 #: the merged model's licence on its card and the Hub when neither the recipe nor the caller names one
 DEFAULT_LICENSE = "apache-2.0"
+
+_MODEL_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _cli(flag: str, **extra: Any) -> dict[str, Any]:
+    """How a field appears on the command line (``flag``, and argparse extras such as ``metavar``)."""
+    return {"cli": {"flag": flag, **extra}}
+
+
+class MergeOptions(BaseModel):
+    """How ``merge()`` writes the folder: the same for ``lazymoe merge``, the notebook and Python."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_shard_bytes: int = Field(
+        DEFAULT_MAX_SHARD_BYTES, gt=0,
+        description=f"largest shard, in bytes with a unit: {DEFAULT_MAX_SHARD} (default), 500MB, 1.5GiB",
+        json_schema_extra=_cli("--max-shard-size", metavar="BYTES"))
+    layout: Layout = Field(
+        "classic",
+        description="classic: block_sparse_moe.experts.E.w1/w2/w3, read by every consumer (default); "
+                    "fused: transformers-5 native mlp.experts.gate_up_proj, not read by llama.cpp",
+        json_schema_extra=_cli("--layout"))
+    low_disk: bool = Field(
+        False,
+        description="write experts one source model at a time and delete each downloaded expert once written "
+                    "(disk: output + two models instead of output + all models)",
+        json_schema_extra=_cli("--low-disk"))
+    overwrite: bool = Field(
+        False, description="replace an earlier lazymoe output in the output folder",
+        json_schema_extra=_cli("--overwrite"))
+    device: str = Field(
+        "auto", description="device for the router pass: auto, cpu, cuda",
+        json_schema_extra=_cli("--device"))
+
+    @field_validator("max_shard_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_bytes(value) if isinstance(value, str) else value
+
+    def merge_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``merge()`` / ``make_plan()``."""
+        return self.model_dump()
+
+
+class NotebookSettings(MergeOptions):
+    """What the notebook does with the config besides merging it. The token is never part of it."""
+
+    model_name: str = Field("my-frankenmoe", description="Name of the merged model: the output folder and the Hub "
+                            "repo (in your namespace unless you write namespace/name)")
+    overwrite: bool = Field(True, description="Replace an earlier lazymoe build with the same name")
+    upload: bool = Field(False, description="Upload to the Hugging Face Hub")
+    private: bool = Field(False, description="Private repo")
+    hf_secret: str = Field("HF_TOKEN", description="Name of the Colab secret (key icon, left bar) holding a write "
+                           "token")
+    gguf: bool = Field(False, description="Also make GGUF files (llama.cpp)")
+    quants: tuple[str, ...] = Field(DEFAULT_QUANTS, description="Ctrl/Cmd-click to pick several")
+
+    @property
+    def folder_name(self) -> str:
+        return self.model_name.rsplit("/", 1)[-1]
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, name: str) -> str:
+        name = name.strip()
+        if not name:
+            raise ValueError("is empty: it names the output folder and the Hub repo")
+        if not _MODEL_NAME.match(name) or "--" in name or ".." in name or name.endswith(".git"):
+            raise ValueError(f"{name!r}: use letters, digits, '-', '_' and '.' (no spaces, no '--' or '..'), at "
+                             "most 96 characters, optionally as namespace/name")
+        return name
+
+    @field_validator("hf_secret")
+    @classmethod
+    def _secret(cls, secret: str) -> str:
+        return secret.strip()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NotebookSettings:
+        if self.upload and self.hf_secret and not _SECRET_NAME.match(self.hf_secret):
+            raise ValueError(f"Colab secret {self.hf_secret!r} is not a secret name (letters, digits and _), "
+                             "e.g. HF_TOKEN")
+        if self.gguf and not self.quants:
+            raise ValueError("GGUF is ticked but no quantisation is selected: pick at least one (e.g. Q4_K_M)")
+        return self
+
+    @field_validator("quants", mode="before")
+    @classmethod
+    def _quants(cls, value: Any) -> Any:
+        for quant in value or ():
+            if quant not in QUANT_TYPES:
+                raise ValueError(f"unknown quantisation type {quant!r}; choose from {', '.join(QUANT_TYPES)}")
+        return tuple(value or ())
+
+
+def validated(model: type[BaseModel], values: dict[str, Any], labels: dict[str, str] | None = None) -> Any:
+    """``model`` built from ``values``, or one :class:`ConfigError` that starts with the field's ``labels`` entry
+    (default ``name:``) and says what to change."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        message = first["msg"].removeprefix("Value error, ").rstrip(".")
+        label = (labels or {}).get(field, f"{field}:") if field else ""
+        raise ConfigError(f"{label} {message}.".strip()) from None
+
+
+def cli_fields(model: type[BaseModel], names: tuple[str, ...]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(field name, field info, its ``cli`` extras) for each of ``names``: what the CLI turns into flags."""
+    out = []
+    for name in names:
+        info = model.model_fields[name]
+        out.append((name, info, dict((info.json_schema_extra or {}).get("cli", {}))))
+    return out

@@ -17,10 +17,11 @@ PACKAGE = ROOT / "lazymoe"
 #: the stack, bottom first; a module may import from its own layer or any layer below, never above
 LAYERS: list[tuple[str, ...]] = [
     # tables and basics that import nothing above them
-    ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.options", "lazymoe.router.modes", "lazymoe.gguf.quants"),
+    ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.colab", "lazymoe.router.modes",
+     "lazymoe.gguf.quants", "lazymoe.gguf.install"),
     ("lazymoe.io",),
     ("lazymoe.config",),
-    ("lazymoe.moe", "lazymoe.demo"),
+    ("lazymoe.moe", "lazymoe.demo", "lazymoe.options"),
     ("lazymoe.router",),
     ("lazymoe.gguf",),
     ("lazymoe.publish",),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import ipywidgets as widgets
@@ -18,36 +17,19 @@ from pydantic import ValidationError
 
 from ..config import DTYPES, MoEConfig, parse_config
 from ..errors import ConfigError, LazyMoEError
-from ..gguf.quants import DEFAULT_QUANTS, QUANT_TYPES
+from ..gguf.quants import QUANT_TYPES
+from ..options import DEFAULT_MAX_SHARD, NotebookSettings, validated
 from ..router.modes import GATE_MODE_TABLE
-from ..units import parse_bytes
 from .presets import Preset, parse_preset
 from .runtime import error_html, notice_html
 from .widgets import LICENSES, ExpertRow, set_tooltip, styled
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
-_MODEL_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the notebook does with the config, beyond merging it. The token is never part of it."""
-
-    model_name: str
-    max_shard_bytes: int
-    overwrite: bool
-    low_disk: bool
-    upload: bool
-    private: bool
-    hf_secret: str
-    gguf: bool
-    quants: tuple[str, ...]
-
-    @property
-    def folder_name(self) -> str:
-        return self.model_name.rsplit("/", 1)[-1]
+#: how a settings error names the field: the form's own words for it
+_LABELS = {"model_name": "New model name", "max_shard_bytes": "Shard size (Advanced):", "quants": "Quantisations:"}
+_DEFAULTS = NotebookSettings()
+_HELP = {name: info.description for name, info in NotebookSettings.model_fields.items()}
 
 
 class MoEForm:
@@ -62,9 +44,7 @@ class MoEForm:
         self.last_message: tuple[str, str] | None = None
         self._on_build: Callable[[], None] | None = None
 
-        self.model_name = styled(w.Text(description="New model name"), "lazymoe-model-name",
-                                 "Name of the merged model: the output folder and the Hub repo (in your namespace "
-                                 "unless you write namespace/name)")
+        self.model_name = styled(w.Text(description="New model name"), "lazymoe-model-name", _HELP["model_name"])
         self.license = styled(w.Combobox(description="License", options=list(LICENSES), ensure_option=False,
                                          placeholder="apache-2.0 when empty"), "lazymoe-license",
                               "Hub licence id for the model card; one the licences of the merged models allow")
@@ -81,21 +61,20 @@ class MoEForm:
         dtypes = [("same as the base model", "")] + [(d, d) for d in DTYPES]
         self.dtype = styled(w.Dropdown(description="dtype", options=dtypes),
                             "lazymoe-dtype", "Precision of the merged weights")
-        self.max_shard = styled(w.Text(description="Shard size", value="2GB"), "lazymoe-shard",
-                                "Largest safetensors file, in bytes with a unit: 2GB, 500MB, 1.5GiB", width="260px")
-        self.overwrite = w.Checkbox(description="Replace an earlier lazymoe build with the same name", value=True,
-                                    indent=False)
+        self.max_shard = styled(w.Text(description="Shard size", value=DEFAULT_MAX_SHARD), "lazymoe-shard",
+                                _HELP["max_shard_bytes"], width="260px")
+        self.overwrite = w.Checkbox(description=_HELP["overwrite"], value=_DEFAULTS.overwrite, indent=False)
         self.low_disk = w.Checkbox(description="Low-disk mode: delete each downloaded expert once it is written",
-                                   value=False, indent=False)
+                                   value=_DEFAULTS.low_disk, indent=False)
         set_tooltip(self.low_disk, "Disk needed: the output plus two models instead of the output plus all of them")
         self.seed = styled(w.Text(description="Seed", placeholder="random"), "lazymoe-seed",
                            "Pins the randomness (noise, random gates); empty picks one and records it", width="260px")
         self.allow_same = w.Checkbox(description="Allow every expert to be the same model (only if you will train it)",
                                      value=False, indent=False)
-        self.upload = w.Checkbox(description="Upload to the Hugging Face Hub", value=False, indent=False)
-        self.private = w.Checkbox(description="Private repo", value=False, indent=False)
-        self.hf_secret = styled(w.Text(description="Colab secret", value="HF_TOKEN"), "lazymoe-secret",
-                                "Name of the Colab secret (key icon, left bar) holding a write token", width="360px")
+        self.upload = w.Checkbox(description=_HELP["upload"], value=_DEFAULTS.upload, indent=False)
+        self.private = w.Checkbox(description=_HELP["private"], value=_DEFAULTS.private, indent=False)
+        self.hf_secret = styled(w.Text(description="Colab secret", value=_DEFAULTS.hf_secret), "lazymoe-secret",
+                                _HELP["hf_secret"], width="360px")
         self.token_box = styled(w.Password(description="…or a token", placeholder="hf_… (kept in memory only)",
                                            continuous_update=False), "lazymoe-token",
                                 "Used only if the secret is missing; never printed, never saved in the notebook",
@@ -104,10 +83,10 @@ class MoEForm:
         self.token_status = w.HTML()
         self.forget_token = w.Button(description="Forget token", layout=w.Layout(width="120px", display="none"))
         self.forget_token.on_click(lambda _: self._set_token(None))
-        self.gguf = w.Checkbox(description="Also make GGUF files (llama.cpp)", value=False, indent=False)
+        self.gguf = w.Checkbox(description=_HELP["gguf"], value=_DEFAULTS.gguf, indent=False)
         self.quants = styled(w.SelectMultiple(description="Quantisations", options=list(QUANT_TYPES),
-                                              value=DEFAULT_QUANTS, rows=7), "lazymoe-quants",
-                             "Ctrl/Cmd-click to pick several", width="360px")
+                                              value=_DEFAULTS.quants, rows=7), "lazymoe-quants",
+                             _HELP["quants"], width="360px")
         self.yaml_box = styled(w.Textarea(rows=16, placeholder="Paste a mergekit-moe YAML here, then press Load"),
                                "lazymoe-yaml", "", width="100%")
         self.yaml_load = w.Button(description="Load YAML into the form")
@@ -251,9 +230,8 @@ class MoEForm:
 
     def set_settings(self, notebook: dict) -> None:
         """Fill the notebook-only fields named in ``notebook`` (a preset's ``notebook:`` block)."""
-        unknown = [q for q in notebook.get("quants") or () if q not in QUANT_TYPES]
-        if unknown:
-            raise ConfigError(f"Unknown quantisation type {unknown[0]!r}; choose from {', '.join(QUANT_TYPES)}.")
+        if notebook.get("quants") is not None:
+            validated(NotebookSettings, {"quants": notebook["quants"]}, _LABELS)  # names an unknown type
         fields = {"model_name": self.model_name, "upload": self.upload,
                   "private": self.private, "hf_secret": self.hf_secret, "gguf": self.gguf,
                   "max_shard_bytes": self.max_shard, "overwrite": self.overwrite, "low_disk": self.low_disk}
@@ -263,27 +241,13 @@ class MoEForm:
         if notebook.get("quants") is not None:
             self.quants.value = tuple(notebook["quants"])
 
-    def settings(self) -> Settings:
+    def settings(self) -> NotebookSettings:
         """The validated notebook settings, or :class:`ConfigError` naming the field to fix."""
-        name = self.model_name.value.strip()
-        if not name:
-            raise ConfigError("New model name is empty: it names the output folder and the Hub repo.")
-        if not _MODEL_NAME.match(name) or "--" in name or ".." in name or name.endswith(".git"):
-            raise ConfigError(f"New model name {name!r}: use letters, digits, '-', '_' and '.' (no spaces, "
-                              "no '--' or '..'), at most 96 characters, optionally as namespace/name.")
-        try:
-            shard = parse_bytes(self.max_shard.value)
-        except ConfigError as err:
-            raise ConfigError(f"Shard size (Advanced): {err}") from None
-        secret = self.hf_secret.value.strip()
-        if self.upload.value and secret and not _SECRET_NAME.match(secret):
-            raise ConfigError(f"Colab secret {secret!r} is not a secret name (letters, digits and _), e.g. HF_TOKEN.")
-        if self.gguf.value and not self.quants.value:
-            raise ConfigError("GGUF is ticked but no quantisation is selected: pick at least one (e.g. Q4_K_M).")
-        return Settings(model_name=name, max_shard_bytes=shard, overwrite=self.overwrite.value,
-                        low_disk=self.low_disk.value,
-                        upload=self.upload.value, private=self.private.value,
-                        hf_secret=secret, gguf=self.gguf.value, quants=tuple(self.quants.value))
+        values = {"model_name": self.model_name.value, "max_shard_bytes": self.max_shard.value,
+                  "overwrite": self.overwrite.value, "low_disk": self.low_disk.value, "upload": self.upload.value,
+                  "private": self.private.value, "hf_secret": self.hf_secret.value, "gguf": self.gguf.value,
+                  "quants": tuple(self.quants.value)}
+        return validated(NotebookSettings, values, _LABELS)
 
     # ------------------------------------------------------------------ token (never echoed, never synced back)
 
@@ -368,7 +332,7 @@ class MoEForm:
 
     # ------------------------------------------------------------------ checking
 
-    def check(self) -> tuple[MoEConfig, Settings] | None:
+    def check(self) -> tuple[MoEConfig, NotebookSettings] | None:
         """Validate everything; show a one-line verdict. Returns the values, or None after showing the error."""
         try:
             config, settings = self.to_config(), self.settings()

@@ -14,21 +14,29 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..gguf.quants import DEFAULT_QUANTS
+from ..options import DEFAULT_MAX_SHARD, NotebookSettings
 
-#: ``notebook:`` keys a preset may set, with their types and the default the form starts from
+def _kind(name: str) -> type | tuple[type, ...]:
+    annotation = NotebookSettings.model_fields[name].annotation
+    if name == "max_shard_bytes":
+        return (str, int)  # "2GB" or a number of bytes
+    return list if annotation == tuple[str, ...] else annotation
+
+
+def _default(name: str) -> Any:
+    if name == "max_shard_bytes":
+        return DEFAULT_MAX_SHARD  # shown in the form as written
+    value = NotebookSettings.model_fields[name].default
+    return list(value) if isinstance(value, tuple) else value
+
+
+#: ``notebook:`` keys a preset may set, with their types and the default the form starts from: the notebook
+#: settings (``options.NotebookSettings``) plus what only the generated notebook reads
 NOTEBOOK_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "title": (str, None),
     "description": (str, ""),
-    "model_name": (str, "my-frankenmoe"),
-    "upload": (bool, False),
-    "private": (bool, False),
-    "hf_secret": (str, "HF_TOKEN"),
-    "gguf": (bool, False),
-    "quants": (list, list(DEFAULT_QUANTS)),
-    "max_shard_bytes": ((str, int), "2GB"),
-    "overwrite": (bool, True),
-    "low_disk": (bool, False),
+    **{name: (_kind(name), _default(name)) for name in NotebookSettings.model_fields
+       if name not in ("layout", "device")},  # fixed in the notebook: classic layout, the device auto-detected
     "demo_dir": (str, None),
 }
 

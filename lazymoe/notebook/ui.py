@@ -37,7 +37,8 @@ from ..pipeline.route import write_routing_picture
 from ..publish.card import ROUTING_IMAGE
 from ..publish.hub import PushResult
 from ..units import human_bytes
-from .form import MoEForm, Settings
+from ..options import NotebookSettings
+from .form import MoEForm
 from .runtime import (
     Raw,
     error_html,
@@ -143,7 +144,7 @@ class Builder:
 
     # ------------------------------------------------------------------ shared
 
-    def values(self) -> tuple[MoEConfig, Settings]:
+    def values(self) -> tuple[MoEConfig, NotebookSettings]:
         """The form's config and settings, validated (ConfigError names the field)."""
         return self.form.to_config(), self.form.settings()
 
@@ -164,7 +165,7 @@ class Builder:
         return folder
 
     @staticmethod
-    def _key(config: MoEConfig, settings: Settings) -> tuple:
+    def _key(config: MoEConfig, settings: NotebookSettings) -> tuple:
         """What a plan depends on: a plan made for other values is never reused by the merge."""
         return config.to_yaml(), settings.max_shard_bytes, settings.low_disk
 
@@ -238,7 +239,7 @@ class Builder:
 
     # ------------------------------------------------------------------ 6. upload
 
-    def _release(self, settings: Settings, **options) -> ReleaseResult:
+    def _release(self, settings: NotebookSettings, **options) -> ReleaseResult:
         """The library's publishing step with the form's Hub settings; shows each part as it finishes."""
 
         def shown(step: str, value) -> None:

@@ -24,7 +24,7 @@ from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 from ..moe import checks
 from ..moe import plan as planning
 from ..moe.writer import write_shards
-from ..options import DEFAULT_MAX_SHARD_BYTES
+from ..options import MergeOptions
 from ..publish.card import write_card
 from ..router.device import pick_device
 from ..router.gates import compute_gates, degenerate_layers
@@ -32,14 +32,15 @@ from ..router.modes import FITTED_MODES, HIDDEN_MODES
 from ..units import human_bytes, parse_bytes
 
 logger = logging.getLogger(__name__)
+_DEFAULTS = MergeOptions()  # the defaults every front end shares
 
 
 def make_plan(
     config,
     *,
-    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
-    layout: str = "classic",
-    low_disk: bool = False,
+    max_shard_bytes: int | str = _DEFAULTS.max_shard_bytes,
+    layout: str = _DEFAULTS.layout,
+    low_disk: bool = _DEFAULTS.low_disk,
     progress: bool = True,
 ) -> planning.MergePlan:
     """Validate the config and the models (headers only) and return the plan. Reads no weights."""
@@ -145,11 +146,11 @@ def merge(
     config: MoEConfig | dict | str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
-    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
-    layout: str = "classic",
+    max_shard_bytes: int | str = _DEFAULTS.max_shard_bytes,
+    layout: str = _DEFAULTS.layout,
     device: str | None = None,
-    low_disk: bool = False,
-    overwrite: bool = False,
+    low_disk: bool = _DEFAULTS.low_disk,
+    overwrite: bool = _DEFAULTS.overwrite,
     progress: bool = True,
     plan: planning.MergePlan | None = None,
 ) -> Path:
