@@ -98,10 +98,11 @@ class MergePlan:
     def router_pass_bytes(self) -> int:
         """Memory (RAM, or GPU memory when there is a GPU) the router initialisation holds.
 
-        ``hidden`` modes stream the base one layer at a time in bfloat16 (embeddings + one layer). Fitted
-        modes stream the MoE one layer at a time in float32 (embeddings + one layer + its experts' MLPs), but
-        first load the whole base in the output dtype to write continuations, unless
-        ``router_continuation_tokens`` is 0.
+        ``hidden`` modes stream the base one layer at a time in bfloat16 (embeddings + one layer, plus one
+        tensor as stored while it is cast when the base is not bfloat16). Fitted modes stream the MoE one
+        layer at a time in float32 (embeddings + one layer + its experts' MLPs), but first load the whole base
+        in the output dtype to write continuations, unless ``router_continuation_tokens`` is 0.
+        ``tests/test_memory.py`` holds these figures against memory measured on a real pass.
         """
         mode = self.config.gate_mode
         base = self.base.tensors
@@ -112,7 +113,9 @@ class MergePlan:
                 per_layer[layer] = per_layer.get(layer, 0) + t.numel
         layer = max(per_layer.values(), default=0)
         if mode in HIDDEN_MODES:
-            return 2 * (embed + layer)
+            cast = max((t.nbytes for n, t in base.items() if t.dtype != "BF16" and arch.layer_of(n) is not None),
+                       default=0)
+            return 2 * (embed + layer) + cast
         if mode in FITTED_MODES:
             streamed = 4 * (embed + layer + self.config.num_experts * self.expert_params // max(self.num_layers, 1))
             whole = 0

@@ -83,8 +83,8 @@ class StreamedBase:
             for name, info in self.base.tensors.items()
             if name.startswith(prefix) and not arch.IGNORED_RE.match(name)
         }
-        layer.to_empty(device=self.device)
-        layer.load_state_dict(state, strict=True)
+        # assign: the layer takes these tensors as its weights (no second copy of the layer in memory)
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 
     @torch.no_grad()
@@ -176,8 +176,7 @@ class LayerStack:
 
     def _load(self, module: torch.nn.Module, prefix: str, get) -> torch.nn.Module:
         names = list(module.state_dict())
-        module.to_empty(device=self.device)
-        module.load_state_dict({n: get(f"{prefix}.{n}") for n in names}, strict=True)
+        module.load_state_dict({n: get(f"{prefix}.{n}") for n in names}, strict=True, assign=True)
         return module
 
     @torch.no_grad()
