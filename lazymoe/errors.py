@@ -64,3 +64,7 @@ class ModelFileError(LazyMoEError, OSError):
 
 class WriteError(LazyMoEError, OSError):
     """Writing the output failed (disk full, no permission, a folder that vanished); nothing half-written is kept."""
+
+
+class NotReadyError(LazyMoEError):
+    """Plan found something a ticked later step (upload, GGUF) needs and does not have; lists every problem."""

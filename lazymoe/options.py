@@ -21,8 +21,20 @@ DEFAULT_MAX_SHARD_BYTES = parse_bytes(DEFAULT_MAX_SHARD)
 #: the merged model's licence on its card and the Hub when neither the recipe nor the caller names one
 DEFAULT_LICENSE = "apache-2.0"
 
-_MODEL_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+#: a Hub repo id: ``name`` or ``namespace/name``, each part a letter or digit then letters, digits, ``-_.``
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def repo_name_problem(name: str) -> str | None:
+    """Why ``name`` (``name`` or ``namespace/name``) cannot be a Hub repo id, or None when it can."""
+    name = name.strip()
+    if not name:
+        return "the name is empty"
+    if name.count("/") > 1 or not _REPO_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
+        return (f"{name!r} is not a valid repo name: use letters, digits, '-', '_' and '.' (no spaces, no '--' or "
+                "'..', not ending in .git), at most 96 characters, optionally as namespace/name")
+    return None
 
 
 def _cli(flag: str, **extra: Any) -> dict[str, Any]:
@@ -86,13 +98,10 @@ class NotebookSettings(MergeOptions):
     @field_validator("model_name")
     @classmethod
     def _model_name(cls, name: str) -> str:
-        name = name.strip()
-        if not name:
-            raise ValueError("is empty: it names the output folder and the Hub repo")
-        if not _MODEL_NAME.match(name) or "--" in name or ".." in name or name.endswith(".git"):
-            raise ValueError(f"{name!r}: use letters, digits, '-', '_' and '.' (no spaces, no '--' or '..'), at "
-                             "most 96 characters, optionally as namespace/name")
-        return name
+        problem = repo_name_problem(name)  # it names the Hub repo too: the Hub's rule, checked in one place
+        if problem:
+            raise ValueError(problem)
+        return name.strip()
 
     @field_validator("hf_secret")
     @classmethod

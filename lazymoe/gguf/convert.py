@@ -27,7 +27,7 @@ from ..moe import arch
 from ..units import human_bytes
 from .converter import run_converter
 from .llama import capture_llama_log, import_llama_cpp
-from .quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, gguf_bytes
+from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants
 
 log = logging.getLogger("lazymoe.gguf")
 
@@ -68,23 +68,6 @@ class QuantReport:
         more = f"; and {len(self.fallbacks) - 6} more" if len(self.fallbacks) > 6 else ""
         return (f"{self.quant}: {len(self.fallbacks)} tensor(s) fell back to another type because their width is "
                 f"not a multiple of the quant's block size (K-quants need 256): {shown}{more}.")
-
-
-def parse_quants(quants: str | Iterable[str] | None) -> list[str]:
-    """``"Q4_K_M,q5_k_m"``, a list, ``"all"`` or ``"none"`` → validated upper-case names, in order, no repeats."""
-    if quants is None:
-        return []
-    items = quants.split(",") if isinstance(quants, str) else list(quants)
-    items = [q.strip().upper() for q in items if q.strip()]
-    if items == ["NONE"]:
-        return []
-    if items == ["ALL"]:
-        return list(QUANT_TYPES)
-    unknown = [q for q in items if q not in QUANT_TYPES]
-    if unknown:
-        raise GGUFError(f"unknown quantisation {', '.join(unknown)}; choose from {', '.join(QUANT_TYPES)} "
-                        "(or 'all', 'none').")
-    return list(dict.fromkeys(items))
 
 
 def _model_params(model_dir: Path) -> int:

@@ -1,5 +1,5 @@
 """llama.cpp file types: one table of names, sizes and advice, read by the converter's disk checks, the CLI,
-the notebook form and the model cards. Imports nothing, so any layer may use it.
+the notebook form and the model cards. Imports only the errors, so any layer may use it.
 
 Bits per weight are llama.cpp's own measurements: the file sizes its ``llama-quantize`` lists for
 Llama-3-8B (GiB, in ``tools/quantize/quantize.cpp`` of llama-cpp-python 0.3.36's llama.cpp) times 2^33 over
@@ -10,7 +10,10 @@ nominal block size (4.5 bits for Q4_K).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from ..errors import GGUFError
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,30 @@ def gguf_bytes(params: int, name: str) -> int:
     return int(params * bits_per_weight(name) / 8)
 
 
+def estimate_gguf_bytes(params: int, quants: tuple[str, ...] | list[str], outtype: str = "F16") -> int:
+    """Disk for the ``outtype`` GGUF plus each quantised file (an estimate from bits per weight)."""
+    return gguf_bytes(params, outtype) + sum(gguf_bytes(params, q) for q in quants)
+
+
 def quant_of(filename: str) -> str | None:
     """``NAME.Q4_K_M.gguf`` -> ``Q4_K_M`` (the naming ``convert_to_gguf`` uses); None when there is no tag."""
     stem = filename.removesuffix(".gguf")
     tag = stem.rsplit(".", 1)[1].upper() if "." in stem else ""
     return tag if _QUANT_TAG.match(tag) else None  # "Moe-v3.1.gguf" has no quant "1"
+
+
+def parse_quants(quants: str | Iterable[str] | None) -> list[str]:
+    """``"Q4_K_M,q5_k_m"``, a list, ``"all"`` or ``"none"`` → validated upper-case names, in order, no repeats."""
+    if quants is None:
+        return []
+    items = quants.split(",") if isinstance(quants, str) else list(quants)
+    items = [q.strip().upper() for q in items if q.strip()]
+    if items == ["NONE"]:
+        return []
+    if items == ["ALL"]:
+        return list(QUANT_TYPES)
+    unknown = [q for q in items if q not in QUANT_TYPES]
+    if unknown:
+        raise GGUFError(f"unknown quantisation {', '.join(unknown)}; choose from {', '.join(QUANT_TYPES)} "
+                        "(or 'all', 'none').")
+    return list(dict.fromkeys(items))

@@ -27,7 +27,7 @@ from .widgets import LICENSES, ExpertRow, set_tooltip, styled
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
 #: how a settings error names the field: the form's own words for it
-_LABELS = {"model_name": "New model name", "max_shard_bytes": "Shard size (Advanced):", "quants": "Quantisations:"}
+_LABELS = {"model_name": "New model name:", "max_shard_bytes": "Shard size (Advanced):", "quants": "Quantisations:"}
 _DEFAULTS = NotebookSettings()
 _HELP = {name: info.description for name, info in NotebookSettings.model_fields.items()}
 
@@ -243,6 +243,8 @@ class MoEForm:
 
     def settings(self) -> NotebookSettings:
         """The validated notebook settings, or :class:`ConfigError` naming the field to fix."""
+        if not self.model_name.value.strip():
+            raise ConfigError("New model name is empty: it names the output folder and the Hub repo.")
         values = {"model_name": self.model_name.value, "max_shard_bytes": self.max_shard.value,
                   "overwrite": self.overwrite.value, "low_disk": self.low_disk.value, "upload": self.upload.value,
                   "private": self.private.value, "hf_secret": self.hf_secret.value, "gguf": self.gguf.value,

@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ..errors import GGUFError
 from ..colab import in_colab
 from ..gguf.install import CPU_CMAKE_ARGS, cuda_cmake_args
-from ..gguf.quants import gguf_bytes
+from ..gguf.quants import estimate_gguf_bytes
 from ..moe.report import plan_rows
 from ..units import human_bytes
 
@@ -89,11 +89,6 @@ def probe(path: str | os.PathLike = ".") -> Runtime:
         ram_total=mem.get("MemTotal"), torch=torch_version, gpu_name=gpu, vram_free=vram_free,
         vram_total=vram_total, bf16=bf16,
     )  # fmt: skip
-
-
-def estimate_gguf_bytes(params: int, quants: tuple[str, ...] | list[str], outtype: str = "F16") -> int:
-    """Disk for the ``outtype`` GGUF plus each quantised file, from bits per weight (an estimate)."""
-    return gguf_bytes(params, outtype) + sum(gguf_bytes(params, q) for q in quants)
 
 
 @dataclass(frozen=True)
@@ -235,8 +230,25 @@ def needs_html(needs: list[Need]) -> str:
     return table_html(rows, ("", "Needed", "This runtime has", "", ""), css_class="lazymoe-resources")
 
 
-def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> str:
-    """The plan as the notebook shows it: facts, the experts, resources against this runtime, warnings."""
+def shortages(needs: list[Need]) -> list[Need]:
+    """The rows that stop the pipeline (trying the model in too little memory only skips that step)."""
+    return [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+
+
+def checks_html(checks) -> str:
+    """What the ticked later steps need (``preflight.Check`` rows): a table, then each blocking one in red."""
+    if not checks:
+        return ""
+    marks = {True: Raw(f'<b style="color:{_GREEN}">✔</b>'), False: Raw(f'<b style="color:{_RED}">✖</b>'),
+             None: Raw(f'<b style="color:{_GREY}">ℹ</b>')}
+    rows = [(marks[c.ok], c.step, c.message) for c in checks]
+    out = table_html(rows, ("", "Later step", "What it needs"), css_class="lazymoe-ahead")
+    return out + "".join(error_html(f"{c.step}: {c.message}") for c in checks if c.ok is False)
+
+
+def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahead=()) -> str:
+    """The plan as the notebook shows it: facts, the experts, resources against this runtime, what the
+    ticked later steps need (``ahead``: preflight checks), warnings."""
     covered = ("Disk needed", "RAM needed (peak)", "Router pass")  # the resource table below shows these
     parts = [table_html([r for r in plan_rows(plan) if r[0] not in covered], css_class="lazymoe-plan")]
     experts = [(f"experts[{i}]", e.source_model, "; ".join(e.positive_prompts) or "–", "; ".join(e.negative_prompts) or "–")
@@ -245,14 +257,18 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> s
     parts.append(table_html(experts, header, css_class="lazymoe-experts"))
     needs = resource_needs(plan, runtime, gguf_quants=gguf_quants)
     parts.append(needs_html(needs))
-    short = [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+    short = shortages(needs)
     for n in short:
         parts.append(error_html(f"{n.what}: needs {human_bytes(n.needed)} but this runtime has "
                                 f"{human_bytes(n.have or 0)}. " + _advice(n, runtime, getattr(plan, "low_disk", True))))
+    parts.append(checks_html(ahead))
     for warning in plan.warnings:
         parts.append(notice_html(warning, "warn"))
-    if not short and not plan.warnings:
-        parts.append(notice_html("No problems found: ready to merge.", "ok"))
+    blocked = bool(short) or any(c.ok is False for c in ahead)
+    if not blocked:
+        later = " and everything the ticked steps need is in place" if ahead else ""
+        note = f"{len(plan.warnings)} warning(s) above, none blocking" if plan.warnings else "No problems found"
+        parts.append(notice_html(f"{note}{later}: ready to merge.", "ok"))
     return "".join(parts)
 
 
