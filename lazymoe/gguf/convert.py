@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from ..errors import GGUFError, InsufficientResourcesError
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.safetensors import scan_file
 from ..moe import arch
 from ..units import human_bytes
@@ -92,7 +92,7 @@ def _model_params(model_dir: Path) -> int:
 
 
 def _check_disk(folder: Path, need: int, what: str) -> None:
-    free = shutil.disk_usage(folder).free
+    free = free_disk_bytes(folder)
     if free < need + _DISK_MARGIN:
         raise InsufficientResourcesError(
             f"not enough disk for {what}: about {human_bytes(need)} needed, {human_bytes(free)} free in {folder}; "

@@ -228,27 +228,26 @@ class MoEForm:
 
     # ------------------------------------------------------------------ settings
 
+    def _setting_widgets(self) -> dict[str, Any]:
+        """The widget of each notebook setting the form shows (``NotebookSettings`` field -> widget)."""
+        return {"model_name": self.model_name, "max_shard_bytes": self.max_shard, "overwrite": self.overwrite,
+                "low_disk": self.low_disk, "upload": self.upload, "private": self.private,
+                "hf_secret": self.hf_secret, "gguf": self.gguf, "quants": self.quants}
+
     def set_settings(self, notebook: dict) -> None:
         """Fill the notebook-only fields named in ``notebook`` (a preset's ``notebook:`` block)."""
         if notebook.get("quants") is not None:
             validated(NotebookSettings, {"quants": notebook["quants"]}, _LABELS)  # names an unknown type
-        fields = {"model_name": self.model_name, "upload": self.upload,
-                  "private": self.private, "hf_secret": self.hf_secret, "gguf": self.gguf,
-                  "max_shard_bytes": self.max_shard, "overwrite": self.overwrite, "low_disk": self.low_disk}
-        for key, value in notebook.items():
-            if key in fields and value is not None:
-                fields[key].value = str(value) if key == "max_shard_bytes" else value
-        if notebook.get("quants") is not None:
-            self.quants.value = tuple(notebook["quants"])
+        for key, widget in self._setting_widgets().items():
+            value = notebook.get(key)
+            if value is not None:
+                widget.value = str(value) if key == "max_shard_bytes" else tuple(value) if key == "quants" else value
 
     def settings(self) -> NotebookSettings:
         """The validated notebook settings, or :class:`ConfigError` naming the field to fix."""
         if not self.model_name.value.strip():
             raise ConfigError("New model name is empty: it names the output folder and the Hub repo.")
-        values = {"model_name": self.model_name.value, "max_shard_bytes": self.max_shard.value,
-                  "overwrite": self.overwrite.value, "low_disk": self.low_disk.value, "upload": self.upload.value,
-                  "private": self.private.value, "hf_secret": self.hf_secret.value, "gguf": self.gguf.value,
-                  "quants": tuple(self.quants.value)}
+        values = {key: widget.value for key, widget in self._setting_widgets().items()}
         return validated(NotebookSettings, values, _LABELS)
 
     # ------------------------------------------------------------------ token (never echoed, never synced back)

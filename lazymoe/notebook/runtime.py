@@ -10,7 +10,6 @@ import html
 import importlib.util
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from ..errors import GGUFError
 from ..colab import in_colab
 from ..gguf.install import CPU_CMAKE_ARGS, cuda_cmake_args
 from ..gguf.quants import estimate_gguf_bytes
+from ..io.folder import free_disk_bytes
 from ..moe.report import plan_rows
 from ..units import human_bytes
 
@@ -85,7 +85,7 @@ def probe(path: str | os.PathLike = ".") -> Runtime:
             bf16 = torch.cuda.is_bf16_supported()
     return Runtime(
         in_colab=in_colab(), python=platform.python_version(), disk_path=disk,
-        disk_free=shutil.disk_usage(disk).free, ram_available=mem.get("MemAvailable"),
+        disk_free=free_disk_bytes(disk), ram_available=mem.get("MemAvailable"),
         ram_total=mem.get("MemTotal"), torch=torch_version, gpu_name=gpu, vram_free=vram_free,
         vram_total=vram_total, bf16=bf16,
     )  # fmt: skip
