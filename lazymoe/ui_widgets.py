@@ -115,7 +115,13 @@ class ExpertRow:
             value = get(key, None)
             widget.value = "" if value is None else repr(value)
 
-    def values(self, i: int) -> dict:
+    @property
+    def inputs(self) -> tuple[widgets.Widget, ...]:
+        """The widgets whose edits change the recipe."""
+        return (self.source, self.positive, self.negative, self.noise, self.residual)
+
+    def values(self, i: int, *, strict: bool = True) -> dict:
+        """This expert as a config mapping; ``strict=False`` leaves out a number that does not parse yet."""
         out: dict[str, Any] = {"source_model": self.source.value.strip(),
                                "positive_prompts": text_to_prompts(self.positive.value)}
         negative = text_to_prompts(self.negative.value)
@@ -123,7 +129,12 @@ class ExpertRow:
             out["negative_prompts"] = negative
         for widget, key, what in ((self.noise, "noise_scale", "noise scale"),
                                   (self.residual, "residual_scale", "residual scale")):
-            value = parse_number(widget.value, f"Expert {i + 1} {what}")
+            try:
+                value = parse_number(widget.value, f"Expert {i + 1} {what}")
+            except ConfigError:
+                if strict:
+                    raise
+                value = None
             if value is not None:
                 out[key] = value
         return {**out, **self.extras}
