@@ -14,12 +14,9 @@ from typing import Any, Iterator, Sequence
 
 from .config import CONFIG_FILENAME
 from .errors import GGUFError
+from .optional import install_hint
 
-INSTALL_HINT = (
-    "llama-cpp-python is not installed. CPU: CMAKE_ARGS=\"-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF\" "
-    "pip install llama-cpp-python==0.3.36 (compiles llama.cpp, a few minutes); "
-    "NVIDIA GPU: CMAKE_ARGS=\"-DGGML_CUDA=on -DLLAVA_BUILD=OFF\" pip install llama-cpp-python==0.3.36."
-)
+INSTALL_HINT = install_hint("llama_cpp")
 
 
 def import_llama_cpp() -> Any:

@@ -83,7 +83,7 @@ def check_llama_cpp(*, in_colab: bool, has_gpu: bool = False) -> list[Check]:
         checks.append(Check("GGUF", None, f"llama-cpp-python is not installed: the GGUF step compiles it {build} "
                                           f"first, {took}, once per runtime"))
     else:
-        checks.append(Check("GGUF", False, f"llama-cpp-python is not installed, and GGUF is ticked. {INSTALL_HINT} "
+        checks.append(Check("GGUF", False, f"GGUF is ticked, but {INSTALL_HINT}. "
                                            f"Compiling takes {CPU_BUILD_TIME}."))
     version = llama_cpp_python_version()
     if not (cache_root() / f"llama.cpp-{version}" / "convert_hf_to_gguf.py").is_file():

@@ -27,6 +27,7 @@ import torch
 
 from .config import CONFIG_FILENAME
 from .errors import ConfigError, ModelNotFoundError
+from .optional import require
 from .safetensors_io import TensorInfo, read_tensor
 from .sources import ModelRef, describe
 from .streamed import LayerStack
@@ -319,6 +320,7 @@ def routing_report(
 
 def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Draw one heatmap per prompt group (layers x experts, share of tokens choosing each expert) as a PNG."""
+    require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -380,6 +382,7 @@ def write_routing_picture(
     and, with ``update_card``, re-render its card so the picture is embedded. Returns the report."""
     from .card import ROUTING_IMAGE, detected_extras, rerender_card
 
+    require("matplotlib")  # before minutes of routing, not after
     folder = Path(model_dir)
     report = routing_report(folder, extra_texts=extra_texts, device=device, progress=progress)
     plot_routing(report, folder / ROUTING_IMAGE)

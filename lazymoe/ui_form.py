@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import ipywidgets as widgets
 import yaml
 from pydantic import ValidationError
 
@@ -27,7 +26,7 @@ from .plan import parse_bytes
 from .ui_recipe import dump as dump_recipe
 from .ui_recipe import recipe_filename
 from .ui_runtime import error_html, notice_html
-from .ui_widgets import GATE_LABELS, LICENSES, QUANT_TYPES, ExpertRow, set_tooltip, styled
+from .ui_widgets import GATE_LABELS, LICENSES, QUANT_TYPES, ExpertRow, set_tooltip, styled, widgets
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import ipywidgets as widgets
-
 from .config import ExpertConfig
 from .errors import ConfigError
+from .optional import require
+
+widgets = require("ipywidgets")  # a one-line install hint instead of ModuleNotFoundError
 
 IPYWIDGETS_MAJOR = int(widgets.__version__.split(".")[0])
 
