@@ -85,19 +85,22 @@ class ExpertRow:
                                "break inside a prompt)")
         self.negative = styled(widgets.Textarea(description="Negative prompts", rows=2), "lazymoe-negative",
                                "Optional, one per line: what this expert is not for")
-        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none"), "lazymoe-noise",
-                            "Adds σ·N(0,1) to this expert's MLP weights", width="260px")
-        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none"), "lazymoe-residual",
-                               "Multiplies this expert's down_proj", width="260px")
+        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none: weights as they are"),
+                            "lazymoe-noise",
+                            "Adds σ·N(0,1) to this expert's MLP weights", width="320px")
+        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none: down_proj as it is"),
+                               "lazymoe-residual",
+                               "Multiplies this expert's down_proj", width="320px")
         self.up, self.down, self.remove = (widgets.Button(description=d, layout=widgets.Layout(width="38px"))
                                            for d in ("↑", "↓", "✕"))
         for button, tip, action in ((self.up, "Move up", on_up), (self.down, "Move down", on_down),
                                     (self.remove, "Remove this expert", on_remove)):
             set_tooltip(button, tip)
             button.on_click(lambda _, action=action: action())
+        self.error = widgets.HTML()  # this expert's problems, shown inside its box
         self.box = widgets.VBox(
             [widgets.HBox([self.title, self.source, self.up, self.down, self.remove]), self.positive, self.negative,
-             widgets.HBox([self.noise, self.residual])],
+             widgets.HBox([self.noise, self.residual]), self.error],
             layout=widgets.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"),
         )
         self.box.add_class("lazymoe-expert")
