@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="build the MoE into OUTPUT_DIR")
     p.add_argument("config", help="mergekit-moe YAML config")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the merged model into (made if missing)")
     _add_merge_options(p)
     p.add_argument("--device", default="auto", help="device for the hidden-state router pass: auto, cpu, cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier lazymoe output in OUTPUT_DIR")

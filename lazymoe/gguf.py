@@ -8,6 +8,7 @@ file and a rerun resumes by skipping them.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
@@ -30,7 +31,7 @@ from .converter import (
 )
 from .errors import GGUFError, InsufficientResourcesError
 from .report import human_bytes
-from .llama import capture_llama_log, chat, expert_prompts, find_config_for, import_llama_cpp
+from .llama import capture_llama_log, chat, chat_loop, expert_prompts, find_config_for, import_llama_cpp
 
 log = logging.getLogger("lazymoe.gguf")
 
@@ -276,7 +277,7 @@ def _tensor_count(model_dir: Path) -> int:
 def add_gguf_parsers(subparsers: Any) -> None:
     """Register ``lazymoe gguf`` and ``lazymoe chat`` on an argparse subparsers object."""
     p = subparsers.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
                    help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
                         f"menu: {','.join(QUANT_TYPES)}")
@@ -286,16 +287,19 @@ def add_gguf_parsers(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="rebuild files that already exist")
     p.set_defaults(func=run_gguf)
 
-    p = subparsers.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default)")
-    p.add_argument("gguf_file")
+    p = subparsers.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default, or "
+                                           "a conversation with -i)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("gguf_file", metavar="GGUF_FILE", help="a .gguf file written by `lazymoe gguf`")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="a conversation: type messages, the model answers with the conversation so far")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per expert, built from "
                                                       "its positive prompts in lazymoe_config.yml")
     p.add_argument("--config", help="the lazymoe_config.yml to build per-expert prompts from "
                                     "(default: beside the GGUF file or its parent)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=run_chat)
 
 
@@ -309,6 +313,10 @@ def run_gguf(args: Any) -> int:
 
 def run_chat(args: Any) -> int:
     gguf_file = Path(args.gguf_file)
+    if args.interactive:
+        chat_loop(gguf_file, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_tokens=args.max_tokens,
+                  n_ctx=args.n_ctx)
+        return 0
     if args.prompt:
         labelled = [(None, p) for p in args.prompt]
     else:

@@ -399,7 +399,7 @@ def add_route_parser(subparsers) -> None:
                     "a time, writes MODEL_DIR/routing.png, prints per-expert routing and warns when routing is "
                     "degenerate. The model card is re-rendered to embed the picture.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("--text", action="append", default=[], help="extra text to route (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-card", action="store_true", help="leave README.md as it is")

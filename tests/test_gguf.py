@@ -324,3 +324,13 @@ def _gguf_module():
     import gguf
 
     return gguf
+
+
+def test_chat_interactive_keeps_the_conversation(gguf256):
+    from lazymoe.llama import chat_loop
+
+    lines, shown = iter(["Tell me a story.", "And another one.", ""]), []
+    turns = chat_loop(gguf256["Q8_0"], read=lambda prompt: next(lines), write=shown.append, max_tokens=4,
+                      n_threads=1)
+    assert turns == 2
+    assert shown[0].startswith("Chatting with moe.Q8_0.gguf") and len([s for s in shown if s.startswith("model> ")]) == 2

@@ -84,3 +84,15 @@ def test_fitting_progress_bars_end_at_100_percent(tiny_world, tmp_path, monkeypa
     merge(config, tmp_path / "moe", progress=True)
     fitting = [c for c in closed if c[0].startswith("Router: fitting classifier")]
     assert fitting and all(n == total for _, n, total in fitting), closed
+
+
+def test_every_subcommand_and_positional_has_help():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    assert set(helps) == set(sub.choices) and all(helps.values()), helps
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not action.option_strings:  # a positional
+                assert action.help, f"lazymoe {name} {action.metavar or action.dest} has no help text"
+    assert "(default: 128)" in sub.choices["chat"].format_help()
