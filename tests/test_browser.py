@@ -168,7 +168,7 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             # 4. restart the kernel: every Python object is gone; the form cell restores the saved edits
             page.get_by_role("menuitem", name="Kernel", exact=True).click()
             page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).click()
-            page.get_by_role("button", name="Restart", exact=True).click()
+            page.locator(".jp-Dialog .jp-mod-accept").click()  # the dialog's "Restart" button
             page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"Python 3.*\| Idle")).first.wait_for(timeout=120_000)
             page.locator(".jp-Notebook .jp-Cell").nth(1).click()  # the setup cell, then run it and the next two
             for _ in range(3):
