@@ -313,7 +313,7 @@ def run_gguf(args: Any) -> int:
 
 def run_chat(args: Any) -> int:
     gguf_file = Path(args.gguf_file)
-    if args.interactive:
+    if getattr(args, "interactive", False):  # a Namespace built in code may not have it
         chat_loop(gguf_file, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_tokens=args.max_tokens,
                   n_ctx=args.n_ctx)
         return 0
