@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from ._version import __version__
 from .config import load_config
-from .errors import ConfigError, GGUFError, LazyMoEError
+from .errors import ConfigError, GGUFError, LazyMoEError, OutputExistsError
 from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, parse_quants
 from .io.folder import CONFIG_FILENAME, write_text_atomic
@@ -109,14 +110,27 @@ def cmd_demo(args) -> int:
     from .pipeline.merge import merge
 
     work = Path(args.output_dir)
-    config_path = build_demo(work / "inputs")
+    merged, gguf_dir = work / "merged", work / "merged-GGUF"
+    if merged.exists() and not args.overwrite:
+        raise OutputExistsError(f"{merged} already holds a merged demo from an earlier run. Run `lazymoe demo "
+                                f"{work} --overwrite` to rebuild it (its {gguf_dir.name} folder goes too), or give "
+                                "another folder.")
+    config_path = build_demo(work / "inputs", gate_mode="classifier")  # the notebook demo's gate mode
     print(f"Built tiny local experts and {config_path}")
-    out = merge(config_path, work / "merged", overwrite=True, progress=not args.quiet)
+    out = merge(config_path, merged, overwrite=True, progress=not args.quiet)
+    if gguf_dir.is_dir() and all(p.suffix in (".gguf", ".md") for p in gguf_dir.iterdir()):
+        shutil.rmtree(gguf_dir)  # GGUF files of the model just replaced: stale, and its card would say otherwise
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok("def add(a, b):", return_tensors="pt")
     text = tok.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
     print(f"Merged {type(model).__name__} at {out}\nSample (tiny random-ish model, not meant to be smart): {text!r}")
+    print(f"""
+Next steps:
+  lazymoe route {out}                      # which experts each layer picks: routing.png in the folder
+  lazymoe gguf {out} --quant Q8_0          # llama.cpp files in {gguf_dir}
+  lazymoe chat {gguf_dir / (out.name + '.Q8_0.gguf')}   # one prompt per expert through llama.cpp
+  lazymoe plan {config_path}   # a recipe's sizes and problems; edit a copy for your own models""")
     return 0
 
 
@@ -130,7 +144,7 @@ def _add_route(sub) -> None:
                     "a time, writes MODEL_DIR/routing.png, prints per-expert routing and warns when routing is "
                     "degenerate. The model card is re-rendered to embed the picture.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("--text", action="append", default=[], help="extra text to route (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-card", action="store_true", help="leave README.md as it is")
@@ -270,7 +284,7 @@ def cmd_publish(args) -> int:
 
 def _add_gguf(sub) -> None:
     p = sub.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
                    help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
                         f"menu: {','.join(QUANT_TYPES)}")
@@ -282,16 +296,19 @@ def _add_gguf(sub) -> None:
 
 
 def _add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default)")
-    p.add_argument("gguf_file")
+    p = sub.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default, or "
+                                    "a conversation with -i)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("gguf_file", metavar="GGUF_FILE", help="a .gguf file written by `lazymoe gguf`")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="a conversation: type messages, the model answers with the conversation so far")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per expert, built from "
                                                       f"its positive prompts in {CONFIG_FILENAME}")
     p.add_argument("--config", help=f"the {CONFIG_FILENAME} to build per-expert prompts from "
                                     "(default: beside the GGUF file or its parent)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=cmd_chat)
 
 
@@ -306,9 +323,13 @@ def cmd_gguf(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .gguf.llama import chat, expert_prompts, find_config_for
+    from .gguf.llama import chat, chat_loop, expert_prompts, find_config_for
 
     gguf_file = Path(args.gguf_file)
+    if getattr(args, "interactive", False):  # a Namespace built in code may not have it
+        chat_loop(gguf_file, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_tokens=args.max_tokens,
+                  n_ctx=args.n_ctx)
+        return 0
     if args.prompt:
         labelled = [(None, p) for p in args.prompt]
     else:
@@ -354,12 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="build the MoE into OUTPUT_DIR")
     p.add_argument("config", help="mergekit-moe YAML config")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the merged model into (made if missing)")
     _add_merge_options(p, _MERGE_OPTIONS)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="work folder: inputs/ (the tiny models, demo.yaml) "
+                                                              "and merged/ (the MoE) are written here")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a demo made earlier in OUTPUT_DIR")
     p.set_defaults(func=cmd_demo)
 
     _add_route(sub)

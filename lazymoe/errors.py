@@ -68,3 +68,7 @@ class WriteError(LazyMoEError, OSError):
 
 class NotReadyError(LazyMoEError):
     """Plan found something a ticked later step (upload, GGUF) needs and does not have; lists every problem."""
+
+
+class MissingDependency(LazyMoEError, ImportError):
+    """An optional package a feature needs is not installed; the message is the install command."""

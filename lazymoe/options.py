@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 from .gguf.quants import DEFAULT_QUANTS, QUANT_TYPES
@@ -105,25 +105,38 @@ class NotebookSettings(MergeOptions):
 
     @field_validator("hf_secret")
     @classmethod
-    def _secret(cls, secret: str) -> str:
-        return secret.strip()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> NotebookSettings:
-        if self.upload and self.hf_secret and not _SECRET_NAME.match(self.hf_secret):
-            raise ValueError(f"Colab secret {self.hf_secret!r} is not a secret name (letters, digits and _), "
-                             "e.g. HF_TOKEN")
-        if self.gguf and not self.quants:
-            raise ValueError("GGUF is ticked but no quantisation is selected: pick at least one (e.g. Q4_K_M)")
-        return self
+    def _secret(cls, secret: str, info: ValidationInfo) -> str:
+        secret = secret.strip()
+        if info.data.get("upload") and secret and not _SECRET_NAME.match(secret):
+            raise ValueError(f"Colab secret {secret!r} is not a secret name (letters, digits and _), e.g. HF_TOKEN")
+        return secret
 
     @field_validator("quants", mode="before")
     @classmethod
-    def _quants(cls, value: Any) -> Any:
+    def _quants(cls, value: Any, info: ValidationInfo) -> Any:
         for quant in value or ():
             if quant not in QUANT_TYPES:
-                raise ValueError(f"unknown quantisation type {quant!r}; choose from {', '.join(QUANT_TYPES)}")
+                raise ValueError(f"Unknown quantisation type {quant!r}; choose from {', '.join(QUANT_TYPES)}")
+        if info.data.get("gguf") and not value:
+            raise ValueError("GGUF is ticked but no quantisation is selected: pick at least one (e.g. Q4_K_M)")
         return tuple(value or ())
+
+
+def validation_problems(model: type[BaseModel], values: dict[str, Any],
+                        labels: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Every problem with ``values`` as (field, message), the message starting with the field's label; [] if none."""
+    try:
+        model.model_validate(values)
+    except ValidationError as err:
+        return [_problem(e, labels) for e in err.errors()]
+    return []
+
+
+def _problem(error: Any, labels: dict[str, str] | None) -> tuple[str, str]:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = error["msg"].removeprefix("Value error, ").rstrip(".")
+    label = (labels or {}).get(field, f"{field}:") if field else ""
+    return field, f"{label} {message}.".strip()
 
 
 def validated(model: type[BaseModel], values: dict[str, Any], labels: dict[str, str] | None = None) -> Any:
@@ -132,11 +145,7 @@ def validated(model: type[BaseModel], values: dict[str, Any], labels: dict[str, 
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        message = first["msg"].removeprefix("Value error, ").rstrip(".")
-        label = (labels or {}).get(field, f"{field}:") if field else ""
-        raise ConfigError(f"{label} {message}.".strip()) from None
+        raise ConfigError(_problem(err.errors()[0], labels)[1]) from None
 
 
 def cli_fields(model: type[BaseModel], names: tuple[str, ...]) -> list[tuple[str, Any, dict[str, Any]]]:

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "lazymoe"
 #: the stack, bottom first; a module may import from its own layer or any layer below, never above
 LAYERS: list[tuple[str, ...]] = [
     # tables and basics that import nothing above them
-    ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.colab", "lazymoe.router.modes",
+    ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.colab", "lazymoe.optional", "lazymoe.router.modes",
      "lazymoe.gguf.quants", "lazymoe.gguf.install"),
     ("lazymoe.io",),
     ("lazymoe.config",),
@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lazymoe.cli", "lazymoe.notebook", "lazymoe.__main__"),
 ]
 #: imported where they are used, never at import time: torch & co. are slow to load, the others optional extras
-LAZY_OK = {"torch", "transformers", "llama_cpp", "matplotlib"}
+LAZY_OK = {"torch", "transformers", "llama_cpp", "matplotlib", "google"}  # google.colab: only inside Colab
 
 
 def _modules() -> dict[str, Path]:

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,14 @@ from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.safetensors import scan_file
 from ..moe import arch
 from ..units import human_bytes
-from .converter import run_converter
+from .converter import (
+    TENSOR_LINE,
+    cache_root,
+    converter_cached,
+    ensure_converter,
+    llama_cpp_python_version,
+    run_converter,
+)
 from .llama import capture_llama_log, import_llama_cpp
 from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants
 
@@ -179,12 +187,24 @@ def convert_to_gguf(
             log.info("%s exists, reusing it (pass overwrite=True to rebuild)", base)
         else:
             _check_disk(out, int(gguf_bytes(n_params, outtype) * 1.02), base.name)
-            tmp = _partial(base)
+            folder = Path(converter_dir) if converter_dir else None
+            if folder is None and not converter_cached():
+                _say(bar, progress, f"Fetching llama.cpp's converter with pip (the llama-cpp-python "
+                                    f"{llama_cpp_python_version()} sdist, about 75 MB; once per version, about 2-3 "
+                                    f"minutes), into {cache_root()}")
+                bar.set_description("fetch llama.cpp's converter (once)")
+                folder = ensure_converter()
+                bar.set_description(f"convert {outtype.upper()}")
+            tmp, converter_log = _partial(base), out / f".{name}.{outtype.upper()}.convert.log"
+            tensors = _progress_bar(_tensor_count(model_dir), progress, unit="tensor",
+                                    desc="  tensors converted", leave=False)
             try:
-                run_converter(model_dir, tmp, outtype, echo=progress,
-                              converter_dir=Path(converter_dir) if converter_dir else None)
+                run_converter(model_dir, tmp, outtype, converter_dir=folder, log_file=converter_log,
+                              on_line=lambda line: tensors.update(1) if TENSOR_LINE.match(line) else None)
                 os.replace(tmp, base)
+                converter_log.unlink(missing_ok=True)  # kept only when the conversion fails (the error names it)
             finally:
+                tensors.close()
                 tmp.unlink(missing_ok=True)
         bar.update(1)
         paths = [base]
@@ -205,5 +225,20 @@ def convert_to_gguf(
     return paths
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
-    return tqdm(total=total, unit="file", disable=not enabled)
+def _progress_bar(total: int, enabled: bool, *, unit: str = "file", desc: str | None = None,
+                  leave: bool = True) -> Any:
+    return tqdm(total=total, unit=unit, desc=desc, leave=leave, disable=not enabled)
+
+
+def _say(bar: Any, enabled: bool, text: str) -> None:
+    """A line above the progress bar (what is happening and how long it takes); silent with progress off."""
+    log.info("%s", text)
+    if enabled:
+        bar.write(text, file=sys.stderr)
+
+
+def _tensor_count(model_dir: Path) -> int:
+    """How many tensors the converter writes: one per tensor, except that each layer's experts are stacked."""
+    names = {re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+             for shard in sorted(model_dir.glob("*.safetensors")) for name in scan_file(shard)}
+    return len(names)

@@ -15,10 +15,3 @@ def cuda_cmake_args(capability: tuple[int, int] | None = None) -> str:
     """CMAKE_ARGS for an NVIDIA build; with the GPU's compute capability, for that architecture only (much faster)."""
     arch = f" -DCMAKE_CUDA_ARCHITECTURES={capability[0]}{capability[1]}" if capability else ""
     return f"-DGGML_CUDA=on -DLLAVA_BUILD=OFF{arch}"
-
-
-INSTALL_HINT = (
-    f"llama-cpp-python is not installed. CPU: CMAKE_ARGS=\"{CPU_CMAKE_ARGS}\" "
-    f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (compiles llama.cpp, a few minutes); "
-    f"NVIDIA GPU: CMAKE_ARGS=\"{cuda_cmake_args()}\" pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}."
-)

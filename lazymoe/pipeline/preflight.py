@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import LazyMoEError, NotReadyError
 from ..gguf.converter import cache_root, llama_cpp_python_version
-from ..gguf.install import INSTALL_HINT
+from ..gguf.llama import INSTALL_HINT
 from ..gguf.quants import estimate_gguf_bytes
 from ..io.folder import free_disk_bytes
 from ..options import repo_name_problem
@@ -79,7 +79,7 @@ def check_llama_cpp(*, in_colab: bool, has_gpu: bool = False) -> list[Check]:
         checks.append(Check("GGUF", None, f"llama-cpp-python is not installed: the GGUF step compiles it {build} "
                                           f"first, {took}, once per runtime"))
     else:
-        checks.append(Check("GGUF", False, f"llama-cpp-python is not installed, and GGUF is ticked. {INSTALL_HINT} "
+        checks.append(Check("GGUF", False, f"GGUF is ticked, but {INSTALL_HINT}. "
                                            f"Compiling takes {CPU_BUILD_TIME}."))
     version = llama_cpp_python_version()
     if not (cache_root() / f"llama.cpp-{version}" / "convert_hf_to_gguf.py").is_file():

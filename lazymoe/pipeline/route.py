@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..optional import require
 from ..publish.card import ROUTING_IMAGE, detected_extras, rerender_card
 from ..router.plot import plot_routing
 from ..router.routing import RoutingReport, routing_report
@@ -21,6 +22,7 @@ def write_routing_picture(
 ) -> RoutingReport:
     """Route the recipe's prompts (and ``extra_texts``) through a merged folder, draw ``routing.png`` into it
     and, with ``update_card``, re-render its card so the picture is embedded. Returns the report."""
+    require("matplotlib")  # before minutes of routing, not after
     folder = Path(model_dir)
     report = routing_report(folder, extra_texts=extra_texts, device=device, progress=progress)
     plot_routing(report, folder / ROUTING_IMAGE)

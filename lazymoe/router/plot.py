@@ -8,11 +8,13 @@ import math
 import os
 from pathlib import Path
 
+from ..optional import require
 from .routing import RoutingReport
 
 
 def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Draw one heatmap per prompt group (layers x experts, share of tokens choosing each expert) as a PNG."""
+    require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle

@@ -68,7 +68,8 @@ class RoutingReport:
         return float(sum(a * n for a, n in rows) / total) if total else None
 
     def summary(self) -> str:
-        lines = [f"Routing of {self.model_dir.name}: top-1 share per group (mean over {self.num_layers} layers)"]
+        lines = [f"Routing of {self.model_dir.name}: share of each group's tokens whose first choice is the expert "
+                 f"(mean over {self.num_layers} layers; routing.png shows the top-{self.experts_per_token} share)"]
         width = max(len(g) for g in self.groups)
         lines.append(" " * width + "  " + "  ".join(f"{e[:10]:>10}" for e in self.experts))
         for g, name in enumerate(self.groups):
