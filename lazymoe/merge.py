@@ -43,6 +43,13 @@ def make_plan(
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
+    output = checks.choose_output(config, models)
+    shared = config.shared_expert
+    if shared is not None and shared.positive_prompts and config.gate_mode in ("centroid", "classifier"):
+        warnings.append(
+            f"gate_mode {config.gate_mode} fits the routed experts' routers only; the shared expert's gate is the "
+            "constant 1/2 and its prompts are not used (use a reference gate mode to gate it by its prompts)."
+        )
     if low_disk and config.gate_mode in ("centroid", "classifier"):
         warnings.append(
             f"low-disk mode: gate_mode {config.gate_mode} fits each router with the base's MLPs upstream instead "
@@ -51,7 +58,7 @@ def make_plan(
         )
     checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
-                               low_disk=low_disk)
+                               low_disk=low_disk, output=output)
 
 
 def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -> None:
@@ -161,7 +168,7 @@ def merge(
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe")
-    degenerate = degenerate_layers(gates)
+    degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(
             f"Router rows are nearly parallel in {len(degenerate)} of {plan.num_layers} layers "

@@ -148,12 +148,16 @@ def test_rope_written_by_transformers_4_or_5_is_the_same_rope(tmp_path):
 
 
 def test_different_family_names_the_fix(tmp_path):
-    with pytest.raises(ModelMismatchError, match="is a 'qwen2' model but the base is 'mistral'.*same architecture"):
+    with pytest.raises(ModelMismatchError) as err:
         plan_for(tmp_path, small(), [small(), small(model_type="qwen2")])
+    assert str(err.value) == (
+        "This merge mixes model families (llama and qwen2): llama: base_model (mistral), experts[0] (mistral); "
+        "qwen2: experts[1] (qwen2). Every model of a MoE must share the base's architecture (fine-tunes of one "
+        "base model); remove the others.")
 
 
 def test_unsupported_base_family(tmp_path):
-    with pytest.raises(ModelMismatchError, match="base_model .* is a 'gpt2' model; lazymoe builds Mixtral"):
+    with pytest.raises(ModelMismatchError, match=r"base_model .* is a 'gpt2' model; lazymoe merges llama, mistral, qwen2, qwen3 models\."):
         plan_for(tmp_path, small(model_type="gpt2"), [small(), small()])
 
 
