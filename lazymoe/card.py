@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from . import arch
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import LazyMoEError, ModelNotFoundError
 from .report import human_bytes, human_params
@@ -38,7 +39,8 @@ ROUTING_IMAGE = "routing.png"  # written by `lazymoe route` into the model folde
 MODEL_TEMPLATE = "model_card.md.j2"
 GGUF_TEMPLATE = "gguf_card.md.j2"
 DEFAULT_LICENSE = "apache-2.0"
-TAGS = ("moe", "frankenmoe", "merge", "lazymoe", "mixtral")
+BASE_TAGS = ("moe", "frankenmoe", "merge", "lazymoe")
+TAGS = (*BASE_TAGS, "mixtral")  # a Mixtral model's tags; other outputs end with their model type instead
 GGUF_TAGS = ("gguf", "llama-cpp", *TAGS)
 HUB_URL = "https://huggingface.co"
 EXAMPLE_PROMPT = "Explain in three sentences what a mixture of experts is."
@@ -102,6 +104,7 @@ class ModelFacts:
     active_params: int
     dtype: str  # torch name: bfloat16, float16, float32
     layout: str  # classic | fused
+    output: str  # output architecture key (lazymoe.arch.OUTPUTS)
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -123,6 +126,7 @@ class ModelFacts:
             active_params=plan.active_params,
             dtype=plan.dtype,
             layout=plan.layout,
+            output=plan.output.key,
             num_layers=int(out["num_hidden_layers"]),
             hidden_size=int(out["hidden_size"]),
             vocab_size=int(out["vocab_size"]),
@@ -146,10 +150,12 @@ class ModelFacts:
                 )
         out = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         moe = load_config(folder / CONFIG_FILENAME)
-        if out.get("model_type") != "mixtral":
-            raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, "
-                            "not the Mixtral lazymoe writes.")
-        experts, per_token = int(out["num_local_experts"]), int(out["num_experts_per_tok"])
+        try:
+            output = arch.output_of(out)
+        except StopIteration:
+            raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, not one lazymoe "
+                            f"writes ({', '.join(o.name for o in arch.OUTPUTS.values())}).") from None
+        experts, per_token = int(out[output.experts_key]), int(out["num_experts_per_tok"])
         if (experts, per_token) != (moe.num_experts, moe.experts_per_token):
             raise CardError(
                 f"{folder}: config.json has {experts} experts, {per_token} per token, but {CONFIG_FILENAME} has "
@@ -157,9 +163,9 @@ class ModelFacts:
                 "restore it (or merge again) so the card describes the real model."
             )
         tensors = describe(ModelRef.parse(str(folder))).tensors
-        if any(".block_sparse_moe." in name for name in tensors):
+        if any(".block_sparse_moe." in name or ".mlp.experts.0." in name for name in tensors):
             layout = "classic"
-        elif any(".mlp.experts." in name for name in tensors):
+        elif any(".mlp.experts.gate_up_proj" in name for name in tensors):
             layout = "fused"
         else:
             raise CardError(f"{folder} has no expert tensors (block_sparse_moe or mlp.experts); is it a MoE?")
@@ -173,6 +179,7 @@ class ModelFacts:
             active_params=total - (experts - per_token) * expert_params,
             dtype=str(out.get("torch_dtype") or out.get("dtype") or "float32"),
             layout=layout,
+            output=output.key,
             num_layers=layers,
             hidden_size=hidden,
             vocab_size=int(out["vocab_size"]),
@@ -326,7 +333,9 @@ def card_data(
     if base_model:
         front["base_model"] = base_model
         front["base_model_relation"] = "merge"
-    front.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)})
+    output = arch.OUTPUTS[facts.output]
+    front.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                  "tags": [*BASE_TAGS, output.model_type]})
     by_ref = {s["ref"]: s for s in sources}
     experts = [
         {"index": i, "source": by_ref[e.source_model], "positive_prompts": list(e.positive_prompts),
@@ -353,6 +362,10 @@ def card_data(
         "active_params_human": human_params(facts.active_params),
         "dtype": facts.dtype,
         "layout": facts.layout,
+        "output_name": output.name,
+        "architecture": output.architecture,
+        "per_expert_names": "block_sparse_moe" if output.key == "mixtral" else "mlp.experts.N",
+        "shared_expert": _shared_row(config, by_ref) if output.shared_block else None,
         "num_layers": facts.num_layers,
         "hidden_size": facts.hidden_size,
         "vocab_size": facts.vocab_size,
@@ -374,6 +387,16 @@ def card_data(
         } if (gguf_repo or files) else None,
         "routing_image": routing_image,
     }
+
+
+def _shared_row(config: MoEConfig, by_ref: dict) -> dict[str, Any]:
+    """The card's line on Qwen MoE's shared expert: which model, and what gates it."""
+    spec = config.shared_expert
+    if spec is None:
+        return {"source": None, "gate": "none (an all-zero shared expert: Qwen2-MoE always has one)"}
+    gate = ("its prompts: " + "; ".join(spec.positive_prompts) if spec.positive_prompts and config.gate_mode
+            not in ("centroid", "classifier") else "constant 1/2")
+    return {"source": by_ref[spec.source_model], "gate": gate}
 
 
 def gguf_card_data(

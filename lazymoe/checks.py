@@ -197,13 +197,6 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
                 f"{_label(config, ref)} has a vocabulary of {other} tokens, the base {vocab}. Only its MLPs are "
                 "used and they do not depend on the vocabulary, but tokens it added do not exist in the MoE."
             )
-    n = config.num_experts
-    if n & (n - 1):
-        warnings.append(
-            f"{n} experts is not a power of two. transformers and current llama.cpp handle it, but some "
-            "GGUF runtimes and older llama.cpp builds assume 2/4/8 experts; prefer a power of two if you "
-            "plan to share GGUF files."
-        )
     return warnings
 
 

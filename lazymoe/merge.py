@@ -44,6 +44,13 @@ def make_plan(
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
     output = checks.choose_output(config, models)
+    base = models[config.base_model]
+    if output[0].key == "qwen2_moe" and base.folder is not None and (base.folder / "tokenizer.model").is_file():
+        warnings.append(
+            f"The base's tokenizer is SentencePiece (tokenizer.model): transformers runs this {output[0].name} model, "
+            "but llama.cpp's converter reads a Qwen MoE tokenizer as BPE only and will refuse it, so no GGUF can be "
+            "made. Build Mixtral (remove 'architecture' and shared_experts) if you need GGUF."
+        )
     shared = config.shared_expert
     if shared is not None and shared.positive_prompts and config.gate_mode in ("centroid", "classifier"):
         warnings.append(

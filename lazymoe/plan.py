@@ -103,6 +103,11 @@ class MergePlan:
         return self.models[self.config.base_model]
 
     @property
+    def family(self) -> str:
+        """The input family (lazymoe.arch.FAMILIES) every model belongs to."""
+        return arch.FAMILIES[self.base.model_type]
+
+    @property
     def gate_rows(self) -> int:
         """Router rows per layer that gates.compute_gates returns: the experts', then the shared gate's."""
         return self.config.num_experts + (1 if self.output.shared_block else 0)

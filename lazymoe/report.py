@@ -23,6 +23,7 @@ def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
     """(label, value) rows, in the order a user reads them."""
     c = plan.config
     rows = [
+        ("Input family", f"{plan.family} ({', '.join(sorted({m.model_type for m in plan.models.values()}))} models)"),
         ("Output architecture", f"{plan.output.name} ({plan.output.architecture}, {plan.layout} layout): "
                                 f"{plan.output_reason}"),
         ("Base model", c.base_model),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import moe_config
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lazymoe
@@ -50,10 +51,12 @@ def families(tmp_path_factory) -> dict[str, dict]:
 
 
 def logits(folder, text=TEXT) -> torch.Tensor:
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    # ids from tokenizer.json itself: transformers 5 picks the tokenizer class from the model type (Qwen2Tokenizer
+    # for qwen2, the generic one for qwen2_moe), which splits the demo's SentencePiece vocabulary differently
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits[0]
+        return model(torch.tensor([ids])).logits[0]
 
 
 def same_config(world, **overrides) -> dict:
@@ -139,7 +142,8 @@ def test_plan_names_the_output_and_why(families, family, overrides, output, reas
     summary = plan.summary()
     assert (summary["architecture"], summary["output_reason"]) == (output, reason)
     assert plan.out_config["architectures"] == [output]
-    rows = dict(plan_rows(plan))  # the table `lazymoe plan` prints
+    rows = dict(plan_rows(plan))  # the table `lazymoe plan` prints and the notebook shows
+    assert rows["Input family"] == f"{plan.family} ({FAMILY_BUILD[family]['model_type']} models)"
     assert rows["Output architecture"] == f"{plan.output.name} ({output}, classic layout): {reason}"
 
 
@@ -324,3 +328,54 @@ def test_layerwise_forward_matches_transformers_for_qwen_outputs(families, tmp_p
         assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
     report = routing.routing_report(out)
     assert report.experts == ["e1", "e2", "same"] and report.chosen.shape[1:] == (2, 3)
+
+
+# ------------------------------------------------------------------------------- front ends
+
+
+def test_card_names_the_architecture_and_the_shared_expert(families, tmp_path):
+    from lazymoe.card import ModelFacts, rerender_card
+
+    world = families["qwen2"]
+    shared = [{"source_model": str(world["same"]), "positive_prompts": ["Once upon a time"]}]
+    out = lazymoe.merge(moe_config(world["base"], [world["e1"], world["e2"]], gate_mode="random",
+                                   shared_experts=shared), tmp_path / "moe", progress=False)
+    card = (out / "README.md").read_text()
+    assert "| Architecture | Qwen MoE (`Qwen2MoeForCausalLM`), 2 layers, hidden size 64 |" in card
+    assert "| Shared expert | `" in card and "gated by its prompts: Once upon a time |" in card
+    assert "one tensor per expert (`mlp.experts.N`)" in card and "block_sparse_moe" not in card
+    assert "- qwen2_moe\n" in card and "- mixtral\n" not in card
+    assert ModelFacts.from_folder(out).output == "qwen2_moe"
+    rerender_card(out)  # from the folder alone: the same card, byte for byte
+    assert (out / "README.md").read_text() == card
+
+
+def test_presets_are_valid_recipes_with_a_reason_per_expert():
+    from pathlib import Path
+
+    from lazymoe.notebooks import load_preset
+
+    root = Path(__file__).resolve().parent.parent / "notebooks" / "presets"
+    for name, family in (("llama-3.1-4x8b", "meta-llama/Llama-3.1-8B"), ("qwen2.5-3x7b", "Qwen/Qwen2.5-7B")):
+        preset = load_preset(root / f"{name}.yaml")
+        cfg = parse_config(preset.config)
+        assert cfg.base_model.startswith(family)
+        lines = preset.text.splitlines()
+        sources = [i for i, line in enumerate(lines) if line.strip().startswith("- source_model:")]
+        assert len(sources) == cfg.num_experts
+        assert all(lines[i - 1].strip().startswith("# why: ") for i in sources), name
+
+
+def test_qwen_moe_from_a_sentencepiece_base_warns_that_llama_cpp_will_refuse_it(families, tmp_path):
+    from lazymoe.errors import GGUFError
+    from lazymoe.gguf import convert_to_gguf
+
+    world = families["mistral"]
+    plan = lazymoe.make_plan(moe_config(world["base"], [world["e1"], world["e2"]], architecture="qwen"),
+                             progress=False)
+    assert any("llama.cpp's converter reads a Qwen MoE tokenizer as BPE only" in w for w in plan.warnings)
+    pytest.importorskip("llama_cpp")
+    out = lazymoe.merge(same_config(world, architecture="qwen", gate_mode="random"), tmp_path / "moe", progress=False)
+    with pytest.raises(GGUFError, match="(?s)BPE pre-tokenizer was not recognized.*What to do: llama.cpp reads a Qwen "
+                                        "MoE's tokenizer as BPE only, and this one is SentencePiece"):
+        convert_to_gguf(out, tmp_path / "gguf", quants=None, progress=False)

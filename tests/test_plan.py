@@ -172,9 +172,11 @@ def test_vocab_mismatch_of_an_expert_is_a_warning(tmp_path):
     assert any("vocabulary of 302 tokens, the base 300" in w for w in p.warnings)
 
 
-def test_non_power_of_two_experts_warns_about_gguf(tmp_path):
+def test_non_power_of_two_experts_are_not_warned_about(tmp_path):
+    # llama.cpp 0.3.36 runs 3-expert Mixtral, Qwen MoE and Qwen3 MoE files with F16 logits within 0.006 of
+    # transformers (tests/test_gguf_families.py), so mergekit's "not usable in llama.cpp" warning is stale
     p = plan_for(tmp_path, small(), [small()] * 3, experts_per_token=2)
-    assert any("3 experts is not a power of two" in w and "GGUF" in w for w in p.warnings)
+    assert not any("power of two" in w for w in p.warnings)
 
 
 def test_missing_lm_head_when_untied(tmp_path):
