@@ -70,8 +70,7 @@ _SHARED = [
     r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight",
     r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight",
 ]
-SHARED_RE = re.compile("^(" + "|".join(_SHARED) + ")$")
-#: the same, for each family (its attention extras added)
+#: per family, the names the base contributes (its attention extras included)
 SHARED_RE_BY_FAMILY = {
     family: re.compile("^(" + "|".join(_SHARED + [r"model\.layers\.\d+\." + re.escape(x) for x in extras]) + ")$")
     for family, extras in FAMILY_ATTENTION_EXTRAS.items()
@@ -166,9 +165,10 @@ def choose_output(architecture: str | None, family: str, num_shared: int) -> tup
         return OUTPUTS[fits[0]], f"architecture: {architecture!r} asks for it"
     key = DEFAULT_OUTPUT[family]
     if num_shared > OUTPUTS[key].max_shared_experts:
-        if "qwen2_moe" in OUTPUTS and family in OUTPUTS["qwen2_moe"].families:
-            return OUTPUTS["qwen2_moe"], f"{family} experts with a shared expert (Mixtral has no shared expert)"
-        raise ValueError(f"{OUTPUTS[key].name}, the only output for {family} experts, has no shared expert")
+        holders = [o for o in OUTPUTS.values() if family in o.families and num_shared <= o.max_shared_experts]
+        if not holders:
+            raise ValueError(f"{OUTPUTS[key].name}, the only output for {family} experts, has no shared expert")
+        return holders[0], f"{family} experts with a shared expert ({OUTPUTS[key].name} has no shared expert)"
     return OUTPUTS[key], f"the experts are {family} models"
 
 
@@ -202,10 +202,6 @@ class MoENames:
 
     def shared_gate(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
-
-
-def MixtralNames(layout: Layout = "classic") -> MoENames:  # noqa: N802 - the name older callers use
-    return MoENames(OUTPUTS["mixtral"], layout)
 
 
 # ------------------------------------------------------------------------------------------- output config
@@ -252,11 +248,6 @@ def moe_config(output: Output, base: dict, *, num_experts: int, experts_per_toke
     # transformers < 4.56 reads only torch_dtype, later ones read both; writing one key keeps it unambiguous
     out["torch_dtype"] = dtype
     return out
-
-
-def mixtral_config(base: dict, *, num_experts: int, experts_per_token: int, dtype: str) -> dict:
-    return moe_config(OUTPUTS["mixtral"], base, num_experts=num_experts, experts_per_token=experts_per_token,
-                      dtype=dtype)
 
 
 def output_of(config: dict) -> Output:

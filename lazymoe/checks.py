@@ -64,7 +64,7 @@ def _setting(cfg: dict, key: str):
 
 def _roles(config: MoEConfig) -> list[tuple[str, str]]:
     """(label, model reference) of every input model: base, experts, shared expert."""
-    out = [(f"base_model", config.base_model)]
+    out = [("base_model", config.base_model)]
     out += [(f"experts[{i}]", e.source_model) for i, e in enumerate(config.experts)]
     out += [(f"shared_experts[{i}]", e.source_model) for i, e in enumerate(config.shared_experts or [])]
     return out
