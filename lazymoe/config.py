@@ -37,6 +37,19 @@ _ARCHITECTURE_ALIASES = {"mixtral": "mixtral"}
 _KNOWN_UNSUPPORTED_ARCHITECTURES = {"qwen", "qwen2", "qwen2_moe", "qwen moe", "qwen3", "qwen3_moe", "qwen3 moe", "deepseek", "deepseek moe"}
 
 
+#: noise and generator seeds are 64-bit; torch refuses anything from 2**63 on
+MAX_SEED = 2**63 - 1
+#: router_continuation_tokens above this would generate for hours on a free Colab GPU for no routing gain
+MAX_CONTINUATION_TOKENS = 4096
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML and Python both make true an int; a count or scale given as true/false is a mistake
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -49,6 +62,8 @@ class ExpertConfig(_Strict):
     negative_prompts: list[str] = []
     noise_scale: float | None = None
     residual_scale: float | None = None
+
+    _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
 
     @field_validator("positive_prompts", "negative_prompts", mode="before")
     @classmethod
@@ -93,6 +108,22 @@ class MoEConfig(_Strict):
     router_continuation_tokens: int | None = None
 
     _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
+    _numbers = field_validator("experts_per_token", "seed", "router_continuation_tokens", mode="before")(
+        lambda cls, v: _no_bool(v))
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be a whole number from 0 to 2**63-1 ({MAX_SEED})")
+        return value
+
+    @field_validator("router_continuation_tokens")
+    @classmethod
+    def _continuation(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_CONTINUATION_TOKENS:
+            raise ValueError(f"must be from 0 (prompts only) to {MAX_CONTINUATION_TOKENS}; leave it out for 48")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -184,10 +215,15 @@ def _format_validation_error(err: ValidationError) -> str:
         allowed = GATE_MODES if field == "gate_mode" else DTYPES if field == "dtype" else ()
         close = difflib.get_close_matches(str(first.get("input")), allowed, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"{loc}: {first.get('input')!r} is not allowed; use one of {', '.join(allowed)}.{hint}"
+        return f"{loc}: {_short_repr(first.get('input'))} is not allowed; use one of {', '.join(allowed)}.{hint}"
     if first["type"] == "missing":
         return f"{loc} is required but missing from the config."
-    return f"{loc}: {msg} (got {first.get('input')!r})."
+    return f"{loc}: {msg} (got {_short_repr(first.get('input'))})."
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_config(data: Any) -> MoEConfig:
@@ -204,6 +240,8 @@ def parse_config(data: Any) -> MoEConfig:
         raise ConfigError("experts is required: list the models whose MLPs become experts (at least two).")
     if not isinstance(experts, list):
         raise ConfigError("experts must be a list of mappings, each with source_model and positive_prompts.")
+    if data.get("shared_experts") is not None and not isinstance(data["shared_experts"], list):
+        raise ConfigError("shared_experts must be a list of mappings like experts (and lazymoe does not use it yet).")
     for key in ("experts", "shared_experts"):
         for i, expert in enumerate(data.get(key) or []):
             if not isinstance(expert, dict):
@@ -274,6 +312,26 @@ def validate_config(config: MoEConfig) -> MoEConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": explicit keys may override those
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key ([a, b]: ...) is refused by the base class with a clear mark
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     """Load a config from a YAML file path, a YAML string, a dict or a config object."""
     if isinstance(source, (MoEConfig, dict)):
@@ -283,11 +341,21 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist.")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"Config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
+                "save it as UTF-8."
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
     else:
         text = str(source)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise ConfigError("The config nests too deeply to be a MoE config; check its indentation.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
