@@ -336,6 +336,10 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     """Load a config from a YAML file path, a YAML string, a dict or a config object."""
     if isinstance(source, (MoEConfig, dict)):
         return parse_config(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            f"A MoE config is a YAML file path, YAML text, a dict or a MoEConfig, got {type(source).__name__}."
+        )
     text: str
     path = Path(source)
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):

@@ -80,6 +80,8 @@ def merge(
     """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
     from .gates import FITTED_MODES, HIDDEN_MODES, pick_device
 
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
+        raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
