@@ -429,7 +429,11 @@ def gguf_card_data(
 
 
 def _template_source(name: str) -> str:
-    """Template text from the installed ``lazymoe.templates`` package, else the checkout's templates/ folder."""
+    """Template text from the checkout's templates/ folder next to this package when there is one (so a
+    checkout never renders another installation's templates), else the installed ``lazymoe.templates``."""
+    path = Path(__file__).resolve().parent.parent / "templates" / name
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
     try:
         from importlib.resources import files
 
@@ -437,11 +441,8 @@ def _template_source(name: str) -> str:
         if resource.is_file():
             return resource.read_text(encoding="utf-8")
     except ModuleNotFoundError:
-        pass  # running from a checkout: templates/ is not inside the lazymoe package folder
-    path = Path(__file__).resolve().parent.parent / "templates" / name
-    if not path.is_file():
-        raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
-    return path.read_text(encoding="utf-8")
+        pass
+    raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
 
 
 def md_escape(text: str) -> str:

@@ -224,6 +224,16 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
         ) from None
     if config.router_chat_template and config.uses_prompts:  # a template that fails, fails now, not after downloads
         router_token_ids(tok, config.experts[0].positive_prompts[0], chat_template=True)
+    context = base.config.get("max_position_embeddings")
+    for i, expert in enumerate(config.experts if config.uses_prompts and context else ()):
+        for field in ("positive_prompts", "negative_prompts"):
+            for j, prompt in enumerate(getattr(expert, field)):
+                n = len(router_token_ids(tok, prompt))
+                if n > context:  # the router pass would run the base past its context (and out of memory)
+                    raise ModelMismatchError(
+                        f"experts[{i}].{field}[{j}] is {n} tokens long but the base reads at most {context}; "
+                        "shorten it: a few sentences describe a domain best."
+                    )
     if len(tok) > vocab:
         raise ModelMismatchError(
             f"base_model ({config.base_model}): the tokenizer has {len(tok)} tokens but the embedding only "

@@ -344,7 +344,10 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     path = Path(source)
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
         if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
+            if path.is_dir():
+                raise ConfigError(f"{path} is a folder; give the YAML config file (e.g. {path / 'moe.yaml'}).")
+            why = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"Config file {path} {why}.")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

@@ -25,6 +25,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # "@{", leading or trailing "/" or "."), a length the Hub accepts, and nothing a Markdown link or URL could
 # be broken out with (the card links to it)
 _REVISION = re.compile(r"^(?!.*\.\.)(?!.*@\{)(?!.*//)(?![/.])[A-Za-z0-9._/+-]{1,255}(?<![/.])(?<!\.lock)$")
+#: the Hub's limit on namespace/name (huggingface_hub.utils.validate_repo_id)
+_MAX_HUB_ID = 96
 #: config.json fields the planner reads as positive integers, when present
 _CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
@@ -66,12 +68,16 @@ class ModelRef:
             raise ModelNotFoundError(
                 f"{text!r} starts with ~ but there is no such user's home folder; write the full path of the folder."
             ) from None
-        if path.exists():
+        try:
+            exists = path.exists()
+        except OSError as err:  # ENAMETOOLONG, EACCES on a parent...
+            raise ModelNotFoundError(f"{text[:80]!r}... cannot be a model folder ({err.strerror}).") from None
+        if exists:
             if not path.is_dir():
                 raise ModelNotFoundError(f"{text} is a file; a model reference must be a folder or a Hub id.")
             return cls(text, local_path=path.resolve())
         repo, _, revision = text.partition("@")
-        if _HUB_ID.match(repo) and not text.startswith((".", "/", "~")):
+        if _HUB_ID.match(repo) and len(repo) <= _MAX_HUB_ID and not text.startswith((".", "/", "~")):
             if revision and not _REVISION.match(revision):
                 raise ModelNotFoundError(
                     f"{text!r}: {revision!r} is not a revision the Hub accepts; after '@' give a branch, tag or "

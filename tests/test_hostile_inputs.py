@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -252,13 +253,16 @@ CONFIG_CASES = [
     ("prompts-a-number", lambda D: _first_expert(D, positive_prompts=[5]), "positive_prompts[0]"),
     ("base-a-number", lambda D: _with(D, base_model=12), "base_model"),
     ("unknown-gate-mode", lambda D: _with(D, gate_mode="hiden"), "Did you mean 'hidden'?"),
+    ("prompt-longer-than-context", lambda D: _first_expert(D, positive_prompts=["chat " * 5000]),
+     "tokens long but the base reads at most 4096"),
+    ("config-is-a-folder", lambda D: None, "is a folder; give the YAML config file"),
     ("huge-input-repr", lambda D: _with(D, gate_mode="x" * 10000), "is not allowed"),
 ]
 
 
 @pytest.mark.parametrize(("text", "message"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
 def test_a_bad_config_is_one_line(D, tmp_path, capsys, text, message):
-    C = _write(tmp_path, text(D))
+    C = tmp_path if text(D) is None else _write(tmp_path, text(D))
     line = one_line_error(capsys, ["plan", str(C)])
     assert message in line, line
     assert len(line) < 600, "one readable line, not a dump of the input"
@@ -394,3 +398,49 @@ def test_work_folders_are_named_after_the_output(tmp_path):
     assert outdir.final_name(".moe.lazymoe-partial-1f2e3d4c") == "moe"
     assert outdir.final_name(".my.moe.lazymoe-new") == "my.moe"
     assert outdir.final_name("moe") == "moe"
+
+
+# --------------------------------------------------------------------------- model card injection (defect 8)
+
+
+def test_the_card_never_turns_user_strings_into_links_or_html(D, tmp_path, capsys):
+    out = lazymoe.merge(D / "demo.yaml", tmp_path / "my`moe", progress=False)
+    hostile = "org/name@v1](javascript:alert(1))<img src=x onerror=alert(1)>"
+    recipe = yaml.safe_load((out / "lazymoe_config.yml").read_text(encoding="utf-8"))
+    recipe["experts"][0]["source_model"] = hostile
+    recipe["experts"][1]["source_model"] = "org/good@refs/pr/1"
+    (out / "lazymoe_config.yml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    assert main(["-q", "card", str(out)]) == 0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    body = card.split("\n---\n", 1)[1]  # below the YAML front matter
+    body = re.sub(r"\n(`{3,}).*?\n\1\n", "\n", body, flags=re.S)  # fenced blocks (the recipe) are inert
+    # shown only as code (it is not a valid Hub reference), so inert: never a link, never HTML
+    assert body.count(hostile) == body.count(f"`{hostile}`") >= 1
+    assert body.count("](javascript:") == body.count("<img") == body.count(hostile)
+    assert "[org/good@refs/pr/1](https://huggingface.co/org/good/tree/refs%2Fpr%2F1)" in body
+    assert "Replace ``your-username/my`moe`` with" in body  # the backtick stays inside the code span
+
+
+# --------------------------------------------------------------------------- notebook
+
+
+def test_the_notebook_steps_refuse_hostile_values_in_one_red_line(D, tmp_path):
+    pytest.importorskip("ipywidgets")
+    from lazymoe.ui import Builder, StepFailed
+    from lazymoe.ui_form import MoEForm
+
+    cfg = _demo_config(D)
+    for bad, message in [({"seed": 2**70}, "seed: must be a whole number from 0 to 2**63-1"),
+                         ({"experts_per_token": True}, "experts_per_token: must be a number, not true/false"),
+                         ({"router_continuation_tokens": -5}, "router_continuation_tokens: must be from 0")]:
+        form = MoEForm(yaml.safe_dump({**cfg, **bad}))
+        assert form.last_message == ("error", f"Nothing was loaded: {form.last_message[1].split(': ', 1)[1]}")
+        assert message in form.last_message[1]
+
+    (tmp_path / "a-file").write_text("")
+    shown = []
+    builder = Builder(MoEForm(yaml.safe_dump({**cfg, "notebook": {"model_name": "m"}})),
+                      workdir=tmp_path / "a-file" / "sub", show=shown.append)
+    with pytest.raises(StepFailed, match="Cannot create the work folder"):
+        builder.plan()
+    assert "Traceback" not in str(shown)
