@@ -100,9 +100,10 @@ class OutputTarget:
                 f"{self.path} is a symbolic link; lazymoe never writes through or replaces a link. "
                 "Give the folder it points to, or a new path."
             )
-        self.parent = self.path.resolve().parent
-        self.name = self.path.name
-        self.final = self.parent / self.name
+        self.final = self.path.resolve()  # not a link (refused above), so this only resolves ".", ".." and parents
+        self.parent, self.name = self.final.parent, self.final.name
+        if not self.name:
+            raise OutputExistsError(f"{self.path} is the filesystem root; give a folder for the merged model.")
         self._lock_fd: int | None = None
         self._approved: tuple[int, int] | None = None
         self._approved_set = False
@@ -269,7 +270,13 @@ class OutputTarget:
             _step("aside")
             os.replace(out, old)
         elif out.is_dir():
-            out.rmdir()  # an empty folder, perhaps made meanwhile: nothing is lost
+            try:
+                out.rmdir()  # an empty folder, perhaps made meanwhile: nothing is lost
+            except OSError:  # not empty any more: someone is writing there right now
+                raise OutputExistsError(
+                    f"{out} was created or changed by something else while the merge ran, so it was left as it is. "
+                    f"The finished merge is in {new}: move it where you want it."
+                ) from None
         _step("swap")
         try:
             os.replace(new, out)
