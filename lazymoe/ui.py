@@ -21,12 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import MoEConfig, load_config
-<<<<<<< HEAD
 from .errors import LazyMoEError, OutputNotWritableError
-=======
-from .errors import LazyMoEError
 from .preflight import blocking, check_ahead
->>>>>>> main
 from .report import human_bytes
 from .ui_form import MoEForm, Settings
 from .ui_runtime import (
@@ -188,18 +184,12 @@ class Builder:
         from .merge import make_plan
 
         config, settings = self.values()
-<<<<<<< HEAD
         try:
             self.output_dir.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputNotWritableError(
                 f"Cannot create the work folder {self.output_dir.parent} ({err.strerror}); choose one you can write to."
             ) from None
-        plan = make_plan(config, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk)
-        self._plan, self._plan_key = plan, self._key(config, settings)
-=======
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
->>>>>>> main
         runtime = probe(self.output_dir.parent)
         ahead = self._check_ahead(settings, runtime)  # token, repo, llama.cpp: seconds, before any model is read
         try:
