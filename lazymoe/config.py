@@ -39,6 +39,9 @@ _KNOWN_UNSUPPORTED_ARCHITECTURES = {"qwen", "qwen2", "qwen2_moe", "qwen moe", "q
 
 #: noise and generator seeds are 64-bit; torch refuses anything from 2**63 on
 MAX_SEED = 2**63 - 1
+#: bounds past which an expert's weights are destroyed rather than varied (see validate_config)
+MAX_NOISE_SCALE = 1.0
+MAX_RESIDUAL_SCALE = 100.0
 #: router_continuation_tokens above this would generate for hours on a free Colab GPU for no routing gain
 MAX_CONTINUATION_TOKENS = 4096
 
@@ -285,6 +288,13 @@ def validate_config(config: MoEConfig) -> MoEConfig:
                 raise ConfigError(f"experts[{i}].{field} must be a finite number, got {value}.")
         if expert.noise_scale is not None and expert.noise_scale < 0:
             raise ConfigError(f"experts[{i}].noise_scale must be >= 0 (it is a standard deviation).")
+        # MLP weights are ~0.02 in size: beyond these the expert is noise, or (a typo like 1e40) inf
+        if expert.noise_scale is not None and expert.noise_scale > MAX_NOISE_SCALE:
+            raise ConfigError(f"experts[{i}].noise_scale is {expert.noise_scale:g}; above {MAX_NOISE_SCALE:g} the "
+                              "noise drowns the weights (typical values: 0.001 to 0.05).")
+        if expert.residual_scale is not None and abs(expert.residual_scale) > MAX_RESIDUAL_SCALE:
+            raise ConfigError(f"experts[{i}].residual_scale is {expert.residual_scale:g}; keep it within "
+                              f"±{MAX_RESIDUAL_SCALE:g} (typical values: 0.5 to 2).")
         for field in ("positive_prompts", "negative_prompts"):
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():

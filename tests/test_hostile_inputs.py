@@ -233,6 +233,8 @@ CONFIG_CASES = [
     ("experts_per_token-true", lambda D: _with(D, experts_per_token=True), "experts_per_token: must be a number, not true"),
     ("experts_per_token-huge", lambda D: _with(D, experts_per_token=10**30), "experts_per_token is 10000000000000"),
     ("noise_scale-true", lambda D: _first_expert(D, noise_scale=True), "noise_scale: must be a number, not true"),
+    ("noise_scale-huge", lambda D: _first_expert(D, noise_scale=1e40), "noise drowns the weights"),
+    ("residual_scale-huge", lambda D: _first_expert(D, residual_scale=-1e40), "keep it within ±100"),
     ("noise_scale-inf", lambda D: _first_expert(D, noise_scale=float("inf")), "must be a finite number"),
     ("duplicate-top-key", lambda D: _with(D) + "gate_mode: random\n", "the key 'gate_mode' appears twice"),
     ("duplicate-expert-key", lambda D: _with(D).replace("- source_model:", "- source_model: a/b\n  source_model:", 1),
