@@ -10,6 +10,7 @@ import difflib
 import os
 import random as _random
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -224,8 +225,13 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"{loc}: {msg} (got {_short_repr(first.get('input'))})."
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 4, 4, 60, 60, 40
+
+
 def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    """A repr that stays short however big the input (YAML aliases can nest millions of items)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

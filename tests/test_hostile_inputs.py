@@ -223,7 +223,18 @@ def _first_expert(D: Path, **changes) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
+def _alias_bomb(D: Path) -> str:
+    """A billion-laughs config: 9**8 prompts through nested YAML aliases, in two dozen lines."""
+    items, prev = ['&a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]'], "a"
+    for name in "bcdefgh":
+        items.append(f"&{name} [" + ",".join(["*" + prev] * 9) + "]")
+        prev = name
+    return (f"base_model: x\nexperts:\n- source_model: x\n  positive_prompts: [{', '.join(items)}]\n"
+            "- source_model: y\n  positive_prompts: *h\n")
+
+
 CONFIG_CASES = [
+    ("yaml-alias-bomb", _alias_bomb, "experts[0].positive_prompts[0]: Input should be a valid string"),
     ("not-utf8", lambda D: _with(D).encode() + b"# caf\xe9\n", "is not UTF-8 text (byte 0xe9"),
     ("seed-2**70", lambda D: _with(D, seed=2**70), "seed: must be a whole number from 0 to 2**63-1"),
     ("seed-negative", lambda D: _with(D, seed=-1), "seed: must be a whole number from 0"),
