@@ -136,3 +136,15 @@ def test_the_notebook_token_box_refuses_a_malformed_token_without_showing_it():
     _assert_absent(form.token_status.value, SECRET + "\nx")
     form.token_box.value = SECRET
     assert form.token == SECRET and SECRET not in form.token_status.value
+
+
+def test_plan_push_with_a_malformed_token_reports_it_without_printing_it(tmp_path, capsys):
+    from lazymoe.demo import build_demo
+
+    config = build_demo(tmp_path / "inputs")
+    token = SECRET + "\nx"
+    code = main(["-q", "plan", str(config), "--push", "me/moe", "--token", token])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert "contains a line break" in out + err
+    _assert_absent(out + err, token)
