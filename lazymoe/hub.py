@@ -154,7 +154,10 @@ def check_model_folder(model_dir: str | Path) -> Path:
     if index is not None:
         try:
             weight_files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
+            if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+                       for n in weight_files):  # a shard is a file next to the index, never elsewhere
+                raise ValueError("it names a weight file outside the folder")
+        except (ValueError, KeyError, AttributeError, TypeError) as err:
             raise HubError(f"{unfinished}: {index.name} is not a valid index ({err}). Re-run the merge.") from None
         missing = [name for name in weight_files if not (folder / name).is_file()]
         if missing:

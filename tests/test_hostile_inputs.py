@@ -456,3 +456,14 @@ def test_the_notebook_steps_refuse_hostile_values_in_one_red_line(D, tmp_path):
     with pytest.raises(StepFailed, match="Cannot create the work folder"):
         builder.plan()
     assert "Traceback" not in str(shown)
+
+
+@pytest.mark.parametrize("weight_map", [{"a": "../x/model.safetensors"}, {"a": "/etc/passwd"}, {"a": ["x"]},
+                                        {"a": 1, "b": "model.safetensors"}, ["model.safetensors"]])
+def test_push_refuses_an_index_that_points_outside_or_is_malformed(tmp_path, capsys, weight_map):
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    line = one_line_error(capsys, ["push", str(folder), "me/moe"])
+    assert "model.safetensors.index.json is not a valid index" in line
