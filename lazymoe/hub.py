@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import HubError
-from .hub_token import check_token, env_tokens, redact
+from .hub_token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
 if TYPE_CHECKING:  # huggingface_hub is imported lazily: `import lazymoe` stays fast and works offline
     from huggingface_hub import HfApi
@@ -71,7 +71,7 @@ def _first_token(token: str | None, colab_secret: str) -> tuple[_Token | None, l
             return _Token(value, f"your Colab secret {colab_secret!r}"), notes
         if note:
             notes.append(note)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    for name in TOKEN_ENV_NAMES:
         if os.environ.get(name, "").strip():
             return _Token(os.environ[name].strip(), f"your {name} environment variable"), notes
     from huggingface_hub import get_token

@@ -19,7 +19,8 @@ from .errors import HubError
 #: what Hub tokens are made of (hf_ + letters and digits; printable ASCII without spaces for any endpoint)
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 _MASK = "hf_***"
-_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+#: environment variables huggingface_hub reads a token from, in its order
+TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def check_token(value: str, source: str) -> str:
@@ -42,7 +43,7 @@ def check_token(value: str, source: str) -> str:
 
 def env_tokens() -> list[str]:
     """Tokens set in the environment, as typed (for scrubbing: a malformed one must be scrubbed too)."""
-    return [os.environ[n] for n in _ENV_NAMES if os.environ.get(n)]
+    return [os.environ[n] for n in TOKEN_ENV_NAMES if os.environ.get(n)]
 
 
 def _forms(secret: str) -> set[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFormatError, ModelNotFoundError
-from .hub_token import check_token, env_tokens, redact
+from .hub_token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 from .safetensors_io import TensorInfo, scan_file
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def _hub_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
 
 def _check_env_tokens() -> None:
     """huggingface_hub sends HF_TOKEN with every request: a malformed one is refused before it is sent."""
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    for name in TOKEN_ENV_NAMES:
         value = os.environ.get(name, "").strip()
         if value:
             check_token(value, f"your {name} environment variable")
