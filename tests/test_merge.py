@@ -254,9 +254,27 @@ def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkey
 
     monkeypatch.setattr(planning, "free_disk_bytes", lambda path: 1000)
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
-    with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free.*--low-disk"):
+    with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free") as caught:
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)
     assert list(tmp_path.iterdir()) == []
+    assert "--low-disk" not in str(caught.value), "local models: nothing is downloaded, low-disk mode cannot help"
+
+
+def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tmp_path):
+    import dataclasses
+
+    from lazymoe.merge import _low_disk_hint
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
+    local = lazymoe.make_plan(cfg, progress=False)
+    assert _low_disk_hint(local) == ""
+    # the same models on the Hub, not yet downloaded: low-disk keeps only the base and one expert at a time
+    remote = {ref: dataclasses.replace(info, ref=ModelRef(ref, repo_id=f"org/m{i}"), tensors={
+        n: dataclasses.replace(t, file=tmp_path / "not-downloaded") for n, t in info.tensors.items()})
+        for i, (ref, info) in enumerate(local.models.items())}
+    hub = dataclasses.replace(local, models=remote, download_bytes=sum(m.weight_bytes for m in remote.values()))
+    assert _low_disk_hint(hub) == ", or use low-disk mode (--low-disk)"
+    assert _low_disk_hint(dataclasses.replace(hub, low_disk=True)) == ""
 
 
 @pytest.mark.parametrize(
