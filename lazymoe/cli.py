@@ -43,10 +43,16 @@ def _load(args):
 def cmd_plan(args) -> int:
     from .merge import make_plan
     from .report import format_plan
+    from .ui_runtime import FREE_COLAB, FREE_COLAB_LABEL, fit_lines, probe
 
     plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, low_disk=args.low_disk,
                      progress=not args.quiet)
     print(format_plan(plan))
+    here = probe(".")
+    print("\nFits?")
+    for line in fit_lines(plan, [(FREE_COLAB_LABEL, FREE_COLAB),
+                                 ("This runtime" + (" (Colab)" if here.in_colab else ""), here)]):
+        print(f"  {line}")
     return 0
 
 
