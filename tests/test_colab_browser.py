@@ -1,5 +1,5 @@
 """The form in the widgets-7 front end Colab's renderer speaks: classic Notebook 6, ipywidgets 7.7.1 and
-widgetsnbextension 3.6, in headless Debian Chromium driven by Playwright.
+widgetsnbextension 3.6.6, in headless Debian Chromium driven by Playwright.
 
 The same user story as tests/test_browser.py (JupyterLab 4, widgets 8): open the demo notebook, Run all, edit
 the model name and one prompt in the rendered form, press Build, and check that the merge used the edits.
@@ -9,6 +9,7 @@ LAZYMOE_COLAB_PYTHON to its interpreter (``.ci/run`` does). Screenshots go to ar
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -40,8 +41,14 @@ def classic_notebook(kernel_env, tmp_path):
     """Notebook 6 serving tmp_path/work from the Colab stand-in environment; yields (url, token, work folder)."""
     work, state = tmp_path / "work", tmp_path / "jupyter"
     work.mkdir()
+    # the stand-in's bin first on PATH, as in an activated virtualenv: the server must start the stand-in's own
+    # kernel (ipywidgets 7.7.1), never the "python" of a kernelspec found elsewhere on this machine
     env = {**kernel_env, "JUPYTER_CONFIG_DIR": str(state / "config"), "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
-           "JUPYTER_DATA_DIR": str(state / "data")}
+           "JUPYTER_DATA_DIR": str(state / "data"),
+           "PATH": os.pathsep.join([str(Path(COLAB_PYTHON).parent), kernel_env.get("PATH", "")])}
+    specs = subprocess.run([COLAB_PYTHON, "-m", "jupyter", "kernelspec", "list", "--json"], env=env, check=True,
+                           capture_output=True, text=True).stdout
+    assert json.loads(specs)["kernelspecs"]["python3"]["spec"]["argv"][0] == COLAB_PYTHON
     port, token = _free_port(), secrets.token_hex(16)
     log = open(tmp_path / "notebook.log", "w")
     server = subprocess.Popen(
@@ -95,7 +102,7 @@ def test_edit_the_form_in_the_widgets7_front_end_and_build_with_the_edits(classi
 
     versions = _colab_versions()
     assert versions["ipywidgets"] == "7.7.1" and versions["notebook"].startswith("6.")
-    assert versions["widgetsnbextension"].startswith("3.6.")
+    assert versions["widgetsnbextension"] == "3.6.6"
     url, token, work = classic_notebook
     shutil.copy(DEMO, work / DEMO.name)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -104,7 +111,8 @@ def test_edit_the_form_in_the_widgets7_front_end_and_build_with_the_edits(classi
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         console: list[str] = []
-        page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+        started = time.monotonic()
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text} [{time.monotonic() - started:.0f} s]"))
         try:
             page.goto(f"{url}/notebooks/{DEMO.name}?token={token}")
             page.wait_for_selector("#notebook .cell", timeout=90_000)
@@ -112,7 +120,7 @@ def test_edit_the_form_in_the_widgets7_front_end_and_build_with_the_edits(classi
 
             # 1. Run all on the unedited preset: the whole pipeline, ending with the last cell's notice
             _run_all(page)
-            page.get_by_text("nothing to chat with").wait_for(timeout=300_000)
+            page.get_by_text("nothing to chat with").wait_for(timeout=600_000)
             _wait_until_idle(page, 60_000)
             assert (work / "LazyMoE-Demo-4x" / "config.json").is_file()
             form = page.locator(".lazymoe-form")
@@ -137,13 +145,15 @@ def test_edit_the_form_in_the_widgets7_front_end_and_build_with_the_edits(classi
             # 3. the form's own Build button: plan and merge from the edited form, into the form's Output
             page.locator(".lazymoe-form button", has_text="Build").click()
             merged = page.get_by_text(re.compile(r"Merged model written to .*Widgets7-Edited-MoE"))
-            merged.wait_for(timeout=300_000)
+            merged.wait_for(timeout=600_000)
             merged.scroll_into_view_if_needed()
             page.screenshot(path=str(shots[2]))
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "widgets7-failure.png"))
             shutil.copy(tmp_path / "notebook.log", ARTIFACTS / "widgets7-notebook.log")
             (ARTIFACTS / "widgets7-console.log").write_text("\n".join(console))
+            outputs = page.locator("#notebook .output_area").all_text_contents()
+            (ARTIFACTS / "widgets7-outputs.txt").write_text("\n----\n".join(outputs))
             raise
         finally:
             browser.close()

@@ -29,8 +29,12 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0
 "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$VENV/extra-wheels" \
     torchvision==0.28.0 torchaudio==2.11.1
-# the widgets-7 front end, as Colab runs it
-"${pip[@]}" "ipywidgets==7.7.1" "widgetsnbextension==3.6.*" "notebook<7" ipykernel
+# the widgets-7 front end, as Colab runs it. widgetsnbextension 3.6.6, not the newest 3.6: with Notebook
+# 6.5, 3.6.8 and 3.6.10 cannot create an Output model ("_deserialize_state is not a function"), so every
+# Output widget stays blank; Colab's own renderer does not use this package
+"${pip[@]}" "ipywidgets==7.7.1" "widgetsnbextension==3.6.6" "notebook<7" ipykernel
+# its own kernelspec, naming this interpreter (not a bare "python" that PATH may resolve elsewhere)
+"$VENV/bin/python" -m ipykernel install --sys-prefix >/dev/null
 # lazymoe's dependencies as pyproject.toml lists them (Colab preinstalls these), torch excluded
 deps=$("$VENV/bin/python" - <<'PY'
 import tomllib
@@ -39,7 +43,7 @@ print("\n".join(d for d in deps if not d.replace(" ", "").startswith("torch")))
 PY
 )
 mapfile -t deps <<<"$deps"
-"${pip[@]}" "${deps[@]}"
+"${pip[@]}" "${deps[@]}" matplotlib  # Colab preinstalls matplotlib too
 "$VENV/bin/python" -m pip uninstall -q -y lazymoe 2>/dev/null || true
 echo "$want" > "$STAMP"
 "$VENV/bin/python" -c "import ipywidgets, notebook, torch; print('ipywidgets', ipywidgets.__version__, '| notebook', notebook.__version__, '| torch', torch.__version__)"
