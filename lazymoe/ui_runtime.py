@@ -355,5 +355,5 @@ def runtime_html(runtime: Runtime, *, lazymoe_version: str, lazymoe_path: str, i
                                "Without one the router pass and the test generation run on the CPU (slow for "
                                "7B models).", "warn")
         else:
-            out += notice_html("No GPU found: fine for the tiny demo; 7B experts will be slow on the CPU.", "info")
+            out += notice_html("No GPU found: the router pass and the test generation run on the CPU (7B experts: slow).", "info")
     return out

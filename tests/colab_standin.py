@@ -2,13 +2,16 @@
 
 The real one exists only inside Colab's image. This one behaves as documented for the parts we use:
 ``userdata.get(name)`` returns the secret or raises ``SecretNotFoundError`` (no such secret) or
-``NotebookAccessError`` (the secret exists, but its "Notebook access" switch is off).
+``NotebookAccessError`` (the secret exists, but its "Notebook access" switch is off);
+``drive.mount(path)`` makes ``path/MyDrive`` appear (after the user's consent, in the real one) and is
+recorded in ``drive.mounted``.
 """
 
 from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -36,8 +39,17 @@ def install_colab(monkeypatch: pytest.MonkeyPatch, secrets: dict[str, str] | Non
         return secrets[key]
 
     userdata.SecretNotFoundError, userdata.NotebookAccessError, userdata.get = SecretNotFoundError, NotebookAccessError, get
+    drive = types.ModuleType("google.colab.drive")
+    drive.mounted = []
+
+    def mount(mountpoint: str, force_remount: bool = False) -> None:
+        Path(mountpoint, "MyDrive").mkdir(parents=True, exist_ok=True)
+        drive.mounted.append(mountpoint)
+
+    drive.mount = mount
     colab = types.ModuleType("google.colab")
-    colab.userdata = userdata
+    colab.userdata, colab.drive = userdata, drive
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
+    monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
     return colab

@@ -18,9 +18,9 @@ from colab_standin import install_colab
 from test_hub import write_model_folder
 from test_plan import MISTRAL_7B, header_only_model
 
-from lazymoe import cli, ui, ui_runtime
-from lazymoe.colab import has_user_secrets, in_colab, read_secret
-from lazymoe.errors import HubError
+from lazymoe import cli, ui, ui_recipe, ui_runtime
+from lazymoe.colab import CONTENT_DIR, has_user_secrets, in_colab, read_secret
+from lazymoe.errors import ConfigError, HubError
 from lazymoe.hub import push_to_hub, resolve_token
 from lazymoe.notebooks import load_preset
 from lazymoe.sources import ModelInfo, ModelRef, describe
@@ -100,6 +100,19 @@ def test_in_colab_setup_reports_the_runtime_and_the_disk_of_the_working_director
         assert "Runtime → Change runtime type → T4 GPU" in html
     builder = ui.Builder.from_preset(BEYONDER.read_text(), show=shown.append)
     assert builder.output_dir == content / "Beyonder-4x7B-v3"  # the model lands in /content, next to the notebook
+
+
+def test_edits_saved_to_drive_mount_it_once_and_stay_under_mydrive(monkeypatch, tmp_path):
+    assert ui_recipe.DRIVE_MOUNT == Path(CONTENT_DIR, "drive") == Path("/content/drive")  # where Colab mounts it
+    mount = tmp_path / "content" / "drive"
+    monkeypatch.setattr(ui_recipe, "DRIVE_MOUNT", mount)
+    monkeypatch.setattr(ui_recipe, "DRIVE_FOLDER", mount / "MyDrive" / "lazymoe")
+    with pytest.raises(ConfigError, match="Google Drive works in Colab only"):
+        ui_recipe.recipe_folder("drive", in_colab=in_colab())
+    colab = install_colab(monkeypatch)
+    assert ui_recipe.recipe_folder("drive", in_colab=in_colab()) == mount / "MyDrive" / "lazymoe"
+    assert ui_recipe.recipe_folder("drive", in_colab=in_colab()) == mount / "MyDrive" / "lazymoe"
+    assert colab.drive.mounted == [str(mount)]  # mounted once: the second call finds MyDrive there
 
 
 # --------------------------------------------------------------------------- plan against free Colab
