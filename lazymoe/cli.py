@@ -48,6 +48,7 @@ def cmd_plan(args) -> int:
     from .merge import make_plan
     from .preflight import NotReadyError, blocking, check_ahead, check_gguf_disk, format_checks
     from .report import format_plan
+    from .ui_runtime import FREE_COLAB, FREE_COLAB_LABEL, fit_lines, probe
 
     config = _load(args)  # a broken recipe first: it is the cheapest thing to check
     quants = _quants(args.gguf)
@@ -65,6 +66,11 @@ def cmd_plan(args) -> int:
     if quants is not None:
         ahead.append(check_gguf_disk(plan, quants, disk))
     print(format_plan(plan))
+    here = probe(disk)  # where the merge will write
+    print("\nFits?")
+    for line in fit_lines(plan, [(FREE_COLAB_LABEL, FREE_COLAB),
+                                 ("This runtime" + (" (Colab)" if here.in_colab else ""), here)]):
+        print(f"  {line}")
     if ahead:
         print()
         print(format_checks(ahead))
