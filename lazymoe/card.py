@@ -27,6 +27,7 @@ import yaml
 
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import LazyMoEError, ModelNotFoundError
+from .eval_report import ANSWERS_MD, EVAL_IMAGE, EVAL_JSON, EvalReport, answers_for_card
 from .report import human_bytes, human_params
 from .sources import ModelRef, describe
 
@@ -305,11 +306,15 @@ def card_data(
     gguf_repo: str | None = None,
     gguf_files: Iterable[GGUFFile] | None = None,
     routing_image: str | None = None,
+    evaluation: EvalReport | None = None,
+    eval_image: str | None = None,
+    answers_markdown: str | None = None,
 ) -> dict[str, Any]:
     """Everything the model card template shows, as plain data (see :func:`render_card`).
 
     ``repo_id`` is where the model lives on the Hub (used in the usage snippet; a placeholder otherwise);
-    ``routing_image`` is a path relative to the model folder.
+    ``routing_image`` and ``eval_image`` are paths relative to the model folder; ``evaluation`` is what
+    ``lazymoe eval`` measured and ``answers_markdown`` the side-by-side answers it saved for the card.
     """
     _check_repo_id(repo_id, "repo_id")
     _check_repo_id(gguf_repo, "gguf_repo")
@@ -373,6 +378,8 @@ def card_data(
             "quant": _default_quant(files),
         } if (gguf_repo or files) else None,
         "routing_image": routing_image,
+        "evaluation": {**evaluation.card_data(), "image": eval_image} if evaluation is not None else None,
+        "answers_markdown": answers_markdown,
     }
 
 
@@ -416,7 +423,12 @@ def gguf_card_data(
 
 
 def _template_source(name: str) -> str:
-    """Template text from the installed ``lazymoe.templates`` package, else the checkout's templates/ folder."""
+    """Template text from the checkout's templates/ folder beside this package when there is one (so a
+    checkout's code and templates always match, even with another copy installed), else from the installed
+    ``lazymoe.templates`` package."""
+    path = Path(__file__).resolve().parent.parent / "templates" / name
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
     try:
         from importlib.resources import files
 
@@ -424,11 +436,8 @@ def _template_source(name: str) -> str:
         if resource.is_file():
             return resource.read_text(encoding="utf-8")
     except ModuleNotFoundError:
-        pass  # running from a checkout: templates/ is not inside the lazymoe package folder
-    path = Path(__file__).resolve().parent.parent / "templates" / name
-    if not path.is_file():
-        raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
-    return path.read_text(encoding="utf-8")
+        pass
+    raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
 
 
 def md_escape(text: str) -> str:
@@ -519,6 +528,18 @@ def _options(folder: Path, gguf_files_or_dir, routing_image) -> dict[str, Any]:
     }
 
 
+def _evaluation_options(folder: Path) -> dict[str, Any]:
+    """What ``lazymoe eval`` left in the folder for the card: eval.json (+ eval.png), answers marked for it."""
+    out: dict[str, Any] = {}
+    if (folder / EVAL_JSON).is_file():
+        out["evaluation"] = EvalReport.read(folder)
+        if (folder / EVAL_IMAGE).is_file():
+            out["eval_image"] = EVAL_IMAGE
+    if answers_for_card(folder):
+        out["answers_markdown"] = (folder / ANSWERS_MD).read_text(encoding="utf-8")
+    return out
+
+
 def write_card(
     plan: MergePlan,
     folder: str | os.PathLike,
@@ -559,7 +580,8 @@ def build_card(
 
 def _card_text(facts: "ModelFacts", folder: Path, *, gguf_files, routing_image, **options: Any) -> str:
     """The one rendering path of both entry points: facts from the plan or from the folder, same card."""
-    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image)))
+    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image),
+                                 **_evaluation_options(folder)))
 
 
 def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:
