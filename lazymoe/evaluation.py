@@ -265,26 +265,32 @@ def score(folder: str | os.PathLike, seqs: list[list[int]], starts: list[int], *
 # ------------------------------------------------------------------------------------------ evaluate
 
 
-def _texts_for(e: int, spec: ExpertConfig, override, folder: Path, tokenizer, *, max_texts: int, max_tokens: int,
-               generate_tokens: int, download: bool, seed: int, vocab_size: int, notes: list[str]) -> Texts | None:
-    value = override if override is not None else spec.eval_texts
-    if value is not None:
-        try:
-            kind, detail, texts = given_texts(value, folder)
-        except ConfigError:
-            raise
-        except LazyMoEError as err:  # a dataset that cannot be read here: say so, use the expert's own text
-            notes.append(f"{err}; used text the expert wrote instead")
-        else:
-            seqs = _tokenize(tokenizer, texts[:max_texts], max_tokens)
-            if not seqs:
-                raise ConfigError(f"experts[{e}].eval_texts: every text is shorter than 3 tokens; give longer texts.")
-            return Texts(kind, detail, seqs, [1] * len(seqs))
+def _given(e: int, value, folder: Path, tokenizer, *, max_texts: int, max_tokens: int,
+           notes: list[str]) -> Texts | None:
+    """The texts the user gave for expert ``e`` (None: none given, or a dataset that cannot be read here)."""
+    if value is None:
+        return None
+    try:
+        kind, detail, texts = given_texts(value, folder)
+    except ConfigError:
+        raise
+    except LazyMoEError as err:  # a dataset that cannot be read here: say so, use the expert's own text
+        notes.append(f"{err}; used text the expert wrote instead")
+        return None
+    seqs = _tokenize(tokenizer, texts[:max_texts], max_tokens)
+    if not seqs:
+        raise ConfigError(f"experts[{e}].eval_texts: every text is shorter than 3 tokens; give longer texts.")
+    return Texts(kind, detail, seqs, [1] * len(seqs))
+
+
+def _generated(spec: ExpertConfig, tokenizer, *, max_texts: int, generate_tokens: int, download: bool, seed: int,
+               vocab_size: int, notes: list[str]) -> Texts | None:
+    """Text the expert writes from its positive prompts (None, with the reason in ``notes``, when it cannot)."""
     if not spec.positive_prompts:
         notes.append("no eval_texts and no positive prompts to write from: not measured")
         return None
     if generate_tokens < 2:
-        notes.append("no eval_texts, and writing texts is off (--generate-tokens 0): not measured")
+        notes.append("no eval_texts, and writing texts is off (generate_tokens 0): not measured")
         return None
     try:
         expert_dir = local_folder(spec.source_model, download=download)
@@ -357,20 +363,23 @@ def evaluate(
     dev = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     seed = (recipe.seed or 0) + 1  # not the seed the routers' continuations were sampled with
+    # every text the user gave is read (and any mistake in it reported) before an expert writes anything
+    notes: list[list[str]] = [[] for _ in recipe.experts]
+    given = [_given(e, overrides.get(e, spec.eval_texts), folder, tokenizer, max_texts=max_texts,
+                    max_tokens=max_tokens, notes=notes[e]) for e, spec in enumerate(recipe.experts)]
     rows, sets, skipped = [], {}, []
     for e, spec in enumerate(recipe.experts):
-        notes: list[str] = []
-        got = _texts_for(e, spec, overrides.get(e), folder, tokenizer, max_texts=max_texts, max_tokens=max_tokens,
-                         generate_tokens=generate_tokens, download=download, seed=seed + e,
-                         vocab_size=int(cfg["vocab_size"]), notes=notes)
+        got = given[e] or _generated(spec, tokenizer, max_texts=max_texts, generate_tokens=generate_tokens,
+                                     download=download, seed=seed + e, vocab_size=int(cfg["vocab_size"]),
+                                     notes=notes[e])
         row = ExpertEval(e, labels[e], spec.source_model, got.kind if got else "none", got.detail if got else "",
-                         notes=notes)
+                         notes=notes[e])
         if got is not None:
             row.texts = len(got.seqs)
             row.tokens = sum(len(s) - 1 - st for s, st in zip(got.seqs, got.starts))
             sets[e] = got
         else:
-            skipped.append(f"expert {e} ({labels[e]}): {notes[-1]}")
+            skipped.append(f"expert {e} ({labels[e]}): {notes[e].pop()}")
         rows.append(row)
     report = EvalReport(folder.resolve().name, E, k, L, rows, skipped, str(dev), 0.0, max_tokens)
     if not sets:
@@ -415,7 +424,6 @@ def evaluate(
         try:
             expert_dirs[e] = local_folder(recipe.experts[e].source_model, download=download)
         except LazyMoEError as err:
-            rows[e].notes.append(f"expert loss not measured: {err}")
             skipped.append(f"expert {e} ({labels[e]}) loss: {err}")
             continue
         models.setdefault(expert_dirs[e], [])
