@@ -40,6 +40,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--generate-tokens", type=int, default=DEFAULT_GENERATE_TOKENS,
                    help="tokens an expert writes per positive prompt when it has no texts (0: skip; default %(default)s)")
     p.add_argument("--download", action="store_true", help="download source models missing from the local cache")
+    p.add_argument("--release-downloads", action="store_true",
+                   help="with --download: delete each model it downloaded once measured (one on disk at a time)")
     p.add_argument("--questions", metavar="FILE", help="also answer these questions side by side (see lazymoe.questions)")
     p.add_argument("--compare", default="moe", help="with --questions: moe, or moe,base or moe,base,experts")
     p.add_argument("--max-new-tokens", type=int, default=96, help="with --questions: answer length (default %(default)s)")
@@ -61,13 +63,14 @@ def run_eval(args) -> int:
         raise ConfigError("--skip-retention leaves nothing to do without --questions FILE.")
     if not args.skip_retention:
         report = write_evaluation(folder, texts=texts, max_texts=args.max_texts, max_tokens=args.max_tokens,
-                                  generate_tokens=args.generate_tokens, download=args.download, device=args.device,
+                                  generate_tokens=args.generate_tokens, download=args.download,
+                                  release=args.release_downloads, device=args.device,
                                   progress=progress, update_card=not args.no_card)
         print(report.summary())
         print(f"Wrote {folder / EVAL_JSON} and {folder / EVAL_IMAGE}")
     if questions is not None:
         result = answer_questions(folder, questions, compare=args.compare, max_new_tokens=args.max_new_tokens,
-                                  download=args.download)
+                                  download=args.download, release=args.release_downloads)
         md, js = write_answers(folder, result, in_card=args.questions_in_card)
         if not args.no_card:
             rerender_card(folder, **detected_extras(folder))

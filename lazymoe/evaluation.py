@@ -172,22 +172,61 @@ def write_own_texts(expert_dir: Path, tokenizer, prompts: Sequence[str], *, new_
 # ------------------------------------------------------------------------------------------ the passes
 
 
-def local_folder(ref: str, *, download: bool = False) -> Path:
-    """A model's local folder: the folder itself, or its Hub snapshot (downloaded only with ``download``)."""
-    parsed = ModelRef.parse(ref)
-    if parsed.local_path is not None:
-        return parsed.local_path
-    from huggingface_hub import snapshot_download
+def _weight_files(folder: Path) -> set[Path]:
+    return set(folder.glob("*.safetensors"))
 
-    try:
-        folder = Path(snapshot_download(parsed.repo_id, revision=parsed.revision, local_files_only=not download,
-                                        allow_patterns=[*METADATA_PATTERNS, "*.safetensors"]))
-    except Exception as err:
-        hint = "" if download else " (not in the local Hugging Face cache: pass --download, download=True)"
-        raise ModelNotFoundError(f"{ref} is not available here{hint}: {type(err).__name__}") from None
-    if not any(folder.glob("*.safetensors")):
-        raise ModelNotFoundError(f"{ref} has no weights in {folder}" + ("" if download else "; pass --download"))
-    return folder
+
+def _complete(folder: Path) -> bool:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return all((folder / f).is_file() for f in set(json.loads(index.read_text())["weight_map"].values()))
+    return any(f.is_file() for f in folder.glob("*.safetensors"))
+
+
+class Sources:
+    """Source models' local folders, fetched on demand (``download``) and, with ``release``, deleted again once
+    measured if this run downloaded them: with one source on disk at a time, a 4x7B evaluation needs the
+    merged model's disk plus one 7B model, as low-disk merging does. Local folders and files that were
+    already cached are never deleted."""
+
+    def __init__(self, *, download: bool = False, release: bool = False):
+        self.download, self.release_enabled = download, release
+        self._fetched: dict[str, list[Path]] = {}
+
+    def folder(self, ref: str) -> Path:
+        parsed = ModelRef.parse(ref)
+        if parsed.local_path is not None:
+            return parsed.local_path
+        from huggingface_hub import snapshot_download
+
+        patterns = [*METADATA_PATTERNS, "*.safetensors"]
+        try:
+            cached = Path(snapshot_download(parsed.repo_id, revision=parsed.revision, local_files_only=True,
+                                            allow_patterns=patterns))
+        except Exception:
+            cached = None
+        if cached is not None and _complete(cached):
+            return cached
+        if not self.download:
+            raise ModelNotFoundError(f"{ref} is not in the local Hugging Face cache (a low-disk merge deletes what it "
+                                     "downloaded): pass --download (download=True) to fetch it for the evaluation")
+        before = _weight_files(cached) if cached is not None else set()
+        try:
+            folder = Path(snapshot_download(parsed.repo_id, revision=parsed.revision, allow_patterns=patterns))
+        except Exception as err:
+            raise ModelNotFoundError(f"{ref} could not be downloaded ({type(err).__name__}: {err})") from None
+        self._fetched.setdefault(ref, []).extend(sorted(_weight_files(folder) - before))
+        return folder
+
+    def release(self, ref: str) -> None:
+        if not self.release_enabled:
+            return
+        for link in self._fetched.pop(ref, []):
+            blob = link.resolve()
+            if blob.is_file():
+                blob.unlink()
+            link.unlink(missing_ok=True)
+            logger.info("deleted downloaded %s to save disk", link.name)
 
 
 @dataclass
@@ -283,7 +322,7 @@ def _given(e: int, value, folder: Path, tokenizer, *, max_texts: int, max_tokens
     return Texts(kind, detail, seqs, [1] * len(seqs))
 
 
-def _generated(spec: ExpertConfig, tokenizer, *, max_texts: int, generate_tokens: int, download: bool, seed: int,
+def _generated(spec: ExpertConfig, tokenizer, *, max_texts: int, generate_tokens: int, sources: Sources, seed: int,
                vocab_size: int, notes: list[str]) -> Texts | None:
     """Text the expert writes from its positive prompts (None, with the reason in ``notes``, when it cannot)."""
     if not spec.positive_prompts:
@@ -293,7 +332,7 @@ def _generated(spec: ExpertConfig, tokenizer, *, max_texts: int, generate_tokens
         notes.append("no eval_texts, and writing texts is off (generate_tokens 0): not measured")
         return None
     try:
-        expert_dir = local_folder(spec.source_model, download=download)
+        expert_dir = sources.folder(spec.source_model)
         seqs, starts = write_own_texts(expert_dir, tokenizer, spec.positive_prompts[:max_texts],
                                        new_tokens=generate_tokens, seed=seed, vocab_size=vocab_size)
     except LazyMoEError as err:
@@ -332,6 +371,7 @@ def evaluate(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     generate_tokens: int = DEFAULT_GENERATE_TOKENS,
     download: bool = False,
+    release: bool = False,
     device: str | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -339,7 +379,8 @@ def evaluate(
 
     ``texts`` overrides the recipe's ``eval_texts``: per expert (index or label) a list of texts, a file path or
     a :class:`~lazymoe.config.HubTexts`. Source models are read from their local folders or the Hugging Face
-    cache; ``download=True`` fetches missing ones. What cannot be measured is listed in ``report.skipped`` and
+    cache; ``download=True`` fetches missing ones, and ``release=True`` deletes what it fetched once measured (one
+    source model on disk at a time). What cannot be measured is listed in ``report.skipped`` and
     the rows' notes, with the reason.
     """
     from transformers import AutoTokenizer
@@ -367,41 +408,64 @@ def evaluate(
     notes: list[list[str]] = [[] for _ in recipe.experts]
     given = [_given(e, overrides.get(e, spec.eval_texts), folder, tokenizer, max_texts=max_texts,
                     max_tokens=max_tokens, notes=notes[e]) for e, spec in enumerate(recipe.experts)]
+    sources = Sources(download=download, release=release)
     rows, sets, skipped = [], {}, []
     for e, spec in enumerate(recipe.experts):
-        got = given[e] or _generated(spec, tokenizer, max_texts=max_texts, generate_tokens=generate_tokens,
-                                     download=download, seed=seed + e, vocab_size=int(cfg["vocab_size"]),
-                                     notes=notes[e])
-        row = ExpertEval(e, labels[e], spec.source_model, got.kind if got else "none", got.detail if got else "",
-                         notes=notes[e])
-        if got is not None:
-            row.texts = len(got.seqs)
+        row = ExpertEval(e, labels[e], spec.source_model, "none", "", notes=notes[e])
+        rows.append(row)
+        try:  # written texts need the expert; its loss is measured while it is here (then released)
+            got = given[e] or _generated(spec, tokenizer, max_texts=max_texts, generate_tokens=generate_tokens,
+                                         sources=sources, seed=seed + e, vocab_size=int(cfg["vocab_size"]),
+                                         notes=notes[e])
+            if got is None:
+                skipped.append(f"expert {e} ({labels[e]}): {notes[e].pop()}")
+                continue
+            row.texts_kind, row.texts_detail, row.texts = got.kind, got.detail, len(got.seqs)
             row.tokens = sum(len(s) - 1 - st for s, st in zip(got.seqs, got.starts))
             sets[e] = got
-        else:
-            skipped.append(f"expert {e} ({labels[e]}): {notes[e].pop()}")
-        rows.append(row)
+            if spec.source_model == recipe.base_model:
+                continue  # the base's own pass measures it, on exactly the same sequences
+            try:
+                expert_dir = sources.folder(spec.source_model)
+            except LazyMoEError as err:
+                skipped.append(f"expert {e} ({labels[e]}) loss: {err}")
+                continue
+            scored = score(expert_dir, got.seqs, got.starts, device=str(dev), progress=progress,
+                           desc=f"Eval: {labels[e]} layers")
+            row.loss_expert = _mean(scored.losses)
+        finally:
+            if spec.source_model != recipe.base_model:  # the base is needed again below
+                sources.release(spec.source_model)
     report = EvalReport(folder.resolve().name, E, k, L, rows, skipped, str(dev), 0.0, max_tokens)
     if not sets:
         report.seconds = time.perf_counter() - start
         return report
 
-    # every sequence once through the MoE and the base, each expert's through that expert
+    # every sequence once through the base and once through the MoE
     order = [(e, j) for e in sorted(sets) for j in range(len(sets[e].seqs))]
     all_seqs = [sets[e].seqs[j] for e, j in order]
     all_starts = [sets[e].starts[j] for e, j in order]
+    by_expert = {e: [i for i, (owner, _) in enumerate(order) if owner == e] for e in sets}
+    try:
+        base_dir = sources.folder(recipe.base_model)
+    except LazyMoEError as err:
+        skipped.append(f"base loss ({recipe.base_model}): {err}; gain kept cannot be computed")
+    else:
+        base = score(base_dir, all_seqs, all_starts, device=str(dev), progress=progress, desc="Eval: base layers")
+        for e, picks in by_expert.items():
+            rows[e].loss_base = _mean([base.losses[i] for i in picks])
+            if recipe.experts[e].source_model == recipe.base_model:
+                rows[e].loss_expert = rows[e].loss_base
+    finally:
+        sources.release(recipe.base_model)
+
     moe = score(folder, all_seqs, all_starts, device=str(dev), progress=progress, desc="Eval: MoE layers")
     offsets = [0]
     for s, st in zip(all_seqs, all_starts):
         offsets.append(offsets[-1] + len(s) - 1 - st)
-
-    def mean_loss(scored: Scored, picks: list[int]) -> float:
-        return float(torch.cat([scored.losses[i] for i in picks]).double().mean())
-
-    by_expert = {e: [i for i, (owner, _) in enumerate(order) if owner == e] for e in sets}
     for e, picks in by_expert.items():
         row = rows[e]
-        row.loss_moe = mean_loss(moe, picks)
+        row.loss_moe = _mean([moe.losses[i] for i in picks])
         positions = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in picks])
         top1, topk, matrix = [], [], []
         for z in moe.router:
@@ -410,37 +474,13 @@ def evaluate(
             topk.append(float((chosen == e).any(-1).float().mean()))
             matrix.append(torch.bincount(chosen[:, 0], minlength=E).double().div(len(positions)).tolist())
         row.top1_by_layer, row.topk_by_layer, row.top1_matrix = top1, topk, matrix
-
-    # dense passes: the base on everything, each distinct expert folder on its experts' texts
-    models: dict[Path, list[int]] = {}
-    try:
-        base_dir = local_folder(recipe.base_model, download=download)
-        models[base_dir] = list(range(len(order)))
-    except LazyMoEError as err:
-        base_dir = None
-        skipped.append(f"base loss ({recipe.base_model}): {err}; gain kept cannot be computed")
-    expert_dirs: dict[int, Path] = {}
-    for e in sets:
-        try:
-            expert_dirs[e] = local_folder(recipe.experts[e].source_model, download=download)
-        except LazyMoEError as err:
-            skipped.append(f"expert {e} ({labels[e]}) loss: {err}")
-            continue
-        models.setdefault(expert_dirs[e], [])
-        models[expert_dirs[e]] = sorted(set(models[expert_dirs[e]]) | set(by_expert[e]))
-    for model_folder, picks in models.items():
-        name = "base" if model_folder == base_dir else model_folder.name
-        scored = score(model_folder, [all_seqs[i] for i in picks], [all_starts[i] for i in picks], device=str(dev),
-                       progress=progress, desc=f"Eval: {name} layers")
-        losses = dict(zip(picks, scored.losses))
-        as_scored = Scored([losses.get(i, torch.empty(0)) for i in range(len(order))])
-        for e, own in by_expert.items():
-            if model_folder == base_dir:
-                rows[e].loss_base = mean_loss(as_scored, own)
-            if expert_dirs.get(e) == model_folder:
-                rows[e].loss_expert = mean_loss(as_scored, own)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _mean(losses: list[torch.Tensor]) -> float:
+    """Token-weighted mean: every scored token counts once, whichever text it is in."""
+    return float(torch.cat(losses).double().mean())
 
 
 def write_evaluation(model_dir: str | os.PathLike, *, update_card: bool = True, **options) -> EvalReport:

@@ -27,7 +27,7 @@ from .card import md_escape
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import ConfigError, LazyMoEError
 from .eval_report import ANSWERS_JSON, ANSWERS_MD, ANSWERS_SCHEMA
-from .evaluation import local_folder
+from .evaluation import Sources
 from .routing import expert_labels
 from .ui_runtime import probe
 from .ui_try import choose_loading, encode_chat, free_memory, load_merged, stored_dtype
@@ -150,8 +150,11 @@ def _answer_all(folder: Path, prompts: list[str], *, max_new_tokens: int, seed: 
 
 def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | None = None, *,
                      compare: str | tuple[str, ...] = "moe", max_new_tokens: int = 96, seed: int | None = None,
-                     download: bool = False) -> dict[str, Any]:
-    """Answer ``questions`` (default: the recipe's ``eval_questions``) with the MoE and the models in ``compare``."""
+                     download: bool = False, release: bool = False) -> dict[str, Any]:
+    """Answer ``questions`` (default: the recipe's ``eval_questions``) with the MoE and the models in ``compare``.
+
+    Source models come from their folders or the local cache; ``download`` fetches missing ones and ``release``
+    deletes what it fetched once that model has answered (see :class:`~lazymoe.evaluation.Sources`)."""
     folder = Path(model_dir)
     if not (folder / "config.json").is_file() or not (folder / CONFIG_FILENAME).is_file():
         raise LazyMoEError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge wrote.")
@@ -173,6 +176,7 @@ def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | N
     if "experts" in which:
         models += [(f"{i}: {label}", recipe.experts[i].source_model) for i, label in enumerate(labels)]
     answers: dict[str, list[dict]] = {}
+    sources = Sources(download=download, release=release)
     skipped = []
     done: dict[str, list[dict]] = {}
     for name, ref in models:
@@ -183,10 +187,12 @@ def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | N
             got, why = done[ref], None
         else:
             try:
-                got, why = _answer_all(local_folder(ref, download=download), prompts, max_new_tokens=max_new_tokens,
-                                       seed=seed, experts_per_token=None)
+                got, why = _answer_all(sources.folder(ref), prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                       experts_per_token=None)
             except LazyMoEError as err:
                 got, why = None, str(err)
+            finally:
+                sources.release(ref)
         if got is None:
             skipped.append(f"{name}: {why}")
             continue

@@ -293,6 +293,9 @@ class Builder:
         folder = self._require_model()
         config = self._eval_config(folder)
         texts = {i: e.eval_texts for i, e in enumerate(config.experts) if e.eval_texts is not None}
+        # a low-disk merge deleted its downloads: fetch each source again, one at a time, and delete it once measured
+        options.setdefault("download", True)
+        options.setdefault("release", self.form.settings().low_disk)
         report = write_evaluation(folder, texts=texts or None, progress=True, update_card=False, **options)
         self._card(folder, repo_id=self.repo_id, **detected_extras(folder))
         self._show(_html(retention_html(report)))
@@ -313,7 +316,8 @@ class Builder:
             questions = [Question(prompt, i) for i, (_, prompt) in enumerate(expert_prompts(config))]
             self._notice("The config has no eval_questions, so each expert gets one question made from its prompts. "
                          "Add your own as eval_questions (per expert, or at the top level) in the YAML box.")
-        result = answer_questions(folder, questions, compare=compare, max_new_tokens=max_new_tokens)
+        result = answer_questions(folder, questions, compare=compare, max_new_tokens=max_new_tokens, download=True,
+                                  release=self.form.settings().low_disk)
         md, _ = write_answers(folder, result, in_card=in_card)
         self._card(folder, repo_id=self.repo_id, **detected_extras(folder))
         self._show(_html(answers_html(result)))

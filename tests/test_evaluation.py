@@ -315,3 +315,39 @@ def test_cli_errors_are_one_line(moe, tiny_world, tmp_path, capsys, argv, messag
     assert main(["-q", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+# ------------------------------------------------------------------------------------------ notebook steps
+
+
+def test_notebook_steps_show_the_table_plot_and_answers(tiny_world, tmp_path):
+    pytest.importorskip("ipywidgets")
+    import yaml
+
+    from lazymoe.ui import Builder
+    from lazymoe.ui_form import MoEForm
+
+    config = moe_config(tiny_world["base"], [tiny_world[n] for n in ("chat", "code", "math")], seed=4)
+    config["experts"][1]["eval_texts"] = TEXTS[1]
+    config["experts"][2]["eval_questions"] = ["What is 12 * 7?"]
+    config["eval_questions"] = ["Who are you?"]
+    shown = []
+    builder = Builder(MoEForm(yaml.safe_dump({**config, "notebook": {"model_name": "tiny-moe"}})), workdir=tmp_path,
+                      show=shown.append)
+    folder = builder.merge()
+    builder.form.rows[0].extras["eval_texts"] = TEXTS[0]  # edited after the merge: the form's texts count
+    shown.clear()
+    report = builder.evaluate(generate_tokens=6)
+    html = "\n".join(d for item in shown if isinstance(d := getattr(item, "data", None), str))
+    assert [r.texts_kind for r in report.experts] == ["config", "config", "generated"]
+    assert "lazymoe-eval" in html and "Gain kept" in html and "'generated': written by the expert itself" in html
+    assert any(getattr(item, "data", b"").startswith(b"\x89PNG") for item in shown if isinstance(item.data, bytes))
+    assert "## Evaluation" in (folder / "README.md").read_text()
+
+    shown.clear()
+    result = builder.ask("moe,base", max_new_tokens=4)
+    assert [(q["question"], q["expert"]) for q in result["questions"]] == [("What is 12 * 7?", 2), ("Who are you?", None)]
+    html = "\n".join(d for item in shown if isinstance(d := getattr(item, "data", None), str))
+    assert "lazymoe-answers" in html and "routed:" in html and "answers.md" in html
+    assert "## Questions, side by side" in (folder / "README.md").read_text()
+    Builder._instances.clear()
