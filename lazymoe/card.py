@@ -27,7 +27,16 @@ import yaml
 
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import LazyMoEError, ModelNotFoundError
-from .eval_report import ANSWERS_MD, EVAL_IMAGE, EVAL_JSON, EvalReport, answers_for_card
+from .eval_report import (
+    ANSWERS_MD,
+    EVAL_IMAGE,
+    EVAL_JSON,
+    EvalReport,
+    answers_for_card,
+    benchmark_table,
+    model_index,
+    read_benchmarks,
+)
 from .report import human_bytes, human_params
 from .sources import ModelRef, describe
 
@@ -309,12 +318,14 @@ def card_data(
     evaluation: EvalReport | None = None,
     eval_image: str | None = None,
     answers_markdown: str | None = None,
+    benchmarks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the model card template shows, as plain data (see :func:`render_card`).
 
     ``repo_id`` is where the model lives on the Hub (used in the usage snippet; a placeholder otherwise);
     ``routing_image`` and ``eval_image`` are paths relative to the model folder; ``evaluation`` is what
-    ``lazymoe eval`` measured and ``answers_markdown`` the side-by-side answers it saved for the card.
+    ``lazymoe eval`` measured, ``answers_markdown`` the side-by-side answers it saved for the card and
+    ``benchmarks`` its lm-evaluation-harness results (also written as ``model-index`` metadata).
     """
     _check_repo_id(repo_id, "repo_id")
     _check_repo_id(gguf_repo, "gguf_repo")
@@ -332,6 +343,9 @@ def card_data(
         front["base_model"] = base_model
         front["base_model_relation"] = "merge"
     front.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)})
+    index = model_index(benchmarks, name) if benchmarks else []
+    if index:
+        front["model-index"] = index
     by_ref = {s["ref"]: s for s in sources}
     experts = [
         {"index": i, "source": by_ref[e.source_model], "positive_prompts": list(e.positive_prompts),
@@ -380,6 +394,7 @@ def card_data(
         "routing_image": routing_image,
         "evaluation": {**evaluation.card_data(), "image": eval_image} if evaluation is not None else None,
         "answers_markdown": answers_markdown,
+        "benchmarks": benchmark_table(benchmarks) if benchmarks else None,
     }
 
 
@@ -537,6 +552,9 @@ def _evaluation_options(folder: Path) -> dict[str, Any]:
             out["eval_image"] = EVAL_IMAGE
     if answers_for_card(folder):
         out["answers_markdown"] = (folder / ANSWERS_MD).read_text(encoding="utf-8")
+    benchmarks = read_benchmarks(folder)
+    if benchmarks is not None:
+        out["benchmarks"] = benchmarks
     return out
 
 

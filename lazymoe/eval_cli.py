@@ -9,6 +9,8 @@ from .card import detected_extras, rerender_card
 from .errors import ConfigError, ModelNotFoundError
 from .eval_report import EVAL_IMAGE, EVAL_JSON
 from .evaluation import DEFAULT_GENERATE_TOKENS, DEFAULT_MAX_TEXTS, DEFAULT_MAX_TOKENS, write_evaluation
+from .benchmarks import DEFAULT_LIMIT, DEFAULT_TASKS, parse_tasks, run_benchmarks, write_benchmarks
+from .eval_report import benchmark_table
 from .questions import answer_questions, read_questions, write_answers
 
 
@@ -46,7 +48,13 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--compare", default="moe", help="with --questions: moe, or moe,base or moe,base,experts")
     p.add_argument("--max-new-tokens", type=int, default=96, help="with --questions: answer length (default %(default)s)")
     p.add_argument("--questions-in-card", action="store_true", help="with --questions: show the answers in the card")
-    p.add_argument("--skip-retention", action="store_true", help="only answer --questions")
+    p.add_argument("--tasks", metavar="TASKS",
+                   help="also run lm-evaluation-harness tasks (comma-separated, or 'default': "
+                        f"{','.join(DEFAULT_TASKS)}); needs pip install 'lazymoe[eval]'")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="with --tasks: documents per task (default %(default)s)")
+    p.add_argument("--benchmark-compare", default="moe", help="with --tasks: moe, moe,base or moe,base,experts")
+    p.add_argument("--include-path", help="with --tasks: a folder of your own lm_eval task YAML files")
+    p.add_argument("--skip-retention", action="store_true", help="only answer --questions and/or run --tasks")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-card", action="store_true", help="leave README.md as it is")
     p.set_defaults(func=run_eval)
@@ -59,8 +67,9 @@ def run_eval(args) -> int:
     texts = _parse_texts_option(args.texts)
     questions = read_questions(Path(args.questions)) if args.questions else None
     progress = not getattr(args, "quiet", False)
-    if args.skip_retention and questions is None:
-        raise ConfigError("--skip-retention leaves nothing to do without --questions FILE.")
+    tasks = parse_tasks(args.tasks) if args.tasks else None
+    if args.skip_retention and questions is None and tasks is None:
+        raise ConfigError("--skip-retention leaves nothing to do without --questions FILE or --tasks.")
     if not args.skip_retention:
         report = write_evaluation(folder, texts=texts, max_texts=args.max_texts, max_tokens=args.max_tokens,
                                   generate_tokens=args.generate_tokens, download=args.download,
@@ -68,6 +77,19 @@ def run_eval(args) -> int:
                                   progress=progress, update_card=not args.no_card)
         print(report.summary())
         print(f"Wrote {folder / EVAL_JSON} and {folder / EVAL_IMAGE}")
+    if tasks is not None:
+        result = run_benchmarks(folder, tasks, limit=args.limit, compare=args.benchmark_compare,
+                                include_path=args.include_path, download=args.download, release=args.release_downloads)
+        path = write_benchmarks(folder, result)
+        if not args.no_card:
+            rerender_card(folder, **detected_extras(folder))
+        table = benchmark_table(result)
+        widths = [max(len(str(r[i])) for r in [table["header"], *table["rows"]]) for i in range(len(table["header"]))]
+        for row in [table["header"], *table["rows"]]:
+            print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        for item in table["skipped"]:
+            print(f"skipped: {item}")
+        print(f"Wrote {path}")
     if questions is not None:
         result = answer_questions(folder, questions, compare=args.compare, max_new_tokens=args.max_new_tokens,
                                   download=args.download, release=args.release_downloads)

@@ -32,6 +32,10 @@ EVAL_IMAGE = "eval.png"
 ANSWERS_MD = "answers.md"
 ANSWERS_JSON = "answers.json"
 ANSWERS_SCHEMA = "lazymoe-answers/1"
+#: lm-evaluation-harness results (benchmarks.py)
+BENCHMARKS_JSON = "benchmarks.json"
+BENCHMARKS_SCHEMA = "lazymoe-benchmarks/1"
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 #: gains below this (nats per token) count as none: float noise between equal models is ~1e-6
 MIN_GAIN = 1e-3
 LOSS_UNIT = "nats per token"
@@ -280,3 +284,45 @@ def answers_for_card(folder: str | os.PathLike) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(data, dict) and data.get("schema") == ANSWERS_SCHEMA and bool(data.get("in_card"))
+
+
+def read_benchmarks(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """``benchmarks.json`` of a model folder, or None when there is none (or it is not ours)."""
+    path = Path(folder) / BENCHMARKS_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise EvalFileError(f"{path} is not valid JSON; run lazymoe eval --tasks again.") from None
+    if not isinstance(data, dict) or data.get("schema") != BENCHMARKS_SCHEMA:
+        raise EvalFileError(f"{path} is not {BENCHMARKS_SCHEMA!r}; run lazymoe eval --tasks again.")
+    return data
+
+
+def benchmark_table(result: dict[str, Any]) -> dict[str, Any]:
+    """Rows (task, metric, one value per model) for the CLI, the notebook and the card."""
+    models = list(result["models"])
+    rows = []
+    for task in result["tasks"]:
+        metrics = dict.fromkeys(m for name in models for m in result["models"][name].get(task, {}))
+        for metric in metrics:
+            values = [result["models"][name].get(task, {}).get(metric) for name in models]
+            rows.append([task, metric, *("—" if v is None else f"{100 * v:.1f}" for v in values)])
+    return {"header": ["Task", "Metric", *models], "rows": rows, "limit": result.get("limit"),
+            "lm_eval_version": result.get("lm_eval_version"), "skipped": list(result.get("skipped", []))}
+
+
+def model_index(result: dict[str, Any], model_name: str) -> list[dict[str, Any]]:
+    """The MoE's results in the Hub's ``model-index`` metadata format (values in percent)."""
+    out = []
+    limit = result.get("limit")
+    for task, metrics in result["models"].get("MoE", {}).items():
+        out.append({
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": {"name": task, "type": task},
+            "metrics": [{"type": m, "value": round(100 * v, 2), "name": m} for m, v in metrics.items()],
+            "source": {"name": "lm-evaluation-harness" + (f", {limit} documents per task" if limit else ""),
+                       "url": LM_EVAL_URL},
+        })
+    return [{"name": model_name, "results": out}] if out else []

@@ -31,6 +31,7 @@ from .ui_runtime import (
     Raw,
     error_html,
     install_llama_cpp,
+    install_lm_eval,
     notice_html,
     plan_html,
     probe,
@@ -325,6 +326,29 @@ class Builder:
                      "ok")
         return result
 
+    @_step("Benchmarks")
+    def benchmarks(self, run: bool = False, tasks: str = "default", limit: int | None = 100,
+                   compare: str = "moe") -> dict | None:
+        """lm-evaluation-harness on the MoE (and ``compare``: base, experts), only when ``run``; results in the card."""
+        if not run:
+            self._notice("Benchmarks are off: tick RUN_BENCHMARKS in this cell to run lm-evaluation-harness "
+                         "(a few minutes per task and model on a T4 with the default limit).")
+            return None
+        from .benchmarks import run_benchmarks, write_benchmarks
+        from .eval_report import benchmark_table
+
+        folder = self._require_model()
+        install_lm_eval(probe(folder), self._notice)
+        result = run_benchmarks(folder, tasks, limit=limit, compare=compare, download=True,
+                                release=self.form.settings().low_disk)
+        write_benchmarks(folder, result)
+        self._card(folder, repo_id=self.repo_id, **detected_extras(folder))
+        table = benchmark_table(result)
+        self._show(_html(table_html([tuple(r) for r in table["rows"]], tuple(table["header"]))))
+        for item in table["skipped"]:
+            self._notice(f"Not run: {item}", "warn")
+        return result
+
     # ------------------------------------------------------------------ 6. upload
 
     def _push(self, folder: Path, repo: str, settings: Settings) -> str:
@@ -412,8 +436,8 @@ class Builder:
 
     def build(self) -> None:
         """Every step in order, stopping at the first that fails (what the Build button runs)."""
-        for step in (self.plan, self.merge, self.route, self.try_model, self.evaluate, self.ask, self.push, self.gguf,
-                     self.chat):
+        for step in (self.plan, self.merge, self.route, self.try_model, self.evaluate, self.ask, self.benchmarks,
+                     self.push, self.gguf, self.chat):
             try:
                 step()
             except StepFailed:
