@@ -340,7 +340,7 @@ def test_notebook_steps_show_the_table_plot_and_answers(tiny_world, tmp_path):
     report = builder.evaluate(generate_tokens=6)
     html = "\n".join(d for item in shown if isinstance(d := getattr(item, "data", None), str))
     assert [r.texts_kind for r in report.experts] == ["config", "config", "generated"]
-    assert "lazymoe-eval" in html and "Gain kept" in html and "'generated': written by the expert itself" in html
+    assert "lazymoe-eval" in html and "Gain kept" in html and "written by the expert itself" in html
     assert any(getattr(item, "data", b"").startswith(b"\x89PNG") for item in shown if isinstance(item.data, bytes))
     assert "## Evaluation" in (folder / "README.md").read_text()
 
