@@ -331,4 +331,8 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"The config is not valid YAML{where}: {problem}.") from None
+    if isinstance(data, dict) and isinstance(data.get("notebook"), dict):
+        # a notebook preset or a recipe saved by the notebook form: its notebook: block holds the form's
+        # settings (model name, upload, GGUF), not MoE config, so the CLI and Python take the file as it is
+        data = {k: v for k, v in data.items() if k != "notebook"}
     return parse_config(data)

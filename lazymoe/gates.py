@@ -419,7 +419,7 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
                       labels[~is_pos], E)
         rows.append(W)
         if layer + 1 == plan.num_layers:
-            break
+            continue  # nothing runs after the last layer; `continue`, not `break`, lets the bar reach 100%
         if upstream == "base":
             mlp = [base_tensor(arch.mlp_name(layer, part)) for part in arch.MLP_PARTS]
             stack.add_mlp_output((stack.act(x @ mlp[0].T) * (x @ mlp[1].T)) @ mlp[2].T)

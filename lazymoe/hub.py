@@ -9,7 +9,6 @@ The token is never printed, logged or written anywhere; every failure a user can
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .colab import has_user_secrets, read_secret
 from .errors import HubError
 
 if TYPE_CHECKING:  # huggingface_hub is imported lazily: `import lazymoe` stays fast and works offline
@@ -55,8 +55,8 @@ def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, li
     notes: list[str] = []
     if token is not None and token.strip():
         return _Token(token.strip(), "your token= / --token argument"), notes
-    if colab_secret and _in_colab():
-        value, note = _read_colab_secret(colab_secret)
+    if colab_secret and has_user_secrets():
+        value, note = read_secret(colab_secret)
         if value:
             return _Token(value, f"your Colab secret {colab_secret!r}"), notes
         if note:
@@ -68,37 +68,6 @@ def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, li
 
     saved = get_token()  # the saved login (refreshed if it is an expiring OAuth token)
     return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
-
-
-def _in_colab() -> bool:
-    if os.environ.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
-        return False  # Colab Enterprise has no user secrets
-    if "google.colab" in sys.modules:  # the Colab kernel imports it at start-up
-        return True
-    from huggingface_hub.utils import is_google_colab
-
-    return is_google_colab()
-
-
-def _read_colab_secret(name: str) -> tuple[str | None, str | None]:
-    try:
-        userdata = importlib.import_module("google.colab.userdata")
-    except ImportError:
-        return None, None
-    try:
-        value = userdata.get(name)
-    except Exception as error:  # SecretNotFoundError, NotebookAccessError, or whatever the vault raises
-        kind = type(error).__name__
-        if kind == "NotebookAccessError":
-            return None, (
-                f"the Colab secret {name!r} exists but this notebook may not read it: "
-                "switch on 'Notebook access' for it in the Secrets panel (key icon)"
-            )
-        if kind == "SecretNotFoundError":
-            return None, f"there is no Colab secret named {name!r}"
-        return None, f"reading the Colab secret {name!r} failed ({kind})"
-    value = (value or "").strip()
-    return (value or None), (None if value else f"the Colab secret {name!r} is empty")
 
 
 def _token_help(endpoint: str) -> str:

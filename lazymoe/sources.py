@@ -114,7 +114,10 @@ def _hub_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
     elif name == "RevisionNotFoundError":
         why = f"has no revision {ref.revision!r}"
     elif name in ("LocalEntryNotFoundError", "ConnectionError", "OfflineModeIsEnabled"):
-        why = "cannot be reached (no network, or offline mode): download it first or use a local folder"
+        folder = ref.repo_id.rsplit("/", 1)[-1]
+        why = ("cannot be reached (no network, or offline mode): download it while you have a network, with "
+               f"`hf download {ref.repo_id}{' --revision ' + ref.revision if ref.revision else ''} --local-dir "
+               f"{folder}`, and give the folder {folder!r} instead")
     else:
         why = f"could not be read ({name}: {err})"
     return ModelNotFoundError(f"{ref.repo_id} {why}.")
