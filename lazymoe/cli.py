@@ -10,10 +10,12 @@ import argparse
 import logging
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
 from .errors import LazyMoEError, OutputExistsError
+from .hub_token import env_tokens, redact
 from .plan import DEFAULT_MAX_SHARD_BYTES
 
 log = logging.getLogger("lazymoe")
@@ -190,11 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LazyMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one line, whatever the message holds (a model name or path may carry a newline)
+        print(f"error: {' '.join(redact(str(err), [getattr(args, 'token', None), *env_tokens()]).split())}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output folder was left behind", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: show the traceback, but never a token that some message may carry
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        print(redact(text, [getattr(args, "token", None), *env_tokens()]), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

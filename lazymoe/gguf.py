@@ -30,6 +30,7 @@ from .converter import (
     run_converter,
 )
 from .errors import GGUFError, InsufficientResourcesError
+from .outdir import DISK_MARGIN_BYTES
 from .report import human_bytes
 from .llama import capture_llama_log, chat, chat_loop, expert_prompts, find_config_for, import_llama_cpp
 
@@ -44,7 +45,6 @@ QUANT_TYPES = tuple(QUANT_BPW)
 DEFAULT_QUANTS = ("Q4_K_M", "Q5_K_M")
 #: converter output types and their bits per weight
 OUTTYPE_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5}
-_DISK_MARGIN = 64 * 1024**2
 
 _FALLBACK_RE = re.compile(
     r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
@@ -125,9 +125,10 @@ def _model_params(model_dir: Path) -> int:
 
 def _check_disk(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
-    if free < need + _DISK_MARGIN:
+    if free < need + DISK_MARGIN_BYTES:
         raise InsufficientResourcesError(
-            f"not enough disk for {what}: about {human_bytes(need)} needed, {human_bytes(free)} free in {folder}; "
+            f"not enough disk for {what}: about {human_bytes(need + DISK_MARGIN_BYTES)} needed ({human_bytes(need)} "
+            f"+ {human_bytes(DISK_MARGIN_BYTES)} margin), {human_bytes(free)} free in {folder}; "
             "free space, choose another --outdir, or request fewer quantisations.")
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .card import detected_extras
 from .config import MoEConfig, load_config
-from .errors import LazyMoEError
+from .errors import LazyMoEError, OutputNotWritableError
 from .eval_report import EVAL_IMAGE
 from .preflight import blocking, check_ahead
 from .report import human_bytes
@@ -256,7 +256,12 @@ class Builder:
         from .merge import make_plan
 
         config, settings = self.values()
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputNotWritableError(
+                f"Cannot create the work folder {self.output_dir.parent} ({err.strerror}); choose one you can write to."
+            ) from None
         runtime = probe(self.output_dir.parent)
         ahead = self._check_ahead(settings, runtime)  # token, repo, llama.cpp: seconds, before any model is read
         try:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from .config import DTYPES, GATE_MODES, MoEConfig, parse_config
 from .errors import ConfigError, LazyMoEError
 from .hub import repo_name_problem
+from .hub_token import check_token
 from .notebooks import Preset, parse_preset
 from .plan import parse_bytes
 from .ui_recipe import dump as dump_recipe
@@ -483,8 +484,14 @@ class MoEForm:
     def _take_token(self, change: dict) -> None:
         value = (change.get("new") or "").strip()
         if value:
-            self._set_token(value)
             self.token_box.value = ""  # out of the widget state at once: it can never be saved with the notebook
+            try:
+                check_token(value, "the token box")
+            except LazyMoEError as err:  # the message names the fault, never the token
+                self._set_token(None)
+                self.token_status.value = error_html(str(err))
+                return
+            self._set_token(value)
 
     def _set_token(self, token: str | None) -> None:
         self._token = token
