@@ -2,7 +2,7 @@
 
     import lazymoe
     plan = lazymoe.make_plan("moe.yaml")      # headers only: sizes, params, problems
-    lazymoe.merge("moe.yaml", "out/")         # streams a Mixtral checkpoint into out/
+    lazymoe.merge("moe.yaml", "out/")         # streams the MoE checkpoint into out/
 
 ``import lazymoe`` loads only the errors: the names below come from their modules the first time they are
 used (``make_plan`` and ``merge`` need torch), so the command line and the light submodules start fast.

@@ -10,12 +10,14 @@ import difflib
 import os
 import random as _random
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from .moe import arch as _arch
 from .errors import ConfigError
 from .io.safetensors import NAME_TO_ST
 from .router.modes import GATE_MODES, RANDOM_MODES
@@ -40,13 +42,43 @@ def license_id(value: Any) -> str:
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
-#: output architectures the mergekit schema names, and which of them lazymoe writes today
-_ARCHITECTURE_ALIASES = {"mixtral": "mixtral"}
-_KNOWN_UNSUPPORTED_ARCHITECTURES = {"qwen", "qwen2", "qwen2_moe", "qwen moe", "qwen3", "qwen3_moe", "qwen3 moe", "deepseek", "deepseek moe"}
+
+
+#: noise and generator seeds are 64-bit; torch refuses anything from 2**63 on
+MAX_SEED = 2**63 - 1
+#: bounds past which an expert's weights are destroyed rather than varied (see validate_config)
+MAX_NOISE_SCALE = 1.0
+MAX_RESIDUAL_SCALE = 100.0
+#: router_continuation_tokens above this would generate for hours on a free Colab GPU for no routing gain
+MAX_CONTINUATION_TOKENS = 4096
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML and Python both make true an int; a count or scale given as true/false is a mistake
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HubTexts(_Strict):
+    """Evaluation texts from a Hub dataset (read with the ``datasets`` package, where it is installed)."""
+
+    dataset: str
+    split: str = "test"
+    column: str = "text"
+    name: str | None = None  # the dataset's configuration, if it has several
+    limit: int = 32
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (how many texts to read)")
+        return value
 
 
 class ExpertConfig(_Strict):
@@ -57,6 +89,25 @@ class ExpertConfig(_Strict):
     negative_prompts: list[str] = []
     noise_scale: float | None = None
     residual_scale: float | None = None
+    # lazymoe extensions read by `lazymoe eval` (evaluation.py), never by the merge
+    #: texts of this expert's kind: a list, a text file (.txt: blank-line separated; .jsonl: "text"), or a Hub dataset
+    eval_texts: list[str] | str | HubTexts | None = None
+    #: questions of this expert's kind, answered side by side by the MoE (and optionally the base and experts)
+    eval_questions: list[str] | None = None
+
+    @field_validator("eval_texts", "eval_questions", mode="before")
+    @classmethod
+    def _no_blank_texts(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a list of texts, a text file or a Hub dataset")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("is an empty list; remove it or add texts")
+            if any(not isinstance(v, str) or not v.strip() for v in value):
+                raise ValueError("holds an empty or non-text item; every item must be a non-empty text")
+        return value
+
+    _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
 
     @field_validator("positive_prompts", "negative_prompts", mode="before")
     @classmethod
@@ -99,8 +150,28 @@ class MoEConfig(_Strict):
     router_chat_template: bool | None = None
     #: fitted gate modes: tokens the base generates after each positive prompt (None = 48; 0 = prompts only)
     router_continuation_tokens: int | None = None
+    #: `lazymoe eval`: questions not tied to one expert, answered side by side
+    eval_questions: list[str] | None = None
+
+    _eval_questions = field_validator("eval_questions", mode="before")(ExpertConfig._no_blank_texts.__func__)
 
     _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
+    _numbers = field_validator("experts_per_token", "seed", "router_continuation_tokens", mode="before")(
+        lambda cls, v: _no_bool(v))
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be a whole number from 0 to 2**63-1 ({MAX_SEED})")
+        return value
+
+    @field_validator("router_continuation_tokens")
+    @classmethod
+    def _continuation(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_CONTINUATION_TOKENS:
+            raise ValueError(f"must be from 0 (prompts only) to {MAX_CONTINUATION_TOKENS}; leave it out for 48")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -129,10 +200,19 @@ class MoEConfig(_Strict):
     def uses_prompts(self) -> bool:
         return self.gate_mode not in RANDOM_MODES
 
+    @property
+    def shared_expert(self) -> ExpertConfig | None:
+        """The one shared expert (Qwen MoE output), if any."""
+        return self.shared_experts[0] if self.shared_experts else None
+
+    def expert_spec(self, index: int) -> ExpertConfig:
+        """Routed expert ``index``; index ``num_experts`` is the shared expert."""
+        return self.experts[index] if index < len(self.experts) else self.shared_experts[index - len(self.experts)]
+
     def model_refs(self) -> list[str]:
-        """Every distinct model reference, base first, in order of appearance."""
+        """Every distinct model reference, base first, in order of appearance (the shared expert last)."""
         seen: dict[str, None] = {self.base_model: None}
-        for expert in self.experts:
+        for expert in self.experts + list(self.shared_experts or []):
             seen.setdefault(expert.source_model, None)
         return list(seen)
 
@@ -145,9 +225,13 @@ class MoEConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """The mergekit-compatible dict: extensions and defaults-only fields are left out."""
         data = self.model_dump(exclude_none=True)
-        for expert in data["experts"]:
+        for expert in data["experts"] + data.get("shared_experts", []):
             if not expert.get("negative_prompts"):
                 expert.pop("negative_prompts", None)
+            if not expert.get("positive_prompts") and expert in data.get("shared_experts", []):
+                expert.pop("positive_prompts", None)
+        if not data.get("shared_experts"):
+            data.pop("shared_experts", None)
         if not data.get("allow_all_same_experts"):
             data.pop("allow_all_same_experts", None)
         return data
@@ -184,10 +268,20 @@ def _format_validation_error(err: ValidationError) -> str:
         allowed = GATE_MODES if field == "gate_mode" else DTYPES if field == "dtype" else ()
         close = difflib.get_close_matches(str(first.get("input")), allowed, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"{loc}: {first.get('input')!r} is not allowed; use one of {', '.join(allowed)}.{hint}"
+        return f"{loc}: {_short_repr(first.get('input'))} is not allowed; use one of {', '.join(allowed)}.{hint}"
     if first["type"] == "missing":
         return f"{loc} is required but missing from the config."
-    return f"{loc}: {msg} (got {first.get('input')!r})."
+    return f"{loc}: {msg} (got {_short_repr(first.get('input'))})."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 4, 4, 60, 60, 40
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """A repr that stays short however big the input (YAML aliases can nest millions of items)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_config(data: Any) -> MoEConfig:
@@ -204,6 +298,8 @@ def parse_config(data: Any) -> MoEConfig:
         raise ConfigError("experts is required: list the models whose MLPs become experts (at least two).")
     if not isinstance(experts, list):
         raise ConfigError("experts must be a list of mappings, each with source_model and positive_prompts.")
+    if data.get("shared_experts") is not None and not isinstance(data["shared_experts"], list):
+        raise ConfigError("shared_experts must be a list of mappings like experts (and lazymoe does not use it yet).")
     for key in ("experts", "shared_experts"):
         for i, expert in enumerate(data.get(key) or []):
             if not isinstance(expert, dict):
@@ -226,31 +322,40 @@ def validate_config(config: MoEConfig) -> MoEConfig:
             f"experts_per_token is {config.experts_per_token} but must be between 1 and the number of "
             f"experts ({n}). 2 is the usual choice."
         )
-    if config.shared_experts:
+    if len(config.shared_experts or []) > 1:
         raise ConfigError(
-            "shared_experts is only used by Qwen2-MoE output, which lazymoe does not write yet; "
-            "remove shared_experts to build a Mixtral model."
+            f"shared_experts has {len(config.shared_experts)} entries; Qwen MoE (Qwen2-MoE) has one shared expert "
+            "per layer, so give 0 or 1."
         )
     if config.architecture is not None:
-        arch = config.architecture.strip().lower()
-        if arch in _KNOWN_UNSUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"architecture {config.architecture!r} is not supported yet: lazymoe writes Mixtral "
-                "(for Llama and Mistral experts). Remove 'architecture' or set it to 'mixtral'."
-            )
-        if arch not in _ARCHITECTURE_ALIASES:
-            raise ConfigError(f"Unknown architecture {config.architecture!r}; lazymoe writes 'mixtral'.")
-    for i, expert in enumerate(config.experts):
+        names = ", ".join(o.name for o in _arch.OUTPUTS.values())
+        why = _arch.not_written(config.architecture)
+        if why and not _arch.match_architecture(config.architecture):
+            raise ConfigError(f"architecture {config.architecture!r}: lazymoe does not write it ({why}); "
+                              f"it writes {names}.")
+        if not config.architecture.strip() or not _arch.match_architecture(config.architecture):
+            raise ConfigError(f"Unknown architecture {config.architecture!r}; lazymoe writes {names} "
+                              "(matched by prefix, as mergekit-moe does: 'qwen3' means Qwen3 MoE).")
+    labelled = [(f"experts[{i}]", e) for i, e in enumerate(config.experts)]
+    labelled += [(f"shared_experts[{i}]", e) for i, e in enumerate(config.shared_experts or [])]
+    for where, expert in labelled:
         for field in ("noise_scale", "residual_scale"):
             value = getattr(expert, field)
             if value is not None and (value != value or value in (float("inf"), float("-inf"))):
-                raise ConfigError(f"experts[{i}].{field} must be a finite number, got {value}.")
+                raise ConfigError(f"{where}.{field} must be a finite number, got {value}.")
         if expert.noise_scale is not None and expert.noise_scale < 0:
-            raise ConfigError(f"experts[{i}].noise_scale must be >= 0 (it is a standard deviation).")
+            raise ConfigError(f"{where}.noise_scale must be >= 0 (it is a standard deviation).")
+        # MLP weights are ~0.02 in size: beyond these the expert is noise, or (a typo like 1e40) inf
+        if expert.noise_scale is not None and expert.noise_scale > MAX_NOISE_SCALE:
+            raise ConfigError(f"{where}.noise_scale is {expert.noise_scale:g}; above {MAX_NOISE_SCALE:g} the "
+                              "noise drowns the weights (typical values: 0.001 to 0.05).")
+        if expert.residual_scale is not None and abs(expert.residual_scale) > MAX_RESIDUAL_SCALE:
+            raise ConfigError(f"{where}.residual_scale is {expert.residual_scale:g}; keep it within "
+                              f"±{MAX_RESIDUAL_SCALE:g} (typical values: 0.5 to 2).")
         for field in ("positive_prompts", "negative_prompts"):
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
-                    raise ConfigError(f"experts[{i}].{field}[{j}] is empty; remove it or write a prompt.")
+                    raise ConfigError(f"{where}.{field}[{j}] is empty; remove it or write a prompt.")
     if config.uses_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:
@@ -274,20 +379,57 @@ def validate_config(config: MoEConfig) -> MoEConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": explicit keys may override those
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key ([a, b]: ...) is refused by the base class with a clear mark
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     """Load a config from a YAML file path, a YAML string, a dict or a config object."""
     if isinstance(source, (MoEConfig, dict)):
         return parse_config(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            f"A MoE config is a YAML file path, YAML text, a dict or a MoEConfig, got {type(source).__name__}."
+        )
     text: str
     path = Path(source)
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
         if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        text = path.read_text(encoding="utf-8")
+            if path.is_dir():
+                raise ConfigError(f"{path} is a folder; give the YAML config file (e.g. {path / 'moe.yaml'}).")
+            why = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"Config file {path} {why}.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"Config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
+                "save it as UTF-8."
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
     else:
         text = str(source)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise ConfigError("The config nests too deeply to be a MoE config; check its indentation.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -72,3 +72,13 @@ class NotReadyError(LazyMoEError):
 
 class MissingDependency(LazyMoEError, ImportError):
     """An optional package a feature needs is not installed; the message is the install command."""
+class OutputBusyError(OutputExistsError):
+    """Another lazymoe merge is writing the same output folder right now."""
+
+
+class OutputNotWritableError(LazyMoEError, PermissionError):
+    """The output folder cannot be created or written (read-only disk, no permission)."""
+
+
+class ModelFormatError(LazyMoEError, ValueError):
+    """A model's files exist but are malformed (config.json, the index, a safetensors header)."""

@@ -18,6 +18,13 @@ from .units import parse_bytes
 #: 2 GB: a free Colab (12.7 GB RAM) never holds more than one tensor anyway
 DEFAULT_MAX_SHARD = "2GB"
 DEFAULT_MAX_SHARD_BYTES = parse_bytes(DEFAULT_MAX_SHARD)
+#: lazymoe eval: texts per expert, tokens per text, tokens an expert writes per positive prompt when it has no texts
+DEFAULT_EVAL_MAX_TEXTS = 16
+DEFAULT_EVAL_MAX_TOKENS = 256  # BOS included
+DEFAULT_EVAL_GENERATE_TOKENS = 64
+#: lazymoe eval --tasks default: lm-evaluation-harness tasks, and documents per task
+DEFAULT_BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande")
+DEFAULT_BENCHMARK_LIMIT = 100
 #: the merged model's licence on its card and the Hub when neither the recipe nor the caller names one
 DEFAULT_LICENSE = "apache-2.0"
 

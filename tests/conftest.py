@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# bench/world.py (the trained test world) is not part of the package: tests import it from bench/
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 # Tests never touch the real network or a real token.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -28,6 +32,16 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     for name in ("same1", "same2"):
         world[name] = build_model(root / name, tokenizer_dir=tok, base=base, perturb=0.0)
     return world
+
+
+# --- evaluation fixtures ---
+
+@pytest.fixture(scope="session")
+def trained_world(tmp_path_factory):
+    """bench/world.py's tiny trained world (MLP-only experts): base and expert losses really differ."""
+    from world import TINY_SPEC, build_world
+
+    return build_world(tmp_path_factory.mktemp("trained-world"), TINY_SPEC, progress=False)
 
 
 # --- hub fixtures ---

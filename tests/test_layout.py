@@ -18,18 +18,20 @@ PACKAGE = ROOT / "lazymoe"
 LAYERS: list[tuple[str, ...]] = [
     # tables and basics that import nothing above them
     ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.colab", "lazymoe.optional", "lazymoe.router.modes",
-     "lazymoe.gguf.quants", "lazymoe.gguf.install"),
+     "lazymoe.gguf.quants", "lazymoe.gguf.install", "lazymoe.moe.arch"),
     ("lazymoe.io",),
-    ("lazymoe.config",),
+    ("lazymoe.config", "lazymoe.tokens"),
     ("lazymoe.moe", "lazymoe.demo", "lazymoe.options"),
     ("lazymoe.router",),
     ("lazymoe.gguf",),
     ("lazymoe.publish",),
     ("lazymoe.pipeline",),
-    ("lazymoe.cli", "lazymoe.notebook", "lazymoe.__main__"),
+    # the evaluations load the merged model the way the notebook's Try step does (notebook.trial, .runtime)
+    ("lazymoe.cli", "lazymoe.notebook", "lazymoe.evaluate", "lazymoe.__main__"),
 ]
 #: imported where they are used, never at import time: torch & co. are slow to load, the others optional extras
-LAZY_OK = {"torch", "transformers", "llama_cpp", "matplotlib", "google"}  # google.colab: only inside Colab
+#: google.colab exists only inside Colab; lm_eval and datasets are the optional ``eval`` extra
+LAZY_OK = {"torch", "transformers", "llama_cpp", "matplotlib", "google", "lm_eval", "datasets"}
 
 
 def _modules() -> dict[str, Path]:

@@ -34,12 +34,11 @@ from .converter import (
     llama_cpp_python_version,
     run_converter,
 )
+from ..io.outdir import DISK_MARGIN_BYTES
 from .llama import capture_llama_log, import_llama_cpp
 from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants
 
 log = logging.getLogger("lazymoe.gguf")
-
-_DISK_MARGIN = 64 * 1024**2
 
 _FALLBACK_RE = re.compile(
     r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
@@ -101,9 +100,10 @@ def _model_params(model_dir: Path) -> int:
 
 def _check_disk(folder: Path, need: int, what: str) -> None:
     free = free_disk_bytes(folder)
-    if free < need + _DISK_MARGIN:
+    if free < need + DISK_MARGIN_BYTES:
         raise InsufficientResourcesError(
-            f"not enough disk for {what}: about {human_bytes(need)} needed, {human_bytes(free)} free in {folder}; "
+            f"not enough disk for {what}: about {human_bytes(need + DISK_MARGIN_BYTES)} needed ({human_bytes(need)} "
+            f"+ {human_bytes(DISK_MARGIN_BYTES)} margin), {human_bytes(free)} free in {folder}; "
             "free space, choose another --outdir, or request fewer quantisations.")
 
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from ..config import DTYPES, MoEConfig, parse_config
 from ..errors import ConfigError, LazyMoEError
 from ..gguf.quants import QUANT_TYPES
+from ..io.token import check_token
 from ..options import DEFAULT_MAX_SHARD, NotebookSettings, validated, validation_problems
 from ..router.modes import GATE_MODE_TABLE
 from .presets import Preset, parse_preset
@@ -449,8 +450,14 @@ class MoEForm:
     def _take_token(self, change: dict) -> None:
         value = (change.get("new") or "").strip()
         if value:
-            self._set_token(value)
             self.token_box.value = ""  # out of the widget state at once: it can never be saved with the notebook
+            try:
+                check_token(value, "the token box")
+            except LazyMoEError as err:  # the message names the fault, never the token
+                self._set_token(None)
+                self.token_status.value = error_html(str(err))
+                return
+            self._set_token(value)
 
     def _set_token(self, token: str | None) -> None:
         self._token = token

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import yaml
 
+from ..colab import CONTENT_DIR
 from ..errors import ConfigError
 
 SUFFIX = ".lazymoe.yaml"
-DRIVE_MOUNT = Path("/content/drive")
+DRIVE_MOUNT = Path(CONTENT_DIR) / "drive"
 DRIVE_FOLDER = DRIVE_MOUNT / "MyDrive" / "lazymoe"
 
 

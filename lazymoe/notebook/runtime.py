@@ -6,6 +6,7 @@ they are unit-tested without a kernel and reused by every notebook step.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import importlib.util
 import os
@@ -14,12 +15,11 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from importlib.metadata import PackageNotFoundError, version
-
-from ..errors import GGUFError
-from ..colab import in_colab
+from ..colab import CONTENT_DIR, in_colab
+from ..errors import GGUFError, LazyMoEError
 from ..gguf.install import CPU_CMAKE_ARGS, cuda_cmake_args
 from ..gguf.quants import estimate_gguf_bytes
 from ..io.folder import free_disk_bytes
@@ -63,6 +63,20 @@ class Runtime:
     @property
     def has_gpu(self) -> bool:
         return self.gpu_name is not None
+
+
+#: Colab's free runtime, as its resource panel reports it: "GPU RAM 15.0 GB" (a T4's 15,360 MiB),
+#: "System RAM 12.7 GB" (MemTotal 13,290,452 kB; both panels count in GiB) and about 100 GB of disk free at
+#: /content (BRIEF §5). ``plan`` checks every recipe against it, wherever it runs.
+FREE_COLAB = Runtime(
+    in_colab=True, python="3.13", disk_path=Path(CONTENT_DIR), disk_free=100 * 1000**3,
+    ram_available=13_290_452 * 1024, ram_total=13_290_452 * 1024, gpu_name="Tesla T4",
+    vram_free=15_360 * 2**20, vram_total=15_360 * 2**20, bf16=False,
+)  # fmt: skip
+FREE_COLAB_LABEL = "Free Colab (T4, 12.7 GiB RAM, ~100 GB disk)"
+
+#: resource rows that only decide how step 5 loads the model (4-bit, or skipped), never whether it merges
+_TRY_ROWS = ("GPU memory: try", "RAM: try")
 
 
 def probe(path: str | os.PathLike = ".") -> Runtime:
@@ -136,6 +150,26 @@ def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ())
     return rows
 
 
+def fit_lines(plan, runtimes: list[tuple[str, Runtime]]) -> list[str]:
+    """For ``plan``: one verdict per runtime, "fits" with the figures compared, or what is short and by how much."""
+    lines = []
+    for label, runtime in runtimes:
+        needs = [n for n in resource_needs(plan, runtime) if not n.what.startswith(_TRY_ROWS)]
+        short = shortages(needs)
+        if not short:
+            figures = "; ".join(f"{n.what} {human_bytes(n.needed)} of {human_bytes(n.have)}" for n in needs if n.ok)
+            lines.append(f"{label}: fits ({figures})")
+            continue
+        why = "; ".join(f"{n.what} needs {human_bytes(n.needed)}, has {human_bytes(n.have or 0)}" for n in short)
+        line = f"{label}: does NOT fit ({why})"
+        if any(n.what.startswith("Disk") for n in short) and not plan.low_disk:
+            # the same plan in low-disk mode: only the downloads held at once change, not the output
+            low = dataclasses.replace(plan, low_disk=True)
+            line += f". With --low-disk the disk needed is {human_bytes(low.disk_bytes)}"
+        lines.append(line)
+    return lines
+
+
 def torch_constraints() -> Path:
     """A pip constraints file pinning this runtime's torch (and friends): pip may add, never replace them."""
     pins = []
@@ -175,6 +209,23 @@ def install_llama_cpp(runtime: Runtime, say, *, version: str) -> bool:
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
         raise GGUFError(f"Building llama-cpp-python {version} failed (pip exit status {done.returncode}):\n{tail}")
+    importlib.invalidate_caches()
+    return True
+
+
+def install_lm_eval(runtime: Runtime, say, *, spec: str = "lm-eval>=0.4.5") -> bool:
+    """In Colab, pip-install lm-evaluation-harness once per runtime, never replacing its torch.
+
+    Elsewhere nothing is installed (the benchmark step then says how). Returns True if it ran.
+    """
+    if importlib.util.find_spec("lm_eval") is not None or not runtime.in_colab:
+        return False
+    say(f"Installing {spec} (once per Colab runtime, about a minute).")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", str(torch_constraints()), spec]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
+        raise LazyMoEError(f"Installing {spec} failed (pip exit status {done.returncode}):\n{tail}")
     importlib.invalidate_caches()
     return True
 
@@ -232,7 +283,7 @@ def needs_html(needs: list[Need]) -> str:
 
 def shortages(needs: list[Need]) -> list[Need]:
     """The rows that stop the pipeline (trying the model in too little memory only skips that step)."""
-    return [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+    return [n for n in needs if n.ok is False and not n.what.startswith(_TRY_ROWS)]
 
 
 def checks_html(checks) -> str:
@@ -253,6 +304,10 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahea
     parts = [table_html([r for r in plan_rows(plan) if r[0] not in covered], css_class="lazymoe-plan")]
     experts = [(f"experts[{i}]", e.source_model, "; ".join(e.positive_prompts) or "–", "; ".join(e.negative_prompts) or "–")
                for i, e in enumerate(plan.config.experts)]
+    if plan.config.shared_expert is not None:
+        e = plan.config.shared_expert
+        experts.append(("shared", e.source_model, "; ".join(e.positive_prompts) or "– (constant gate 1/2)",
+                        "; ".join(e.negative_prompts) or "–"))
     header = ("#", "Expert", "Positive prompts", "Negative prompts")
     parts.append(table_html(experts, header, css_class="lazymoe-experts"))
     needs = resource_needs(plan, runtime, gguf_quants=gguf_quants)

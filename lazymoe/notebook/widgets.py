@@ -33,7 +33,9 @@ def set_tooltip(widget: widgets.Widget, text: str) -> None:
 
 def styled(widget, css: str, tip: str = "", width: str = "100%"):
     widget.style = {"description_width": _WIDE} if hasattr(widget, "description") else widget.style
-    widget.layout = widgets.Layout(width=width)
+    # a full-width field keeps its vertical margin only: the widgets-7 front end (Colab) adds the default 2px
+    # side margins to 100% and pushes the right edge out of the form; widgets 8 looks the same either way
+    widget.layout = widgets.Layout(width=width, margin="2px 0px" if width == "100%" else None)
     widget.add_class(css)
     if tip:
         set_tooltip(widget, tip)

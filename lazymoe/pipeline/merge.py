@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import glob
 import json
 import logging
 import os
@@ -19,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..config import MoEConfig, load_config
 from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, WriteError
-from ..io.folder import CONFIG_FILENAME, free_disk_bytes, is_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, free_disk_bytes
+from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
 from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 from ..moe import checks
 from ..moe import plan as planning
@@ -51,6 +51,20 @@ def make_plan(
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
+    output = checks.choose_output(config, models)
+    base = models[config.base_model]
+    if output[0].key == "qwen2_moe" and base.folder is not None and (base.folder / "tokenizer.model").is_file():
+        warnings.append(
+            f"The base's tokenizer is SentencePiece (tokenizer.model): transformers runs this {output[0].name} model, "
+            "but llama.cpp's converter reads a Qwen MoE tokenizer as BPE only and will refuse it, so no GGUF can be "
+            "made. Build Mixtral (remove 'architecture' and shared_experts) if you need GGUF."
+        )
+    shared = config.shared_expert
+    if shared is not None and shared.positive_prompts and config.gate_mode in FITTED_MODES:
+        warnings.append(
+            f"gate_mode {config.gate_mode} fits the routed experts' routers only; the shared expert's gate is the "
+            "constant 1/2 and its prompts are not used (use a reference gate mode to gate it by its prompts)."
+        )
     if low_disk and config.gate_mode in FITTED_MODES:
         warnings.append(
             f"low-disk mode: gate_mode {config.gate_mode} fits each router with the base's MLPs upstream instead "
@@ -59,10 +73,10 @@ def make_plan(
         )
     checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
-                               low_disk=low_disk)
+                               low_disk=low_disk, output=output)
 
 
-def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -> None:
+def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
     out = output_dir.resolve()
     for ref, info in plan.models.items():
         src = info.folder.resolve() if info.folder else None
@@ -71,75 +85,6 @@ def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -
                 f"The output folder {output_dir} overlaps the input model {ref}; choose a separate folder "
                 "(inputs are never modified)."
             )
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise OutputExistsError(f"{output_dir} exists and is a file; choose another output folder.")
-        if any(output_dir.iterdir()):
-            ours = is_lazymoe_output(output_dir)
-            if not (overwrite and ours):
-                hint = ("pass overwrite=True / --overwrite to replace it" if ours else
-                        "it was not made by lazymoe, so it is never replaced; choose an empty or new folder")
-                raise OutputExistsError(f"{output_dir} already exists and is not empty: {hint}.")
-
-
-def _remove_stale_work(parent: Path, name: str) -> int:
-    """Delete hidden work folders that a killed merge into ``name`` left behind (Colab's OOM killer and
-    stopped cells skip every cleanup); returns the bytes freed. Folders of a merge still running are kept."""
-    freed = 0
-    for kind in ("partial", "old"):
-        for folder in parent.glob(f".{glob.escape(name)}.lazymoe-{kind}-*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("removed %s, left by an interrupted merge", folder)
-    return freed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _finalise(tmp: Path, output_dir: Path) -> None:
-    old = None
-    if output_dir.exists() and any(output_dir.iterdir()):
-        old = output_dir.with_name(f".{output_dir.name}.lazymoe-old-{os.getpid()}")
-        os.replace(output_dir, old)
-    elif output_dir.exists():
-        output_dir.rmdir()
-    os.replace(tmp, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_folder(plan, config: MoEConfig, gates, tmp: Path, store: WeightStore, base, model_name: str, *,
-                  progress: bool) -> None:
-    """Everything the finished folder holds, written into the hidden work folder ``tmp``."""
-    write_shards(plan, gates, tmp, store, progress=progress)
-    (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
-    for name in ("generation_config.json", *TOKENIZER_FILES):
-        src = base.folder / name
-        if src.is_file():
-            shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
-    (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
-    write_card(plan, tmp, model_name=model_name)
-
-
-def _write_failure(output_dir: Path, err: OSError) -> str:
-    """What went wrong while writing, and what to do: the disk, the permissions, or the folder itself."""
-    what = f"Writing the merged model to {output_dir} failed ({err.strerror or err})"
-    if err.errno == errno.ENOSPC:
-        return f"{what}: the disk is full. Free some space or choose another output folder, then merge again."
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{what}: no permission to write there. Choose a folder you can write to, then merge again."
-    return f"{what}. Nothing half-written was kept; check the disk and the folder, then merge again."
 
 
 def merge(
@@ -155,26 +100,39 @@ def merge(
     plan: planning.MergePlan | None = None,
 ) -> Path:
     """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
-    from transformers import AutoTokenizer
-
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
+        raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
     config = plan.config.with_seed()
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
-    _check_output(output_dir, plan, overwrite)
-    parent = output_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_work(parent, output_dir.name)
-    free = free_disk_bytes(parent)
-    if free < plan.disk_bytes:
-        raise InsufficientResourcesError(
-            f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {parent} "
-            f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}) but only "
-            f"{human_bytes(free)} is free. Free some space, choose another output folder"
-            f"{'' if plan.low_disk else ', or use low-disk mode (--low-disk)'}."
-        )
+    _check_overlap(output_dir, plan)
+    with OutputTarget(output_dir) as target:  # locked from here: no other merge can write this folder
+        target.approve(overwrite)
+        free = free_disk_bytes(target.parent)
+        if free < plan.disk_bytes:
+            raise InsufficientResourcesError(
+                f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {target.parent} "
+                f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)} "
+                f"+ {human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some "
+                f"space or choose another output folder{_low_disk_hint(plan)}."
+            )
+        return _merge_into(target, plan, config, device=device, progress=progress)
+
+
+def _low_disk_hint(plan: planning.MergePlan) -> str:
+    """Suggest low-disk mode only where it would need less disk."""
+    if plan.low_disk or dataclasses.replace(plan, low_disk=True).peak_download_bytes >= plan.peak_download_bytes:
+        return ""
+    return ", or use low-disk mode (--low-disk)"
+
+
+def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress) -> Path:
+    from transformers import AutoTokenizer
+
+    output_dir = target.path
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -189,7 +147,7 @@ def merge(
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe")
-    degenerate = degenerate_layers(gates)
+    degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(
             f"Router rows are nearly parallel in {len(degenerate)} of {plan.num_layers} layers "
@@ -197,20 +155,30 @@ def merge(
         )
         logger.warning(plan.warnings[-1])
 
-    tmp = parent / f".{output_dir.name}.lazymoe-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = target.work_folder()
     try:
-        try:
-            _write_folder(plan, config, gates, tmp, store, base, output_dir.name, progress=progress)
-        except OSError as err:
-            if isinstance(err, LazyMoEError):
-                raise
-            raise WriteError(_write_failure(output_dir, err)) from err
-        _finalise(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_shards(plan, gates, tmp, store, progress=progress)
+        (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
+        for name in ("generation_config.json", *TOKENIZER_FILES):
+            src = base.folder / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
+        (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
+        write_card(plan, tmp, model_name=output_dir.name)
+    except OSError as err:
+        if err.errno in DISK_FULL:  # the free-space check passed, but something else filled the disk since
+            raise disk_full_error(err, target.parent, human_bytes(plan.disk_bytes)) from None
+        if isinstance(err, LazyMoEError):
+            raise
+        raise WriteError(_write_failure(output_dir, err)) from err
+    target.commit()
     logger.info("Wrote %s (%s)", output_dir, human_bytes(plan.output_bytes))
     return output_dir
+
+
+def _write_failure(output_dir: Path, err: OSError) -> str:
+    """What went wrong while writing (other than a full disk), and what to do."""
+    what = f"Writing the merged model to {output_dir} failed ({err.strerror or err})"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what}: no permission to write there. Choose a folder you can write to, then merge again."
+    return f"{what}. Nothing half-written was kept; check the disk and the folder, then merge again."

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from ..config import MoEConfig, license_id, load_config
 from ..errors import CardError, ModelNotFoundError
@@ -27,26 +28,37 @@ from ..gguf.files import GGUFFile, find_gguf_files
 from ..gguf.quants import BY_NAME as QUANTS_BY_NAME
 from ..gguf.quants import PREFERENCE as QUANT_PREFERENCE
 from ..io.folder import CONFIG_FILENAME, write_text_atomic
-from ..io.sources import ModelRef, describe
+from ..io.sources import ModelRef, describe, read_model_config
 from ..moe import arch
 from ..options import DEFAULT_LICENSE
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
 from ..units import human_bytes, human_params
 from .render import render_card, render_gguf_card
 
+from ..io.outdir import final_name
+from .eval_report import (
+    ANSWERS_MD,
+    EVAL_IMAGE,
+    EVAL_JSON,
+    EvalReport,
+    answers_for_card,
+    benchmark_table,
+    model_index,
+    read_benchmarks,
+)
+
 if TYPE_CHECKING:  # the plan is only read here; moe/ never imports publish/
     from ..moe.plan import MergePlan
 
 CARD_FILENAME = "README.md"
 ROUTING_IMAGE = "routing.png"  # written by `lazymoe route` into the model folder
-TAGS = ("moe", "frankenmoe", "merge", "lazymoe", "mixtral")
+BASE_TAGS = ("moe", "frankenmoe", "merge", "lazymoe")
+TAGS = (*BASE_TAGS, "mixtral")  # a Mixtral model's tags; other outputs end with their model type instead
 GGUF_TAGS = ("gguf", "llama-cpp", *TAGS)
 HUB_URL = "https://huggingface.co"
 EXAMPLE_PROMPT = "Explain in three sentences what a mixture of experts is."
 PLACEHOLDER_NAMESPACE = "your-username"
 
-# merge() assembles the model in ".NAME.lazymoe-partial-PID" and renames it to NAME when done
-_PARTIAL_DIR = re.compile(r"^\.(?P<name>.+)\.lazymoe-partial-\d+$")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -63,6 +75,7 @@ class ModelFacts:
     active_params: int
     dtype: str  # torch name: bfloat16, float16, float32
     layout: str  # classic | fused
+    output: str  # output architecture key (lazymoe.arch.OUTPUTS)
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -84,6 +97,7 @@ class ModelFacts:
             active_params=plan.active_params,
             dtype=plan.dtype,
             layout=plan.layout,
+            output=plan.output.key,
             num_layers=int(out["num_hidden_layers"]),
             hidden_size=int(out["hidden_size"]),
             vocab_size=int(out["vocab_size"]),
@@ -105,12 +119,19 @@ class ModelFacts:
                     f"{folder} has no {name}, so it was not built by lazymoe merge (or is unfinished): a card "
                     "describes the recipe saved with the model. Run lazymoe merge to build the folder."
                 )
-        out = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        out = read_model_config(folder / "config.json", folder)
         moe = load_config(folder / CONFIG_FILENAME)
-        if out.get("model_type") != "mixtral":
-            raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, "
-                            "not the Mixtral lazymoe writes.")
-        experts, per_token = int(out["num_local_experts"]), int(out["num_experts_per_tok"])
+        try:
+            output = arch.output_of(out)
+        except StopIteration:
+            raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, not one lazymoe "
+                            f"writes ({', '.join(o.name for o in arch.OUTPUTS.values())}).") from None
+        for key in (output.experts_key, "num_experts_per_tok", "num_hidden_layers", "hidden_size",
+                    "intermediate_size", "vocab_size"):
+            if type(out.get(key)) is not int or out[key] <= 0:
+                raise CardError(f"{folder}/config.json has {key}={out.get(key)!r}, not a positive whole number; "
+                                "restore the config.json the merge wrote (or merge again).")
+        experts, per_token = int(out[output.experts_key]), int(out["num_experts_per_tok"])
         if (experts, per_token) != (moe.num_experts, moe.experts_per_token):
             raise CardError(
                 f"{folder}: config.json has {experts} experts, {per_token} per token, but {CONFIG_FILENAME} has "
@@ -131,6 +152,7 @@ class ModelFacts:
             active_params=total - (experts - per_token) * expert_params,
             dtype=arch.config_dtype(out) or "float32",
             layout=layout,
+            output=output.key,
             num_layers=layers,
             hidden_size=hidden,
             vocab_size=int(out["vocab_size"]),
@@ -156,9 +178,16 @@ def has_chat_template(folder: Path) -> bool:
 
 def model_name_of(folder: Path) -> str:
     """The model's default name: its folder's name (also while merge() still writes it under a temporary one)."""
-    name = Path(folder).resolve().name
-    match = _PARTIAL_DIR.match(name)
-    return match.group("name") if match else name
+    return final_name(Path(folder).resolve().name)
+
+
+def _hub_ref(ref: str) -> ModelRef | None:
+    """``ref`` parsed as a Hub id with a valid revision, else None (it is then shown as code, never linked)."""
+    try:
+        parsed = ModelRef.parse(ref)
+    except ModelNotFoundError:
+        return None
+    return parsed if parsed.repo_id else None
 
 
 def _is_local_ref(ref: str) -> bool:
@@ -181,10 +210,11 @@ def resolve_license(license: str | None, config: MoEConfig | None = None) -> str
 
 
 def _source(ref: str, local_refs: frozenset[str]) -> dict[str, Any]:
-    if ref in local_refs:
+    parsed = None if ref in local_refs else _hub_ref(ref)
+    if parsed is None:
         return {"ref": ref, "repo_id": None, "url": None}
-    repo_id, _, revision = ref.partition("@")
-    url = f"{HUB_URL}/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    repo_id, revision = parsed.repo_id, parsed.revision
+    url = f"{HUB_URL}/{quote(repo_id)}" + (f"/tree/{quote(revision, safe='')}" if revision else "")
     return {"ref": ref, "repo_id": repo_id, "url": url}
 
 
@@ -227,11 +257,17 @@ def card_data(
     gguf_repo: str | None = None,
     gguf_files: Iterable[GGUFFile] | None = None,
     routing_image: str | None = None,
+    evaluation: EvalReport | None = None,
+    eval_image: str | None = None,
+    answers_markdown: str | None = None,
+    benchmarks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the model card template shows, as plain data (see :func:`render_card`).
 
     ``repo_id`` is where the model lives on the Hub (used in the usage snippet; a placeholder otherwise);
-    ``routing_image`` is a path relative to the model folder.
+    ``routing_image`` and ``eval_image`` are paths relative to the model folder; ``evaluation`` is what
+    ``lazymoe eval`` measured, ``answers_markdown`` the side-by-side answers it saved for the card and
+    ``benchmarks`` its lm-evaluation-harness results (also written as ``model-index`` metadata).
     """
     _check_repo_id(repo_id, "repo_id")
     _check_repo_id(gguf_repo, "gguf_repo")
@@ -248,7 +284,12 @@ def card_data(
     if base_model:
         front["base_model"] = base_model
         front["base_model_relation"] = "merge"
-    front.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)})
+    output = arch.OUTPUTS[facts.output]
+    front.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                  "tags": [*BASE_TAGS, output.model_type]})
+    index = model_index(benchmarks, name) if benchmarks else []
+    if index:
+        front["model-index"] = index
     by_ref = {s["ref"]: s for s in sources}
     experts = [
         {"index": i, "source": by_ref[e.source_model], "positive_prompts": list(e.positive_prompts),
@@ -276,6 +317,10 @@ def card_data(
         "active_params_human": human_params(facts.active_params),
         "dtype": facts.dtype,
         "layout": facts.layout,
+        "output_name": output.name,
+        "architecture": output.architecture,
+        "per_expert_names": "block_sparse_moe" if output.key == "mixtral" else "mlp.experts.N",
+        "shared_expert": _shared_row(config, by_ref) if output.shared_block else None,
         "num_layers": facts.num_layers,
         "hidden_size": facts.hidden_size,
         "vocab_size": facts.vocab_size,
@@ -296,7 +341,20 @@ def card_data(
             "quant": _default_quant(files),
         } if (gguf_repo or files) else None,
         "routing_image": routing_image,
+        "evaluation": {**evaluation.card_data(), "image": eval_image} if evaluation is not None else None,
+        "answers_markdown": answers_markdown,
+        "benchmarks": benchmark_table(benchmarks) if benchmarks else None,
     }
+
+
+def _shared_row(config: MoEConfig, by_ref: dict) -> dict[str, Any]:
+    """The card's line on Qwen MoE's shared expert: which model, and what gates it."""
+    spec = config.shared_expert
+    if spec is None:
+        return {"source": None, "gate": "none (an all-zero shared expert: Qwen2-MoE always has one)"}
+    gate = ("its prompts: " + "; ".join(spec.positive_prompts) if spec.positive_prompts and config.gate_mode
+            not in ("centroid", "classifier") else "constant 1/2")
+    return {"source": by_ref[spec.source_model], "gate": gate}
 
 
 def gguf_card_data(
@@ -360,6 +418,21 @@ def _options(folder: Path, gguf_files_or_dir, routing_image) -> dict[str, Any]:
     }
 
 
+def _evaluation_options(folder: Path) -> dict[str, Any]:
+    """What ``lazymoe eval`` left in the folder for the card: eval.json (+ eval.png), answers marked for it."""
+    out: dict[str, Any] = {}
+    if (folder / EVAL_JSON).is_file():
+        out["evaluation"] = EvalReport.read(folder)
+        if (folder / EVAL_IMAGE).is_file():
+            out["eval_image"] = EVAL_IMAGE
+    if answers_for_card(folder):
+        out["answers_markdown"] = (folder / ANSWERS_MD).read_text(encoding="utf-8")
+    benchmarks = read_benchmarks(folder)
+    if benchmarks is not None:
+        out["benchmarks"] = benchmarks
+    return out
+
+
 def write_card(
     plan: MergePlan,
     folder: str | os.PathLike,
@@ -400,7 +473,8 @@ def build_card(
 
 def _card_text(facts: "ModelFacts", folder: Path, *, gguf_files, routing_image, **options: Any) -> str:
     """The one rendering path of both entry points: facts from the plan or from the folder, same card."""
-    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image)))
+    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image),
+                                 **_evaluation_options(folder)))
 
 
 def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Mixtral's sparse MoE block, written out, and the measure of how well a layer's router tells experts apart.
+"""The sparse MoE block (Mixtral; Qwen MoE with its shared expert), written out, and how well a layer's
+router tells experts apart.
 
 Shared by the fitted gate modes (which run the MoE being built) and the routing picture (which runs a merged
 folder); a test checks the router logits against transformers' own Mixtral.
@@ -8,13 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from ..moe.arch import SHARED_GATE_CONSTANT
+
 SINGULAR_CONDITION = 5.0  # gate_condition above this: some experts are hard to tell apart (mergekit warns at 5 too)
 
 
-def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act) -> torch.Tensor:
-    """Mixtral's sparse block: softmax over all experts, keep the top k, renormalise, mix their MLPs."""
+def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act, *, normalise: bool = True) -> torch.Tensor:
+    """The sparse block: softmax over all experts, keep the top k, renormalise them (Mixtral, Qwen3-MoE) or not
+    (Qwen2-MoE as lazymoe writes it), mix their MLPs."""
     weights, chosen = logits.softmax(-1).topk(k, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True)
+    if normalise:
+        weights = weights / weights.sum(-1, keepdim=True)
     flat, out = x.reshape(-1, x.shape[-1]), torch.zeros(x.numel() // x.shape[-1], x.shape[-1], device=x.device)
     share = weights.reshape(-1, k)
     picked = chosen.reshape(-1, k)
@@ -25,6 +30,17 @@ def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act) -> torc
             w = (share[rows] * (picked[rows] == e)).sum(-1, keepdim=True)
             out.index_add_(0, rows, w * ((act(xe @ gate_proj.T) * (xe @ up_proj.T)) @ down_proj.T))
     return out.view_as(x)
+
+
+def shared_mlp(x: torch.Tensor, gate: torch.Tensor, expert, act) -> torch.Tensor:
+    """Qwen2-MoE's shared expert: its MLP times sigmoid(gate . x)."""
+    gate_proj, up_proj, down_proj = expert
+    return torch.sigmoid(x @ gate)[..., None] * ((act(x @ gate_proj.T) * (x @ up_proj.T)) @ down_proj.T)
+
+
+def constant_shared_gate(num_layers: int, hidden: int) -> torch.Tensor:
+    """(L, 1, H): the shared gate whose sigmoid is 1/2 for every token (to float rounding; see arch)."""
+    return torch.full((num_layers, 1, hidden), SHARED_GATE_CONSTANT)
 
 
 def gate_condition(gate: torch.Tensor) -> float:

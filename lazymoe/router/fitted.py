@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..io.safetensors import read_tensor
 from ..moe import arch
 from ..moe.transforms import expert_weight
-from .block import moe_mlp
+from .block import constant_shared_gate, moe_mlp, shared_mlp
 from .device import pick_device
 from .prompts import DEFAULT_CONTINUATION_TOKENS, continue_prompts, prompt_set, real_tokens
 from .streamed import LayerStack
@@ -170,8 +170,6 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     prompts = prompt_set(tokenizer, config)
     new_tokens = config.router_continuation_tokens
     new_tokens = DEFAULT_CONTINUATION_TOKENS if new_tokens is None else new_tokens
-    if new_tokens < 0:
-        raise ConfigError(f"router_continuation_tokens is {new_tokens}; use 0 (prompts only) or a positive count.")
     if new_tokens:
         model = load_router_model(plan.base.folder, device=dev, dtype=getattr(torch, plan.dtype))
         try:
@@ -206,13 +204,18 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
             continue
         experts = []
         stored = getattr(torch, plan.dtype)
-        for e, spec in enumerate(config.experts):
+        specs = config.experts + ([config.shared_expert] if config.shared_expert else [])
+        for e, spec in enumerate(specs):
             # exactly the weights the writer stores (noise, residual scale, dtype), as float32
             g, u, d = (expert_weight(config, e, name, read_tensor(resolve(spec.source_model, name)),
                                      is_residual=part == "down_proj", dtype=stored).to(dev, torch.float32)
                        for part in arch.MLP_PARTS for name in [arch.mlp_name(layer, part)])
             experts.append((g, u, d))
-        stack.add_mlp_output(moe_mlp(x, x @ W.to(dev).T, experts, k, stack.act))
+        out = moe_mlp(x, x @ W.to(dev).T, experts[:E], k, stack.act, normalise=plan.output.norm_topk_prob)
+        if len(experts) > E:  # the shared expert, behind its constant gate (sigmoid = 1/2)
+            gate = constant_shared_gate(1, x.shape[-1])[0, 0].to(dev)
+            out = out + shared_mlp(x, gate, experts[E], stack.act)
+        stack.add_mlp_output(out)
         del experts
     return torch.stack(rows)  # (L, E, H)
 

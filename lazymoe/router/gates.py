@@ -40,7 +40,7 @@ import torch
 from ..errors import ConfigError
 from ..io.safetensors import read_tensor
 from ..moe import arch
-from .block import SINGULAR_CONDITION, gate_condition
+from .block import SINGULAR_CONDITION, constant_shared_gate, gate_condition
 from .device import pick_device
 from .fitted import fitted_gates
 from .modes import BY_NAME
@@ -49,7 +49,8 @@ from .reference import cheap_embed_gates, hidden_gates, random_gates
 
 def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
                   upstream: str = "moe") -> torch.Tensor:
-    """Gate rows for every layer and expert, as float32 on the CPU.
+    """Gate rows for every layer and expert, as float32 on the CPU: (L, plan.gate_rows, H), the routed experts'
+    rows first, then (Qwen MoE) the shared expert's gate row.
 
     ``resolve(ref, name) -> TensorInfo`` (e.g. ``WeightStore.resolve``) locates the tensors the fitted modes
     read: the base's, and every expert's MLPs. Without it they are looked up in ``plan.models``.
@@ -60,18 +61,26 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
     L, E, H = plan.num_layers, config.num_experts, int(plan.out_config["hidden_size"])
     mode = config.gate_mode
     group = BY_NAME[mode].group if mode in BY_NAME else None
+    spec = config.shared_expert
+    # the shared expert's gate comes from its prompts as one more row of the same computation (mergekit's
+    # way); without prompts, or in the fitted modes (which fit the routed experts only), it is a constant
+    prompted = plan.gate_rows > E and spec is not None and bool(spec.positive_prompts) and group != "fitted"
+    rows_config = config.model_copy(update={"experts": config.experts + [spec]}) if prompted else config
+    R = rows_config.num_experts
     if group == "random":
         assert config.seed is not None, "compute_gates needs a config with a pinned seed (MoEConfig.with_seed)"
-        gates = random_gates(L, E, H, mode=mode, seed=config.seed)
+        gates = random_gates(L, R, H, mode=mode, seed=config.seed)
     elif group == "embedding":
-        gates = cheap_embed_gates(read_tensor(base.tensors[arch.EMBED]), tokenizer, config, L)
+        gates = cheap_embed_gates(read_tensor(base.tensors[arch.EMBED]), tokenizer, rows_config, L)
     elif group == "hidden":
-        gates = hidden_gates(base, tokenizer, config, device=pick_device(device), progress=progress)
+        gates = hidden_gates(base, tokenizer, rows_config, device=pick_device(device), progress=progress)
     elif group == "fitted":
         gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream)
     else:  # config validation makes this unreachable; keep the message for direct API misuse
         raise ConfigError(f"Unknown gate_mode {mode!r}.")
-    assert gates.shape == (L, E, H), gates.shape
+    if plan.gate_rows > R:
+        gates = torch.cat([gates, constant_shared_gate(L, H)], dim=1)
+    assert gates.shape == (L, plan.gate_rows, H), gates.shape
     return gates
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MoEConfig
-from ..errors import ConfigError
+from ..tokens import router_token_ids
 
 
 def tokenize_prompts(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -28,20 +28,6 @@ def tokenize_prompts(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             mask[i, width - len(ids):] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def router_token_ids(tokenizer, prompt: str, *, chat_template: bool = False) -> list[int]:
-    """The ids the MoE sees for ``prompt``: with the tokenizer's own BOS handling, or as a chat user turn."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(
-                "router_chat_template is true but the base model's tokenizer has no chat template; "
-                "set router_chat_template: false or use a base whose tokenizer_config.json defines one."
-            )
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
 
 
 def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

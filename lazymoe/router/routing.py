@@ -31,7 +31,7 @@ from ..io.folder import CONFIG_FILENAME
 from ..io.safetensors import TensorInfo, read_tensor
 from ..io.sources import ModelRef, describe
 from ..moe import arch
-from .block import SINGULAR_CONDITION, gate_condition, moe_mlp
+from .block import SINGULAR_CONDITION, gate_condition, moe_mlp, shared_mlp
 from .device import pick_device
 from .prompts import router_token_ids
 from .streamed import LayerStack
@@ -87,17 +87,17 @@ class RoutingReport:
 
 
 class _Weights:
-    """Tensors of a merged folder by name, read one at a time (classic or fused expert layout)."""
+    """Tensors of a merged folder by name, read one at a time (any output architecture, classic or fused)."""
 
-    def __init__(self, folder: Path, device: torch.device):
+    def __init__(self, folder: Path, device: torch.device, output: arch.Output):
         # describe() follows the index and names a missing or unreadable shard
         self.tensors: dict[str, TensorInfo] = describe(ModelRef.parse(str(folder))).tensors
         self.device = device
-        self.names = arch.MixtralNames(arch.layout_of(self.tensors) or "fused")
+        self.names = arch.MoENames(output, arch.layout_of(self.tensors) or "classic")
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
-            raise ModelNotFoundError(f"The model has no tensor {name}; is it a Mixtral MoE written by lazymoe?")
+            raise ModelNotFoundError(f"The model has no tensor {name}; is it a MoE written by lazymoe?")
         return read_tensor(self.tensors[name]).to(self.device, torch.float32)
 
     def experts(self, layer: int, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -113,6 +113,11 @@ class _Weights:
     def gate(self, layer: int) -> torch.Tensor:
         return self.get(self.names.gate(layer))
 
+    def shared(self, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The shared expert's gate row and (gate_proj, up_proj, down_proj)."""
+        parts = tuple(self.get(self.names.shared(layer, part)) for part in arch.MLP_PARTS)
+        return self.get(self.names.shared_gate(layer))[0], parts
+
 
 @torch.no_grad()
 def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *, device: str | None = None,
@@ -124,16 +129,30 @@ def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *,
     """
     folder = Path(model_dir)
     dev = pick_device(device)
-    w = _Weights(folder, dev)
+    output = _output(folder)
+    w = _Weights(folder, dev, output)
     stack = LayerStack(folder, seqs, w.get(arch.EMBED), dev)
-    E, k = int(stack.cfg["num_local_experts"]), int(stack.cfg["num_experts_per_tok"])
+    E, k = int(stack.cfg[output.experts_key]), int(stack.cfg["num_experts_per_tok"])
     out = []
     for layer in tqdm(range(int(stack.cfg["num_hidden_layers"])), desc="Routing: layers", disable=not progress):
         x = stack.mlp_input(layer, w.get)
         logits = x @ w.gate(layer).T  # (B, T, E)
         out.append(logits.cpu())
-        stack.add_mlp_output(moe_mlp(x, logits, w.experts(layer, E), k, stack.act))
+        y = moe_mlp(x, logits, w.experts(layer, E), k, stack.act, normalise=bool(stack.cfg.get("norm_topk_prob", True)))
+        if output.shared_block:
+            y = y + shared_mlp(x, *w.shared(layer), stack.act)
+        stack.add_mlp_output(y)
     return out
+
+
+def _output(folder: Path) -> arch.Output:
+    """The output architecture of a merged folder, from its config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    try:
+        return arch.output_of(cfg)
+    except StopIteration:
+        raise ConfigError(f"{folder} is a '{cfg.get('model_type')}' model, not a MoE lazymoe writes "
+                          f"({', '.join(o.name for o in arch.OUTPUTS.values())}).") from None
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -213,9 +232,9 @@ def routing_report(
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json; pass the folder a merge wrote.")
     cfg = json.loads((folder / "config.json").read_text())
-    E = int(cfg.get("num_local_experts", 0))
+    E = int(cfg.get(_output(folder).experts_key, 0))
     if E < 1:
-        raise ConfigError(f"{folder} is not a MoE (config.json has no num_local_experts).")
+        raise ConfigError(f"{folder} is not a MoE (config.json has no expert count).")
     recipe = _recipe(folder) or {}
     experts = expert_labels([e["source_model"] for e in recipe.get("experts", [])]) or [f"expert {e}" for e in range(E)]
     if len(experts) != E:
@@ -269,7 +288,7 @@ def routing_report(
             top = zz.topk(k, dim=-1).indices
             chosen[g, layer] = torch.nn.functional.one_hot(top, E).sum(1).float().mean(0).numpy()
             top1[g, layer] = torch.nn.functional.one_hot(top[:, 0], E).float().mean(0).numpy()
-    weights = _Weights(folder, torch.device("cpu"))
+    weights = _Weights(folder, torch.device("cpu"), _output(folder))
     condition = [gate_condition(weights.gate(layer)) for layer in range(L)]
     report = RoutingReport(folder, experts, [g[0] for g in groups], [g[1] for g in groups], chosen, top1, tokens,
                            k, condition)
