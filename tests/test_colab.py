@@ -29,7 +29,7 @@ from lazymoe.notebook.presets import load_preset
 from lazymoe.io.sources import ModelInfo, ModelRef, describe
 from lazymoe.notebook.runtime import FREE_COLAB, Runtime, fit_lines, probe
 
-merge = importlib.import_module("lazymoe.merge")  # the module (lazymoe.merge is also the function)
+merge = importlib.import_module("lazymoe.pipeline.merge")  # the module (lazymoe.merge is the function)
 ROOT = Path(__file__).resolve().parent.parent
 BEYONDER = ROOT / "notebooks" / "presets" / "beyonder-4x7b-v3.yaml"
 

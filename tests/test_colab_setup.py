@@ -113,7 +113,7 @@ def test_the_setup_cell_installs_lazymoe_beside_colabs_torch_and_skips_when_run_
         assert after[name] == before[name], f"{name} was touched by the setup cell"
     assert after["lazymoe"][0] == "0.1.0"
 
-    where = subprocess.run([COLAB_PYTHON, "-c", "import lazymoe, lazymoe.ui, lazymoe.card; print(lazymoe.__file__)"],
+    where = subprocess.run([COLAB_PYTHON, "-c", "import lazymoe, lazymoe.notebook.ui, lazymoe.publish.card; print(lazymoe.__file__)"],
                            capture_output=True, text=True, cwd=content, env=env, check=True).stdout.strip()
     assert Path(where).is_relative_to(Path(after["lazymoe"][1]).parent), "lazymoe must come from the installed wheel"
 

@@ -246,7 +246,7 @@ def test_questions_side_by_side_with_the_routed_experts(moe, tmp_path):
     md, js = write_answers(moe, result, in_card=True)
     assert "### Q1 (for code): def add(a, b):" in md.read_text()
     assert json.loads(js.read_text())["in_card"] is True
-    lazymoe.card.rerender_card(moe)
+    lazymoe.publish.card.rerender_card(moe)
     assert "## Questions, side by side" in (moe / "README.md").read_text()
     # greedy with the chat template: the base answers exactly as transformers' own greedy generate does
     tok = AutoTokenizer.from_pretrained(str(moe))

@@ -1,6 +1,6 @@
 """Every input family (Llama 3.x, Mistral, Qwen2, Qwen3) into every output it may take (Mixtral, Qwen MoE,
 Qwen3 MoE): the choice of output, the plan, the checks, every gate mode on the family's own layers, and the
-equivalences written down in ``lazymoe.arch`` checked against transformers on tiny real checkpoints."""
+equivalences written down in ``lazymoe.moe.arch`` checked against transformers on tiny real checkpoints."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Issue 11, serious defects 1 and 2: nothing a user made is lost, and no kill loses an output.
 
 Real processes throughout: concurrent ``python -m lazymoe merge`` runs into one folder, and merges
-SIGKILLed at every step (a driver sets :data:`lazymoe.outdir.on_step` to kill or pause at a named step).
+SIGKILLed at every step (a driver sets :data:`lazymoe.io.outdir.on_step` to kill or pause at a named step).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lazymoe.errors import OutputBusyError, OutputExistsError
 DRIVER = r"""
 import os, signal, sys, time
 from pathlib import Path
-import lazymoe.outdir as outdir
+import lazymoe.io.outdir as outdir
 action, step, marker = sys.argv[1:4]
 def hook(name):
     if name != step:
