@@ -31,20 +31,21 @@ import torch
 from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
-from ..publish.card import detected_extras, rerender_card
-from ..io.folder import CONFIG_FILENAME
 from ..config import ExpertConfig, HubTexts, MoEConfig, load_config
-from ..options import DEFAULT_EVAL_GENERATE_TOKENS, DEFAULT_EVAL_MAX_TEXTS, DEFAULT_EVAL_MAX_TOKENS
 from ..errors import ConfigError, LazyMoEError, ModelNotFoundError
-from ..publish.eval_report import EVAL_IMAGE, EvalReport, ExpertEval, plot_eval
-from ..router.device import pick_device
-from ..router.prompts import PromptSet, continue_prompts, router_token_ids
-from ..router.block import moe_mlp
-from ..router.routing import _Weights, expert_labels
+from ..io.folder import CONFIG_FILENAME
 from ..io.sources import METADATA_PATTERNS, ModelRef
-from ..router.streamed import LayerStack
+from ..moe import arch
 from ..notebook.runtime import probe
 from ..notebook.trial import choose_loading, free_memory, load_merged, stored_dtype
+from ..options import DEFAULT_EVAL_GENERATE_TOKENS, DEFAULT_EVAL_MAX_TEXTS, DEFAULT_EVAL_MAX_TOKENS
+from ..publish.card import detected_extras, rerender_card
+from ..publish.eval_report import EVAL_IMAGE, EvalReport, ExpertEval, plot_eval
+from ..router.block import moe_mlp, shared_mlp
+from ..router.device import pick_device
+from ..router.prompts import PromptSet, continue_prompts, router_token_ids
+from ..router.routing import _Weights, expert_labels
+from ..router.streamed import LayerStack
 
 logger = logging.getLogger(__name__)
 
@@ -263,10 +264,11 @@ def score(folder: str | os.PathLike, seqs: list[list[int]], starts: list[int], *
     from ``starts[i]`` on (nats, float32 cross-entropy from the logits). A MoE also gives its router logits."""
     folder = Path(folder)
     dev = pick_device(device)
-    weights = _Weights(folder, dev)
     cfg = json.loads((folder / "config.json").read_text())
+    output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
+    is_moe = output is not None
+    weights = _Weights(folder, dev, output)
     num_layers = int(cfg["num_hidden_layers"])
-    is_moe = "num_local_experts" in cfg
     losses: list[torch.Tensor | None] = [None] * len(seqs)
     router_by_seq: list[list[torch.Tensor]] = [[] for _ in seqs]
     batches = _batches(seqs, max_batch_tokens)
@@ -281,8 +283,11 @@ def score(folder: str | os.PathLike, seqs: list[list[int]], starts: list[int], *
                 logits = x @ weights.gate(layer).T
                 for j, i in enumerate(batch):
                     router_by_seq[i].append(logits[j, starts[i]: len(seqs[i]) - 1].cpu())
-                out = moe_mlp(x, logits, weights.experts(layer, int(cfg["num_local_experts"])),
-                              int(cfg["num_experts_per_tok"]), stack.act)
+                out = moe_mlp(x, logits, weights.experts(layer, int(cfg[output.experts_key])),
+                              int(cfg["num_experts_per_tok"]), stack.act,
+                              normalise=bool(cfg.get("norm_topk_prob", True)))
+                if output.shared_block:
+                    out = out + shared_mlp(x, *weights.shared(layer), stack.act)
             else:
                 p = f"model.layers.{layer}.mlp"
                 gate, up, down = (weights.get(f"{p}.{n}_proj.weight") for n in ("gate", "up", "down"))
@@ -394,12 +399,14 @@ def evaluate(
         raise ModelNotFoundError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge "
                                  "wrote.")
     cfg = json.loads((folder / "config.json").read_text())
-    if "num_local_experts" not in cfg:
-        raise ConfigError(f"{folder} is not a MoE (config.json has no num_local_experts).")
+    output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
+    if output is None:
+        raise ConfigError(f"{folder} is a '{cfg.get('model_type')}' model, not a MoE lazymoe writes "
+                          f"({', '.join(o.name for o in arch.OUTPUTS.values())}).")
     if max_texts < 1 or max_tokens < 3:
         raise ConfigError("max_texts must be at least 1 and max_tokens at least 3.")
     recipe: MoEConfig = load_config(folder / CONFIG_FILENAME)
-    E, k, L = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]), int(cfg["num_hidden_layers"])
+    E, k, L = int(cfg[output.experts_key]), int(cfg["num_experts_per_tok"]), int(cfg["num_hidden_layers"])
     if recipe.num_experts != E:
         raise ConfigError(f"{folder}: config.json has {E} experts but {CONFIG_FILENAME} has {recipe.num_experts}.")
     labels = expert_labels([e.source_model for e in recipe.experts])
