@@ -54,6 +54,9 @@ GATE_MODE_NOTES = {
     "uniform_random": "random (uniform), prompts not used",
     "centroid": "each expert's mean MLP input on its prompts, per layer, with a calibrated logit scale",
     "classifier": "a calibrated classifier fitted per layer on the MLP inputs of the experts' prompts",
+    "expert_classifier": "a calibrated classifier fitted per layer on text each expert wrote from its own prompts",
+    "trained": "routers trained on the MoE's own language-model loss over text each expert wrote, from a "
+               "classifier fitted on it",
 }
 
 #: llama.cpp quantisation types, in the order a reader would pick them, with a one-line guide

@@ -18,9 +18,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ConfigError
 
-# centroid / classifier are lazymoe's fitted modes: routers fitted on each layer's real MLP input (gates.py).
-GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "centroid", "classifier"]
+# centroid / classifier are lazymoe's fitted modes: routers fitted on each layer's real MLP input (gates.py);
+# expert_classifier / trained fit them on text the experts write (router_train.py).
+GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "centroid",
+                   "classifier", "expert_classifier", "trained"]
 GATE_MODES: tuple[str, ...] = get_args(GateMode)
+#: what the notebook form starts with: the mode with the best suite minimum in bench/router_quality.py
+#: (a recipe without gate_mode still gets mergekit-moe's default, hidden)
+RECOMMENDED_GATE_MODE = "expert_classifier"
 #: gate modes that read no prompt (the reference tool lets these go without prompts)
 RANDOM_GATE_MODES = frozenset({"random", "uniform_random"})
 
@@ -49,8 +54,11 @@ class ExpertConfig(_Strict):
     negative_prompts: list[str] = []
     noise_scale: float | None = None
     residual_scale: float | None = None
+    #: expert_classifier / trained: a few paragraphs of text of this expert's kind, to route on as well as
+    #: the text the expert writes from its prompts (lazymoe extension)
+    calibration_text: list[str] = []
 
-    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @field_validator("positive_prompts", "negative_prompts", "calibration_text", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         if value is None:
@@ -247,10 +255,10 @@ def validate_config(config: MoEConfig) -> MoEConfig:
                 raise ConfigError(f"experts[{i}].{field} must be a finite number, got {value}.")
         if expert.noise_scale is not None and expert.noise_scale < 0:
             raise ConfigError(f"experts[{i}].noise_scale must be >= 0 (it is a standard deviation).")
-        for field in ("positive_prompts", "negative_prompts"):
+        for field in ("positive_prompts", "negative_prompts", "calibration_text"):
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
-                    raise ConfigError(f"experts[{i}].{field}[{j}] is empty; remove it or write a prompt.")
+                    raise ConfigError(f"experts[{i}].{field}[{j}] is empty; remove it or write some text.")
     if config.uses_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:

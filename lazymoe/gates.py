@@ -361,7 +361,8 @@ def fit_layer(mode: str, X, y, groups, Xn, yn, num_experts: int) -> torch.Tensor
 
 @torch.no_grad()
 def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True,
-                 resolve=None, upstream: str = "moe") -> torch.Tensor:
+                 resolve=None, upstream: str = "moe", prompts: PromptSet | None = None,
+                 fit_mode: str | None = None) -> torch.Tensor:
     """Fit every layer's router, first to last, on the router inputs the MoE itself produces.
 
     The prompts run through the MoE one layer at a time (only one layer's weights in memory): layer l's
@@ -370,7 +371,9 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     small, is not). ``upstream="base"`` runs the base's own MLPs instead: it needs no expert weights, for a
     merge that fetches experts one at a time to save disk, at some cost in accuracy (4 points of top-1
     routing, 83% -> 79%, on an earlier benchmark world, prompts only). ``resolve(ref, name) -> TensorInfo``
-    locates tensors (default: the plan's, which must then be local files).
+    locates tensors (default: the plan's, which must then be local files). ``prompts`` replaces the
+    config's prompts and the base's continuations (``router_train`` passes text the experts wrote);
+    ``fit_mode`` (default: the config's gate mode) is ``centroid`` or ``classifier``.
     """
     if upstream not in ("moe", "base"):
         raise ValueError(f"upstream must be 'moe' or 'base', got {upstream!r}")
@@ -387,11 +390,15 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     def base_tensor(name: str) -> torch.Tensor:
         return read_tensor(resolve(base_ref, name)).to(dev, torch.float32)
 
-    prompts = prompt_set(tokenizer, config)
+    fit_mode = fit_mode or config.gate_mode
     new_tokens = config.router_continuation_tokens
     new_tokens = DEFAULT_CONTINUATION_TOKENS if new_tokens is None else new_tokens
     if new_tokens < 0:
         raise ConfigError(f"router_continuation_tokens is {new_tokens}; use 0 (prompts only) or a positive count.")
+    if prompts is not None:
+        new_tokens = 0
+    else:
+        prompts = prompt_set(tokenizer, config)
     if new_tokens:
         model = load_router_model(plan.base.folder, device=dev, dtype=getattr(torch, plan.dtype))
         try:
@@ -412,10 +419,10 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
         if not bool((is_pos & (labels == e)).any()):
             raise ConfigError(f"experts[{e}]'s positive prompts have no token besides BOS; give it a few words.")
     rows = []
-    for layer in tqdm(range(plan.num_layers), desc=f"Router: fitting {config.gate_mode}", disable=not progress):
+    for layer in tqdm(range(plan.num_layers), desc=f"Router: fitting {fit_mode}", disable=not progress):
         x = stack.mlp_input(layer, base_tensor)
         feats = x[keep].cpu()
-        W = fit_layer(config.gate_mode, feats[is_pos], labels[is_pos], groups[is_pos], feats[~is_pos],
+        W = fit_layer(fit_mode, feats[is_pos], labels[is_pos], groups[is_pos], feats[~is_pos],
                       labels[~is_pos], E)
         rows.append(W)
         if layer + 1 == plan.num_layers:
@@ -447,17 +454,21 @@ def load_router_model(folder, *, device: torch.device, dtype: torch.dtype = torc
 
 
 def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
-                  upstream: str = "moe") -> torch.Tensor:
+                  upstream: str = "moe", folder_of=None) -> torch.Tensor:
     """Gate rows for every layer and expert, as float32 on the CPU.
 
     ``resolve(ref, name) -> TensorInfo`` (e.g. ``WeightStore.resolve``) locates the tensors the fitted modes
     read: the base's, and every expert's MLPs. Without it they are looked up in ``plan.models``.
-    ``upstream="base"`` lets the fitted modes run without expert weights (see ``fitted_gates``).
+    ``upstream="base"`` lets the fitted modes run without expert weights (see ``fitted_gates``); the modes
+    whose experts write calibration text then fall back to ``classifier`` (no expert is local yet).
+    ``folder_of(ref)`` is a model's local folder (default: the plan's), for the experts that write.
     """
     config = plan.config
     base = plan.base
     L, E, H = plan.num_layers, config.num_experts, int(plan.out_config["hidden_size"])
     mode = config.gate_mode
+    from .router_train import WRITTEN_MODES, written_gates  # router_train builds on this module
+
     if mode in ("random", "uniform_random"):
         assert config.seed is not None, "compute_gates needs a config with a pinned seed (MoEConfig.with_seed)"
         gates = random_gates(L, E, H, mode=mode, seed=config.seed)
@@ -465,6 +476,12 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
         gates = cheap_embed_gates(read_tensor(base.tensors["model.embed_tokens.weight"]), tokenizer, config, L)
     elif mode in HIDDEN_MODES:
         gates = hidden_gates(base, tokenizer, config, device=pick_device(device), progress=progress)
+    elif mode in WRITTEN_MODES and upstream == "base":
+        gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream,
+                             fit_mode="classifier")
+    elif mode in WRITTEN_MODES:
+        gates = written_gates(plan, tokenizer, device=pick_device(device), progress=progress, resolve=resolve,
+                              folder_of=folder_of)
     elif mode in FITTED_MODES:
         gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream)
     else:  # config validation makes this unreachable; keep the message for direct API misuse

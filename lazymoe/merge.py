@@ -43,7 +43,12 @@ def make_plan(
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
-    if low_disk and config.gate_mode in ("centroid", "classifier"):
+    if low_disk and config.gate_mode in ("expert_classifier", "trained"):
+        warnings.append(
+            f"low-disk mode: gate_mode {config.gate_mode} needs every expert at once (each writes calibration "
+            "text), which low-disk mode never has; the routers are fitted as gate_mode classifier instead."
+        )
+    elif low_disk and config.gate_mode in ("centroid", "classifier"):
         warnings.append(
             f"low-disk mode: gate_mode {config.gate_mode} fits each router with the base's MLPs upstream instead "
             "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
@@ -127,13 +132,14 @@ def merge(
     from transformers import AutoTokenizer
 
     from .gates import FITTED_MODES, HIDDEN_MODES, compute_gates, degenerate_layers, pick_device
+    from .router_train import WRITTEN_MODES
     from .writer import write_shards
 
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
     config = plan.config.with_seed()
-    if config.gate_mode in HIDDEN_MODES + FITTED_MODES:
+    if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
     _check_output(output_dir, plan, overwrite)
     parent = output_dir.resolve().parent
@@ -160,7 +166,7 @@ def merge(
     # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
-                          upstream="base" if plan.low_disk else "moe")
+                          upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
     degenerate = degenerate_layers(gates)
     if degenerate:
         plan.warnings.append(

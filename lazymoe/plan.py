@@ -107,8 +107,11 @@ class MergePlan:
         ``router_continuation_tokens`` is 0.
         """
         from .gates import FITTED_MODES, HIDDEN_MODES
+        from .router_train import WRITTEN_MODES
 
         mode = self.config.gate_mode
+        if mode in WRITTEN_MODES:
+            return int(self.router_fit["peak_bytes"])
         base = self.base.tensors
         embed = math.prod(base["model.embed_tokens.weight"].shape)
         per_layer: dict[int, int] = {}
@@ -125,6 +128,14 @@ class MergePlan:
                 whole = sum(t.numel for t in base.values()) * ST_DTYPES[NAME_TO_ST[self.dtype]][1]
             return max(streamed, whole)
         return 0
+
+    @property
+    def router_fit(self) -> dict[str, float] | None:
+        """For the modes whose experts write calibration text: estimated fit seconds on a GPU and on a CPU,
+        calibration tokens and peak bytes (``router_train.fit_estimate``); None for the other modes."""
+        from .router_train import WRITTEN_MODES, fit_estimate
+
+        return fit_estimate(self) if self.config.gate_mode in WRITTEN_MODES else None
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -171,6 +182,7 @@ class MergePlan:
             "download_bytes": self.download_bytes,
             "disk_bytes": self.disk_bytes,
             "ram_bytes": self.peak_ram_bytes,
+            "router_fit": self.router_fit,
             "warnings": list(self.warnings),
         }
 

@@ -19,6 +19,14 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
     """(label, value) rows, in the order a user reads them."""
     c = plan.config
@@ -39,6 +47,10 @@ def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
     ]
     if plan.router_pass_bytes:
         rows.append(("Router pass", f"{human_bytes(plan.router_pass_bytes)} of GPU memory (or RAM on CPU)"))
+    if plan.router_fit:
+        fit = plan.router_fit
+        rows.append(("Router fit time", f"about {human_duration(fit['gpu_seconds'])} with a GPU, "
+                                        f"{human_duration(fit['cpu_seconds'])} on CPU only (estimate)"))
     return rows
 
 

@@ -16,7 +16,7 @@ import ipywidgets as widgets
 import yaml
 from pydantic import ValidationError
 
-from .config import DTYPES, GATE_MODES, MoEConfig, parse_config
+from .config import DTYPES, GATE_MODES, RECOMMENDED_GATE_MODE, MoEConfig, parse_config
 from .errors import ConfigError, LazyMoEError
 from .notebooks import Preset, parse_preset
 from .plan import parse_bytes
@@ -72,7 +72,7 @@ class MoEForm:
         self.add_button = w.Button(description="+ Add expert", button_style="")
         self.add_button.on_click(lambda _: self.add_expert())
         gates = [(GATE_LABELS.get(m, m), m) for m in GATE_MODES]
-        self.gate_mode = styled(w.Dropdown(description="Gate mode", options=gates),
+        self.gate_mode = styled(w.Dropdown(description="Gate mode", options=gates, value=RECOMMENDED_GATE_MODE),
                                 "lazymoe-gate-mode", "How each layer's router is initialised")
         self.experts_per_token = styled(w.IntText(description="Experts per token", value=2), "lazymoe-ept",
                                         "How many experts run for every token (2 is usual)", width="260px")

@@ -7,6 +7,7 @@ manager and JupyterLab's), so nothing here goes beyond ``ipywidgets`` itself.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import ipywidgets as widgets
@@ -28,10 +29,14 @@ GATE_LABELS = {
     "random": "random: no prompts (you will train the router)",
     "uniform_random": "uniform_random: no prompts (you will train the router)",
     "centroid": "centroid: fitted on each layer's real MLP input, calibrated (lazymoe)",
-    "classifier": "classifier: a calibrated classifier per layer (lazymoe; routes best)",
+    "classifier": "classifier: a calibrated classifier per layer, on the base's text (lazymoe)",
+    "expert_classifier": "expert_classifier: the experts write text from your prompts; a classifier per layer "
+                         "learns it (lazymoe; routes best)",
+    "trained": "trained: expert_classifier, then routers trained on the MoE's loss (lazymoe; slow at 7B)",
 }
 NEWLINE_MARK = "↵"  # a line break inside one prompt, since the text area holds one prompt per line
-_ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"})
+_ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale",
+                         "calibration_text"})
 _WIDE = "150px"
 
 
@@ -60,6 +65,15 @@ def text_to_prompts(text: str) -> list[str]:
     return [line.replace(NEWLINE_MARK, "\n") for line in text.split("\n") if line.strip()]
 
 
+def texts_to_text(texts: list[str]) -> str:
+    """Calibration texts are paragraphs: shown separated by blank lines."""
+    return "\n\n".join(t.strip() for t in texts)
+
+
+def text_to_texts(text: str) -> list[str]:
+    return [t.strip() for t in re.split(r"\n\s*\n", text) if t.strip()]
+
+
 def parse_number(text: str, what: str) -> float | None:
     text = text.strip()
     if not text:
@@ -84,6 +98,9 @@ class ExpertRow:
                                "break inside a prompt)")
         self.negative = styled(widgets.Textarea(description="Negative prompts", rows=2), "lazymoe-negative",
                                "Optional, one per line: what this expert is not for")
+        self.calibration = styled(widgets.Textarea(description="Calibration text", rows=3), "lazymoe-calibration",
+                                  "Optional, for gate modes expert_classifier and trained: a few paragraphs of "
+                                  "text of this expert's kind (blank line between paragraphs)")
         self.noise = styled(widgets.Text(description="Noise scale", placeholder="none"), "lazymoe-noise",
                             "Adds σ·N(0,1) to this expert's MLP weights", width="260px")
         self.residual = styled(widgets.Text(description="Residual scale", placeholder="none"), "lazymoe-residual",
@@ -96,7 +113,7 @@ class ExpertRow:
             button.on_click(lambda _, action=action: action())
         self.box = widgets.VBox(
             [widgets.HBox([self.title, self.source, self.up, self.down, self.remove]), self.positive, self.negative,
-             widgets.HBox([self.noise, self.residual])],
+             self.calibration, widgets.HBox([self.noise, self.residual])],
             layout=widgets.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"),
         )
         self.box.add_class("lazymoe-expert")
@@ -111,6 +128,7 @@ class ExpertRow:
         self.source.value = str(get("source_model", "") or "")
         self.positive.value = prompts_to_text(list(get("positive_prompts", []) or []))
         self.negative.value = prompts_to_text(list(get("negative_prompts", []) or []))
+        self.calibration.value = texts_to_text(list(get("calibration_text", []) or []))
         for widget, key in ((self.noise, "noise_scale"), (self.residual, "residual_scale")):
             value = get(key, None)
             widget.value = "" if value is None else repr(value)
@@ -121,6 +139,9 @@ class ExpertRow:
         negative = text_to_prompts(self.negative.value)
         if negative:
             out["negative_prompts"] = negative
+        calibration = text_to_texts(self.calibration.value)
+        if calibration:
+            out["calibration_text"] = calibration
         for widget, key, what in ((self.noise, "noise_scale", "noise scale"),
                                   (self.residual, "residual_scale", "residual scale")):
             value = parse_number(widget.value, f"Expert {i + 1} {what}")
