@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import LazyMoEError
 from .plan import DEFAULT_MAX_SHARD_BYTES
 
@@ -42,12 +43,41 @@ def _load(args):
 
 def cmd_plan(args) -> int:
     from .merge import make_plan
+    from .preflight import NotReadyError, blocking, check_ahead, check_gguf_disk, format_checks
     from .report import format_plan
 
-    plan = make_plan(_load(args), max_shard_bytes=args.max_shard_size, layout=args.layout, low_disk=args.low_disk,
-                     progress=not args.quiet)
+    config = _load(args)  # a broken recipe first: it is the cheapest thing to check
+    quants = _quants(args.gguf)
+    disk = Path(args.output_dir).parent if args.output_dir else Path.cwd()
+    # the later steps' needs (token, repo, llama.cpp) take seconds: before any model header is read
+    ahead = check_ahead(push_repo=args.push, private=args.private, token=args.token, gguf_quants=quants,
+                        disk_path=disk)
+    try:
+        plan = make_plan(config, max_shard_bytes=args.max_shard_size, layout=args.layout, low_disk=args.low_disk,
+                         progress=not args.quiet)
+    except LazyMoEError:
+        if ahead:
+            print(format_checks(ahead), file=sys.stderr)
+        raise
+    if quants is not None:
+        ahead.append(check_gguf_disk(plan, quants, disk))
     print(format_plan(plan))
+    if ahead:
+        print()
+        print(format_checks(ahead))
+    problems = blocking(ahead)
+    if problems:
+        raise NotReadyError(f"not ready to merge: {len(problems)} problem(s) marked ✖ above; fix them first "
+                            "(or drop --push / --gguf if you will not run those steps).")
     return 0
+
+
+def _quants(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    from .gguf import parse_quants
+
+    return parse_quants(text)
 
 
 def cmd_merge(args) -> int:
@@ -79,6 +109,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazymoe", description="Build Mixture-of-Experts models from dense LLMs.")
+    parser.add_argument("--version", action="version", version=f"lazymoe {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show what a config will build, reading only configs and headers")
     p.add_argument("config", help="mergekit-moe YAML config")
     _add_merge_options(p)
+    later = p.add_argument_group("later steps", "check now, before any download, what the upload and GGUF "
+                                                "steps you mean to run will need")
+    later.add_argument("--push", metavar="REPO", default=None,
+                       help="you will push to REPO ('name' or 'namespace/name'): check the token may write there, "
+                            "the name is valid and free (or an earlier lazymoe upload)")
+    later.add_argument("--private", action="store_true", help="with --push: the repo will be private")
+    later.add_argument("--token", default=None, help="with --push: the token to check (default: HF_TOKEN, then "
+                                                     "your saved login)")
+    later.add_argument("--gguf", metavar="QUANTS", nargs="?", const="Q4_K_M", default=None,
+                       help="you will make GGUF files (e.g. Q4_K_M,Q5_K_M; default Q4_K_M): check llama-cpp-python "
+                            "and the disk for them")
+    later.add_argument("--output-dir", default=None, metavar="DIR",
+                       help="where the merge will write (for the disk check; default: here)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("merge", help="build the MoE into OUTPUT_DIR")
@@ -110,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_card_parser(sub)
     add_push_parser(sub)
     add_gguf_parsers(sub)
+    for command in sub.choices.values():  # -q / -v work after the subcommand too (`lazymoe demo DIR -q`)
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
     return parser
 
 

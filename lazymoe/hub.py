@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # huggingface_hub is imported lazily: `import lazymoe` stays 
 
 logger = logging.getLogger(__name__)
 
+#: a Hub repo id: ``name`` or ``namespace/name``, each part a letter or digit then letters, digits, ``-_.``
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -185,6 +188,91 @@ def _check_safetensors_complete(path: Path, unfinished: str) -> None:
 # ----------------------------------------------------------------------------- push
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a push will go, checked: the token may write there and the name is free or ours to update."""
+
+    repo_id: str
+    user: str
+    endpoint: str
+    exists: bool  # False: the push creates it; True: it holds an earlier lazymoe upload (or nothing yet)
+    token_source: str
+    _api: Any = field(repr=False, compare=False)
+    _token: _Token = field(repr=False, compare=False)
+
+    @property
+    def url(self) -> str:
+        return f"{self.endpoint}/{self.repo_id}"
+
+    def describe(self) -> str:
+        what = "exists and will be updated (an earlier lazymoe upload)" if self.exists else "is free: it will be created"
+        return f"{self.repo_id} {what}; token from {self.token_source} (user {self.user!r}) may write there"
+
+
+def repo_name_problem(name: str) -> str | None:
+    """Why ``name`` (``name`` or ``namespace/name``) cannot be a Hub repo id, or None when it can."""
+    name = name.strip()
+    if not name:
+        return "the name is empty"
+    if name.count("/") > 1 or not _REPO_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
+        return (f"{name!r} is not a valid repo name: use letters, digits, '-', '_' and '.' (no spaces, no '--' or "
+                "'..', not ending in .git), at most 96 characters, optionally as namespace/name")
+    return None
+
+
+def check_push_target(
+    repo: str, *, private: bool = False, token: str | None = None, colab_secret: str = "HF_TOKEN"
+) -> PushTarget:
+    """Check, without creating or uploading anything, that a push to ``repo`` can succeed: a token is found,
+    the Hub accepts it, it may write to the repo's namespace (role, or a fine-grained token's scopes as
+    ``whoami`` reports them), the name is valid, and the repo is either free or holds an earlier lazymoe
+    upload (public when ``private`` is not asked). Raises :class:`HubError` saying what to change."""
+    from huggingface_hub import HfApi
+
+    problem = repo_name_problem(repo)
+    if problem:
+        raise HubError(f"Cannot push to {repo.strip()!r}: {problem}.")
+    # read at call time: a notebook may set HF_ENDPOINT after huggingface_hub was imported
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or _default_endpoint()
+    found, notes = _find_token(token, colab_secret)
+    if found is None:
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise HubError(f"No Hugging Face token found{why}. Pushing needs one. {_token_help(endpoint)}")
+    api = HfApi(endpoint=endpoint, token=found.value, library_name="lazymoe")
+    with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
+        who = api.whoami()
+    repo_id = _check_permissions(api, found, who, repo, endpoint)
+    exists = _check_free_or_ours(api, found, repo_id, endpoint, private)
+    return PushTarget(repo_id=repo_id, user=who["name"], endpoint=endpoint, exists=exists,
+                      token_source=found.source, _api=api, _token=found)
+
+
+def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str, private: bool) -> bool:
+    """True if ``repo_id`` exists and may be updated, False if it is free; HubError if it holds someone's work."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with _errors_as_hub_errors(token, endpoint, repo_id, stage="connect"):
+        try:
+            info = api.model_info(repo_id)
+        except RepositoryNotFoundError:
+            return False
+    files = {s.rfilename for s in (info.siblings or [])} - {".gitattributes"}
+    ours = "lazymoe" in (info.tags or []) or "lazymoe_config.yml" in files
+    if files and not ours:
+        shown = ", ".join(sorted(files)[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        raise HubError(
+            f"The repo {repo_id!r} already exists and holds files lazymoe did not upload ({shown}); pushing would "
+            f"mix this model into it. Choose another model name, or delete that repo ({endpoint}/{repo_id}/settings)."
+        )
+    if private and info.private is False:
+        raise HubError(
+            f"{repo_id!r} already exists and is public, but you asked for a private upload; nothing was "
+            f"uploaded. Make it private ({endpoint}/{repo_id}/settings) and push again, or push without "
+            "--private."
+        )
+    return True
+
+
 def push_to_hub(
     model_dir: str | Path,
     repo: str,
@@ -202,30 +290,13 @@ def push_to_hub(
     silently exposed), then uploads every file. Re-running after an interruption resumes: the Hub keeps
     what it received and only the rest is sent. The local folder is only read. Returns the repo URL.
     """
-    from huggingface_hub import HfApi
-
     folder = check_model_folder(model_dir)
-    # read at call time: a notebook may set HF_ENDPOINT after huggingface_hub was imported
-    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or _default_endpoint()
-    found, notes = _find_token(token, colab_secret)
-    if found is None:
-        why = f" ({'; '.join(notes)})" if notes else ""
-        raise HubError(f"No Hugging Face token found{why}. Pushing needs one. {_token_help(endpoint)}")
-    api = HfApi(endpoint=endpoint, token=found.value, library_name="lazymoe")
-
-    with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
-        who = api.whoami()
-    repo_id = _check_permissions(api, found, who, repo, endpoint)
+    target = check_push_target(repo, private=private, token=token, colab_secret=colab_secret)
+    api, found, endpoint, repo_id = target._api, target._token, target.endpoint, target.repo_id
     card = _card_for_repo(folder, repo_id, base_repo_id)  # before creating anything: it may refuse
 
     with _errors_as_hub_errors(found, endpoint, repo_id, stage="connect"):
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-        if private and not api.repo_info(repo_id).private:
-            raise HubError(
-                f"{repo_id!r} already exists and is public, but you asked for a private upload; nothing was "
-                f"uploaded. Make it private ({endpoint}/{repo_id}/settings) and push again, or push without "
-                "--private."
-            )
     sizes = [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
     with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
@@ -300,6 +371,13 @@ def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str
             f"fine-grained one with write access to {namespace!r}) at {endpoint}/settings/tokens and use it instead."
         )
     if namespace in (user, *orgs):
+        scopes = ((who.get("auth") or {}).get("accessToken") or {}).get("fineGrained")
+        if isinstance(scopes, dict) and not _fine_grained_may_write(scopes, repo_id):
+            raise HubError(
+                f"The fine-grained token from {holder} may not write to {namespace!r} (it has no 'repo.write' "
+                f"permission there). Edit the token at {endpoint}/settings/tokens to give it write access to "
+                f"repos under {namespace!r}, or use a 'Write' token."
+            )
         return repo_id
     with _errors_as_hub_errors(token, endpoint, repo_id, stage="connect"):
         taken = api.repo_exists(repo_id)
@@ -313,6 +391,19 @@ def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str
         f"You cannot create {repo_id!r}: {namespace!r} is neither your user ({user!r}) nor one of your "
         f"organizations ({yours}). Use '{user}/{name}', or just '{name}'."
     )
+
+
+def _fine_grained_may_write(scopes: dict[str, Any], repo_id: str) -> bool:
+    """Whether a fine-grained token's scopes (``whoami()["auth"]["accessToken"]["fineGrained"]``) let it
+    write ``repo_id``: ``repo.write`` on the namespace (user or org), or on that very repo."""
+    namespace = repo_id.split("/")[0]
+    for scope in scopes.get("scoped") or ():
+        entity = scope.get("entity") or {}
+        if "repo.write" not in (scope.get("permissions") or ()):
+            continue
+        if entity.get("name") == repo_id or (entity.get("type") in ("user", "org") and entity.get("name") == namespace):
+            return True
+    return "repo.write" in (scopes.get("global") or ())
 
 
 def _default_endpoint() -> str:

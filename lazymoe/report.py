@@ -69,5 +69,5 @@ def format_plan(plan: MergePlan) -> str:
         lines.extend(f"  - {w}" for w in plan.warnings)
     else:
         lines.append("")
-        lines.append("No problems found.")
+        lines.append("No problems found with the models.")
     return "\n".join(lines)

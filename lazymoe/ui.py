@@ -22,16 +22,20 @@ from typing import Any, Callable
 
 from .config import MoEConfig, load_config
 from .errors import LazyMoEError
+from .preflight import blocking, check_ahead
 from .report import human_bytes
 from .ui_form import MoEForm, Settings
 from .ui_runtime import (
     Raw,
+    checks_html,
     error_html,
     install_llama_cpp,
     notice_html,
     plan_html,
     probe,
+    resource_needs,
     runtime_html,
+    shortages,
     table_html,
 )
 
@@ -167,10 +171,10 @@ class Builder:
             self.model_dir, self.gguf_files, self.repo_id = folder, [], None
         return folder
 
-    @staticmethod
-    def _key(config: MoEConfig, settings: Settings) -> tuple:
-        """What a plan depends on: a plan made for other values is never reused by the merge."""
-        return config.to_yaml(), settings.max_shard_bytes, settings.low_disk
+    def _key(self, config: MoEConfig, settings: Settings) -> tuple:
+        """What a plan and its checks depend on: a plan made for other values (or before a token was
+        typed) is never reused by the merge, which then checks again."""
+        return config.to_yaml(), settings, self.form.token is not None
 
     # ------------------------------------------------------------------ 3. plan
 
@@ -181,11 +185,30 @@ class Builder:
 
         config, settings = self.values()
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
-        plan = make_plan(config, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk)
-        self._plan, self._plan_key = plan, self._key(config, settings)
         runtime = probe(self.output_dir.parent)
-        self._show(_html(plan_html(plan, runtime, gguf_quants=settings.quants if settings.gguf else ())))
+        ahead = self._check_ahead(settings, runtime)  # token, repo, llama.cpp: seconds, before any model is read
+        try:
+            plan = make_plan(config, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk)
+        except LazyMoEError:
+            self._show(_html(checks_html(ahead)))  # every problem at once, not only the models'
+            raise
+        self._plan, self._plan_key = plan, self._key(config, settings)
+        quants = settings.quants if settings.gguf else ()
+        self._show(_html(plan_html(plan, runtime, gguf_quants=quants, ahead=ahead)))
+        short = shortages(resource_needs(plan, runtime, gguf_quants=quants))
+        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {c.message}" for c in blocking(ahead)]
+        if problems:
+            self._plan_key = None  # a blocked plan never lets the merge start
+            raise StepFailed("Plan", "; ".join(problems))
         return plan
+
+    def _check_ahead(self, settings: Settings, runtime) -> list:
+        """What the ticked Upload and GGUF steps need (preflight.check_ahead); the GGUF disk row is in the
+        resource table, so it is left out here."""
+        return check_ahead(push_repo=settings.model_name if settings.upload else None, private=settings.private,
+                           token=self.form.token, colab_secret=settings.hf_secret or "HF_TOKEN",
+                           gguf_quants=settings.quants if settings.gguf else None, in_colab=runtime.in_colab,
+                           has_gpu=runtime.has_gpu, gguf_disk=False)
 
     # ------------------------------------------------------------------ 4. merge
 
@@ -196,6 +219,11 @@ class Builder:
 
         config, settings = self.values()
         fresh = self._plan is not None and self._plan_key == self._key(config, settings)
+        if not fresh:  # Plan was skipped or made for other values: the later steps' needs still come first
+            ahead = self._check_ahead(settings, probe(self.output_dir.parent))
+            if blocking(ahead):
+                self._show(_html(checks_html(ahead)))
+                raise StepFailed("Merge", "; ".join(f"{c.step}: {c.message}" for c in blocking(ahead)))
         out = merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
                     overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
         self.model_dir, self.gguf_files, self.repo_id = out, [], None

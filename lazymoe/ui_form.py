@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from .config import DTYPES, GATE_MODES, RECOMMENDED_GATE_MODE, MoEConfig, parse_config
 from .errors import ConfigError, LazyMoEError
+from .hub import repo_name_problem
 from .notebooks import Preset, parse_preset
 from .plan import parse_bytes
 from .ui_runtime import error_html, notice_html
@@ -25,7 +26,6 @@ from .ui_widgets import GATE_LABELS, LICENSES, QUANT_TYPES, ExpertRow, set_toolt
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
-_MODEL_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -266,9 +266,9 @@ class MoEForm:
         name = self.model_name.value.strip()
         if not name:
             raise ConfigError("New model name is empty: it names the output folder and the Hub repo.")
-        if not _MODEL_NAME.match(name) or "--" in name or ".." in name or name.endswith(".git"):
-            raise ConfigError(f"New model name {name!r}: use letters, digits, '-', '_' and '.' (no spaces, "
-                              "no '--' or '..'), at most 96 characters, optionally as namespace/name.")
+        problem = repo_name_problem(name)  # it names the Hub repo too: the Hub's rule, checked in one place
+        if problem:
+            raise ConfigError(f"New model name: {problem}.")
         try:
             shard = parse_bytes(self.max_shard.value)
         except ConfigError as err:

@@ -247,8 +247,25 @@ def needs_html(needs: list[Need]) -> str:
     return table_html(rows, ("", "Needed", "This runtime has", "", ""), css_class="lazymoe-resources")
 
 
-def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> str:
-    """The plan as the notebook shows it: facts, the experts, resources against this runtime, warnings."""
+def shortages(needs: list[Need]) -> list[Need]:
+    """The rows that stop the pipeline (trying the model in too little memory only skips that step)."""
+    return [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+
+
+def checks_html(checks) -> str:
+    """What the ticked later steps need (``preflight.Check`` rows): a table, then each blocking one in red."""
+    if not checks:
+        return ""
+    marks = {True: Raw(f'<b style="color:{_GREEN}">✔</b>'), False: Raw(f'<b style="color:{_RED}">✖</b>'),
+             None: Raw(f'<b style="color:{_GREY}">ℹ</b>')}
+    rows = [(marks[c.ok], c.step, c.message) for c in checks]
+    out = table_html(rows, ("", "Later step", "What it needs"), css_class="lazymoe-ahead")
+    return out + "".join(error_html(f"{c.step}: {c.message}") for c in checks if c.ok is False)
+
+
+def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahead=()) -> str:
+    """The plan as the notebook shows it: facts, the experts, resources against this runtime, what the
+    ticked later steps need (``ahead``: preflight checks), warnings."""
     from .report import plan_rows
 
     covered = ("Disk needed", "RAM needed (peak)", "Router pass")  # the resource table below shows these
@@ -259,14 +276,18 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ()) -> s
     parts.append(table_html(experts, header, css_class="lazymoe-experts"))
     needs = resource_needs(plan, runtime, gguf_quants=gguf_quants)
     parts.append(needs_html(needs))
-    short = [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+    short = shortages(needs)
     for n in short:
         parts.append(error_html(f"{n.what}: needs {human_bytes(n.needed)} but this runtime has "
                                 f"{human_bytes(n.have or 0)}. " + _advice(n, runtime, getattr(plan, "low_disk", True))))
+    parts.append(checks_html(ahead))
     for warning in plan.warnings:
         parts.append(notice_html(warning, "warn"))
-    if not short and not plan.warnings:
-        parts.append(notice_html("No problems found: ready to merge.", "ok"))
+    blocked = bool(short) or any(c.ok is False for c in ahead)
+    if not blocked:
+        later = " and everything the ticked steps need is in place" if ahead else ""
+        note = f"{len(plan.warnings)} warning(s) above, none blocking" if plan.warnings else "No problems found"
+        parts.append(notice_html(f"{note}{later}: ready to merge.", "ok"))
     return "".join(parts)
 
 

@@ -134,6 +134,9 @@ class TokenInfo:
     orgs: tuple[str, ...] = ()
     write: bool = True
     role: str = ""  # what whoami reports; defaults to write/read. "fineGrained" tokens may still lack rights
+    #: for a fine-grained token: namespace -> permissions, reported by whoami as the Hub does
+    #: (``auth.accessToken.fineGrained.scoped``) and enforced on writes. None: whoami reports no scopes.
+    scoped: dict[str, tuple[str, ...]] | None = None
 
     @property
     def reported_role(self) -> str:
@@ -142,6 +145,11 @@ class TokenInfo:
     @property
     def namespaces(self) -> tuple[str, ...]:
         return (self.user, *self.orgs)
+
+    def may_write(self, namespace: str) -> bool:
+        if not self.write or namespace not in self.namespaces:
+            return False
+        return self.scoped is None or "repo.write" in self.scoped.get(namespace, ())
 
 
 @dataclass
@@ -247,10 +255,12 @@ class HubServer:
 
     # ----------------------------------------------------------------- test controls
     def add_token(
-        self, token: str, user: str, *, orgs: tuple[str, ...] = (), write: bool = True, role: str = ""
+        self, token: str, user: str, *, orgs: tuple[str, ...] = (), write: bool = True, role: str = "",
+        scoped: dict[str, tuple[str, ...]] | None = None,
     ) -> str:
-        """Accept ``token`` for ``user``; ``write=False`` makes every write answer 403."""
-        self.tokens[token] = TokenInfo(user=user, orgs=tuple(orgs), write=write, role=role)
+        """Accept ``token`` for ``user``; ``write=False`` makes every write answer 403; ``scoped`` makes it a
+        fine-grained token with those permissions per namespace."""
+        self.tokens[token] = TokenInfo(user=user, orgs=tuple(orgs), write=write, role=role, scoped=scoped)
         return token
 
     def fail(
@@ -383,7 +393,7 @@ class HubServer:
             raise HttpError(401, "Invalid credentials in Authorization header")
         if not ctx.identity.write:
             raise HttpError(403, "You have read access but not the required permissions for this operation")
-        if namespace not in ctx.identity.namespaces:
+        if not ctx.identity.may_write(namespace):
             raise HttpError(403, f"You don't have the rights to write under the namespace '{namespace}'")
         return ctx.identity
 
@@ -422,6 +432,16 @@ class HubServer:
         if ctx.identity is None:
             raise HttpError(401, "Invalid credentials in Authorization header")
         ident = ctx.identity
+        access: dict[str, Any] = {"displayName": "tests", "role": ident.reported_role}
+        if ident.scoped is not None:
+            access["fineGrained"] = {
+                "canReadGatedRepos": False,
+                "global": ["discussion.write"],
+                "scoped": [
+                    {"entity": {"type": "user" if name == ident.user else "org", "name": name}, "permissions": list(p)}
+                    for name, p in ident.scoped.items()
+                ],
+            }
         return Response.json(
             {
                 "type": "user",
@@ -431,7 +451,7 @@ class HubServer:
                 "orgs": [{"type": "org", "name": org, "roleInOrg": "write"} for org in ident.orgs],
                 "auth": {
                     "type": "access_token",
-                    "accessToken": {"displayName": "tests", "role": ident.reported_role},
+                    "accessToken": access,
                 },
             }
         )
@@ -827,6 +847,8 @@ ALICE_READ_TOKEN = "hf_TestAliceRead3Hd6Wz0Ty5Fc2Gs7Pq"
 BOB_WRITE_TOKEN = "hf_TestBobWrite8Jn4Kp1Xe6Ua9Lv3Wm"
 #: a fine-grained token whose permissions do not include writing: whoami cannot tell, the writes get 403
 ALICE_FINE_GRAINED_TOKEN = "hf_TestAliceFine5Rt8Yu1Io4Pa7Sd0Fg"
+#: a fine-grained token whose whoami lists its scopes: it may write to lazyorg, only read alice's repos
+ALICE_ORG_ONLY_TOKEN = "hf_TestAliceOrgOnly2Wq5Er8Ty1Ui4Op"
 
 
 def add_test_accounts(server: HubServer) -> None:
@@ -835,3 +857,5 @@ def add_test_accounts(server: HubServer) -> None:
     server.add_token(ALICE_READ_TOKEN, ALICE, orgs=(ORG,), write=False)
     server.add_token(ALICE_FINE_GRAINED_TOKEN, ALICE, orgs=(ORG,), write=False, role="fineGrained")
     server.add_token(BOB_WRITE_TOKEN, BOB, write=True)
+    server.add_token(ALICE_ORG_ONLY_TOKEN, ALICE, orgs=(ORG,), role="fineGrained",
+                     scoped={ALICE: ("repo.content.read",), ORG: ("repo.content.read", "repo.write")})

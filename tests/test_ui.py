@@ -122,7 +122,7 @@ def test_reset_goes_back_to_the_preset():
 BAD_VALUES = [
     ("experts per token 0", lambda f: setattr(f.experts_per_token, "value", 0), "between 1 and the number of experts"),
     ("experts per token > experts", lambda f: setattr(f.experts_per_token, "value", 5), "experts_per_token is 5"),
-    ("name with a space", lambda f: setattr(f.model_name, "value", "my model"), "New model name 'my model'"),
+    ("name with a space", lambda f: setattr(f.model_name, "value", "my model"), "New model name: 'my model' is not a valid repo name"),
     ("empty name", lambda f: setattr(f.model_name, "value", " "), "New model name is empty"),
     ("shard size in words", lambda f: setattr(f.max_shard, "value", "2 gigs"), "Shard size (Advanced): '2 gigs' is not a size"),
     ("noise not a number", lambda f: setattr(f.rows[1].noise, "value", "abc"), "Expert 2 noise scale: 'abc' is not a number"),
