@@ -254,16 +254,19 @@ def written_gates(plan, tokenizer, *, device: torch.device, progress: bool = Tru
 
 # ------------------------------------------------------------------------------------ what it costs
 
-#: Measured by ``bench/router_fit_cost.py`` at Mistral-7B width (hidden 4096, MLP 14336, 4 experts) on 2
-#: CPU cores, per layer and per 1,000 calibration tokens: the classifier fit (CPU, float64, whatever the
-#: device) and one router-training step (forward, checkpointed recompute, backward; float32).
+#: Per layer, at Mistral-7B width (hidden 4096, MLP 14336, 4 experts), per 1,000 calibration tokens, on 2
+#: CPU cores: the classifier fit (it always runs on the CPU, in float64; README's measurement of the
+#: ``classifier`` mode, ~1,000 tokens) and one router-training step (forward, checkpointed recompute and
+#: backward in float32; ``bench/router_fit_cost.py``: 64 s for 256 tokens on a heavily shared CPU, so an
+#: upper bound).
 CLASSIFIER_S_PER_LAYER_KTOK = 22.0
-TRAIN_STEP_S_PER_LAYER_KTOK_CPU = 60.0
-#: GPU estimate for a training step: float32 FLOPs at a T4's sustained ~6 TFLOP/s, against the ~0.1 TFLOP/s
-#: the CPU measurement shows; the classifier fit stays on the CPU.
-GPU_SPEEDUP = 60.0
-#: an expert is loaded whole to write (disk to device, ~0.5 GB/s) and writes at ~20 tokens/s on a T4
-#: (memory bound), ~1 token/s on a CPU for 7B
+TRAIN_STEP_S_PER_LAYER_KTOK_CPU = 250.0
+#: GPU estimate for training: FLOPs at a T4's sustained ~5 TFLOP/s in float32, plus moving each layer's
+#: weights (float32) to the GPU twice per step at ~5 GB/s (they are re-read each time: the MoE never fits)
+GPU_FLOPS = 5e12
+HOST_TO_GPU_BYTES_PER_S = 5e9
+#: an expert is loaded whole to write (disk to device, ~0.5 GB/s); writing is memory-bound: ~20 tokens/s
+#: for 7B on a T4, ~1 token/s on a CPU
 LOAD_BYTES_PER_S = 0.5e9
 WRITE_TOKENS_PER_S_GPU, WRITE_TOKENS_PER_S_CPU_7B = 20.0, 1.0
 
@@ -300,9 +303,11 @@ def fit_estimate(plan) -> dict[str, float]:
                      + E * plan.expert_params // max(L, 1))
     whole = base_bytes  # the base's size stands for an expert's: merges check they match
     if config.gate_mode == "trained":
-        train_cpu = (TRAIN_STEPS + 1) * L * TRAIN_STEP_S_PER_LAYER_KTOK_CPU * tokens / 1000 * max(width, 1e-4) * E / 4
-        out["cpu_seconds"] += train_cpu
-        out["gpu_seconds"] += train_cpu / GPU_SPEEDUP
+        scale = tokens / 1000 * max(width, 1e-4) * (E / 4)
+        out["cpu_seconds"] += (TRAIN_STEPS + 1) * L * TRAIN_STEP_S_PER_LAYER_KTOK_CPU * scale
+        attn = sum(t.numel for n, t in plan.base.tensors.items() if arch.layer_of(n) == 0)
+        flops = 3.5 * 2 * tokens * (attn + config.experts_per_token * plan.expert_params // max(L, 1)) * L
+        out["gpu_seconds"] += (TRAIN_STEPS + 1) * (flops / GPU_FLOPS + 2 * L * per_layer / HOST_TO_GPU_BYTES_PER_S)
         streamed = 2 * per_layer + 4 * tokens * (H * (L + 8) + 3 * V) + 4 * V * H
     else:
         streamed = per_layer + 4 * tokens * H * 4

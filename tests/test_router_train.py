@@ -89,14 +89,12 @@ def test_trained_routers_lower_the_moe_lm_loss_on_the_calibration_text(tiny_worl
     assert float(lm_trained) == pytest.approx(min(history), abs=0.02)
 
 
-def test_same_config_and_seed_give_bit_identical_routers(tiny_world, tmp_path, monkeypatch):
+def test_same_config_and_seed_give_bit_identical_routers(tiny_world, monkeypatch):
     monkeypatch.setattr(router_train, "TRAIN_STEPS", 3)  # seconds, not minutes: determinism needs few steps
-    cfg = _cfg(tiny_world, router_continuation_tokens=6)
-    a = _gates(lazymoe.merge(cfg, tmp_path / "a", progress=False), 2)
-    b = _gates(lazymoe.merge(cfg, tmp_path / "b", progress=False), 2)
-    assert torch.equal(a, b)
-    c = _gates(lazymoe.merge(dict(cfg, seed=4), tmp_path / "c", progress=False), 2)
-    assert not torch.equal(a, c)  # the seed drives what the experts write
+    plan = make_plan(_cfg(tiny_world, router_continuation_tokens=6), progress=False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_world["base"]))
+    a, b = (gates.compute_gates(plan, tok, device="cpu", progress=False) for _ in range(2))
+    assert torch.equal(a, b) and a.shape == (2, 3, 64)
 
 
 def test_experts_write_from_their_own_prompts_and_the_users_text_joins(tiny_world):
@@ -131,3 +129,16 @@ def test_calibration_text_is_validated_and_optional(tiny_world):
     cfg["experts"][0]["calibration_text"] = ["  "]
     with pytest.raises(ConfigError, match=r"experts\[0\]\.calibration_text\[0\] is empty"):
         load_config(cfg)
+
+
+def test_plan_reports_fit_time_and_peak_memory_for_the_written_modes(tiny_world):
+    from lazymoe.report import plan_rows
+
+    plans = {m: make_plan(_cfg(tiny_world, m), progress=False) for m in ("classifier", "expert_classifier", "trained")}
+    assert plans["classifier"].router_fit is None
+    written, trained = plans["expert_classifier"].router_fit, plans["trained"].router_fit
+    assert written["tokens"] == trained["tokens"] == 3 * 2 * router_train.SAMPLES_PER_PROMPT * (8 + 48)
+    assert trained["cpu_seconds"] > written["cpu_seconds"] > 0 and trained["gpu_seconds"] > written["gpu_seconds"]
+    assert plans["trained"].router_pass_bytes == int(trained["peak_bytes"]) >= plans["trained"].base.weight_bytes
+    rows = dict(plan_rows(plans["trained"]))
+    assert "with a GPU" in rows["Router fit time"] and "on CPU only" in rows["Router fit time"]
