@@ -117,6 +117,22 @@ def evaluate(moe_dir: Path, world, tokenizer, ref: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def oracle_kept(world, tokenizer, variant: str, ref: dict) -> dict[str, float]:
+    """Gain kept by perfect top-1 routing: domain d's text through base attention + expert d's MLPs (the
+    MoE's ceiling; 100% for MLP-only experts, less for full fine-tunes whose attention the MoE never takes)."""
+    base = _load(world.base)
+    out = {}
+    for d in world.spec.domains:
+        expert = dict(_load(world.experts[variant][d]).named_parameters())
+        for n, p in base.named_parameters():
+            if ".mlp." in n:
+                p.copy_(expert[n])
+        loss = worlds.lm_loss(base, *worlds.heldout_batch(tokenizer, world.heldout[d], world.spec.seq_len))
+        out[d] = (ref["base"][d] - loss) / (ref["base"][d] - ref["expert"][d])
+    return out
+
+
 def run_world(entry: worlds.SuiteWorld, modes: list[str], seeds: list[int], work: Path, log) -> dict:
     from transformers import AutoTokenizer
 
@@ -150,7 +166,7 @@ def run_world(entry: worlds.SuiteWorld, modes: list[str], seeds: list[int], work
                       "held_out": entry.held_out, "domains": list(world.spec.domains),
                       "layers": world.spec.num_hidden_layers, "hidden": world.spec.hidden_size,
                       "base_steps": world.spec.base_steps, "world": world.root.name},
-            "expert_gain": gain, "modes": rows}
+            "expert_gain": gain, "oracle_kept": oracle_kept(world, tokenizer, entry.variant, ref), "modes": rows}
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -173,19 +189,21 @@ def render(results: dict) -> str:
         "",
         "| world | role | experts | layers × hidden | prompts | "
         + " | ".join(f"`{m}` top-1" for m in modes) + " | "
-        + " | ".join(f"`{m}` worst kept" for m in modes) + " |",
-        "|---|---|---:|---|---|" + "---:|" * (2 * len(modes)),
+        + " | ".join(f"`{m}` worst kept" for m in modes) + " | oracle worst kept |",
+        "|---|---|---:|---|---|" + "---:|" * (2 * len(modes) + 1),
     ]
     for w in results["worlds"]:
         e = w["entry"]
         cells = [f"{pct(w['modes'][m]['top1_mean'])} / {pct(w['modes'][m]['top1_min'])}" for m in modes]
         cells += [f"{pct(w['modes'][m]['kept_mean'])} / {pct(w['modes'][m]['kept_min'])}" for m in modes]
         lines.append(f"| {e['name']} | {'held out' if e['held_out'] else 'tune'} | {len(e['domains'])} "
-                     f"({e['variant']}) | {e['layers']} × {e['hidden']} | {e['style']} | " + " | ".join(cells) + " |")
+                     f"({e['variant']}) | {e['layers']} × {e['hidden']} | {e['style']} | " + " | ".join(cells)
+                     + f" | {pct(min(w['oracle_kept'].values())) if 'oracle_kept' in w else '—'} |")
     mins = [pct(min(w["modes"][m]["top1_min"] for w in results["worlds"])) for m in modes]
     mins += [pct(min(w["modes"][m]["kept_min"] for w in results["worlds"])) for m in modes]
-    lines.append("| **minimum** | | | | | " + " | ".join(f"**{c}**" for c in mins) + " |")
-    lines += ["", "Chance top-1 is 25% with four experts, 12.5% with eight.", "",
+    lines.append("| **minimum** | | | | | " + " | ".join(f"**{c}**" for c in mins) + " | |")
+    lines += ["", "Chance top-1 is 25% with four experts, 12.5% with eight. *Oracle*: every token of domain d "
+              "through base attention + expert d's MLPs (perfect top-1 routing), the most any router can keep.", "",
               "Top-1 spread over seeds (max − min, points) and gate fit time (s, CPU):", "",
               "| world | " + " | ".join(f"`{m}` spread" for m in modes) + " | "
               + " | ".join(f"`{m}` fit s" for m in modes) + " |",
