@@ -223,8 +223,9 @@ def render(results: dict) -> str:
                 f"{pct(sum(r['top1'][d]) / len(r['top1'][d]))} / {pct(r['kept'][d])}" for d in doms) + " |")
         lines.append("| expert gain (nats) | " + " | ".join(f"{w['expert_gain'][d]:.3f}" for d in doms) + " |")
         lines += ["", "</details>", ""]
-    lines.append(f"Suite run time: {results['seconds']:.0f} s wall, {results.get('cpu_seconds', float('nan')):.0f} s "
-                 f"of CPU, with {results['threads']} torch thread(s), worlds cached.")
+    cpu = f", {results['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in results else ""
+    lines.append(f"Suite run time: {results['seconds']:.0f} s wall{cpu}, with {results['threads']} torch thread(s), "
+                 "worlds cached.")
     return "\n".join(lines)
 
 

@@ -154,8 +154,9 @@ class MoEConfig(_Strict):
         """The mergekit-compatible dict: extensions and defaults-only fields are left out."""
         data = self.model_dump(exclude_none=True)
         for expert in data["experts"]:
-            if not expert.get("negative_prompts"):
-                expert.pop("negative_prompts", None)
+            for key in ("negative_prompts", "calibration_text"):
+                if not expert.get(key):
+                    expert.pop(key, None)
         if not data.get("allow_all_same_experts"):
             data.pop("allow_all_same_experts", None)
         return data
