@@ -22,6 +22,7 @@ def _cfg(world, mode="trained", **extra):
     cfg = moe_config(world["base"], [world["chat"], world["code"], world["math"]], gate_mode=mode, seed=3,
                      dtype="float32", **extra)
     cfg["experts"][0]["positive_prompts"] = ["chat", "tell me"]
+    cfg["experts"][0].pop("negative_prompts", None)
     cfg["experts"][1]["positive_prompts"] = ["code", "python"]
     cfg["experts"][2]["positive_prompts"] = ["math", "12 + 30 ="]
     return cfg
