@@ -22,13 +22,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import yaml
 
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import LazyMoEError, ModelNotFoundError
+from .outdir import final_name
 from .report import human_bytes, human_params
-from .sources import ModelRef, describe
+from .sources import ModelRef, describe, read_model_config
 
 if TYPE_CHECKING:
     from .plan import MergePlan
@@ -80,8 +82,6 @@ QUANT_NOTES = {
     "F32": "unquantised (float32)",
 }
 
-# merge() assembles the model in ".NAME.lazymoe-partial-PID" and renames it to NAME when done
-_PARTIAL_DIR = re.compile(r"^\.(?P<name>.+)\.lazymoe-partial-\d+$")
 _QUANT_TAG = re.compile(r"^(I?Q\d\w*|TQ\d\w*|F16|F32|BF16)$")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
@@ -147,11 +147,16 @@ class ModelFacts:
                     f"{folder} has no {name}, so it was not built by lazymoe merge (or is unfinished): a card "
                     "describes the recipe saved with the model. Run lazymoe merge to build the folder."
                 )
-        out = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        out = read_model_config(folder / "config.json", folder)
         moe = load_config(folder / CONFIG_FILENAME)
         if out.get("model_type") != "mixtral":
             raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, "
                             "not the Mixtral lazymoe writes.")
+        for key in ("num_local_experts", "num_experts_per_tok", "num_hidden_layers", "hidden_size",
+                    "intermediate_size", "vocab_size"):
+            if type(out.get(key)) is not int or out[key] <= 0:
+                raise CardError(f"{folder}/config.json has {key}={out.get(key)!r}, not a positive whole number; "
+                                "restore the config.json the merge wrote (or merge again).")
         experts, per_token = int(out["num_local_experts"]), int(out["num_experts_per_tok"])
         if (experts, per_token) != (moe.num_experts, moe.experts_per_token):
             raise CardError(
@@ -201,9 +206,16 @@ def has_chat_template(folder: Path) -> bool:
 
 def model_name_of(folder: Path) -> str:
     """The model's default name: its folder's name (also while merge() still writes it under a temporary one)."""
-    name = Path(folder).resolve().name
-    match = _PARTIAL_DIR.match(name)
-    return match.group("name") if match else name
+    return final_name(Path(folder).resolve().name)
+
+
+def _hub_ref(ref: str) -> ModelRef | None:
+    """``ref`` parsed as a Hub id with a valid revision, else None (it is then shown as code, never linked)."""
+    try:
+        parsed = ModelRef.parse(ref)
+    except ModelNotFoundError:
+        return None
+    return parsed if parsed.repo_id else None
 
 
 def _is_local_ref(ref: str) -> bool:
@@ -262,10 +274,11 @@ def resolve_license(license: str | None, config: MoEConfig | None = None) -> str
 
 
 def _source(ref: str, local_refs: frozenset[str]) -> dict[str, Any]:
-    if ref in local_refs:
+    parsed = None if ref in local_refs else _hub_ref(ref)
+    if parsed is None:
         return {"ref": ref, "repo_id": None, "url": None}
-    repo_id, _, revision = ref.partition("@")
-    url = f"{HUB_URL}/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    repo_id, revision = parsed.repo_id, parsed.revision
+    url = f"{HUB_URL}/{quote(repo_id)}" + (f"/tree/{quote(revision, safe='')}" if revision else "")
     return {"ref": ref, "repo_id": repo_id, "url": url}
 
 
@@ -419,7 +432,11 @@ def gguf_card_data(
 
 
 def _template_source(name: str) -> str:
-    """Template text from the installed ``lazymoe.templates`` package, else the checkout's templates/ folder."""
+    """Template text from the checkout's templates/ folder next to this package when there is one (so a
+    checkout never renders another installation's templates), else the installed ``lazymoe.templates``."""
+    path = Path(__file__).resolve().parent.parent / "templates" / name
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
     try:
         from importlib.resources import files
 
@@ -427,11 +444,8 @@ def _template_source(name: str) -> str:
         if resource.is_file():
             return resource.read_text(encoding="utf-8")
     except ModuleNotFoundError:
-        pass  # running from a checkout: templates/ is not inside the lazymoe package folder
-    path = Path(__file__).resolve().parent.parent / "templates" / name
-    if not path.is_file():
-        raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
-    return path.read_text(encoding="utf-8")
+        pass
+    raise CardError(f"Card template {name} is missing from this lazymoe installation; reinstall lazymoe.")
 
 
 def md_escape(text: str) -> str:

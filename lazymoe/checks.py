@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from . import arch
 from .config import MoEConfig
-from .errors import ModelMismatchError
-from .safetensors_io import NAME_TO_ST
+from .errors import ModelFormatError, ModelMismatchError
+from .gates import router_token_ids
+from .safetensors_io import NAME_TO_ST, ST_DTYPES
 from .sources import ModelInfo
 
 _ST_TO_NAME = {v: k for k, v in NAME_TO_ST.items()}
 
+
+_REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 _SAME_KEYS = (
     ("hidden_size", "hidden size"),
@@ -73,6 +76,15 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
             f"base_model ({config.base_model}) is a '{btype}' model; lazymoe builds Mixtral MoEs from "
             f"Llama or Mistral models ({', '.join(arch.FAMILIES)}). Pick a base of that family."
         )
+    for ref, info in models.items():
+        if arch.FAMILIES.get(info.model_type) != arch.FAMILIES[btype]:
+            continue  # refused below with the family message
+        for key in _REQUIRED_INTS:
+            if info.config.get(key) is None:
+                raise ModelFormatError(
+                    f"{_label(config, ref)}: config.json has no {key}, which every {info.model_type} model has; "
+                    "the file is incomplete, download the model again."
+                )
     if base.config.get("attention_bias") or base.config.get("mlp_bias"):
         raise ModelMismatchError(
             f"base_model ({config.base_model}) uses attention/MLP biases, which Mixtral has no place for."
@@ -138,6 +150,7 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
     for name in needed:
         if name not in base.tensors:
             raise ModelMismatchError(f"base_model ({config.base_model}) has no tensor {name}.")
+    _check_base_shapes(config, base, H)
     tied = bool(base.config.get("tie_word_embeddings", False))
     if not tied and "lm_head.weight" not in base.tensors:
         raise ModelMismatchError(
@@ -167,6 +180,36 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
     return warnings
 
 
+def _check_base_shapes(config: MoEConfig, base: ModelInfo, H: int) -> None:
+    """The base's tensors are read by the router pass and copied as they are: each must have a dtype lazymoe
+    reads and the shape its config implies, or the merge would fail (or write a broken model) much later."""
+    cfg = base.config
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or H // heads)
+    vocab = base.tensors["model.embed_tokens.weight"].shape[0] if base.tensors["model.embed_tokens.weight"].shape else 0
+    expected = {"model.embed_tokens.weight": (vocab, H), "lm_head.weight": (vocab, H), "model.norm.weight": (H,)}
+    per_layer = {"input_layernorm": (H,), "post_attention_layernorm": (H,), "self_attn.q_proj": (heads * head_dim, H),
+                 "self_attn.k_proj": (kv * head_dim, H), "self_attn.v_proj": (kv * head_dim, H),
+                 "self_attn.o_proj": (H, heads * head_dim)}
+    for layer in range(int(cfg["num_hidden_layers"])):
+        expected.update({f"model.layers.{layer}.{n}.weight": shape for n, shape in per_layer.items()})
+    for name, t in base.tensors.items():
+        if arch.IGNORED_RE.match(name):
+            continue
+        if t.dtype not in ST_DTYPES:
+            raise ModelMismatchError(
+                f"base_model ({config.base_model}): {name} has dtype {t.dtype}, which lazymoe cannot read; "
+                "use a plain float (bfloat16/float16/float32) checkpoint."
+            )
+        want = expected.get(name)
+        if want is not None and t.shape != want:
+            raise ModelMismatchError(
+                f"base_model ({config.base_model}): {name} has shape {list(t.shape)} but its config.json implies "
+                f"{list(want)}; the checkpoint is inconsistent."
+            )
+
+
 def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
     """The base tokenizer must not produce ids the embedding matrix does not have."""
     from transformers import AutoTokenizer
@@ -179,6 +222,18 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
             f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
             "The MoE reuses the base tokenizer, so the base folder must contain one."
         ) from None
+    if config.router_chat_template and config.uses_prompts:  # a template that fails, fails now, not after downloads
+        router_token_ids(tok, config.experts[0].positive_prompts[0], chat_template=True)
+    context = base.config.get("max_position_embeddings")
+    for i, expert in enumerate(config.experts if config.uses_prompts and context else ()):
+        for field in ("positive_prompts", "negative_prompts"):
+            for j, prompt in enumerate(getattr(expert, field)):
+                n = len(router_token_ids(tok, prompt))
+                if n > context:  # the router pass would run the base past its context (and out of memory)
+                    raise ModelMismatchError(
+                        f"experts[{i}].{field}[{j}] is {n} tokens long but the base reads at most {context}; "
+                        "shorten it: a few sentences describe a domain best."
+                    )
     if len(tok) > vocab:
         raise ModelMismatchError(
             f"base_model ({config.base_model}): the tokenizer has {len(tok)} tokens but the embedding only "

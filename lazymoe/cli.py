@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import LazyMoEError
+from .errors import LazyMoEError, OutputExistsError
+from .hub_token import env_tokens, redact
 from .plan import DEFAULT_MAX_SHARD_BYTES
 
 log = logging.getLogger("lazymoe")
@@ -45,6 +48,7 @@ def cmd_plan(args) -> int:
     from .merge import make_plan
     from .preflight import NotReadyError, blocking, check_ahead, check_gguf_disk, format_checks
     from .report import format_plan
+    from .ui_runtime import FREE_COLAB, FREE_COLAB_LABEL, fit_lines, probe
 
     config = _load(args)  # a broken recipe first: it is the cheapest thing to check
     quants = _quants(args.gguf)
@@ -62,6 +66,11 @@ def cmd_plan(args) -> int:
     if quants is not None:
         ahead.append(check_gguf_disk(plan, quants, disk))
     print(format_plan(plan))
+    here = probe(disk)  # where the merge will write
+    print("\nFits?")
+    for line in fit_lines(plan, [(FREE_COLAB_LABEL, FREE_COLAB),
+                                 ("This runtime" + (" (Colab)" if here.in_colab else ""), here)]):
+        print(f"  {line}")
     if ahead:
         print()
         print(format_checks(ahead))
@@ -94,9 +103,16 @@ def cmd_demo(args) -> int:
     from .merge import merge
 
     work = Path(args.output_dir)
-    config_path = build_demo(work / "inputs")
+    merged, gguf_dir = work / "merged", work / "merged-GGUF"
+    if merged.exists() and not args.overwrite:
+        raise OutputExistsError(f"{merged} already holds a merged demo from an earlier run. Run `lazymoe demo "
+                                f"{work} --overwrite` to rebuild it (its {gguf_dir.name} folder goes too), or give "
+                                "another folder.")
+    config_path = build_demo(work / "inputs", gate_mode="classifier")  # the notebook demo's gate mode
     print(f"Built tiny local experts and {config_path}")
-    out = merge(config_path, work / "merged", overwrite=True, progress=not args.quiet)
+    out = merge(config_path, merged, overwrite=True, progress=not args.quiet)
+    if gguf_dir.is_dir() and all(p.suffix in (".gguf", ".md") for p in gguf_dir.iterdir()):
+        shutil.rmtree(gguf_dir)  # GGUF files of the model just replaced: stale, and its card would say otherwise
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
@@ -104,6 +120,12 @@ def cmd_demo(args) -> int:
     ids = tok("def add(a, b):", return_tensors="pt")
     text = tok.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0], skip_special_tokens=True)
     print(f"Merged {type(model).__name__} at {out}\nSample (tiny random-ish model, not meant to be smart): {text!r}")
+    print(f"""
+Next steps:
+  lazymoe route {out}                      # which experts each layer picks: routing.png in the folder
+  lazymoe gguf {out} --quant Q8_0          # llama.cpp files in {gguf_dir}
+  lazymoe chat {gguf_dir / (out.name + '.Q8_0.gguf')}   # one prompt per expert through llama.cpp
+  lazymoe plan {config_path}   # a recipe's sizes and problems; edit a copy for your own models""")
     return 0
 
 
@@ -134,14 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="build the MoE into OUTPUT_DIR")
     p.add_argument("config", help="mergekit-moe YAML config")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the merged model into (made if missing)")
     _add_merge_options(p)
     p.add_argument("--device", default="auto", help="device for the hidden-state router pass: auto, cpu, cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier lazymoe output in OUTPUT_DIR")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="work folder: inputs/ (the tiny models, demo.yaml) "
+                                                              "and merged/ (the MoE) are written here")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a demo made earlier in OUTPUT_DIR")
     p.set_defaults(func=cmd_demo)
 
     # commands that live beside the module they drive
@@ -166,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LazyMoEError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one line, whatever the message holds (a model name or path may carry a newline)
+        print(f"error: {' '.join(redact(str(err), [getattr(args, 'token', None), *env_tokens()]).split())}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output folder was left behind", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: show the traceback, but never a token that some message may carry
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        print(redact(text, [getattr(args, "token", None), *env_tokens()]), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

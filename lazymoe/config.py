@@ -10,6 +10,7 @@ import difflib
 import os
 import random as _random
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -42,6 +43,22 @@ _ARCHITECTURE_ALIASES = {"mixtral": "mixtral"}
 _KNOWN_UNSUPPORTED_ARCHITECTURES = {"qwen", "qwen2", "qwen2_moe", "qwen moe", "qwen3", "qwen3_moe", "qwen3 moe", "deepseek", "deepseek moe"}
 
 
+#: noise and generator seeds are 64-bit; torch refuses anything from 2**63 on
+MAX_SEED = 2**63 - 1
+#: bounds past which an expert's weights are destroyed rather than varied (see validate_config)
+MAX_NOISE_SCALE = 1.0
+MAX_RESIDUAL_SCALE = 100.0
+#: router_continuation_tokens above this would generate for hours on a free Colab GPU for no routing gain
+MAX_CONTINUATION_TOKENS = 4096
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML and Python both make true an int; a count or scale given as true/false is a mistake
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -57,6 +74,8 @@ class ExpertConfig(_Strict):
     #: expert_classifier / trained: a few paragraphs of text of this expert's kind, to route on as well as
     #: the text the expert writes from its prompts (lazymoe extension)
     calibration_text: list[str] = []
+
+    _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
 
     @field_validator("positive_prompts", "negative_prompts", "calibration_text", mode="before")
     @classmethod
@@ -101,6 +120,22 @@ class MoEConfig(_Strict):
     router_continuation_tokens: int | None = None
 
     _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
+    _numbers = field_validator("experts_per_token", "seed", "router_continuation_tokens", mode="before")(
+        lambda cls, v: _no_bool(v))
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be a whole number from 0 to 2**63-1 ({MAX_SEED})")
+        return value
+
+    @field_validator("router_continuation_tokens")
+    @classmethod
+    def _continuation(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_CONTINUATION_TOKENS:
+            raise ValueError(f"must be from 0 (prompts only) to {MAX_CONTINUATION_TOKENS}; leave it out for 48")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -193,10 +228,20 @@ def _format_validation_error(err: ValidationError) -> str:
         allowed = GATE_MODES if field == "gate_mode" else DTYPES if field == "dtype" else ()
         close = difflib.get_close_matches(str(first.get("input")), allowed, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        return f"{loc}: {first.get('input')!r} is not allowed; use one of {', '.join(allowed)}.{hint}"
+        return f"{loc}: {_short_repr(first.get('input'))} is not allowed; use one of {', '.join(allowed)}.{hint}"
     if first["type"] == "missing":
         return f"{loc} is required but missing from the config."
-    return f"{loc}: {msg} (got {first.get('input')!r})."
+    return f"{loc}: {msg} (got {_short_repr(first.get('input'))})."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 4, 4, 60, 60, 40
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """A repr that stays short however big the input (YAML aliases can nest millions of items)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_config(data: Any) -> MoEConfig:
@@ -213,6 +258,8 @@ def parse_config(data: Any) -> MoEConfig:
         raise ConfigError("experts is required: list the models whose MLPs become experts (at least two).")
     if not isinstance(experts, list):
         raise ConfigError("experts must be a list of mappings, each with source_model and positive_prompts.")
+    if data.get("shared_experts") is not None and not isinstance(data["shared_experts"], list):
+        raise ConfigError("shared_experts must be a list of mappings like experts (and lazymoe does not use it yet).")
     for key in ("experts", "shared_experts"):
         for i, expert in enumerate(data.get(key) or []):
             if not isinstance(expert, dict):
@@ -256,6 +303,13 @@ def validate_config(config: MoEConfig) -> MoEConfig:
                 raise ConfigError(f"experts[{i}].{field} must be a finite number, got {value}.")
         if expert.noise_scale is not None and expert.noise_scale < 0:
             raise ConfigError(f"experts[{i}].noise_scale must be >= 0 (it is a standard deviation).")
+        # MLP weights are ~0.02 in size: beyond these the expert is noise, or (a typo like 1e40) inf
+        if expert.noise_scale is not None and expert.noise_scale > MAX_NOISE_SCALE:
+            raise ConfigError(f"experts[{i}].noise_scale is {expert.noise_scale:g}; above {MAX_NOISE_SCALE:g} the "
+                              "noise drowns the weights (typical values: 0.001 to 0.05).")
+        if expert.residual_scale is not None and abs(expert.residual_scale) > MAX_RESIDUAL_SCALE:
+            raise ConfigError(f"experts[{i}].residual_scale is {expert.residual_scale:g}; keep it within "
+                              f"±{MAX_RESIDUAL_SCALE:g} (typical values: 0.5 to 2).")
         for field in ("positive_prompts", "negative_prompts", "calibration_text"):
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
@@ -283,23 +337,64 @@ def validate_config(config: MoEConfig) -> MoEConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key written twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": explicit keys may override those
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key ([a, b]: ...) is refused by the base class with a clear mark
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     """Load a config from a YAML file path, a YAML string, a dict or a config object."""
     if isinstance(source, (MoEConfig, dict)):
         return parse_config(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            f"A MoE config is a YAML file path, YAML text, a dict or a MoEConfig, got {type(source).__name__}."
+        )
     text: str
     path = Path(source)
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
         if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        text = path.read_text(encoding="utf-8")
+            if path.is_dir():
+                raise ConfigError(f"{path} is a folder; give the YAML config file (e.g. {path / 'moe.yaml'}).")
+            why = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"Config file {path} {why}.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"Config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at position {err.start}); "
+                "save it as UTF-8."
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
     else:
         text = str(source)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise ConfigError("The config nests too deeply to be a MoE config; check its indentation.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"The config is not valid YAML{where}: {problem}.") from None
+    if isinstance(data, dict) and isinstance(data.get("notebook"), dict):
+        # a notebook preset or a recipe saved by the notebook form: its notebook: block holds the form's
+        # settings (model name, upload, GGUF), not MoE config, so the CLI and Python take the file as it is
+        data = {k: v for k, v in data.items() if k != "notebook"}
     return parse_config(data)

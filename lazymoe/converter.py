@@ -143,11 +143,24 @@ def _extract_converter(archive: Path, dest: Path) -> None:
                         "is it a llama-cpp-python sdist?")
 
 
+def converter_cached(version: str | None = None) -> bool:
+    """Whether :func:`ensure_converter` has what it needs without fetching anything."""
+    if os.environ.get("LAZYMOE_LLAMA_CPP_DIR"):
+        return True
+    return _is_complete(cache_root() / f"llama.cpp-{version or llama_cpp_python_version()}")
+
+
+#: what a converter line about one tensor looks like (``INFO:hf-to-gguf:blk.0.ffn_up.weight, ... --> F16``)
+TENSOR_LINE = re.compile(r"^INFO:hf-to-gguf:\S+,.*-->")
+
+
 def run_converter(model_dir: Path, out_file: Path, outtype: str, *, converter_dir: Path | None = None,
-                  echo: bool = False, timeout_s: float | None = None) -> None:
+                  echo: bool = False, timeout_s: float | None = None, log_file: Path | None = None,
+                  on_line=None) -> None:
     """Run ``convert_hf_to_gguf.py`` on ``model_dir``; on failure raise GGUFError with its real cause.
 
-    ``echo`` streams the converter's own log lines to stderr as they come (its progress, in a notebook).
+    ``echo`` streams the converter's own log lines to stderr as they come; ``on_line(line)`` sees each line
+    (for a progress bar); ``log_file`` keeps the whole log, and the error names it.
     """
     converter_dir = converter_dir or ensure_converter()
     cmd = [sys.executable, str(converter_dir / "convert_hf_to_gguf.py"), str(model_dir),
@@ -163,18 +176,27 @@ def run_converter(model_dir: Path, out_file: Path, outtype: str, *, converter_di
     except OSError as err:
         raise GGUFError(f"could not start llama.cpp's converter ({cmd[1]}): {err}") from err
     assert proc.stdout is not None
+    log = open(log_file, "w", encoding="utf-8") if log_file is not None else None
     try:
         for line in proc.stdout:
             tail.append(line.rstrip("\n"))
+            if log is not None:
+                log.write(line)
             if echo:
                 print(line, end="", file=sys.stderr, flush=True)
+            if on_line is not None:
+                on_line(line)
         code = proc.wait(timeout=timeout_s)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
+    finally:
+        if log is not None:
+            log.close()
     if code != 0:
-        raise GGUFError(_failure_message(model_dir, code, list(tail)))
+        message = _failure_message(model_dir, code, list(tail))
+        raise GGUFError(message + (f"\nThe converter's whole log: {log_file}" if log_file else ""))
     if not out_file.is_file():
         raise GGUFError(f"llama.cpp's converter exited 0 on {model_dir} but wrote no {out_file.name}; "
                         "its last output:\n" + "\n".join(list(tail)[-10:]))

@@ -166,7 +166,11 @@ def build_tokenizer(out_dir: str | os.PathLike, *, vocab_size: int = 512, corpus
                         "already take 259 ids; use at least 300.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    proto = _train_spm(_CORPUS if corpus is None else corpus, vocab_size)
+    try:
+        proto = _train_spm(_CORPUS if corpus is None else corpus, vocab_size)
+    except RuntimeError as err:  # SentencePiece: the corpus's characters and the specials need more ids
+        raise DemoError(f"vocab_size={vocab_size} cannot hold the corpus's characters plus the byte-fallback "
+                        f"pieces ({str(err).strip().splitlines()[-1][-160:]}); use a larger vocab_size.") from None
     (out / "tokenizer.model").write_bytes(proto)
     (out / "tokenizer.json").write_text(_hf_tokenizer_json(proto), encoding="utf-8")
     added = {
@@ -356,7 +360,10 @@ def build_demo(
     if num_experts < 1:
         raise DemoError(f"num_experts={num_experts}: a MoE needs at least one expert.")
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DemoError(f"Cannot create the demo folder {out} ({err.strerror}); choose a folder you can write to.") from None
     tok_dir = build_tokenizer(out / "tokenizer", vocab_size=vocab_size)
     base_dir = build_model(out / "base", tokenizer_dir=tok_dir, seed=0, **model_kwargs)
     domains = list(DEMO_EXPERTS)

@@ -37,3 +37,15 @@ class HubError(LazyMoEError):
 
 class GGUFError(LazyMoEError):
     """Converting, quantising or running GGUF failed."""
+
+
+class OutputBusyError(OutputExistsError):
+    """Another lazymoe merge is writing the same output folder right now."""
+
+
+class OutputNotWritableError(LazyMoEError, PermissionError):
+    """The output folder cannot be created or written (read-only disk, no permission)."""
+
+
+class ModelFormatError(LazyMoEError, ValueError):
+    """A model's files exist but are malformed (config.json, the index, a safetensors header)."""

@@ -153,8 +153,15 @@ def router_token_ids(tokenizer, prompt: str, *, chat_template: bool = False) -> 
                 "router_chat_template is true but the base model's tokenizer has no chat template; "
                 "set router_chat_template: false or use a base whose tokenizer_config.json defines one."
             )
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as err:  # jinja2's SecurityError/TemplateError, or transformers' ValueError
+            raise ConfigError(
+                f"router_chat_template is true but the base model's chat template fails "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); set router_chat_template: false "
+                "or use a base whose chat template renders."
+            ) from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt)["input_ids"])
 
@@ -393,8 +400,6 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     fit_mode = fit_mode or config.gate_mode
     new_tokens = config.router_continuation_tokens
     new_tokens = DEFAULT_CONTINUATION_TOKENS if new_tokens is None else new_tokens
-    if new_tokens < 0:
-        raise ConfigError(f"router_continuation_tokens is {new_tokens}; use 0 (prompts only) or a positive count.")
     if prompts is not None:
         new_tokens = 0
     else:
@@ -426,7 +431,7 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
                       labels[~is_pos], E)
         rows.append(W)
         if layer + 1 == plan.num_layers:
-            break
+            continue  # nothing runs after the last layer; `continue`, not `break`, lets the bar reach 100%
         if upstream == "base":
             mlp = [base_tensor(arch.mlp_name(layer, part)) for part in arch.MLP_PARTS]
             stack.add_mlp_output((stack.act(x @ mlp[0].T) * (x @ mlp[1].T)) @ mlp[2].T)

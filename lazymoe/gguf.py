@@ -8,21 +8,31 @@ file and a rerun resumes by skipping them.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from .config import CONFIG_FILENAME
-from .converter import run_converter
+from .converter import (
+    TENSOR_LINE,
+    cache_root,
+    converter_cached,
+    ensure_converter,
+    llama_cpp_python_version,
+    run_converter,
+)
 from .errors import GGUFError, InsufficientResourcesError
+from .outdir import DISK_MARGIN_BYTES
 from .report import human_bytes
-from .llama import capture_llama_log, chat, expert_prompts, find_config_for, import_llama_cpp
+from .llama import capture_llama_log, chat, chat_loop, expert_prompts, find_config_for, import_llama_cpp
 
 log = logging.getLogger("lazymoe.gguf")
 
@@ -35,7 +45,6 @@ QUANT_TYPES = tuple(QUANT_BPW)
 DEFAULT_QUANTS = ("Q4_K_M", "Q5_K_M")
 #: converter output types and their bits per weight
 OUTTYPE_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5}
-_DISK_MARGIN = 64 * 1024**2
 
 _FALLBACK_RE = re.compile(
     r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
@@ -116,9 +125,10 @@ def _model_params(model_dir: Path) -> int:
 
 def _check_disk(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
-    if free < need + _DISK_MARGIN:
+    if free < need + DISK_MARGIN_BYTES:
         raise InsufficientResourcesError(
-            f"not enough disk for {what}: about {human_bytes(need)} needed, {human_bytes(free)} free in {folder}; "
+            f"not enough disk for {what}: about {human_bytes(need + DISK_MARGIN_BYTES)} needed ({human_bytes(need)} "
+            f"+ {human_bytes(DISK_MARGIN_BYTES)} margin), {human_bytes(free)} free in {folder}; "
             "free space, choose another --outdir, or request fewer quantisations.")
 
 
@@ -202,12 +212,24 @@ def convert_to_gguf(
             log.info("%s exists, reusing it (pass overwrite=True to rebuild)", base)
         else:
             _check_disk(out, int(n_params * OUTTYPE_BITS[outtype] / 8 * 1.02), base.name)
-            tmp = _partial(base)
+            folder = Path(converter_dir) if converter_dir else None
+            if folder is None and not converter_cached():
+                _say(bar, progress, f"Fetching llama.cpp's converter with pip (the llama-cpp-python "
+                                    f"{llama_cpp_python_version()} sdist, about 75 MB; once per version, about 2-3 "
+                                    f"minutes), into {cache_root()}")
+                bar.set_description("fetch llama.cpp's converter (once)")
+                folder = ensure_converter()
+                bar.set_description(f"convert {outtype.upper()}")
+            tmp, converter_log = _partial(base), out / f".{name}.{outtype.upper()}.convert.log"
+            tensors = _progress_bar(_tensor_count(model_dir), progress, unit="tensor",
+                                    desc="  tensors converted", leave=False)
             try:
-                run_converter(model_dir, tmp, outtype, echo=progress,
-                              converter_dir=Path(converter_dir) if converter_dir else None)
+                run_converter(model_dir, tmp, outtype, converter_dir=folder, log_file=converter_log,
+                              on_line=lambda line: tensors.update(1) if TENSOR_LINE.match(line) else None)
                 os.replace(tmp, base)
+                converter_log.unlink(missing_ok=True)  # kept only when the conversion fails (the error names it)
             finally:
+                tensors.close()
                 tmp.unlink(missing_ok=True)
         bar.update(1)
         paths = [base]
@@ -228,10 +250,27 @@ def convert_to_gguf(
     return paths
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, enabled: bool, *, unit: str = "file", desc: str | None = None,
+                  leave: bool = True) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="file", disable=not enabled)
+    return tqdm(total=total, unit=unit, desc=desc, leave=leave, disable=not enabled)
+
+
+def _say(bar: Any, enabled: bool, text: str) -> None:
+    """A line above the progress bar (what is happening and how long it takes); silent with progress off."""
+    log.info("%s", text)
+    if enabled:
+        bar.write(text, file=sys.stderr)
+
+
+def _tensor_count(model_dir: Path) -> int:
+    """How many tensors the converter writes: one per tensor, except that each layer's experts are stacked."""
+    from .safetensors_io import scan_file
+
+    names = {re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+             for shard in sorted(model_dir.glob("*.safetensors")) for name in scan_file(shard)}
+    return len(names)
 
 
 # --- command line -------------------------------------------------------------------------------------------
@@ -239,7 +278,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 def add_gguf_parsers(subparsers: Any) -> None:
     """Register ``lazymoe gguf`` and ``lazymoe chat`` on an argparse subparsers object."""
     p = subparsers.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
                    help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
                         f"menu: {','.join(QUANT_TYPES)}")
@@ -249,16 +288,19 @@ def add_gguf_parsers(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="rebuild files that already exist")
     p.set_defaults(func=run_gguf)
 
-    p = subparsers.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default)")
-    p.add_argument("gguf_file")
+    p = subparsers.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default, or "
+                                           "a conversation with -i)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("gguf_file", metavar="GGUF_FILE", help="a .gguf file written by `lazymoe gguf`")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="a conversation: type messages, the model answers with the conversation so far")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per expert, built from "
                                                       "its positive prompts in lazymoe_config.yml")
     p.add_argument("--config", help="the lazymoe_config.yml to build per-expert prompts from "
                                     "(default: beside the GGUF file or its parent)")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=run_chat)
 
 
@@ -272,6 +314,10 @@ def run_gguf(args: Any) -> int:
 
 def run_chat(args: Any) -> int:
     gguf_file = Path(args.gguf_file)
+    if getattr(args, "interactive", False):  # a Namespace built in code may not have it
+        chat_loop(gguf_file, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_tokens=args.max_tokens,
+                  n_ctx=args.n_ctx)
+        return 0
     if args.prompt:
         labelled = [(None, p) for p in args.prompt]
     else:

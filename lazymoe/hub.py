@@ -9,7 +9,6 @@ The token is never printed, logged or written anywhere; every failure a user can
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -21,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .colab import has_user_secrets, read_secret
 from .errors import HubError
+from .hub_token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
 if TYPE_CHECKING:  # huggingface_hub is imported lazily: `import lazymoe` stays fast and works offline
     from huggingface_hub import HfApi
@@ -51,54 +52,32 @@ def resolve_token(token: str | None = None, colab_secret: str = "HF_TOKEN") -> s
 
 
 def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, list[str]]:
-    """The token and its source, plus notes on sources that exist but could not be used (for the error)."""
+    """The token and its source, plus notes on sources that exist but could not be used (for the error).
+
+    A malformed token (a newline pasted with it...) is refused here, before any client sees it."""
+    found, notes = _first_token(token, colab_secret)
+    if found is not None:
+        check_token(found.value, found.source)
+    return found, notes
+
+
+def _first_token(token: str | None, colab_secret: str) -> tuple[_Token | None, list[str]]:
     notes: list[str] = []
     if token is not None and token.strip():
         return _Token(token.strip(), "your token= / --token argument"), notes
-    if colab_secret and _in_colab():
-        value, note = _read_colab_secret(colab_secret)
+    if colab_secret and has_user_secrets():
+        value, note = read_secret(colab_secret)
         if value:
             return _Token(value, f"your Colab secret {colab_secret!r}"), notes
         if note:
             notes.append(note)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    for name in TOKEN_ENV_NAMES:
         if os.environ.get(name, "").strip():
             return _Token(os.environ[name].strip(), f"your {name} environment variable"), notes
     from huggingface_hub import get_token
 
     saved = get_token()  # the saved login (refreshed if it is an expiring OAuth token)
     return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
-
-
-def _in_colab() -> bool:
-    if os.environ.get("VERTEX_PRODUCT") == "COLAB_ENTERPRISE":
-        return False  # Colab Enterprise has no user secrets
-    if "google.colab" in sys.modules:  # the Colab kernel imports it at start-up
-        return True
-    from huggingface_hub.utils import is_google_colab
-
-    return is_google_colab()
-
-
-def _read_colab_secret(name: str) -> tuple[str | None, str | None]:
-    try:
-        userdata = importlib.import_module("google.colab.userdata")
-    except ImportError:
-        return None, None
-    try:
-        value = userdata.get(name)
-    except Exception as error:  # SecretNotFoundError, NotebookAccessError, or whatever the vault raises
-        kind = type(error).__name__
-        if kind == "NotebookAccessError":
-            return None, (
-                f"the Colab secret {name!r} exists but this notebook may not read it: "
-                "switch on 'Notebook access' for it in the Secrets panel (key icon)"
-            )
-        if kind == "SecretNotFoundError":
-            return None, f"there is no Colab secret named {name!r}"
-        return None, f"reading the Colab secret {name!r} failed ({kind})"
-    value = (value or "").strip()
-    return (value or None), (None if value else f"the Colab secret {name!r} is empty")
 
 
 def _token_help(endpoint: str) -> str:
@@ -144,7 +123,10 @@ def check_model_folder(model_dir: str | Path) -> Path:
     if index is not None:
         try:
             weight_files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
+            if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..")
+                       for n in weight_files):  # a shard is a file next to the index, never elsewhere
+                raise ValueError("it names a weight file outside the folder")
+        except (ValueError, KeyError, AttributeError, TypeError) as err:
             raise HubError(f"{unfinished}: {index.name} is not a valid index ({err}). Re-run the merge.") from None
         missing = [name for name in weight_files if not (folder / name).is_file()]
         if missing:
@@ -442,7 +424,7 @@ def _errors_as_hub_errors(token: _Token, endpoint: str, repo_id: str, *, stage: 
 
 def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage: str) -> str:
     status = _http_status(error)
-    cause = _describe(error).replace(token.value, "hf_***")
+    cause = _describe(error, [token.value, *env_tokens()])
     if status == 401:
         return (
             f"The Hub rejected the token from {token.source} (401 Unauthorized): it is invalid, expired or "
@@ -482,10 +464,11 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _describe(error: BaseException) -> str:
-    """One line: the error's message, plus its root cause when that says more (a dropped connection...)."""
+def _describe(error: BaseException, secrets: list[str]) -> str:
+    """One line: the error's message, plus its root cause when that says more (a dropped connection...).
+    Every form of ``secrets`` is scrubbed before the text is reflowed (reflowing would hide a raw form)."""
     chain = list(_causes(error))
-    parts = [" ".join(str(e).split()).rstrip(".") or type(e).__name__ for e in (chain[0], chain[-1])]
+    parts = [" ".join(redact(str(e), secrets).split()).rstrip(".") or type(e).__name__ for e in (chain[0], chain[-1])]
     text = parts[0] if len(chain) == 1 or parts[1] in parts[0] else f"{parts[0]}: {parts[1]}"
     return text if len(text) <= 300 else text[:297] + "..."
 

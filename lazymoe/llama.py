@@ -14,12 +14,9 @@ from typing import Any, Iterator, Sequence
 
 from .config import CONFIG_FILENAME
 from .errors import GGUFError
+from .optional import install_hint
 
-INSTALL_HINT = (
-    "llama-cpp-python is not installed. CPU: CMAKE_ARGS=\"-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF\" "
-    "pip install llama-cpp-python==0.3.36 (compiles llama.cpp, a few minutes); "
-    "NVIDIA GPU: CMAKE_ARGS=\"-DGGML_CUDA=on -DLLAVA_BUILD=OFF\" pip install llama-cpp-python==0.3.36."
-)
+INSTALL_HINT = install_hint("llama_cpp")
 
 
 def import_llama_cpp() -> Any:
@@ -99,6 +96,30 @@ def chat(gguf_path: str | os.PathLike, prompts: Sequence[str] | str, *, n_gpu_la
                                              seed=seed)
             replies.append(out["choices"][0]["message"]["content"] or "")
     return replies
+
+
+def chat_loop(gguf_path: str | os.PathLike, *, read=input, write=print, max_tokens: int = 256,
+              n_gpu_layers: int = -1, n_threads: int | None = None, n_ctx: int = 2048, temperature: float = 0.7,
+              seed: int = 0) -> int:
+    """A conversation in the terminal: each line read is one user turn, answered with the whole conversation
+    so far as context; an empty line, ``exit`` or end of input stops. Returns the number of turns."""
+    messages: list[dict[str, str]] = []
+    with open_gguf(gguf_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx, seed=seed) as llm:
+        write(f"Chatting with {Path(gguf_path).name}: type a message, an empty line or 'exit' to stop.")
+        while True:
+            try:
+                text = read("you> ").strip()
+            except EOFError:
+                break
+            if not text or text.lower() in ("exit", "quit"):
+                break
+            messages.append({"role": "user", "content": text})
+            out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                             seed=seed)
+            reply = (out["choices"][0]["message"]["content"] or "").strip()
+            messages.append({"role": "assistant", "content": reply})
+            write(f"model> {reply}")
+    return len(messages) // 2
 
 
 def expert_prompts(config: Any) -> list[tuple[str, str]]:

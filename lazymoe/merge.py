@@ -7,7 +7,6 @@ interrupted or failed merge never leaves something that looks like a model; inpu
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from . import plan as planning
 from .card import write_card
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import InsufficientResourcesError, OutputExistsError
+from .outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
 from .report import human_bytes
 from .sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
 
@@ -59,7 +59,7 @@ def make_plan(
                                low_disk=low_disk)
 
 
-def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -> None:
+def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
     out = output_dir.resolve()
     for ref, info in plan.models.items():
         src = info.folder.resolve() if info.folder else None
@@ -68,52 +68,6 @@ def _check_output(output_dir: Path, plan: planning.MergePlan, overwrite: bool) -
                 f"The output folder {output_dir} overlaps the input model {ref}; choose a separate folder "
                 "(inputs are never modified)."
             )
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise OutputExistsError(f"{output_dir} exists and is a file; choose another output folder.")
-        if any(output_dir.iterdir()):
-            ours = (output_dir / CONFIG_FILENAME).is_file() and (output_dir / "config.json").is_file()
-            if not (overwrite and ours):
-                hint = ("pass overwrite=True / --overwrite to replace it" if ours else
-                        "it was not made by lazymoe, so it is never replaced; choose an empty or new folder")
-                raise OutputExistsError(f"{output_dir} already exists and is not empty: {hint}.")
-
-
-def _remove_stale_work(parent: Path, name: str) -> int:
-    """Delete hidden work folders that a killed merge into ``name`` left behind (Colab's OOM killer and
-    stopped cells skip every cleanup); returns the bytes freed. Folders of a merge still running are kept."""
-    freed = 0
-    for kind in ("partial", "old"):
-        for folder in parent.glob(f".{glob.escape(name)}.lazymoe-{kind}-*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.info("removed %s, left by an interrupted merge", folder)
-    return freed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def _finalise(tmp: Path, output_dir: Path) -> None:
-    old = None
-    if output_dir.exists() and any(output_dir.iterdir()):
-        old = output_dir.with_name(f".{output_dir.name}.lazymoe-old-{os.getpid()}")
-        os.replace(output_dir, old)
-    elif output_dir.exists():
-        output_dir.rmdir()
-    os.replace(tmp, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def merge(
@@ -129,30 +83,45 @@ def merge(
     plan: planning.MergePlan | None = None,
 ) -> Path:
     """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
-    from transformers import AutoTokenizer
-
-    from .gates import FITTED_MODES, HIDDEN_MODES, compute_gates, degenerate_layers, pick_device
+    from .gates import FITTED_MODES, HIDDEN_MODES, pick_device
     from .router_train import WRITTEN_MODES
-    from .writer import write_shards
 
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
+        raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
     config = plan.config.with_seed()
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
-    _check_output(output_dir, plan, overwrite)
-    parent = output_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_work(parent, output_dir.name)
-    free = planning.free_disk_bytes(parent)
-    if free < plan.disk_bytes:
-        raise InsufficientResourcesError(
-            f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {parent} "
-            f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}) but only "
-            f"{human_bytes(free)} is free. Free some space, choose another output folder"
-            f"{'' if plan.low_disk else ', or use low-disk mode (--low-disk)'}."
-        )
+    _check_overlap(output_dir, plan)
+    with OutputTarget(output_dir) as target:  # locked from here: no other merge can write this folder
+        target.approve(overwrite)
+        free = planning.free_disk_bytes(target.parent)
+        if free < plan.disk_bytes:
+            raise InsufficientResourcesError(
+                f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {target.parent} "
+                f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)} "
+                f"+ {human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some "
+                f"space or choose another output folder{_low_disk_hint(plan)}."
+            )
+        return _merge_into(target, plan, config, device=device, progress=progress)
+
+
+def _low_disk_hint(plan: planning.MergePlan) -> str:
+    """Suggest low-disk mode only where it would need less disk."""
+    if plan.low_disk or dataclasses.replace(plan, low_disk=True).peak_download_bytes >= plan.peak_download_bytes:
+        return ""
+    return ", or use low-disk mode (--low-disk)"
+
+
+def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress) -> Path:
+    from transformers import AutoTokenizer
+
+    from .gates import compute_gates, degenerate_layers
+    from .writer import write_shards
+
+    output_dir = target.path
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -175,10 +144,7 @@ def merge(
         )
         logger.warning(plan.warnings[-1])
 
-    tmp = parent / f".{output_dir.name}.lazymoe-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = target.work_folder()
     try:
         write_shards(plan, gates, tmp, store, progress=progress)
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
@@ -188,9 +154,10 @@ def merge(
                 shutil.copyfile(src, tmp / name)  # byte for byte: the tokenizer is the base's, unchanged
         (tmp / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
         write_card(plan, tmp, model_name=output_dir.name)
-        _finalise(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        if err.errno in DISK_FULL:  # the free-space check passed, but something else filled the disk since
+            raise disk_full_error(err, target.parent, human_bytes(plan.disk_bytes)) from None
         raise
+    target.commit()
     logger.info("Wrote %s (%s)", output_dir, human_bytes(plan.output_bytes))
     return output_dir

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import arch
 from .config import MoEConfig
 from .errors import ConfigError
+from .outdir import DISK_MARGIN_BYTES
 from .safetensors_io import NAME_TO_ST, ST_DTYPES, TensorInfo
 from .sources import ModelInfo
 
@@ -155,7 +156,7 @@ class MergePlan:
 
     @property
     def disk_bytes(self) -> int:
-        return self.output_bytes + self.peak_download_bytes + (64 << 20)
+        return self.output_bytes + self.peak_download_bytes + DISK_MARGIN_BYTES
 
     def last_use(self) -> dict[str, int]:
         """For each model, the index (in write order) of the last output tensor that reads it."""
@@ -192,7 +193,12 @@ class MergePlan:
 
 def parse_bytes(text: str | int) -> int:
     """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (units are bytes, as the flag name says)."""
+    bad = ConfigError(f"{str(text)[:40]!r} is not a size; write a positive size like 2GB, 500MB or 1.5GiB.")
+    if isinstance(text, bool):
+        raise bad
     if isinstance(text, int):
+        if text < 1:
+            raise bad
         return text
     units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -200,11 +206,12 @@ def parse_bytes(text: str | int) -> int:
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
     try:
-        value = float(num)
+        value = float(num) if len(num) <= 40 else math.nan
     except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise ConfigError(f"{text!r} is not a size; write it like 2GB, 500MB or 1.5GiB.")
+        value = math.nan
+    # inf, nan and 1e400 (which float() makes inf) are not sizes; nor is anything under one byte
+    if unit not in units or not math.isfinite(value) or value * units[unit] < 1:
+        raise bad
     return int(value * units[unit])
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 
 from .converter import cache_root, llama_cpp_python_version
 from .errors import LazyMoEError
+from .hub import check_push_target, repo_name_problem
+from .llama import INSTALL_HINT
 from .plan import free_disk_bytes
 from .report import human_bytes
+from .ui_runtime import estimate_gguf_bytes
 
 #: how long compiling llama-cpp-python takes (README "GGUF and llama.cpp" has the measurement)
 CPU_BUILD_TIME = "about 3 minutes on an idle 2-core machine, about 6 when the cores are busy"
@@ -46,8 +49,6 @@ class NotReadyError(LazyMoEError):
 def check_upload(repo: str, *, private: bool = False, token: str | None = None, colab_secret: str = "HF_TOKEN",
                  gguf: bool = False) -> list[Check]:
     """Token, write access, repo name, and the name free or ours, for ``repo`` (and ``repo-GGUF`` if ``gguf``)."""
-    from .hub import check_push_target, repo_name_problem
-
     checks = []
     try:
         target = check_push_target(repo, private=private, token=token, colab_secret=colab_secret)
@@ -72,8 +73,6 @@ def check_upload(repo: str, *, private: bool = False, token: str | None = None, 
 def check_llama_cpp(*, in_colab: bool, has_gpu: bool = False) -> list[Check]:
     """llama-cpp-python installed, or (Colab) the build the GGUF step will run and how long it takes; and
     whether llama.cpp's converter is cached or will be fetched first."""
-    from .llama import INSTALL_HINT
-
     checks = []
     if importlib.util.find_spec("llama_cpp") is not None:
         checks.append(Check("GGUF", True, f"llama-cpp-python {llama_cpp_python_version()} is installed"))
@@ -83,7 +82,7 @@ def check_llama_cpp(*, in_colab: bool, has_gpu: bool = False) -> list[Check]:
         checks.append(Check("GGUF", None, f"llama-cpp-python is not installed: the GGUF step compiles it {build} "
                                           f"first, {took}, once per runtime"))
     else:
-        checks.append(Check("GGUF", False, f"llama-cpp-python is not installed, and GGUF is ticked. {INSTALL_HINT} "
+        checks.append(Check("GGUF", False, f"GGUF is ticked, but {INSTALL_HINT}. "
                                            f"Compiling takes {CPU_BUILD_TIME}."))
     version = llama_cpp_python_version()
     if not (cache_root() / f"llama.cpp-{version}" / "convert_hf_to_gguf.py").is_file():
@@ -94,8 +93,6 @@ def check_llama_cpp(*, in_colab: bool, has_gpu: bool = False) -> list[Check]:
 
 def check_gguf_disk(plan, quants: Sequence[str], disk_path: str | Path) -> Check:
     """The merge's disk plus the f16 GGUF and every quantisation, against the free disk at ``disk_path``."""
-    from .ui_runtime import estimate_gguf_bytes
-
     gguf = estimate_gguf_bytes(plan.total_params, tuple(quants))
     need = plan.disk_bytes + gguf
     free = free_disk_bytes(Path(disk_path))

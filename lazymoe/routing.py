@@ -27,6 +27,7 @@ import torch
 
 from .config import CONFIG_FILENAME
 from .errors import ConfigError, ModelNotFoundError
+from .optional import require
 from .safetensors_io import TensorInfo, read_tensor
 from .sources import ModelRef, describe
 from .streamed import LayerStack
@@ -64,7 +65,8 @@ class RoutingReport:
         return float(sum(a * n for a, n in rows) / total) if total else None
 
     def summary(self) -> str:
-        lines = [f"Routing of {self.model_dir.name}: top-1 share per group (mean over {self.num_layers} layers)"]
+        lines = [f"Routing of {self.model_dir.name}: share of each group's tokens whose first choice is the expert "
+                 f"(mean over {self.num_layers} layers; routing.png shows the top-{self.experts_per_token} share)"]
         width = max(len(g) for g in self.groups)
         lines.append(" " * width + "  " + "  ".join(f"{e[:10]:>10}" for e in self.experts))
         for g, name in enumerate(self.groups):
@@ -319,6 +321,7 @@ def routing_report(
 
 def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Draw one heatmap per prompt group (layers x experts, share of tokens choosing each expert) as a PNG."""
+    require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -380,6 +383,7 @@ def write_routing_picture(
     and, with ``update_card``, re-render its card so the picture is embedded. Returns the report."""
     from .card import ROUTING_IMAGE, detected_extras, rerender_card
 
+    require("matplotlib")  # before minutes of routing, not after
     folder = Path(model_dir)
     report = routing_report(folder, extra_texts=extra_texts, device=device, progress=progress)
     plot_routing(report, folder / ROUTING_IMAGE)
@@ -396,7 +400,7 @@ def add_route_parser(subparsers) -> None:
                     "a time, writes MODEL_DIR/routing.png, prints per-expert routing and warns when routing is "
                     "degenerate. The model card is re-rendered to embed the picture.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("--text", action="append", default=[], help="extra text to route (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-card", action="store_true", help="leave README.md as it is")

@@ -61,22 +61,56 @@ def read_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise ValueError("it is not a safetensors file (shorter than 8 bytes)")
         (size,) = struct.unpack("<Q", raw)
         if size > _MAX_HEADER:
-            raise ValueError(f"{path} is not a safetensors file (header length {size})")
-        header = json.loads(f.read(size))
+            raise ValueError(f"it is not a safetensors file (header length {size})")
+        text = f.read(size)
+    if len(text) != size:
+        raise ValueError(f"it is truncated inside its header ({len(text)} of {size} header bytes)")
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"its header is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
     return header, 8 + size
 
 
+def _bad(name: str, why: str) -> ValueError:
+    return ValueError(f"tensor {name!r} {why}")
+
+
 def scan_file(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one file, after checking that the header describes bytes the file really holds:
+    offsets inside the file, shape and dtype agreeing with the byte count. Unknown dtypes are kept (a
+    tensor lazymoe never reads may have any); whoever reads a tensor checks its dtype is in ST_DTYPES."""
     header, base = read_header(path)
+    file_bytes = os.path.getsize(path)
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        start, end = meta["data_offsets"]
-        out[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, base + start, end - start)
+        if not isinstance(meta, dict):
+            raise _bad(name, f"is described by a JSON {type(meta).__name__}, not an object")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise _bad(name, "has no dtype")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _bad(name, f"has shape {shape!r}; a shape is a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise _bad(name, f"has data_offsets {offsets!r}; they must be two integers [start, end]")
+        start, end = offsets
+        if base + end > file_bytes:
+            raise ValueError(
+                f"it is truncated: tensor {name!r} ends at byte {base + end} but the file has {file_bytes} bytes"
+            )
+        info = TensorInfo(name, dtype, tuple(shape), path, base + start, end - start)
+        if dtype in ST_DTYPES and info.numel * ST_DTYPES[dtype][1] != info.nbytes:
+            raise _bad(name, f"has shape {shape} of {dtype} ({info.numel * ST_DTYPES[dtype][1]} bytes) but "
+                             f"its data_offsets span {info.nbytes} bytes")
+        out[name] = info
     return out
 
 

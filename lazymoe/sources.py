@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import ModelFormatError, ModelNotFoundError
+from .hub_token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 from .safetensors_io import TensorInfo, scan_file
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# a revision is a branch, tag or commit: git's ref-name rules (no space, control character, ~^:?*[\\, "..",
+# "@{", leading or trailing "/" or "."), a length the Hub accepts, and nothing a Markdown link or URL could
+# be broken out with (the card links to it)
+_REVISION = re.compile(r"^(?!.*\.\.)(?!.*@\{)(?!.*//)(?![/.])[A-Za-z0-9._/+-]{1,255}(?<![/.])(?<!\.lock)$")
+#: the Hub's limit on namespace/name (huggingface_hub.utils.validate_repo_id)
+_MAX_HUB_ID = 96
+#: config.json fields the planner reads as positive integers, when present
+_CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,14 +55,34 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> "ModelRef":
+        if not isinstance(text, str):
+            raise ModelNotFoundError(f"A model reference must be text (a Hub id or a folder), got {text!r}.")
         text = text.strip()
-        path = Path(text).expanduser()
-        if path.exists():
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise ModelNotFoundError(
+                f"{text!r} contains a control character (a pasted newline or tab?); write the Hub id or folder alone."
+            )
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~someone/m": no such user, so no home folder to expand
+            raise ModelNotFoundError(
+                f"{text!r} starts with ~ but there is no such user's home folder; write the full path of the folder."
+            ) from None
+        try:
+            exists = path.exists()
+        except OSError as err:  # ENAMETOOLONG, EACCES on a parent...
+            raise ModelNotFoundError(f"{text[:80]!r}... cannot be a model folder ({err.strerror}).") from None
+        if exists:
             if not path.is_dir():
                 raise ModelNotFoundError(f"{text} is a file; a model reference must be a folder or a Hub id.")
             return cls(text, local_path=path.resolve())
         repo, _, revision = text.partition("@")
-        if _HUB_ID.match(repo) and not text.startswith((".", "/", "~")):
+        if _HUB_ID.match(repo) and len(repo) <= _MAX_HUB_ID and not text.startswith((".", "/", "~")):
+            if revision and not _REVISION.match(revision):
+                raise ModelNotFoundError(
+                    f"{text!r}: {revision!r} is not a revision the Hub accepts; after '@' give a branch, tag or "
+                    "commit hash (letters, digits and . _ - / +), like org/name@main."
+                )
             return cls(text, repo_id=repo, revision=revision or None)
         raise ModelNotFoundError(
             f"{text!r} is neither an existing local folder nor a Hub id like 'org/name' or 'org/name@revision'. "
@@ -77,18 +108,66 @@ class ModelInfo:
         return str(self.config.get("model_type", "?"))
 
 
-def _scan_local(folder: Path, ref: ModelRef) -> dict[str, TensorInfo]:
-    files = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise ModelNotFoundError(
-                f"{ref}: the index lists {', '.join(missing[:3])} but the file is missing; "
-                "the download is incomplete — download the model again."
+def read_json(path: Path, what: str, ref: ModelRef | str) -> dict:
+    """A JSON object from a model's file, or ModelFormatError saying which file is broken and what to do."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{ref}: {what} is not UTF-8 text; the file is damaged, download the model again.") from None
+    except (ValueError, RecursionError) as err:
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise ModelFormatError(
+            f"{ref}: {what} is not valid JSON{where}; the file is damaged, download the model again."
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(
+            f"{ref}: {what} holds a JSON {type(data).__name__}, not an object; download the model again."
+        )
+    return data
+
+
+def read_model_config(path: Path, ref: ModelRef | str) -> dict:
+    """config.json, with the fields the planner does arithmetic on checked for type."""
+    cfg = read_json(path, "config.json", ref)
+    for key in _CONFIG_INTS:
+        value = cfg.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ModelFormatError(
+                f"{ref}: config.json has {key}={value!r}; it must be a positive whole number. "
+                "Fix config.json or download the model again."
             )
+    if not isinstance(cfg.get("model_type", ""), str):
+        raise ModelFormatError(f"{ref}: config.json has model_type={cfg['model_type']!r}; it must be text.")
+    return cfg
+
+
+def _weight_files(folder: Path, ref: ModelRef) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    weight_map = read_json(index, index.name, ref).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFormatError(f"{ref}: {index.name} has no weight_map; download the model again.")
+    names = set(weight_map.values())
+    for name in names:
+        # shards sit next to the index; a name with a folder in it ("../", "/etc/") reads outside the model
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ModelFormatError(
+                f"{ref}: {index.name} maps a tensor to {name!r}, which is not a file name in the model folder; "
+                "the index is damaged or hostile, download the model again."
+            )
+    files = sorted(folder / f for f in names)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelNotFoundError(
+            f"{ref}: the index lists {', '.join(missing[:3])} but the file is missing; "
+            "the download is incomplete — download the model again."
+        )
+    return files
+
+
+def _scan_local(folder: Path, ref: ModelRef) -> dict[str, TensorInfo]:
+    files = _weight_files(folder, ref)
     if not files:
         extra = " (it has PyTorch .bin weights; convert them to safetensors first)" if any(folder.glob("*.bin")) else ""
         raise ModelNotFoundError(f"{ref}: no *.safetensors weights in {folder}{extra}.")
@@ -96,8 +175,8 @@ def _scan_local(folder: Path, ref: ModelRef) -> dict[str, TensorInfo]:
     for f in files:
         try:
             tensors.update(scan_file(f))
-        except (ValueError, OSError, json.JSONDecodeError) as err:
-            raise ModelNotFoundError(f"{ref}: cannot read {f.name}: {err}") from None
+        except (ValueError, OSError) as err:
+            raise ModelFormatError(f"{ref}: cannot use {f.name}: {err}. Download the model again.") from None
     return tensors
 
 
@@ -114,10 +193,21 @@ def _hub_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
     elif name == "RevisionNotFoundError":
         why = f"has no revision {ref.revision!r}"
     elif name in ("LocalEntryNotFoundError", "ConnectionError", "OfflineModeIsEnabled"):
-        why = "cannot be reached (no network, or offline mode): download it first or use a local folder"
+        folder = ref.repo_id.rsplit("/", 1)[-1]
+        why = ("cannot be reached (no network, or offline mode): download it while you have a network, with "
+               f"`hf download {ref.repo_id}{' --revision ' + ref.revision if ref.revision else ''} --local-dir "
+               f"{folder}`, and give the folder {folder!r} instead")
     else:
-        why = f"could not be read ({name}: {err})"
+        why = f"could not be read ({name}: {' '.join(redact(str(err), env_tokens()).split())[:300]})"
     return ModelNotFoundError(f"{ref.repo_id} {why}.")
+
+
+def _check_env_tokens() -> None:
+    """huggingface_hub sends HF_TOKEN with every request: a malformed one is refused before it is sent."""
+    for name in TOKEN_ENV_NAMES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            check_token(value, f"your {name} environment variable")
 
 
 def describe(ref: ModelRef) -> ModelInfo:
@@ -126,11 +216,13 @@ def describe(ref: ModelRef) -> ModelInfo:
         cfg = ref.local_path / "config.json"
         if not cfg.is_file():
             raise ModelNotFoundError(f"{ref}: no config.json in {ref.local_path}; is this a Hugging Face model folder?")
+        config = read_model_config(cfg, ref)
         tensors = _scan_local(ref.local_path, ref)
-        return ModelInfo(ref, json.loads(cfg.read_text()), tensors, ref.local_path, sum(t.nbytes for t in tensors.values()))
+        return ModelInfo(ref, config, tensors, ref.local_path, sum(t.nbytes for t in tensors.values()))
 
     from huggingface_hub import snapshot_download
 
+    _check_env_tokens()
     try:
         folder = Path(
             snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=METADATA_PATTERNS)
@@ -146,7 +238,7 @@ def describe(ref: ModelRef) -> ModelInfo:
             start, end = tmeta.data_offsets
             # offsets are resolved against the real file after download (fetch_weights)
             tensors[name] = TensorInfo(name, tmeta.dtype, tuple(tmeta.shape), folder / filename, -1, end - start)
-    return ModelInfo(ref, json.loads((folder / "config.json").read_text()), tensors, folder,
+    return ModelInfo(ref, read_model_config(folder / "config.json", ref), tensors, folder,
                      sum(t.nbytes for t in tensors.values()))
 
 

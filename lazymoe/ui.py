@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import MoEConfig, load_config
-from .errors import LazyMoEError
+from .errors import LazyMoEError, OutputNotWritableError
 from .preflight import blocking, check_ahead
 from .report import human_bytes
 from .ui_form import MoEForm, Settings
+from .ui_recipe import DRIVE_MOUNT, RecipeFile, locate, recipe_folder, restore, saved_when
+from .ui_recipe import dump as dump_recipe
 from .ui_runtime import (
     Raw,
     checks_html,
     error_html,
+    in_colab,
     install_llama_cpp,
     notice_html,
     plan_html,
@@ -128,23 +131,88 @@ class Builder:
         self.model_dir: Path | None = None
         self.repo_id: str | None = None  # namespace/name once uploaded
         self.gguf_files: list[Path] = []
+        self.recipe_file: RecipeFile | None = None  # where the form's edits are saved (from_preset's save_to)
         form.on_build(self._build_from_button)
 
     @classmethod
-    def from_preset(cls, preset_text: str, **kwargs) -> Builder:
-        """The form for this preset; re-running the cell returns the same one, so edits survive *Run all*."""
-        key = hashlib.sha256(preset_text.encode()).hexdigest()
+    def from_preset(cls, preset_text: str, *, save_to: str | Path | None = None, **kwargs) -> Builder:
+        """The form for this preset; re-running the cell returns the same one, so edits survive *Run all*.
+
+        ``save_to``: ``"here"`` (next to the notebook), ``"drive"`` (Google Drive, Colab only) or a folder.
+        Every edit is then saved there at once, and restored when the cell runs in a new kernel or after
+        the PRESET text was edited (field by field, the later edit wins: see :mod:`lazymoe.ui_recipe`).
+        """
+        key = hashlib.sha256(f"{preset_text}\0{save_to}".encode()).hexdigest()
         builder = cls._instances.get(key)
-        if builder is None:
-            try:
-                form = MoEForm(preset_text)
-            except LazyMoEError as err:  # a preset that is not even a mapping: nothing to show a form for
-                kwargs.get("show", _display)(_html(error_html(f"The PRESET in this cell cannot be read: {err}")))
-                raise StepFailed("Your MoE", str(err)) from None
-            builder = cls._instances[key] = cls(form, **kwargs)
-        else:
-            builder.form.show_notice("Your edits were kept. “Reset to preset” starts over.", "info")
+        if builder is not None:
+            where = f" (saved in {builder.recipe_file.path})" if builder.recipe_file else ""
+            builder.form.show_notice(f"Your edits were kept{where}. “Reset to preset” starts over.", "info")
+            return builder
+        show = kwargs.get("show", _display)
+        try:
+            form = MoEForm(preset_text)
+            folder = recipe_folder(save_to, in_colab=in_colab()) if save_to is not None else None
+        except LazyMoEError as err:  # a preset that is not even a mapping: nothing to show a form for
+            show(_html(error_html(f"The PRESET in this cell cannot be read: {err}")))
+            raise StepFailed("Your MoE", str(err)) from None
+        builder = cls._instances[key] = cls(form, **kwargs)
+        if folder is not None:
+            notebook = form._preset.notebook if form._preset else {}
+            builder._keep_edits(locate(folder, notebook.get("title"), notebook.get("model_name") or "recipe"),
+                                preset_text)
         return builder
+
+    def _keep_edits(self, file: RecipeFile, preset_text: str) -> None:
+        """Restore the edits saved in ``file`` (if any), then save every further edit there."""
+        form = self.form
+        self.recipe_file = file
+        saved = file.load()
+        message = None
+        if saved is not None:
+            try:
+                restored = restore(saved.text, saved.preset_text, preset_text)
+            except LazyMoEError as err:
+                copy = file.keep_copy("unreadable")
+                form.show_error(f"The saved edits in {file.path} could not be read ({err}); the form shows the "
+                                f"preset. The file was kept as {copy}.")
+            else:
+                copy = file.keep_copy("before-preset-edit") if restored.replaced_edits else None
+                valid = form.import_yaml(dump_recipe(restored.recipe), quiet=True, reset=True)
+                message = f"Restored your edits from {file.path} (saved {saved_when(saved.saved_at)})."
+                if restored.from_preset:
+                    message += (f" The PRESET text in this cell changed since, so these come from it: "
+                                f"{', '.join(restored.from_preset)}; your other edits are kept.")
+                if copy is not None:
+                    message += (f" That replaced your form edits of {', '.join(restored.replaced_edits)}; the "
+                                f"file as it was is kept as {copy.name}.")
+                message += " “Reset to preset” starts over."
+                if valid:
+                    form.show_notice(message, "info")
+        file.save(form.recipe_yaml(), preset_text)
+        self._saved_note()
+        if message and form.last_message and form.last_message[0] == "error":
+            form.saved_note.value += f"<div style='color:#555'>{html.escape(message)}</div>"
+
+        def save() -> None:
+            file.save(form.recipe_yaml(), preset_text)
+            self._saved_note()
+
+        def before_reset() -> str | None:
+            copy = file.keep_copy("before-reset")
+            return f"Your edits before the reset are kept in {copy}." if copy else None
+
+        form.on_change(save)
+        form.on_before_reset(before_reset)
+
+    def _saved_note(self) -> None:
+        file = self.recipe_file
+        volatile = (" In Colab this folder survives a runtime restart but not a disconnect: choose Google Drive in "
+                    "this cell to keep edits across sessions." if in_colab() and not str(file.path).startswith(
+                        str(DRIVE_MOUNT)) else "")
+        self.form.saved_note.value = (
+            f"<span style='color:#555'>💾 Every edit is saved to <code>{html.escape(str(file.path))}</code> "
+            f"(last saved {saved_when(file.path.stat().st_mtime)}) and restored when this cell runs again."
+            f"{html.escape(volatile)}</span>")
 
     def show(self) -> None:
         self._show(self.form.widget)
@@ -184,7 +252,12 @@ class Builder:
         from .merge import make_plan
 
         config, settings = self.values()
-        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputNotWritableError(
+                f"Cannot create the work folder {self.output_dir.parent} ({err.strerror}); choose one you can write to."
+            ) from None
         runtime = probe(self.output_dir.parent)
         ahead = self._check_ahead(settings, runtime)  # token, repo, llama.cpp: seconds, before any model is read
         try:

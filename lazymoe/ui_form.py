@@ -7,22 +7,27 @@ message area as one short red line; they never raise out of a widget callback.
 
 from __future__ import annotations
 
+import base64
 import html
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import ipywidgets as widgets
 import yaml
 from pydantic import ValidationError
 
 from .config import DTYPES, GATE_MODES, RECOMMENDED_GATE_MODE, MoEConfig, parse_config
 from .errors import ConfigError, LazyMoEError
 from .hub import repo_name_problem
+from .hub_token import check_token
 from .notebooks import Preset, parse_preset
 from .plan import parse_bytes
+from .ui_recipe import dump as dump_recipe
+from .ui_recipe import recipe_filename
 from .ui_runtime import error_html, notice_html
-from .ui_widgets import GATE_LABELS, LICENSES, QUANT_TYPES, ExpertRow, set_tooltip, styled
+from .ui_widgets import GATE_LABELS, LICENSES, QUANT_TYPES, ExpertRow, parse_number, set_tooltip, styled, widgets
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
@@ -59,6 +64,10 @@ class MoEForm:
         self._preset: Preset | None = None
         self.last_message: tuple[str, str] | None = None
         self._on_build: Callable[[], None] | None = None
+        self._listeners: list[Callable[[], None]] = []  # called once per edit (see on_change)
+        self._before_reset: list[Callable[[], str | None]] = []
+        self._loading_depth = 0
+        self._changed_while_loading = False
 
         self.model_name = styled(w.Text(description="New model name"), "lazymoe-model-name",
                                  "Name of the merged model: the output folder and the Hub repo (in your namespace "
@@ -106,18 +115,26 @@ class MoEForm:
         self.quants = styled(w.SelectMultiple(description="Quantisations", options=list(QUANT_TYPES),
                                               value=("Q4_K_M", "Q5_K_M"), rows=7), "lazymoe-quants",
                              "Ctrl/Cmd-click to pick several", width="360px")
+        self.quants_note = w.HTML()  # the selection in words: a multi-select list hides what is picked
+        self.quants.observe(self._show_quants, names="value")
+        self.gguf.observe(self._show_quants, names="value")
         self.yaml_box = styled(w.Textarea(rows=16, placeholder="Paste a mergekit-moe YAML here, then press Load"),
                                "lazymoe-yaml", "", width="100%")
-        self.yaml_load = w.Button(description="Load YAML into the form")
+        auto = w.Layout(width="auto")  # a fixed width cuts labels off ("Load YAML into t…")
+        self.yaml_load = w.Button(description="Load YAML into the form", layout=auto)
         self.yaml_load.on_click(lambda _: self.import_yaml(self.yaml_box.value))
-        self.yaml_show = w.Button(description="Show the form as YAML")
+        self.yaml_show = w.Button(description="Show the recipe as YAML", layout=auto)
         self.yaml_show.on_click(lambda _: self._show_yaml())
+        self.yaml_links = w.HTML()  # Download YAML / Copy YAML: the full recipe, refreshed on every edit
+        self.yaml_links.add_class("lazymoe-yaml-links")
+        self.saved_note = w.HTML()  # where the edits are saved
+        self.saved_note.add_class("lazymoe-saved")
         self.check_button = w.Button(description="Check", button_style="info")
         self.check_button.on_click(lambda _: self.check())
         self.build_button = w.Button(description="Build", button_style="success")
         self.build_button.on_click(lambda _: self._on_build and self._on_build())
         self.reset_button = w.Button(description="Reset to preset")
-        self.reset_button.on_click(lambda _: self.reset())
+        self.reset_button.on_click(lambda _: self._reset_clicked())
         set_tooltip(self.build_button, "Plan, merge, try, then upload and GGUF if ticked: as running the next cells")
         self.extras_note = w.HTML()
         self.messages = w.Output(layout=w.Layout(width="100%"))
@@ -127,25 +144,141 @@ class MoEForm:
         def section(title: str) -> widgets.HTML:
             return w.HTML(f"<b style='font-size:1.05em'>{title}</b>")
 
+        self._error_labels: dict[int, widgets.HTML] = {}  # id(field) -> the line under it that says what is wrong
+        self._marked: list[Any] = []
+        field = self._with_error
+        # one stylesheet for the form: red fields, and inputs that stay inside their box
+        style = w.HTML("<style>.lazymoe-invalid input, .lazymoe-invalid textarea, .lazymoe-invalid select "
+                       "{border-color:#b00020 !important; background:#fff5f5 !important}"
+                       ".lazymoe-form input, .lazymoe-form textarea, .lazymoe-form select {box-sizing:border-box}"
+                       "</style>")
         extra = w.Accordion(children=[
-            w.VBox([self.max_shard, self.low_disk, self.overwrite, self.seed, self.allow_same, self.extras_note]),
-            w.VBox([self.yaml_box, w.HBox([self.yaml_load, self.yaml_show])]),
+            w.VBox([field(self.max_shard), self.low_disk, self.overwrite, field(self.seed), self.allow_same,
+                    self.extras_note]),
+            w.VBox([self.yaml_box, w.HBox([self.yaml_load, self.yaml_show, self.yaml_links])]),
         ])
         extra.set_title(0, "Advanced")
         extra.set_title(1, "YAML (mergekit-moe): import / export")
         extra.selected_index = None
         self.widget = w.VBox([
-            section("Model"), self.model_name, self.license, self.base_model,
+            style, section("Model"), field(self.model_name), field(self.license), field(self.base_model),
             section("Experts"), self.experts_box, self.add_button,
-            section("Routing"), self.gate_mode, self.experts_per_token, self.dtype,
-            section("Hugging Face Hub"), self.upload, self.private, w.HBox([self.hf_secret, self.token_box]),
+            section("Routing"), field(self.gate_mode), field(self.experts_per_token), field(self.dtype),
+            section("Hugging Face Hub"), self.upload, self.private,
+            w.HBox([field(self.hf_secret), self.token_box], layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.token_status, self.forget_token]),
-            section("GGUF"), self.gguf, self.quants,
-            extra, w.HBox([self.check_button, self.build_button, self.reset_button]), self.messages,
+            section("GGUF"), self.gguf, field(self.quants), self.quants_note,
+            extra, w.HBox([self.check_button, self.build_button, self.reset_button]), self.saved_note, self.messages,
         ], layout=w.Layout(width="100%", max_width="980px"))
         self.widget.add_class("lazymoe-form")
+        for widget in (self.model_name, self.license, self.base_model, self.gate_mode, self.experts_per_token,
+                       self.dtype, self.max_shard, self.overwrite, self.low_disk, self.seed, self.allow_same,
+                       self.upload, self.private, self.hf_secret, self.gguf, self.quants):
+            widget.observe(self._changed, names="value")  # never the token box: the token is never saved
         if preset is not None:
             self.load_preset(preset)
+        self._refresh_yaml_links()
+        self._show_quants()
+
+    def _show_quants(self, _change: Any = None) -> None:
+        self.quants.disabled = not self.gguf.value  # nothing to pick while GGUF is off
+        picked = ", ".join(self.quants.value) or "none"
+        self.quants_note.value = (f"<span style='color:#555;margin-left:158px'>Selected: <b>{html.escape(picked)}"
+                                  "</b> (Ctrl/Cmd-click to pick several)</span>" if self.gguf.value else
+                                  "<span style='color:#555;margin-left:158px'>Tick GGUF to choose "
+                                  "quantisations.</span>")
+
+    # ------------------------------------------------------------------ problems beside their fields
+
+    def _with_error(self, widget: Any) -> widgets.VBox:
+        label = widgets.HTML(layout=widgets.Layout(margin="0 0 0 158px"))
+        self._error_labels[id(widget)] = label
+        box = widgets.VBox([widget, label], layout=widgets.Layout(width=widget.layout.width or "100%"))
+        return box
+
+    def _label_for(self, widget: Any) -> widgets.HTML | None:
+        if id(widget) in self._error_labels:
+            return self._error_labels[id(widget)]
+        return next((row.error for row in self.rows if any(widget is w for w in row.inputs)), None)
+
+    def mark_problems(self, problems: list[tuple[Any, str]]) -> None:
+        """Mark each problem's field red and write its message right under it; clear earlier marks."""
+        for widget in self._marked:
+            widget.remove_class("lazymoe-invalid")
+        self._marked = []
+        for label in [*self._error_labels.values(), *(row.error for row in self.rows)]:
+            label.value = ""
+        for widget, text in problems:
+            label = self._label_for(widget) if widget is not None else None
+            if label is None:
+                continue
+            widget.add_class("lazymoe-invalid")
+            self._marked.append(widget)
+            label.value += (f"<div class='lazymoe-field-error' style='color:#b00020;white-space:normal'>"
+                            f"✖ {html.escape(text)}</div>")
+
+    # ------------------------------------------------------------------ edits
+
+    def on_before_reset(self, callback: Callable[[], str | None]) -> None:
+        """Call ``callback()`` just before "Reset to preset" replaces the form's values; what it returns is
+        shown with the reset."""
+        self._before_reset.append(callback)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every edit (one call for a whole YAML load or reset)."""
+        self._listeners.append(callback)
+
+    def _changed(self, _change: Any = None) -> None:
+        if self._loading_depth:
+            self._changed_while_loading = True
+            return
+        self._refresh_yaml_links()
+        for callback in self._listeners:
+            callback()
+
+    @contextmanager
+    def _loading(self) -> Iterator[None]:
+        """Many widget changes that are one edit (a YAML load, a reset): listeners hear of it once."""
+        self._loading_depth += 1
+        try:
+            yield
+        finally:
+            self._loading_depth -= 1
+        if not self._loading_depth and self._changed_while_loading:
+            self._changed_while_loading = False
+            self._changed()
+
+    def recipe(self) -> dict:
+        """Everything the form holds, as a preset: the mergekit-moe config plus the ``notebook:`` block.
+
+        Never raises: a value that does not parse yet (a half-typed seed or scale) is left out. The token
+        is never part of it."""
+        data = self.raw_config(strict=False)
+        preset = self._preset.notebook if self._preset else {}
+        notebook: dict[str, Any] = {k: preset[k] for k in ("title", "description", "demo_dir") if preset.get(k)}
+        notebook.update(model_name=self.model_name.value.strip(), upload=self.upload.value,
+                        private=self.private.value, hf_secret=self.hf_secret.value.strip(), gguf=self.gguf.value,
+                        quants=list(self.quants.value), max_shard_bytes=self.max_shard.value.strip(),
+                        overwrite=self.overwrite.value, low_disk=self.low_disk.value)
+        data["notebook"] = notebook
+        return data
+
+    def recipe_yaml(self) -> str:
+        return dump_recipe(self.recipe())
+
+    def _refresh_yaml_links(self) -> None:
+        text = self.recipe_yaml()
+        data = base64.b64encode(text.encode("utf-8")).decode("ascii")
+        name = recipe_filename(self.model_name.value.strip() or "recipe")
+        # a data: link downloads without a server round trip; the copy button decodes UTF-8 in the page
+        copy_js = ("navigator.clipboard.writeText(new TextDecoder().decode(Uint8Array.from(atob(this.dataset.yaml),"
+                   "c=>c.charCodeAt(0)))).then(()=>{this.textContent='Copied ✔'},()=>{this.textContent="
+                   "'Copy failed: use Show the recipe as YAML'})")
+        self.yaml_links.value = (
+            f'<a class="lazymoe-download" download="{html.escape(name)}" href="data:text/yaml;base64,{data}" '
+            f'style="margin:0 8px;line-height:28px">Download YAML</a>'
+            f'<button class="lazymoe-copy" data-yaml="{data}" onclick="{html.escape(copy_js)}" '
+            f'style="height:28px">Copy YAML</button>')
 
     # ------------------------------------------------------------------ messages
 
@@ -179,19 +312,24 @@ class MoEForm:
                         on_remove=lambda: self.remove_expert(row))
         if expert is not None:
             row.fill(expert)
+        for widget in row.inputs:
+            widget.observe(self._changed, names="value")
         self.rows.append(row)
         self._relayout()
+        self._changed()
         return row
 
     def remove_expert(self, row: ExpertRow) -> None:
         self.rows.remove(row)
         self._relayout()
+        self._changed()
 
     def move_expert(self, row: ExpertRow, delta: int) -> None:
         i = self.rows.index(row)
         j = min(max(i + delta, 0), len(self.rows) - 1)
         self.rows[i], self.rows[j] = self.rows[j], self.rows[i]
         self._relayout()
+        self._changed()
 
     # ------------------------------------------------------------------ config
 
@@ -213,21 +351,22 @@ class MoEForm:
         self.extras_note.value = (f"<span style='color:#555'>Also in the config (edit them in the YAML box): "
                                   f"{html.escape(shown)}</span>" if shown else "")
 
-    def raw_config(self) -> dict:
-        """The form's values as a config mapping, before validation (bad numbers raise ConfigError)."""
+    def raw_config(self, *, strict: bool = True) -> dict:
+        """The form's values as a config mapping, before validation (bad numbers raise ConfigError; with
+        ``strict=False`` they are left out)."""
         data: dict[str, Any] = {
             "base_model": self.base_model.value.strip(),
             "gate_mode": self.gate_mode.value,
             "experts_per_token": self.experts_per_token.value,
-            "experts": [row.values(i) for i, row in enumerate(self.rows)],
+            "experts": [row.values(i, strict=strict) for i, row in enumerate(self.rows)],
         }
         if self.dtype.value:
             data["dtype"] = self.dtype.value
         seed = self.seed.value.strip()
-        if seed:
-            if not re.fullmatch(r"\d+", seed):
-                raise ConfigError(f"Seed: {seed!r} is not a whole number; leave it empty for a random one.")
+        if re.fullmatch(r"\d+", seed):
             data["seed"] = int(seed)
+        elif seed and strict:
+            raise ConfigError(f"Seed: {seed!r} is not a whole number; leave it empty for a random one.")
         if self.allow_same.value:
             data["allow_all_same_experts"] = True
         if self.license.value.strip():
@@ -237,13 +376,55 @@ class MoEForm:
 
     def to_config(self) -> MoEConfig:
         """The validated config, or :class:`ConfigError` saying what to change in the form."""
+        problems = self._field_problems()
+        if problems:
+            raise ConfigError(problems[0][1])
+        return parse_config(self.raw_config())
+
+    def _field_problems(self) -> list[tuple[Any, str]]:
+        """Problems of single config fields, each with its widget: all of them, not only the first."""
+        found: list[tuple[Any, str]] = []
         if not self.base_model.value.strip():
-            raise ConfigError("Base model is empty: give a Hub id (org/name) or a local folder.")
+            found.append((self.base_model, "Base model is empty: give a Hub id (org/name) or a local folder."))
         for i, row in enumerate(self.rows):
             if not row.source.value.strip():
-                raise ConfigError(f"Expert {i + 1} has no model: give a Hub id (org/name) or a local folder, "
-                                  "or remove it.")
-        return parse_config(self.raw_config())
+                found.append((row.source, f"Expert {i + 1} has no model: give a Hub id (org/name) or a local "
+                                          "folder, or remove it."))
+            for widget, what in ((row.noise, "noise scale"), (row.residual, "residual scale")):
+                try:
+                    parse_number(widget.value, f"Expert {i + 1} {what}")
+                except ConfigError as err:
+                    found.append((widget, str(err)))
+        seed = self.seed.value.strip()
+        if seed and not re.fullmatch(r"\d+", seed):
+            found.append((self.seed, f"Seed: {seed!r} is not a whole number; leave it empty for a random one."))
+        return found
+
+    def problems(self) -> list[tuple[Any, str]]:
+        """Every problem the form has now, each with the widget it is about (None: the config as a whole).
+
+        Field problems all at once; the config's own rules (which need well-formed fields) after them."""
+        found = self._field_problems()
+        if not found:
+            try:
+                parse_config(self.raw_config())
+            except ConfigError as err:
+                found.append((self._widget_named_in(str(err)), str(err)))
+        return found + self._settings_problems()
+
+    def _widget_named_in(self, message: str) -> Any:
+        """The widget a config error is about, from the field it names (experts[1], experts_per_token...)."""
+        expert = re.search(r"experts\[(\d+)\]", message)
+        if expert and int(expert.group(1)) < len(self.rows):
+            row = self.rows[int(expert.group(1))]
+            return row.noise if "noise_scale" in message else row.residual if "residual_scale" in message \
+                else row.positive
+        for key, widget in (("experts_per_token", self.experts_per_token), ("license", self.license),
+                            ("gate_mode", self.gate_mode), ("dtype", self.dtype), ("seed", self.seed),
+                            ("base_model", self.base_model)):
+            if message.startswith(key) or f" {key}" in message:
+                return widget
+        return None
 
     # ------------------------------------------------------------------ settings
 
@@ -263,25 +444,36 @@ class MoEForm:
 
     def settings(self) -> Settings:
         """The validated notebook settings, or :class:`ConfigError` naming the field to fix."""
-        name = self.model_name.value.strip()
-        if not name:
-            raise ConfigError("New model name is empty: it names the output folder and the Hub repo.")
-        problem = repo_name_problem(name)  # it names the Hub repo too: the Hub's rule, checked in one place
-        if problem:
-            raise ConfigError(f"New model name: {problem}.")
-        try:
-            shard = parse_bytes(self.max_shard.value)
-        except ConfigError as err:
-            raise ConfigError(f"Shard size (Advanced): {err}") from None
-        secret = self.hf_secret.value.strip()
-        if self.upload.value and secret and not _SECRET_NAME.match(secret):
-            raise ConfigError(f"Colab secret {secret!r} is not a secret name (letters, digits and _), e.g. HF_TOKEN.")
-        if self.gguf.value and not self.quants.value:
-            raise ConfigError("GGUF is ticked but no quantisation is selected: pick at least one (e.g. Q4_K_M).")
+        problems = self._settings_problems()
+        if problems:
+            raise ConfigError(problems[0][1])
+        name, secret = self.model_name.value.strip(), self.hf_secret.value.strip()
+        shard = parse_bytes(self.max_shard.value)
         return Settings(model_name=name, max_shard_bytes=shard, overwrite=self.overwrite.value,
                         low_disk=self.low_disk.value,
                         upload=self.upload.value, private=self.private.value,
                         hf_secret=secret, gguf=self.gguf.value, quants=tuple(self.quants.value))
+
+    def _settings_problems(self) -> list[tuple[Any, str]]:
+        found: list[tuple[Any, str]] = []
+        name = self.model_name.value.strip()
+        problem = repo_name_problem(name)  # it names the Hub repo too: the Hub's rule, checked in one place
+        if not name:
+            found.append((self.model_name, "New model name is empty: it names the output folder and the Hub repo."))
+        elif problem:
+            found.append((self.model_name, f"New model name: {problem}."))
+        try:
+            parse_bytes(self.max_shard.value)
+        except ConfigError as err:
+            found.append((self.max_shard, f"Shard size (Advanced): {err}"))
+        secret = self.hf_secret.value.strip()
+        if self.upload.value and secret and not _SECRET_NAME.match(secret):
+            found.append((self.hf_secret, f"Colab secret {secret!r} is not a secret name (letters, digits and _), "
+                                          "e.g. HF_TOKEN."))
+        if self.gguf.value and not self.quants.value:
+            found.append((self.quants, "GGUF is ticked but no quantisation is selected: pick at least one "
+                                       "(e.g. Q4_K_M)."))
+        return found
 
     # ------------------------------------------------------------------ token (never echoed, never synced back)
 
@@ -292,8 +484,14 @@ class MoEForm:
     def _take_token(self, change: dict) -> None:
         value = (change.get("new") or "").strip()
         if value:
-            self._set_token(value)
             self.token_box.value = ""  # out of the widget state at once: it can never be saved with the notebook
+            try:
+                check_token(value, "the token box")
+            except LazyMoEError as err:  # the message names the fault, never the token
+                self._set_token(None)
+                self.token_status.value = error_html(str(err))
+                return
+            self._set_token(value)
 
     def _set_token(self, token: str | None) -> None:
         self._token = token
@@ -311,15 +509,27 @@ class MoEForm:
         self._preset = preset if isinstance(preset, Preset) else parse_preset(preset)
         self.reset()
 
-    def reset(self) -> None:
-        """Back to the preset the form was made from."""
+    def reset(self) -> str:
+        """Back to the preset the form was made from; returns what the before-reset callbacks said."""
         if self._preset is None:
             self.show_notice("This form was not made from a preset: nothing to reset to.", "info")
-            return
+            return ""
+        notes = [note for callback in self._before_reset if (note := callback())]
         self.import_yaml(self._preset.text, quiet=True, reset=True)
+        self.yaml_box.value = ""
+        return " ".join(notes)
+
+    def _reset_clicked(self) -> None:
+        notes = self.reset()
+        if self.last_message is None:  # the preset itself loaded cleanly
+            self.show_notice(f"Back to the preset. {notes}".strip(), "info")
 
     def import_yaml(self, text: str, *, quiet: bool = False, reset: bool = False) -> bool:
         """Load a mergekit-moe YAML (or a preset) into the form; say what is wrong with it if anything."""
+        with self._loading():
+            return self._import_yaml(text, quiet=quiet, reset=reset)
+
+    def _import_yaml(self, text: str, *, quiet: bool, reset: bool) -> bool:
         try:
             preset = parse_preset(text, name="pasted")
         except ConfigError as err:
@@ -357,20 +567,31 @@ class MoEForm:
             return yaml.safe_dump(self.raw_config(), sort_keys=False, allow_unicode=True, width=100)
 
     def _show_yaml(self) -> None:
+        self.yaml_box.value = self.recipe_yaml()  # the full recipe: config plus the notebook: block
         try:
-            self.yaml_box.value = self.export_yaml()
             self.to_config()
-            self.show_notice("The YAML box now shows the form's config.", "ok")
+            self.settings()
+            self.show_notice("The YAML box now shows the whole recipe (the config and the notebook: block).", "ok")
         except ConfigError as err:
             self.show_error(f"Shown as YAML, but not valid yet: {err}")
 
     # ------------------------------------------------------------------ checking
 
     def check(self) -> tuple[MoEConfig, Settings] | None:
-        """Validate everything; show a one-line verdict. Returns the values, or None after showing the error."""
+        """Validate everything; show every problem at once, each also beside its field (marked red).
+        Returns the values, or None after showing the problems."""
+        problems = self.problems()
+        self.mark_problems(problems)
+        if len(problems) == 1:
+            self.show_error(problems[0][1])
+            return None
+        if problems:
+            self.show_error(f"{len(problems)} problems, marked in red in the form:\n" +
+                            "\n".join(f"• {text}" for _, text in problems))
+            return None
         try:
             config, settings = self.to_config(), self.settings()
-        except LazyMoEError as err:
+        except LazyMoEError as err:  # problems() and these share every rule; kept as a guard
             self.show_error(str(err))
             return None
         self.show_notice(f"Looks good: {settings.model_name}, {config.num_experts} experts "

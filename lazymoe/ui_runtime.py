@@ -6,6 +6,7 @@ they are unit-tested without a kernel and reused by every notebook step.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import importlib.util
 import os
@@ -17,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .colab import CONTENT_DIR, in_colab
 from .errors import GGUFError
 from .report import human_bytes
 
@@ -28,11 +30,6 @@ GGUF_BITS_PER_WEIGHT = {
 }  # fmt: skip
 
 _RED, _AMBER, _GREEN, _GREY = "#b00020", "#8a5a00", "#1b6e20", "#555"
-
-
-def in_colab() -> bool:
-    """True inside a Colab kernel (which imports ``google.colab`` at start-up); never imports it here."""
-    return "google.colab" in sys.modules or bool(os.environ.get("COLAB_RELEASE_TAG"))
 
 
 def read_meminfo(path: str | os.PathLike = "/proc/meminfo") -> dict[str, int]:
@@ -69,6 +66,20 @@ class Runtime:
     @property
     def has_gpu(self) -> bool:
         return self.gpu_name is not None
+
+
+#: Colab's free runtime, as its resource panel reports it: "GPU RAM 15.0 GB" (a T4's 15,360 MiB),
+#: "System RAM 12.7 GB" (MemTotal 13,290,452 kB; both panels count in GiB) and about 100 GB of disk free at
+#: /content (BRIEF §5). ``plan`` checks every recipe against it, wherever it runs.
+FREE_COLAB = Runtime(
+    in_colab=True, python="3.13", disk_path=Path(CONTENT_DIR), disk_free=100 * 1000**3,
+    ram_available=13_290_452 * 1024, ram_total=13_290_452 * 1024, gpu_name="Tesla T4",
+    vram_free=15_360 * 2**20, vram_total=15_360 * 2**20, bf16=False,
+)  # fmt: skip
+FREE_COLAB_LABEL = "Free Colab (T4, 12.7 GiB RAM, ~100 GB disk)"
+
+#: resource rows that only decide how step 5 loads the model (4-bit, or skipped), never whether it merges
+_TRY_ROWS = ("GPU memory: try", "RAM: try")
 
 
 def probe(path: str | os.PathLike = ".") -> Runtime:
@@ -148,6 +159,26 @@ def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ())
         fits = ram is not None and size * 1.2 <= ram
         rows.append(Need("RAM: try the model (CPU)", size, ram, fits, "" if fits else "step 5 will be skipped"))
     return rows
+
+
+def fit_lines(plan, runtimes: list[tuple[str, Runtime]]) -> list[str]:
+    """For ``plan``: one verdict per runtime, "fits" with the figures compared, or what is short and by how much."""
+    lines = []
+    for label, runtime in runtimes:
+        needs = [n for n in resource_needs(plan, runtime) if not n.what.startswith(_TRY_ROWS)]
+        short = shortages(needs)
+        if not short:
+            figures = "; ".join(f"{n.what} {human_bytes(n.needed)} of {human_bytes(n.have)}" for n in needs if n.ok)
+            lines.append(f"{label}: fits ({figures})")
+            continue
+        why = "; ".join(f"{n.what} needs {human_bytes(n.needed)}, has {human_bytes(n.have or 0)}" for n in short)
+        line = f"{label}: does NOT fit ({why})"
+        if any(n.what.startswith("Disk") for n in short) and not plan.low_disk:
+            # the same plan in low-disk mode: only the downloads held at once change, not the output
+            low = dataclasses.replace(plan, low_disk=True)
+            line += f". With --low-disk the disk needed is {human_bytes(low.disk_bytes)}"
+        lines.append(line)
+    return lines
 
 
 def torch_constraints() -> Path:
@@ -249,7 +280,7 @@ def needs_html(needs: list[Need]) -> str:
 
 def shortages(needs: list[Need]) -> list[Need]:
     """The rows that stop the pipeline (trying the model in too little memory only skips that step)."""
-    return [n for n in needs if n.ok is False and not n.what.startswith(("GPU memory: try", "RAM: try"))]
+    return [n for n in needs if n.ok is False and not n.what.startswith(_TRY_ROWS)]
 
 
 def checks_html(checks) -> str:
@@ -324,5 +355,5 @@ def runtime_html(runtime: Runtime, *, lazymoe_version: str, lazymoe_path: str, i
                                "Without one the router pass and the test generation run on the CPU (slow for "
                                "7B models).", "warn")
         else:
-            out += notice_html("No GPU found: fine for the tiny demo; 7B experts will be slow on the CPU.", "info")
+            out += notice_html("No GPU found: the router pass and the test generation run on the CPU (7B experts: slow).", "info")
     return out

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-import ipywidgets as widgets
-
 from .config import ExpertConfig
 from .errors import ConfigError
+from .optional import require
+
+widgets = require("ipywidgets")  # a one-line install hint instead of ModuleNotFoundError
 
 IPYWIDGETS_MAJOR = int(widgets.__version__.split(".")[0])
 
@@ -50,7 +51,9 @@ def set_tooltip(widget: widgets.Widget, text: str) -> None:
 
 def styled(widget, css: str, tip: str = "", width: str = "100%"):
     widget.style = {"description_width": _WIDE} if hasattr(widget, "description") else widget.style
-    widget.layout = widgets.Layout(width=width)
+    # a full-width field keeps its vertical margin only: the widgets-7 front end (Colab) adds the default 2px
+    # side margins to 100% and pushes the right edge out of the form; widgets 8 looks the same either way
+    widget.layout = widgets.Layout(width=width, margin="2px 0px" if width == "100%" else None)
     widget.add_class(css)
     if tip:
         set_tooltip(widget, tip)
@@ -101,19 +104,22 @@ class ExpertRow:
         self.calibration = styled(widgets.Textarea(description="Calibration text", rows=3), "lazymoe-calibration",
                                   "Optional, for gate modes expert_classifier and trained: a few paragraphs of "
                                   "text of this expert's kind (blank line between paragraphs)")
-        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none"), "lazymoe-noise",
-                            "Adds σ·N(0,1) to this expert's MLP weights", width="260px")
-        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none"), "lazymoe-residual",
-                               "Multiplies this expert's down_proj", width="260px")
+        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none: weights as they are"),
+                            "lazymoe-noise",
+                            "Adds σ·N(0,1) to this expert's MLP weights", width="320px")
+        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none: down_proj as it is"),
+                               "lazymoe-residual",
+                               "Multiplies this expert's down_proj", width="320px")
         self.up, self.down, self.remove = (widgets.Button(description=d, layout=widgets.Layout(width="38px"))
                                            for d in ("↑", "↓", "✕"))
         for button, tip, action in ((self.up, "Move up", on_up), (self.down, "Move down", on_down),
                                     (self.remove, "Remove this expert", on_remove)):
             set_tooltip(button, tip)
             button.on_click(lambda _, action=action: action())
+        self.error = widgets.HTML()  # this expert's problems, shown inside its box
         self.box = widgets.VBox(
             [widgets.HBox([self.title, self.source, self.up, self.down, self.remove]), self.positive, self.negative,
-             self.calibration, widgets.HBox([self.noise, self.residual])],
+             self.calibration, widgets.HBox([self.noise, self.residual]), self.error],
             layout=widgets.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"),
         )
         self.box.add_class("lazymoe-expert")
@@ -133,7 +139,13 @@ class ExpertRow:
             value = get(key, None)
             widget.value = "" if value is None else repr(value)
 
-    def values(self, i: int) -> dict:
+    @property
+    def inputs(self) -> tuple[widgets.Widget, ...]:
+        """The widgets whose edits change the recipe."""
+        return (self.source, self.positive, self.negative, self.noise, self.residual)
+
+    def values(self, i: int, *, strict: bool = True) -> dict:
+        """This expert as a config mapping; ``strict=False`` leaves out a number that does not parse yet."""
         out: dict[str, Any] = {"source_model": self.source.value.strip(),
                                "positive_prompts": text_to_prompts(self.positive.value)}
         negative = text_to_prompts(self.negative.value)
@@ -144,7 +156,12 @@ class ExpertRow:
             out["calibration_text"] = calibration
         for widget, key, what in ((self.noise, "noise_scale", "noise scale"),
                                   (self.residual, "residual_scale", "residual scale")):
-            value = parse_number(widget.value, f"Expert {i + 1} {what}")
+            try:
+                value = parse_number(widget.value, f"Expert {i + 1} {what}")
+            except ConfigError:
+                if strict:
+                    raise
+                value = None
             if value is not None:
                 out[key] = value
         return {**out, **self.extras}

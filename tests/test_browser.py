@@ -1,7 +1,9 @@
 """A user in a real browser: JupyterLab on 127.0.0.1, headless Debian Chromium driven by Playwright.
 
 Opens the demo notebook, runs it, edits the model name and one prompt in the rendered form, runs it again
-(Run all: the form cell must keep the edits), and checks that the merge used the edited values.
+(Run all: the form cell must keep the edits), and checks that the merge used the edited values; then
+restarts the kernel (the edits come back from the saved recipe) and ticks Upload without a token (Plan
+refuses it before any download).
 A screenshot is kept in artifacts/ (on failure too).
 
 Needs: apt ``chromium``; pip ``playwright`` (its own browser download is NOT used) and ``jupyterlab``.
@@ -135,7 +137,7 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
 
             # 1. Run all on the unedited preset: the whole pipeline, ending with the last cell's notice
             _run_all(page)
-            page.get_by_text("nothing to chat with").wait_for(timeout=240_000)
+            page.get_by_text("nothing to chat with").wait_for(timeout=600_000)
             _wait_until_idle(page, 60_000)
             assert (work / "LazyMoE-Demo-4x" / "config.json").is_file()
 
@@ -157,11 +159,47 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             # 3. Run all again: the form cell keeps the edits and every step reads them
             _run_all(page)
             merged = page.get_by_text(re.compile(r"Merged model written to .*Browser-Edited-MoE"))
-            merged.wait_for(timeout=240_000)
+            merged.wait_for(timeout=600_000)
             _wait_until_idle(page, 120_000)
             page.get_by_text("Your edits were kept").first.wait_for(timeout=10_000)
             merged.scroll_into_view_if_needed()
             page.screenshot(path=str(shots[1]))
+
+            # 4. restart the kernel: every Python object is gone; the form cell restores the saved edits
+            page.get_by_role("menuitem", name="Kernel", exact=True).click()
+            page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).click()
+            page.locator(".jp-Dialog .jp-mod-accept").click()  # the dialog's "Restart" button
+            page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"Python 3.*\| Idle")).first.wait_for(timeout=120_000)
+            page.locator(".jp-Notebook .jp-Cell").nth(1).click()  # the setup cell, then run it and the next two
+            for _ in range(3):
+                page.keyboard.press("Shift+Enter")
+            page.get_by_text("Restored your edits from").first.wait_for(timeout=120_000)
+            name = page.locator(".lazymoe-model-name input")
+            assert name.input_value() == "Browser-Edited-MoE"
+            assert page.locator(".lazymoe-positive textarea").first.input_value().splitlines()[0] == "browser edited prompt"
+            assert page.locator(".lazymoe-saved").first.inner_text().startswith("💾 Every edit is saved to")
+
+            # 5. tick Upload with no token anywhere: Plan (the next cell) refuses, before any download
+            page.get_by_label("Upload to the Hugging Face Hub").check()
+            page.locator(".jp-Notebook .jp-Cell").nth(4).click()
+            page.keyboard.press("Shift+Enter")
+            page.get_by_text("No Hugging Face token found").first.wait_for(timeout=60_000)
+            page.get_by_text(re.compile("Stopped at .Plan")).first.wait_for(timeout=10_000)
+            assert "upload: true" in (work / "LazyMoE-Demo-4x.lazymoe.yaml").read_text()
+
+            # 6. two bad values: Check shows both at once, each under its field
+            name.fill("bad name")
+            name.press("Tab")
+            noise = page.locator(".lazymoe-noise input").nth(1)
+            noise.fill("abc")
+            noise.press("Tab")
+            page.locator(".lazymoe-form button", has_text="Check").click()
+            page.get_by_text("2 problems, marked in red in the form").first.wait_for(timeout=30_000)
+            assert page.locator(".lazymoe-field-error").count() == 2
+            assert page.locator(".lazymoe-invalid").count() == 2
+            for width in (900, 1400):  # the form as a user sees it, narrow and wide (described in the issue's note)
+                page.set_viewport_size({"width": width, "height": 1000})
+                page.locator(".lazymoe-form").first.screenshot(path=str(ARTIFACTS / f"form-after-{width}px.png"))
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"))
             shutil.copy(tmp_path / "jupyterlab.log", ARTIFACTS / "browser-jupyterlab.log")

@@ -209,6 +209,17 @@ def test_converter_error_is_the_real_cause(moe256, tmp_path):
     assert "converter failed" in message and "(exit 1)" in message
     assert "Can not map tensor 'model.layers.0.block_sparse_moe.mystery.weight'" in message.splitlines()[0]
     assert [p.name for p in out.iterdir() if "gguf" in p.name] == []  # neither a final nor a .partial file
+    log = out / ".broken.F16.convert.log"  # the converter's whole log is kept, and the message says where
+    assert message.endswith(f"The converter's whole log: {log}")
+    assert "INFO:hf-to-gguf:Loading model: broken" in log.read_text() and "Can not map tensor" in log.read_text()
+
+
+def test_conversion_shows_progress_not_the_converters_log(moe256, tmp_path, capsys):
+    convert_to_gguf(moe256, tmp_path / "out", outtype="f16", quants=None, progress=True)
+    err = capsys.readouterr().err
+    assert "INFO:" not in err  # ~60 lines of the converter's own log used to flood the terminal
+    assert "convert F16" in err and "100%" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lazymoe_config.yml", "moe.F16.gguf"]
 
 
 def test_unsupported_architecture_error(moe256, tmp_path):
@@ -258,7 +269,7 @@ def test_disk_is_checked_before_each_step(moe256, tmp_path, monkeypatch):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
-    with pytest.raises(InsufficientResourcesError, match=r"not enough disk for moe\.F16\.gguf: about \d+\.\d MB needed, \d+\.\d MB free"):
+    with pytest.raises(InsufficientResourcesError, match=r"not enough disk for moe\.F16\.gguf: about \d+\.\d MB needed \(\d+\.\d MB \+ 67\.1 MB margin\), \d+\.\d MB free"):
         convert_to_gguf(moe256, tmp_path / "out", quants=None, progress=False)
     assert [p.name for p in (tmp_path / "out").iterdir() if "gguf" in p.name] == []
 
@@ -313,3 +324,13 @@ def _gguf_module():
     import gguf
 
     return gguf
+
+
+def test_chat_interactive_keeps_the_conversation(gguf256):
+    from lazymoe.llama import chat_loop
+
+    lines, shown = iter(["Tell me a story.", "And another one.", ""]), []
+    turns = chat_loop(gguf256["Q8_0"], read=lambda prompt: next(lines), write=shown.append, max_tokens=4,
+                      n_threads=1)
+    assert turns == 2
+    assert shown[0].startswith("Chatting with moe.Q8_0.gguf") and len([s for s in shown if s.startswith("model> ")]) == 2

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import traceback
-import types
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 import yaml
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from colab_standin import install_colab
 from hubserver import (
     ALICE_FINE_GRAINED_TOKEN,
     ALICE_READ_TOKEN,
@@ -357,32 +357,12 @@ def test_the_token_never_leaks_into_logs_output_folder_or_errors(hub, model_dir,
 # --------------------------------------------------------------------------- token resolution
 
 
-def _fake_colab(monkeypatch, secrets: dict[str, str], error: str | None = None) -> None:
-    """Install a stand-in for ``google.colab.userdata`` (raising ``error``, a class name, if given)."""
-    userdata = types.ModuleType("google.colab.userdata")
-    for name in ("SecretNotFoundError", "NotebookAccessError"):
-        setattr(userdata, name, type(name, (Exception,), {}))
-
-    def get(key: str) -> str:
-        if error:
-            raise getattr(userdata, error)(key)
-        if key not in secrets:
-            raise userdata.SecretNotFoundError(key)
-        return secrets[key]
-
-    userdata.get = get
-    colab = types.ModuleType("google.colab")
-    colab.userdata = userdata
-    monkeypatch.setitem(sys.modules, "google.colab", colab)
-    monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
-
-
 def test_token_order_argument_then_colab_then_env_then_saved_login(monkeypatch):
     Path(constants.HF_TOKEN_PATH).write_text("hf_saved\n")
     assert resolve_token() == "hf_saved"
     monkeypatch.setenv("HF_TOKEN", "hf_env")
     assert resolve_token() == "hf_env"
-    _fake_colab(monkeypatch, {"MY_SECRET": " hf_colab\n"})
+    install_colab(monkeypatch, {"MY_SECRET": " hf_colab\n"})
     assert resolve_token(colab_secret="MY_SECRET") == "hf_colab"
     assert resolve_token(colab_secret="OTHER") == "hf_env"  # a missing secret falls through
     assert resolve_token("hf_explicit", colab_secret="MY_SECRET") == "hf_explicit"
@@ -395,13 +375,13 @@ def test_outside_colab_the_colab_module_is_never_imported(monkeypatch):
 
 
 def test_a_colab_secret_without_notebook_access_is_explained(hub, model_dir, monkeypatch):
-    _fake_colab(monkeypatch, {}, error="NotebookAccessError")
+    install_colab(monkeypatch, {"HF_TOKEN": "hf_x"}, no_access=("HF_TOKEN",))
     with pytest.raises(HubError, match="switch on 'Notebook access'"):
         push_to_hub(model_dir, "tiny-moe", progress=False)
 
 
 def test_a_colab_secret_is_used_to_push(hub, model_dir, monkeypatch):
-    _fake_colab(monkeypatch, {"HF_TOKEN": ALICE_WRITE_TOKEN})
+    install_colab(monkeypatch, {"HF_TOKEN": ALICE_WRITE_TOKEN})
     assert push_to_hub(model_dir, "tiny-moe", progress=False) == f"{hub.url}/alice/tiny-moe"
 
 

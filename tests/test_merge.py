@@ -248,29 +248,33 @@ def test_low_disk_order_writes_the_same_tensors_one_model_at_a_time(tiny_world, 
     assert {p: p.read_bytes() for e in experts for p in e.iterdir()} == inputs, "local inputs are never touched"
 
 
-def test_work_left_by_a_killed_merge_is_cleaned_up(tiny_world, tmp_path):
-    # SIGKILL (Colab's OOM killer) skips every cleanup; the next merge into the same name removes the
-    # leftovers of dead processes and keeps those of a merge still running
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".moe.lazymoe-partial-{int(dead.stdout)}"
-    stale.mkdir()
-    (stale / "model-00001-of-00002.safetensors").write_bytes(bytes(1000))
-    running = tmp_path / f".moe.lazymoe-partial-{os.getppid()}"  # a live process: another merge
-    running.mkdir()
-    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
-    lazymoe.merge(cfg, tmp_path / "moe", progress=False)
-    assert not stale.exists() and running.exists()
-
-
 def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkeypatch):
     from lazymoe import plan as planning
     from lazymoe.errors import InsufficientResourcesError
 
     monkeypatch.setattr(planning, "free_disk_bytes", lambda path: 1000)
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
-    with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free.*--low-disk"):
+    with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free") as caught:
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)
     assert list(tmp_path.iterdir()) == []
+    assert "--low-disk" not in str(caught.value), "local models: nothing is downloaded, low-disk mode cannot help"
+
+
+def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tmp_path):
+    import dataclasses
+
+    from lazymoe.merge import _low_disk_hint
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
+    local = lazymoe.make_plan(cfg, progress=False)
+    assert _low_disk_hint(local) == ""
+    # the same models on the Hub, not yet downloaded: low-disk keeps only the base and one expert at a time
+    remote = {ref: dataclasses.replace(info, ref=ModelRef(ref, repo_id=f"org/m{i}"), tensors={
+        n: dataclasses.replace(t, file=tmp_path / "not-downloaded") for n, t in info.tensors.items()})
+        for i, (ref, info) in enumerate(local.models.items())}
+    hub = dataclasses.replace(local, models=remote, download_bytes=sum(m.weight_bytes for m in remote.values()))
+    assert _low_disk_hint(hub) == ", or use low-disk mode (--low-disk)"
+    assert _low_disk_hint(dataclasses.replace(hub, low_disk=True)) == ""
 
 
 @pytest.mark.parametrize(

@@ -244,3 +244,36 @@ def test_quant_menu_is_the_gguf_modules():
 
     assert QUANT_TYPES == gguf.QUANT_TYPES
     assert tuple(NOTEBOOK_KEYS["quants"][1]) == tuple(MoEForm().quants.value) == gguf.DEFAULT_QUANTS
+
+
+def test_every_problem_shows_at_once_beside_its_field():
+    form = MoEForm(load_preset(PRESETS / "demo-tiny.yaml"))
+    form.model_name.value = "my model"
+    form.base_model.value = ""
+    form.rows[1].noise.value = "abc"
+    form.seed.value = "x1"
+    form.gguf.value, form.quants.value = True, ()
+    form.check_button.click()
+    kind, text = form.last_message
+    assert kind == "error" and text.startswith("5 problems, marked in red in the form:")
+    for phrase in ("Base model is empty", "Expert 2 noise scale: 'abc'", "Seed: 'x1'", "New model name: 'my model'",
+                   "no quantisation is selected"):
+        assert phrase in text
+    for widget in (form.model_name, form.base_model, form.rows[1].noise, form.seed, form.quants):
+        assert "lazymoe-invalid" in widget._dom_classes
+    assert "Base model is empty" in form._label_for(form.base_model).value
+    assert "noise scale: &#x27;abc&#x27;" in form.rows[1].error.value and form.rows[0].error.value == ""
+    form.model_name.value, form.base_model.value, form.rows[1].noise.value = "ok-name", "lazymoe-demo/base", ""
+    form.seed.value, form.quants.value = "", ("Q8_0",)
+    assert form.check() is not None  # fixed: the marks and the lines beside the fields are gone
+    assert not any("lazymoe-invalid" in w._dom_classes for w in (form.model_name, form.base_model, form.seed))
+    assert form._label_for(form.base_model).value == "" and form.rows[1].error.value == ""
+
+
+def test_a_config_rule_marks_the_field_it_names():
+    form = MoEForm(load_preset(PRESETS / "demo-tiny.yaml"))
+    form.experts_per_token.value = 9
+    form.rows[2].positive.value = ""
+    form.check()
+    assert "lazymoe-invalid" in form.rows[2].positive._dom_classes or \
+        "lazymoe-invalid" in form.experts_per_token._dom_classes
