@@ -28,6 +28,16 @@ import yaml
 
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import LazyMoEError, ModelNotFoundError
+from .eval_report import (
+    ANSWERS_MD,
+    EVAL_IMAGE,
+    EVAL_JSON,
+    EvalReport,
+    answers_for_card,
+    benchmark_table,
+    model_index,
+    read_benchmarks,
+)
 from .outdir import final_name
 from .report import human_bytes, human_params
 from .sources import ModelRef, describe, read_model_config
@@ -321,11 +331,17 @@ def card_data(
     gguf_repo: str | None = None,
     gguf_files: Iterable[GGUFFile] | None = None,
     routing_image: str | None = None,
+    evaluation: EvalReport | None = None,
+    eval_image: str | None = None,
+    answers_markdown: str | None = None,
+    benchmarks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the model card template shows, as plain data (see :func:`render_card`).
 
     ``repo_id`` is where the model lives on the Hub (used in the usage snippet; a placeholder otherwise);
-    ``routing_image`` is a path relative to the model folder.
+    ``routing_image`` and ``eval_image`` are paths relative to the model folder; ``evaluation`` is what
+    ``lazymoe eval`` measured, ``answers_markdown`` the side-by-side answers it saved for the card and
+    ``benchmarks`` its lm-evaluation-harness results (also written as ``model-index`` metadata).
     """
     _check_repo_id(repo_id, "repo_id")
     _check_repo_id(gguf_repo, "gguf_repo")
@@ -343,6 +359,9 @@ def card_data(
         front["base_model"] = base_model
         front["base_model_relation"] = "merge"
     front.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)})
+    index = model_index(benchmarks, name) if benchmarks else []
+    if index:
+        front["model-index"] = index
     by_ref = {s["ref"]: s for s in sources}
     experts = [
         {"index": i, "source": by_ref[e.source_model], "positive_prompts": list(e.positive_prompts),
@@ -389,6 +408,9 @@ def card_data(
             "quant": _default_quant(files),
         } if (gguf_repo or files) else None,
         "routing_image": routing_image,
+        "evaluation": {**evaluation.card_data(), "image": eval_image} if evaluation is not None else None,
+        "answers_markdown": answers_markdown,
+        "benchmarks": benchmark_table(benchmarks) if benchmarks else None,
     }
 
 
@@ -536,6 +558,21 @@ def _options(folder: Path, gguf_files_or_dir, routing_image) -> dict[str, Any]:
     }
 
 
+def _evaluation_options(folder: Path) -> dict[str, Any]:
+    """What ``lazymoe eval`` left in the folder for the card: eval.json (+ eval.png), answers marked for it."""
+    out: dict[str, Any] = {}
+    if (folder / EVAL_JSON).is_file():
+        out["evaluation"] = EvalReport.read(folder)
+        if (folder / EVAL_IMAGE).is_file():
+            out["eval_image"] = EVAL_IMAGE
+    if answers_for_card(folder):
+        out["answers_markdown"] = (folder / ANSWERS_MD).read_text(encoding="utf-8")
+    benchmarks = read_benchmarks(folder)
+    if benchmarks is not None:
+        out["benchmarks"] = benchmarks
+    return out
+
+
 def write_card(
     plan: MergePlan,
     folder: str | os.PathLike,
@@ -576,7 +613,8 @@ def build_card(
 
 def _card_text(facts: "ModelFacts", folder: Path, *, gguf_files, routing_image, **options: Any) -> str:
     """The one rendering path of both entry points: facts from the plan or from the folder, same card."""
-    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image)))
+    return render_card(card_data(facts, **options, **_options(folder, gguf_files, routing_image),
+                                 **_evaluation_options(folder)))
 
 
 def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:

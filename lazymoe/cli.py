@@ -170,11 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands that live beside the module they drive
     from .card import add_card_parser
+    from .eval_cli import add_eval_parser
     from .gguf import add_gguf_parsers
     from .hub import add_push_parser
     from .routing import add_route_parser
 
     add_route_parser(sub)
+    add_eval_parser(sub)
     add_card_parser(sub)
     add_push_parser(sub)
     add_gguf_parsers(sub)

@@ -63,6 +63,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class HubTexts(_Strict):
+    """Evaluation texts from a Hub dataset (read with the ``datasets`` package, where it is installed)."""
+
+    dataset: str
+    split: str = "test"
+    column: str = "text"
+    name: str | None = None  # the dataset's configuration, if it has several
+    limit: int = 32
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (how many texts to read)")
+        return value
+
+
 class ExpertConfig(_Strict):
     """One expert: whose MLPs to take, and the prompts that describe what it is for."""
 
@@ -74,6 +91,23 @@ class ExpertConfig(_Strict):
     #: expert_classifier / trained: a few paragraphs of text of this expert's kind, to route on as well as
     #: the text the expert writes from its prompts (lazymoe extension)
     calibration_text: list[str] = []
+    # lazymoe extensions read by `lazymoe eval` (evaluation.py), never by the merge
+    #: texts of this expert's kind: a list, a text file (.txt: blank-line separated; .jsonl: "text"), or a Hub dataset
+    eval_texts: list[str] | str | HubTexts | None = None
+    #: questions of this expert's kind, answered side by side by the MoE (and optionally the base and experts)
+    eval_questions: list[str] | None = None
+
+    @field_validator("eval_texts", "eval_questions", mode="before")
+    @classmethod
+    def _no_blank_texts(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a list of texts, a text file or a Hub dataset")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("is an empty list; remove it or add texts")
+            if any(not isinstance(v, str) or not v.strip() for v in value):
+                raise ValueError("holds an empty or non-text item; every item must be a non-empty text")
+        return value
 
     _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
 
@@ -118,6 +152,10 @@ class MoEConfig(_Strict):
     router_chat_template: bool | None = None
     #: fitted gate modes: tokens the base generates after each positive prompt (None = 48; 0 = prompts only)
     router_continuation_tokens: int | None = None
+    #: `lazymoe eval`: questions not tied to one expert, answered side by side
+    eval_questions: list[str] | None = None
+
+    _eval_questions = field_validator("eval_questions", mode="before")(ExpertConfig._no_blank_texts.__func__)
 
     _expert_model_ref = field_validator("base_model", mode="before")(ExpertConfig._model_ref.__func__)
     _numbers = field_validator("experts_per_token", "seed", "router_continuation_tokens", mode="before")(

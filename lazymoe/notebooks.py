@@ -153,7 +153,9 @@ gives its MLPs, and a router learned from your prompts picks the experts for eve
 1. **Set up** installs lazymoe (Colab's torch is never replaced) and shows this runtime's GPU, RAM and disk.
 2. **Your MoE** is a form filled in from the preset: edit it, or paste a mergekit-moe YAML into it.
 3. **Plan** checks every model from its headers and compares disk, RAM and GPU memory with this runtime.
-4. **Merge**, 5. **Routing picture**, 6. **Try it**, 7. **Upload**, 8. **GGUF**, 9. **Chat**: each step reads the
+4. **Merge**, 5. **Routing picture**, 6. **Try it**, 6b. **Skills kept** (did the MoE keep each expert's gain over
+the base?), 6c. **Your questions, side by side**, 6d. **Benchmarks** (lm-evaluation-harness, optional),
+7. **Upload**, 8. **GGUF**, 9. **Chat**: each step reads the
 form as it is now.
 
 *Runtime → Run all* works on the unedited preset. Your edits survive re-running the form cell (the form's

@@ -199,3 +199,11 @@ class LayerStack:
 
     def add_mlp_output(self, out: torch.Tensor) -> None:
         self.h = self.h + out
+
+    @torch.no_grad()
+    def final_norm(self, get) -> torch.Tensor:
+        """The residual stream after the model's final norm: what ``lm_head`` reads (after the last layer)."""
+        norm = self._load(self.inner.norm, "model.norm", get)
+        out = norm(self.h)
+        norm.to("meta")
+        return out

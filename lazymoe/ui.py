@@ -4,8 +4,9 @@
     ui.setup()                                  # 1. what this runtime has
     moe = ui.Builder.from_preset(PRESET_YAML)   # 2. the form (re-running keeps the user's edits)
     moe.show()
-    moe.plan(); moe.merge(); moe.try_model()    # 3-5
-    moe.push(); moe.gguf(); moe.chat()          # 6-8, each skipped unless ticked in the form
+    moe.plan(); moe.merge(); moe.route(); moe.try_model()   # 3-6
+    moe.evaluate(); moe.ask()                   # 6b-6c: skills kept, your questions side by side
+    moe.push(); moe.gguf(); moe.chat()          # 7-9, each skipped unless ticked in the form
 
 A step that fails because of something the user can fix shows one red line and raises :class:`StepFailed`,
 whose traceback IPython renders as a single line: *Run all* stops at the real cause instead of carrying on
@@ -20,8 +21,10 @@ import html
 from pathlib import Path
 from typing import Any, Callable
 
+from .card import detected_extras
 from .config import MoEConfig, load_config
 from .errors import LazyMoEError, OutputNotWritableError
+from .eval_report import EVAL_IMAGE
 from .preflight import blocking, check_ahead
 from .report import human_bytes
 from .ui_form import MoEForm, Settings
@@ -33,6 +36,7 @@ from .ui_runtime import (
     error_html,
     in_colab,
     install_llama_cpp,
+    install_lm_eval,
     notice_html,
     plan_html,
     probe,
@@ -361,6 +365,91 @@ class Builder:
         self._show(_html(table_html(rows, ("Expert", "Prompt", "Generated", "Routing share per expert (own in bold)"))))
         return results
 
+    # ------------------------------------------------------------------ 6b-6c. evaluate
+
+    def _eval_config(self, folder: Path) -> MoEConfig:
+        """The recipe whose eval_texts and eval_questions apply: the form's while it names this model's experts
+        (so texts and questions edited after the merge count), else the one saved with the model."""
+        saved = load_config(folder / "lazymoe_config.yml")
+        try:
+            config = self.form.to_config()
+        except LazyMoEError:
+            return saved
+        same = [e.source_model for e in config.experts] == [e.source_model for e in saved.experts]
+        return config if same else saved
+
+    def _show_image(self, path: Path) -> None:
+        try:
+            from IPython.display import Image
+
+            self._show(Image(filename=str(path)))
+        except ImportError:  # plain Python: the file is there for the user to open
+            self._notice(f"Picture written to {path}")
+
+    @_step("Evaluate")
+    def evaluate(self, **options):
+        """Did the MoE keep its experts' skills? Loss of base, expert and MoE and routing, per expert (eval.json)."""
+        from .evaluation import write_evaluation
+        from .ui_eval import retention_html
+
+        folder = self._require_model()
+        config = self._eval_config(folder)
+        texts = {i: e.eval_texts for i, e in enumerate(config.experts) if e.eval_texts is not None}
+        # a low-disk merge deleted its downloads: fetch each source again, one at a time, and delete it once measured
+        options.setdefault("download", True)
+        options.setdefault("release", self.form.settings().low_disk)
+        report = write_evaluation(folder, texts=texts or None, progress=True, update_card=False, **options)
+        self._card(folder, repo_id=self.repo_id, **detected_extras(folder))
+        self._show(_html(retention_html(report)))
+        self._show_image(folder / EVAL_IMAGE)
+        return report
+
+    @_step("Questions")
+    def ask(self, compare: str = "moe,base", *, in_card: bool = True, max_new_tokens: int = 96) -> dict:
+        """Answer the config's eval_questions with the MoE (and ``compare``: base, experts), side by side."""
+        from .llama import expert_prompts
+        from .questions import Question, answer_questions, questions_from_config, write_answers
+        from .ui_eval import answers_html
+
+        folder = self._require_model()
+        config = self._eval_config(folder)
+        questions = questions_from_config(config)
+        if not questions:
+            questions = [Question(prompt, i) for i, (_, prompt) in enumerate(expert_prompts(config))]
+            self._notice("The config has no eval_questions, so each expert gets one question made from its prompts. "
+                         "Add your own as eval_questions (per expert, or at the top level) in the YAML box.")
+        result = answer_questions(folder, questions, compare=compare, max_new_tokens=max_new_tokens, download=True,
+                                  release=self.form.settings().low_disk)
+        md, _ = write_answers(folder, result, in_card=in_card)
+        self._card(folder, repo_id=self.repo_id, **detected_extras(folder))
+        self._show(_html(answers_html(result)))
+        self._notice(f"Saved as {md.name} and answers.json in {folder}" + (" (shown in the model card)" if in_card else ""),
+                     "ok")
+        return result
+
+    @_step("Benchmarks")
+    def benchmarks(self, run: bool = False, tasks: str = "default", limit: int | None = 100,
+                   compare: str = "moe") -> dict | None:
+        """lm-evaluation-harness on the MoE (and ``compare``: base, experts), only when ``run``; results in the card."""
+        if not run:
+            self._notice("Benchmarks are off: tick RUN_BENCHMARKS in this cell to run lm-evaluation-harness "
+                         "(a few minutes per task and model on a T4 with the default limit).")
+            return None
+        from .benchmarks import run_benchmarks, write_benchmarks
+        from .eval_report import benchmark_table
+
+        folder = self._require_model()
+        install_lm_eval(probe(folder), self._notice)
+        result = run_benchmarks(folder, tasks, limit=limit, compare=compare, download=True,
+                                release=self.form.settings().low_disk)
+        write_benchmarks(folder, result)
+        self._card(folder, repo_id=self.repo_id, **detected_extras(folder))
+        table = benchmark_table(result)
+        self._show(_html(table_html([tuple(r) for r in table["rows"]], tuple(table["header"]))))
+        for item in table["skipped"]:
+            self._notice(f"Not run: {item}", "warn")
+        return result
+
     # ------------------------------------------------------------------ 6. upload
 
     def _push(self, folder: Path, repo: str, settings: Settings) -> str:
@@ -448,7 +537,8 @@ class Builder:
 
     def build(self) -> None:
         """Every step in order, stopping at the first that fails (what the Build button runs)."""
-        for step in (self.plan, self.merge, self.route, self.try_model, self.push, self.gguf, self.chat):
+        for step in (self.plan, self.merge, self.route, self.try_model, self.evaluate, self.ask, self.benchmarks,
+                     self.push, self.gguf, self.chat):
             try:
                 step()
             except StepFailed:

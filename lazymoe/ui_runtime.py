@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .colab import CONTENT_DIR, in_colab
-from .errors import GGUFError
+from .errors import GGUFError, LazyMoEError
 from .report import human_bytes
 
 #: approximate bits per weight of each llama.cpp file type (mixes keep some tensors at higher precision)
@@ -223,6 +223,23 @@ def install_llama_cpp(runtime: Runtime, say, *, version: str) -> bool:
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
         raise GGUFError(f"Building llama-cpp-python {version} failed (pip exit status {done.returncode}):\n{tail}")
+    importlib.invalidate_caches()
+    return True
+
+
+def install_lm_eval(runtime: Runtime, say, *, spec: str = "lm-eval>=0.4.5") -> bool:
+    """In Colab, pip-install lm-evaluation-harness once per runtime, never replacing its torch.
+
+    Elsewhere nothing is installed (the benchmark step then says how). Returns True if it ran.
+    """
+    if importlib.util.find_spec("lm_eval") is not None or not runtime.in_colab:
+        return False
+    say(f"Installing {spec} (once per Colab runtime, about a minute).")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "-c", str(torch_constraints()), spec]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
+        raise LazyMoEError(f"Installing {spec} failed (pip exit status {done.returncode}):\n{tail}")
     importlib.invalidate_caches()
     return True
 

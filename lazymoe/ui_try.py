@@ -79,7 +79,8 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _encode(tokenizer, prompt: str):
+def encode_chat(tokenizer, prompt: str):
+    """The prompt as a user turn of the tokenizer's chat template (plain text where it has none), as tensors."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)
@@ -93,7 +94,7 @@ def routing_and_generation(model, tokenizer, prompts: list[str], experts_per_tok
 
     results = []
     for prompt in prompts:
-        inputs = {k: v.to(model.device) for k, v in _encode(tokenizer, prompt).items()}
+        inputs = {k: v.to(model.device) for k, v in encode_chat(tokenizer, prompt).items()}
         with torch.no_grad():
             out = model(**inputs, output_router_logits=True)
             logits = torch.cat([r.reshape(-1, r.shape[-1]).float().cpu() for r in out.router_logits])

@@ -30,6 +30,16 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     return world
 
 
+# --- evaluation fixtures ---
+
+@pytest.fixture(scope="session")
+def trained_world(tmp_path_factory):
+    """lazymoe.world's tiny trained world (MLP-only experts): base and expert losses really differ."""
+    from lazymoe.world import TINY_SPEC, build_world
+
+    return build_world(tmp_path_factory.mktemp("trained-world"), TINY_SPEC, progress=False)
+
+
 # --- hub fixtures ---
 # The real huggingface_hub client talks to tests/hubserver.py. huggingface_hub copies its endpoint, cache and
 # token paths into module constants when it is imported, so setting environment variables is not enough: the

@@ -137,7 +137,7 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
 
             # 1. Run all on the unedited preset: the whole pipeline, ending with the last cell's notice
             _run_all(page)
-            page.get_by_text("nothing to chat with").wait_for(timeout=600_000)
+            page.get_by_text("nothing to chat with").wait_for(timeout=600_000)  # 13 steps, evaluation included
             _wait_until_idle(page, 60_000)
             assert (work / "LazyMoE-Demo-4x" / "config.json").is_file()
 

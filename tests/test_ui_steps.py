@@ -137,9 +137,13 @@ def test_build_button_runs_every_step(builder, tmp_path):
     for phrase in ("lazymoe-resources", "Merged model written", "Routing of tiny-moe", "Routing share", "Upload is off",
                    "GGUF is off"):
         assert phrase in shown
-    (png,) = builder.screen.images()
-    assert png.startswith(b"\x89PNG") and png == (tmp_path / "tiny-moe" / "routing.png").read_bytes()
-    assert "](routing.png)" in (tmp_path / "tiny-moe" / "README.md").read_text()
+    routing_png, eval_png = builder.screen.images()
+    assert routing_png.startswith(b"\x89PNG") and routing_png == (tmp_path / "tiny-moe" / "routing.png").read_bytes()
+    assert eval_png == (tmp_path / "tiny-moe" / "eval.png").read_bytes()
+    for phrase in ("Gain kept", "lazymoe-answers"):  # steps 6b and 6c
+        assert phrase in shown
+    card = (tmp_path / "tiny-moe" / "README.md").read_text()
+    assert "](routing.png)" in card and "](eval.png)" in card and "## Questions, side by side" in card
 
 
 def test_build_button_with_a_bad_form_only_shows_the_message(builder, tmp_path):
