@@ -2,7 +2,7 @@
 
     import lazymoe
     plan = lazymoe.make_plan("moe.yaml")      # headers only: sizes, params, problems
-    lazymoe.merge("moe.yaml", "out/")         # streams a Mixtral checkpoint into out/
+    lazymoe.merge("moe.yaml", "out/")         # streams the MoE checkpoint into out/
 """
 
 from .config import ExpertConfig, MoEConfig, load_config

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import yaml
 
+from . import arch
 from .config import CONFIG_FILENAME, MoEConfig, load_config
 from .errors import LazyMoEError, ModelNotFoundError
 from .eval_report import (
@@ -50,7 +51,8 @@ ROUTING_IMAGE = "routing.png"  # written by `lazymoe route` into the model folde
 MODEL_TEMPLATE = "model_card.md.j2"
 GGUF_TEMPLATE = "gguf_card.md.j2"
 DEFAULT_LICENSE = "apache-2.0"
-TAGS = ("moe", "frankenmoe", "merge", "lazymoe", "mixtral")
+BASE_TAGS = ("moe", "frankenmoe", "merge", "lazymoe")
+TAGS = (*BASE_TAGS, "mixtral")  # a Mixtral model's tags; other outputs end with their model type instead
 GGUF_TAGS = ("gguf", "llama-cpp", *TAGS)
 HUB_URL = "https://huggingface.co"
 EXAMPLE_PROMPT = "Explain in three sentences what a mixture of experts is."
@@ -115,6 +117,7 @@ class ModelFacts:
     active_params: int
     dtype: str  # torch name: bfloat16, float16, float32
     layout: str  # classic | fused
+    output: str  # output architecture key (lazymoe.arch.OUTPUTS)
     num_layers: int
     hidden_size: int
     vocab_size: int
@@ -136,6 +139,7 @@ class ModelFacts:
             active_params=plan.active_params,
             dtype=plan.dtype,
             layout=plan.layout,
+            output=plan.output.key,
             num_layers=int(out["num_hidden_layers"]),
             hidden_size=int(out["hidden_size"]),
             vocab_size=int(out["vocab_size"]),
@@ -159,15 +163,17 @@ class ModelFacts:
                 )
         out = read_model_config(folder / "config.json", folder)
         moe = load_config(folder / CONFIG_FILENAME)
-        if out.get("model_type") != "mixtral":
-            raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, "
-                            "not the Mixtral lazymoe writes.")
-        for key in ("num_local_experts", "num_experts_per_tok", "num_hidden_layers", "hidden_size",
+        try:
+            output = arch.output_of(out)
+        except StopIteration:
+            raise CardError(f"{folder}/config.json describes a '{out.get('model_type')}' model, not one lazymoe "
+                            f"writes ({', '.join(o.name for o in arch.OUTPUTS.values())}).") from None
+        for key in (output.experts_key, "num_experts_per_tok", "num_hidden_layers", "hidden_size",
                     "intermediate_size", "vocab_size"):
             if type(out.get(key)) is not int or out[key] <= 0:
                 raise CardError(f"{folder}/config.json has {key}={out.get(key)!r}, not a positive whole number; "
                                 "restore the config.json the merge wrote (or merge again).")
-        experts, per_token = int(out["num_local_experts"]), int(out["num_experts_per_tok"])
+        experts, per_token = int(out[output.experts_key]), int(out["num_experts_per_tok"])
         if (experts, per_token) != (moe.num_experts, moe.experts_per_token):
             raise CardError(
                 f"{folder}: config.json has {experts} experts, {per_token} per token, but {CONFIG_FILENAME} has "
@@ -175,9 +181,9 @@ class ModelFacts:
                 "restore it (or merge again) so the card describes the real model."
             )
         tensors = describe(ModelRef.parse(str(folder))).tensors
-        if any(".block_sparse_moe." in name for name in tensors):
+        if any(".block_sparse_moe." in name or ".mlp.experts.0." in name for name in tensors):
             layout = "classic"
-        elif any(".mlp.experts." in name for name in tensors):
+        elif any(".mlp.experts.gate_up_proj" in name for name in tensors):
             layout = "fused"
         else:
             raise CardError(f"{folder} has no expert tensors (block_sparse_moe or mlp.experts); is it a MoE?")
@@ -191,6 +197,7 @@ class ModelFacts:
             active_params=total - (experts - per_token) * expert_params,
             dtype=str(out.get("torch_dtype") or out.get("dtype") or "float32"),
             layout=layout,
+            output=output.key,
             num_layers=layers,
             hidden_size=hidden,
             vocab_size=int(out["vocab_size"]),
@@ -358,7 +365,9 @@ def card_data(
     if base_model:
         front["base_model"] = base_model
         front["base_model_relation"] = "merge"
-    front.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)})
+    output = arch.OUTPUTS[facts.output]
+    front.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                  "tags": [*BASE_TAGS, output.model_type]})
     index = model_index(benchmarks, name) if benchmarks else []
     if index:
         front["model-index"] = index
@@ -388,6 +397,10 @@ def card_data(
         "active_params_human": human_params(facts.active_params),
         "dtype": facts.dtype,
         "layout": facts.layout,
+        "output_name": output.name,
+        "architecture": output.architecture,
+        "per_expert_names": "block_sparse_moe" if output.key == "mixtral" else "mlp.experts.N",
+        "shared_expert": _shared_row(config, by_ref) if output.shared_block else None,
         "num_layers": facts.num_layers,
         "hidden_size": facts.hidden_size,
         "vocab_size": facts.vocab_size,
@@ -412,6 +425,16 @@ def card_data(
         "answers_markdown": answers_markdown,
         "benchmarks": benchmark_table(benchmarks) if benchmarks else None,
     }
+
+
+def _shared_row(config: MoEConfig, by_ref: dict) -> dict[str, Any]:
+    """The card's line on Qwen MoE's shared expert: which model, and what gates it."""
+    spec = config.shared_expert
+    if spec is None:
+        return {"source": None, "gate": "none (an all-zero shared expert: Qwen2-MoE always has one)"}
+    gate = ("its prompts: " + "; ".join(spec.positive_prompts) if spec.positive_prompts and config.gate_mode
+            not in ("centroid", "classifier") else "constant 1/2")
+    return {"source": by_ref[spec.source_model], "gate": gate}
 
 
 def gguf_card_data(

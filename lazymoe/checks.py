@@ -30,9 +30,8 @@ _SAME_KEYS = (
 
 
 def _label(config: MoEConfig, ref: str) -> str:
-    names = [f"experts[{i}]" for i, e in enumerate(config.experts) if e.source_model == ref]
-    who = "base_model" if ref == config.base_model else ""
-    return " / ".join(([who] if who else []) + names) + f" ({ref})"
+    names = [label for label, r in _roles(config) if r == ref]
+    return " / ".join(names) + f" ({ref})"
 
 
 def rope_settings(cfg: dict) -> dict:
@@ -66,38 +65,78 @@ def _setting(cfg: dict, key: str):
     return value
 
 
+def _roles(config: MoEConfig) -> list[tuple[str, str]]:
+    """(label, model reference) of every input model: base, experts, shared expert."""
+    out = [("base_model", config.base_model)]
+    out += [(f"experts[{i}]", e.source_model) for i, e in enumerate(config.experts)]
+    out += [(f"shared_experts[{i}]", e.source_model) for i, e in enumerate(config.shared_experts or [])]
+    return out
+
+
+def input_family(config: MoEConfig, models: dict[str, ModelInfo]) -> str:
+    """The one family every input model belongs to; refuses unknown families and mixtures, naming them."""
+    known = ", ".join(sorted(arch.FAMILIES))
+    by_family: dict[str, list[str]] = {}
+    for label, ref in _roles(config):
+        mtype = models[ref].model_type
+        if mtype not in arch.FAMILIES:
+            raise ModelMismatchError(
+                f"{label} ({ref}) is a '{mtype}' model; lazymoe merges {known} models. "
+                "Pick models of one of those families."
+            )
+        by_family.setdefault(arch.FAMILIES[mtype], []).append(f"{label} ({mtype})")
+    if len(by_family) > 1:
+        parts = "; ".join(f"{family}: {', '.join(who)}" for family, who in by_family.items())
+        raise ModelMismatchError(
+            f"This merge mixes model families ({' and '.join(by_family)}): {parts}. Every model of a MoE must "
+            "share the base's architecture (fine-tunes of one base model); remove the others."
+        )
+    return next(iter(by_family))
+
+
+def choose_output(config: MoEConfig, models: dict[str, ModelInfo]) -> tuple[arch.Output, str]:
+    """The output architecture for these inputs and the reason, or ModelMismatchError saying why none fits."""
+    family = input_family(config, models)
+    try:
+        output, why = arch.choose_output(config.architecture, family, len(config.shared_experts or []))
+    except ValueError as err:
+        raise ModelMismatchError(f"{err}. Remove 'architecture' to let lazymoe choose, or change the experts.") from None
+    base = models[config.base_model].config
+    if output.key == "qwen2_moe" and rope_settings(base).get("rope_type") not in (None, "linear", "yarn"):
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}) uses RoPE scaling '{rope_settings(base)['rope_type']}', which "
+            "llama.cpp's qwen2moe does not apply (its GGUF would compute another model); build Mixtral instead "
+            "(remove 'architecture' and shared_experts)."
+        )
+    return output, why
+
+
 def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
     """Raise :class:`ModelMismatchError` for anything that would build a broken MoE; return warnings."""
     warnings: list[str] = []
     base = models[config.base_model]
     btype = base.model_type
-    if btype not in arch.FAMILIES:
+    output, _ = choose_output(config, models)
+    family = arch.FAMILIES[btype]
+    if family == "llama" and (base.config.get("attention_bias") or base.config.get("mlp_bias")):
         raise ModelMismatchError(
-            f"base_model ({config.base_model}) is a '{btype}' model; lazymoe builds Mixtral MoEs from "
-            f"Llama or Mistral models ({', '.join(arch.FAMILIES)}). Pick a base of that family."
+            f"base_model ({config.base_model}) uses attention/MLP biases, which {output.name} has no place for."
         )
     for ref, info in models.items():
-        if arch.FAMILIES.get(info.model_type) != arch.FAMILIES[btype]:
-            continue  # refused below with the family message
         for key in _REQUIRED_INTS:
             if info.config.get(key) is None:
                 raise ModelFormatError(
                     f"{_label(config, ref)}: config.json has no {key}, which every {info.model_type} model has; "
                     "the file is incomplete, download the model again."
                 )
-    if base.config.get("attention_bias") or base.config.get("mlp_bias"):
+    if family == "qwen3" and base.config.get("attention_bias"):
         raise ModelMismatchError(
-            f"base_model ({config.base_model}) uses attention/MLP biases, which Mixtral has no place for."
+            f"base_model ({config.base_model}) uses attention biases; lazymoe's Qwen3 MoE keeps q/k norms only."
         )
     for ref, info in models.items():
         if ref == config.base_model:
             continue
         label = _label(config, ref)
-        if arch.FAMILIES.get(info.model_type) != arch.FAMILIES[btype]:
-            raise ModelMismatchError(
-                f"{label} is a '{info.model_type}' model but the base is '{btype}': experts must be of the "
-                "base's family (fine-tunes of the same architecture). Remove it or choose another base."
-            )
         if info.model_type != btype:
             warnings.append(f"{label} is '{info.model_type}' and the base '{btype}'; their MLPs are compatible.")
         for key, what in _SAME_KEYS:
@@ -111,14 +150,13 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
     num_layers = int(base.config["num_hidden_layers"])
     H, I = int(base.config["hidden_size"]), int(base.config["intermediate_size"])
     expected = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    mlp_sources = {e.source_model for e in config.experts + list(config.shared_experts or [])}
     for ref, info in models.items():
-        if ref != config.base_model and ref not in {e.source_model for e in config.experts}:
-            continue
         label = _label(config, ref)
         extra_layers = sorted({l for n in info.tensors if (l := arch.layer_of(n)) is not None and l >= num_layers})
         if extra_layers:
             raise ModelMismatchError(f"{label} has tensors for layer {extra_layers[0]} but config says {num_layers} layers.")
-        if ref not in {e.source_model for e in config.experts}:
+        if ref not in mlp_sources:
             continue
         for layer in range(num_layers):
             for part, shape in expected.items():
@@ -134,18 +172,18 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
                 if t.dtype not in _ST_TO_NAME and t.dtype != "F64":
                     raise ModelMismatchError(f"{label}: {name} has dtype {t.dtype}; only float weights can be merged.")
     # base: every shared tensor present, nothing unknown
+    shared_re = arch.SHARED_RE_BY_FAMILY[family]
     for name, t in base.tensors.items():
-        if arch.SHARED_RE.match(name) or arch.MLP_RE.match(name) or arch.IGNORED_RE.match(name):
+        if shared_re.match(name) or arch.MLP_RE.match(name) or arch.IGNORED_RE.match(name):
             continue
         raise ModelMismatchError(
-            f"base_model ({config.base_model}) has tensor {name}, which Mixtral has no place for "
+            f"base_model ({config.base_model}) has tensor {name}, which {output.name} has no place for "
             "(quantised or adapter weights?). Use a plain float checkpoint."
         )
     needed = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{l}.{n}.weight"
+        f"model.layers.{l}.{n}"
         for l in range(num_layers)
-        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                  "self_attn.v_proj", "self_attn.o_proj")
+        for n in arch.LAYER_TENSORS + arch.FAMILY_ATTENTION_EXTRAS[family]
     ]
     for name in needed:
         if name not in base.tensors:
@@ -170,13 +208,6 @@ def check_models(config: MoEConfig, models: dict[str, ModelInfo]) -> list[str]:
                 f"{_label(config, ref)} has a vocabulary of {other} tokens, the base {vocab}. Only its MLPs are "
                 "used and they do not depend on the vocabulary, but tokens it added do not exist in the MoE."
             )
-    n = config.num_experts
-    if n & (n - 1):
-        warnings.append(
-            f"{n} experts is not a power of two. transformers and current llama.cpp handle it, but some "
-            "GGUF runtimes and older llama.cpp builds assume 2/4/8 experts; prefer a power of two if you "
-            "plan to share GGUF files."
-        )
     return warnings
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from . import arch as _arch
 from .errors import ConfigError
 
 # centroid / classifier are lazymoe's fitted modes: routers fitted on each layer's real MLP input (gates.py);
@@ -38,9 +39,6 @@ _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,63}$")
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
-#: output architectures the mergekit schema names, and which of them lazymoe writes today
-_ARCHITECTURE_ALIASES = {"mixtral": "mixtral"}
-_KNOWN_UNSUPPORTED_ARCHITECTURES = {"qwen", "qwen2", "qwen2_moe", "qwen moe", "qwen3", "qwen3_moe", "qwen3 moe", "deepseek", "deepseek moe"}
 
 
 #: noise and generator seeds are 64-bit; torch refuses anything from 2**63 on
@@ -210,10 +208,19 @@ class MoEConfig(_Strict):
     def uses_prompts(self) -> bool:
         return self.gate_mode not in RANDOM_GATE_MODES
 
+    @property
+    def shared_expert(self) -> ExpertConfig | None:
+        """The one shared expert (Qwen MoE output), if any."""
+        return self.shared_experts[0] if self.shared_experts else None
+
+    def expert_spec(self, index: int) -> ExpertConfig:
+        """Routed expert ``index``; index ``num_experts`` is the shared expert."""
+        return self.experts[index] if index < len(self.experts) else self.shared_experts[index - len(self.experts)]
+
     def model_refs(self) -> list[str]:
-        """Every distinct model reference, base first, in order of appearance."""
+        """Every distinct model reference, base first, in order of appearance (the shared expert last)."""
         seen: dict[str, None] = {self.base_model: None}
-        for expert in self.experts:
+        for expert in self.experts + list(self.shared_experts or []):
             seen.setdefault(expert.source_model, None)
         return list(seen)
 
@@ -226,10 +233,14 @@ class MoEConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """The mergekit-compatible dict: extensions and defaults-only fields are left out."""
         data = self.model_dump(exclude_none=True)
-        for expert in data["experts"]:
+        for expert in data["experts"] + data.get("shared_experts", []):
             for key in ("negative_prompts", "calibration_text"):
                 if not expert.get(key):
                     expert.pop(key, None)
+            if not expert.get("positive_prompts") and expert in data.get("shared_experts", []):
+                expert.pop("positive_prompts", None)
+        if not data.get("shared_experts"):
+            data.pop("shared_experts", None)
         if not data.get("allow_all_same_experts"):
             data.pop("allow_all_same_experts", None)
         return data
@@ -320,38 +331,40 @@ def validate_config(config: MoEConfig) -> MoEConfig:
             f"experts_per_token is {config.experts_per_token} but must be between 1 and the number of "
             f"experts ({n}). 2 is the usual choice."
         )
-    if config.shared_experts:
+    if len(config.shared_experts or []) > 1:
         raise ConfigError(
-            "shared_experts is only used by Qwen2-MoE output, which lazymoe does not write yet; "
-            "remove shared_experts to build a Mixtral model."
+            f"shared_experts has {len(config.shared_experts)} entries; Qwen MoE (Qwen2-MoE) has one shared expert "
+            "per layer, so give 0 or 1."
         )
     if config.architecture is not None:
-        arch = config.architecture.strip().lower()
-        if arch in _KNOWN_UNSUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"architecture {config.architecture!r} is not supported yet: lazymoe writes Mixtral "
-                "(for Llama and Mistral experts). Remove 'architecture' or set it to 'mixtral'."
-            )
-        if arch not in _ARCHITECTURE_ALIASES:
-            raise ConfigError(f"Unknown architecture {config.architecture!r}; lazymoe writes 'mixtral'.")
-    for i, expert in enumerate(config.experts):
+        names = ", ".join(o.name for o in _arch.OUTPUTS.values())
+        why = _arch.not_written(config.architecture)
+        if why and not _arch.match_architecture(config.architecture):
+            raise ConfigError(f"architecture {config.architecture!r}: lazymoe does not write it ({why}); "
+                              f"it writes {names}.")
+        if not config.architecture.strip() or not _arch.match_architecture(config.architecture):
+            raise ConfigError(f"Unknown architecture {config.architecture!r}; lazymoe writes {names} "
+                              "(matched by prefix, as mergekit-moe does: 'qwen3' means Qwen3 MoE).")
+    labelled = [(f"experts[{i}]", e) for i, e in enumerate(config.experts)]
+    labelled += [(f"shared_experts[{i}]", e) for i, e in enumerate(config.shared_experts or [])]
+    for where, expert in labelled:
         for field in ("noise_scale", "residual_scale"):
             value = getattr(expert, field)
             if value is not None and (value != value or value in (float("inf"), float("-inf"))):
-                raise ConfigError(f"experts[{i}].{field} must be a finite number, got {value}.")
+                raise ConfigError(f"{where}.{field} must be a finite number, got {value}.")
         if expert.noise_scale is not None and expert.noise_scale < 0:
-            raise ConfigError(f"experts[{i}].noise_scale must be >= 0 (it is a standard deviation).")
+            raise ConfigError(f"{where}.noise_scale must be >= 0 (it is a standard deviation).")
         # MLP weights are ~0.02 in size: beyond these the expert is noise, or (a typo like 1e40) inf
         if expert.noise_scale is not None and expert.noise_scale > MAX_NOISE_SCALE:
-            raise ConfigError(f"experts[{i}].noise_scale is {expert.noise_scale:g}; above {MAX_NOISE_SCALE:g} the "
+            raise ConfigError(f"{where}.noise_scale is {expert.noise_scale:g}; above {MAX_NOISE_SCALE:g} the "
                               "noise drowns the weights (typical values: 0.001 to 0.05).")
         if expert.residual_scale is not None and abs(expert.residual_scale) > MAX_RESIDUAL_SCALE:
-            raise ConfigError(f"experts[{i}].residual_scale is {expert.residual_scale:g}; keep it within "
+            raise ConfigError(f"{where}.residual_scale is {expert.residual_scale:g}; keep it within "
                               f"±{MAX_RESIDUAL_SCALE:g} (typical values: 0.5 to 2).")
         for field in ("positive_prompts", "negative_prompts", "calibration_text"):
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
-                    raise ConfigError(f"experts[{i}].{field}[{j}] is empty; remove it or write some text.")
+                    raise ConfigError(f"{where}.{field}[{j}] is empty; remove it or write some text.")
     if config.uses_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:

@@ -39,7 +39,8 @@ _HINTS = (
      "llama.cpp does not know this tokenizer.json's pre-tokenizer; a SentencePiece tokenizer.model next to it "
      "converts cleanly (copy the base model's tokenizer.model into the folder)."),
     (re.compile(r"Model \S+ is not supported"),
-     "llama.cpp cannot convert this architecture; lazymoe's Mixtral output (architectures: MixtralForCausalLM) is."),
+     "llama.cpp cannot convert this architecture; lazymoe's outputs (MixtralForCausalLM, Qwen2MoeForCausalLM, "
+     "Qwen3MoeForCausalLM) are."),
     (re.compile(r"No space left on device"), "the disk filled up while writing; free space and run again."),
 )
 
@@ -208,6 +209,11 @@ def _failure_message(model_dir: Path, code: int, tail: list[str]) -> str:
     cause = next((ln for ln in reversed(tail) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)), None)
     cause = cause or next((ln for ln in reversed(tail) if ln.startswith("ERROR:")), None) or (tail[-1] if tail else "")
     hint = next((advice for pattern, advice in _HINTS if pattern.search(text)), None)
+    if "BPE pre-tokenizer was not recognized" in text and (model_dir / "tokenizer.model").is_file() and \
+            "Qwen2MoeForCausalLM" in (model_dir / "config.json").read_text(encoding="utf-8"):
+        hint = ("llama.cpp reads a Qwen MoE's tokenizer as BPE only, and this one is SentencePiece (Llama 2, "
+                "Mistral): such experts convert only as Mixtral; merge again without 'architecture: qwen' and "
+                "shared_experts.")
     lines = [f"llama.cpp's converter failed on {model_dir} (exit {code}): {cause.strip()}"]
     if hint:
         lines.append(f"What to do: {hint}")

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal
 
 import yaml
 
+from .arch import FAMILIES, FAMILY_ATTENTION_EXTRAS
 from .errors import LazyMoEError
 
 __all__ = ["build_tokenizer", "build_model", "build_demo", "DEMO_EXPERTS", "CHAT_TEMPLATE"]
@@ -202,9 +203,13 @@ def _tokenizer_vocab_size(tokenizer_dir: Path) -> int:
     import sentencepiece as spm
 
     model = tokenizer_dir / "tokenizer.model"
-    if not model.is_file():
-        raise DemoError(f"{tokenizer_dir} has no tokenizer.model; build it with build_tokenizer() first.")
-    return spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    if model.is_file():
+        return spm.SentencePieceProcessor(model_file=str(model)).get_piece_size()
+    if (tokenizer_dir / "tokenizer.json").is_file():  # a BPE tokenizer (Qwen's): every id, added tokens included
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    raise DemoError(f"{tokenizer_dir} has no tokenizer.model or tokenizer.json; build it with build_tokenizer() first.")
 
 
 def _perturb_(model: Any, perturb: float, seed: int) -> None:
@@ -233,22 +238,46 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+#: dense families the demo builds
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def _model_class(model_type: str) -> Any:
     # Direct imports: going through AutoModel scans transformers' lazy registry (seconds on first use).
     if model_type == "mistral":
         from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 
         return MistralForCausalLM
+    if model_type == "qwen2":
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM
+    if model_type == "qwen3":
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
     return LlamaForCausalLM
+
+
+def _spread_flat_params_(model: Any, seed: int) -> None:
+    """Qwen's q/k/v biases start at 0 and its q/k norms at 1: give them spread (N(0, 0.1) added) so a merge
+    that dropped or mixed them up would show in the logits."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 def build_model(
     out_dir: str | os.PathLike,
     *,
     tokenizer_dir: str | os.PathLike,
-    model_type: Literal["llama", "mistral"] = "llama",
+    model_type: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama",
     hidden_size: int = 64,
     intermediate_size: int = 128,
     num_hidden_layers: int = 2,
@@ -271,8 +300,8 @@ def build_model(
     """
     import torch
 
-    if model_type not in ("llama", "mistral"):
-        raise DemoError(f"model_type={model_type!r} is not supported; use 'llama' or 'mistral'.")
+    if model_type not in MODEL_TYPES:
+        raise DemoError(f"model_type={model_type!r} is not supported; use one of {', '.join(MODEL_TYPES)}.")
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise DemoError(f"dtype={dtype!r} is not supported; use float32, float16 or bfloat16.")
@@ -282,8 +311,8 @@ def build_model(
 
     if base is not None:
         base_type = json.loads((Path(base) / "config.json").read_text(encoding="utf-8")).get("model_type")
-        if base_type not in ("llama", "mistral"):
-            raise DemoError(f"base {base} is a {base_type!r} model; the demo builds llama and mistral only.")
+        if base_type not in MODEL_TYPES:
+            raise DemoError(f"base {base} is a {base_type!r} model; the demo builds {', '.join(MODEL_TYPES)} only.")
         with _quiet_transformers():
             model = _model_class(base_type).from_pretrained(base, dtype=torch_dtype)
         if model.config.vocab_size != vocab_size:
@@ -292,16 +321,19 @@ def build_model(
         if perturb:
             _perturb_(model, perturb, seed)
     else:
+        settings = dict(bos_token_id=1, eos_token_id=2, pad_token_id=None, max_position_embeddings=4096)
+        settings.update(config_overrides)
         config = _model_class(model_type).config_class(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads, tie_word_embeddings=tie_word_embeddings,
-            rope_theta=rope_theta, bos_token_id=1, eos_token_id=2, pad_token_id=None,
-            max_position_embeddings=4096, **config_overrides,
+            rope_theta=rope_theta, **settings,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _model_class(model_type)(config)
+            if model_type in ("qwen2", "qwen3"):
+                _spread_flat_params_(model, seed)
         if perturb:
             _perturb_(model, perturb, seed + 1)
         model = model.to(torch_dtype)
@@ -330,13 +362,14 @@ def _check_saved_names(out: Path, config: Any) -> None:
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         expected.add("lm_head.weight")
+    extras = FAMILY_ATTENTION_EXTRAS[FAMILIES[config.model_type]]
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         expected.update(p + s for s in (
             "input_layernorm.weight", "post_attention_layernorm.weight",
             "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-        ))
+        ) + extras)
     if names != expected:
         raise DemoError(f"transformers saved unexpected tensor names in {out}: missing "
                         f"{sorted(expected - names)[:5]}, extra {sorted(names - expected)[:5]}.")

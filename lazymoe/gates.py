@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .arch import SHARED_GATE_CONSTANT
 from .config import MoEConfig
 from .errors import ConfigError
 from .safetensors_io import read_tensor
@@ -385,7 +386,7 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     if upstream not in ("moe", "base"):
         raise ValueError(f"upstream must be 'moe' or 'base', got {upstream!r}")
     from . import arch
-    from .routing import moe_mlp
+    from .routing import moe_mlp, shared_mlp
     from .transforms import expert_weight
     from .streamed import LayerStack
 
@@ -438,13 +439,18 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
             continue
         experts = []
         stored = getattr(torch, plan.dtype)
-        for e, spec in enumerate(config.experts):
+        specs = config.experts + ([config.shared_expert] if config.shared_expert else [])
+        for e, spec in enumerate(specs):
             # exactly the weights the writer stores (noise, residual scale, dtype), as float32
             g, u, d = (expert_weight(config, e, name, read_tensor(resolve(spec.source_model, name)),
                                      is_residual=part == "down_proj", dtype=stored).to(dev, torch.float32)
                        for part in arch.MLP_PARTS for name in [arch.mlp_name(layer, part)])
             experts.append((g, u, d))
-        stack.add_mlp_output(moe_mlp(x, x @ W.to(dev).T, experts, k, stack.act))
+        out = moe_mlp(x, x @ W.to(dev).T, experts[:E], k, stack.act, normalise=plan.output.norm_topk_prob)
+        if len(experts) > E:  # the shared expert, behind its constant gate (sigmoid = 1/2)
+            gate = constant_shared_gate(1, x.shape[-1])[0, 0].to(dev)
+            out = out + shared_mlp(x, gate, experts[E], stack.act)
+        stack.add_mlp_output(out)
         del experts
     return torch.stack(rows)  # (L, E, H)
 
@@ -460,7 +466,8 @@ def load_router_model(folder, *, device: torch.device, dtype: torch.dtype = torc
 
 def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
                   upstream: str = "moe", folder_of=None) -> torch.Tensor:
-    """Gate rows for every layer and expert, as float32 on the CPU.
+    """Gate rows for every layer and expert, as float32 on the CPU: (L, plan.gate_rows, H), the routed experts'
+    rows first, then (Qwen MoE) the shared expert's gate row.
 
     ``resolve(ref, name) -> TensorInfo`` (e.g. ``WeightStore.resolve``) locates the tensors the fitted modes
     read: the base's, and every expert's MLPs. Without it they are looked up in ``plan.models``.
@@ -474,13 +481,20 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
     mode = config.gate_mode
     from .router_train import WRITTEN_MODES, written_gates  # router_train builds on this module
 
+    spec = config.shared_expert
+    # the shared expert's gate comes from its prompts as one more row of the same computation (mergekit's
+    # way); without prompts, or in the fitted modes (which fit the routed experts only), it is a constant
+    prompted = (plan.gate_rows > E and spec is not None and bool(spec.positive_prompts)
+                and mode not in FITTED_MODES + WRITTEN_MODES)
+    rows_config = config.model_copy(update={"experts": config.experts + [spec]}) if prompted else config
+    R = rows_config.num_experts
     if mode in ("random", "uniform_random"):
         assert config.seed is not None, "compute_gates needs a config with a pinned seed (MoEConfig.with_seed)"
-        gates = random_gates(L, E, H, mode=mode, seed=config.seed)
+        gates = random_gates(L, R, H, mode=mode, seed=config.seed)
     elif mode == "cheap_embed":
-        gates = cheap_embed_gates(read_tensor(base.tensors["model.embed_tokens.weight"]), tokenizer, config, L)
+        gates = cheap_embed_gates(read_tensor(base.tensors["model.embed_tokens.weight"]), tokenizer, rows_config, L)
     elif mode in HIDDEN_MODES:
-        gates = hidden_gates(base, tokenizer, config, device=pick_device(device), progress=progress)
+        gates = hidden_gates(base, tokenizer, rows_config, device=pick_device(device), progress=progress)
     elif mode in WRITTEN_MODES and upstream == "base":
         gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream,
                              fit_mode="classifier")
@@ -491,8 +505,15 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
         gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream)
     else:  # config validation makes this unreachable; keep the message for direct API misuse
         raise ConfigError(f"Unknown gate_mode {mode!r}.")
-    assert gates.shape == (L, E, H), gates.shape
+    if plan.gate_rows > R:
+        gates = torch.cat([gates, constant_shared_gate(L, H)], dim=1)
+    assert gates.shape == (L, plan.gate_rows, H), gates.shape
     return gates
+
+
+def constant_shared_gate(num_layers: int, hidden: int) -> torch.Tensor:
+    """(L, 1, H): the shared gate whose sigmoid is 1/2 for every token (to float rounding; see arch)."""
+    return torch.full((num_layers, 1, hidden), SHARED_GATE_CONSTANT)
 
 
 def degenerate_layers(gates: torch.Tensor, threshold: float | None = None) -> list[int]:

@@ -43,6 +43,21 @@ def make_plan(
     for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
         models[ref] = describe(ModelRef.parse(ref))
     warnings = checks.check_models(config, models)
+    output = checks.choose_output(config, models)
+    base = models[config.base_model]
+    if output[0].key == "qwen2_moe" and base.folder is not None and (base.folder / "tokenizer.model").is_file():
+        warnings.append(
+            f"The base's tokenizer is SentencePiece (tokenizer.model): transformers runs this {output[0].name} model, "
+            "but llama.cpp's converter reads a Qwen MoE tokenizer as BPE only and will refuse it, so no GGUF can be "
+            "made. Build Mixtral (remove 'architecture' and shared_experts) if you need GGUF."
+        )
+    shared = config.shared_expert
+    if shared is not None and shared.positive_prompts and config.gate_mode in (
+            "centroid", "classifier", "expert_classifier", "trained"):
+        warnings.append(
+            f"gate_mode {config.gate_mode} fits the routed experts' routers only; the shared expert's gate is the "
+            "constant 1/2 and its prompts are not used (use a reference gate mode to gate it by its prompts)."
+        )
     if low_disk and config.gate_mode in ("expert_classifier", "trained"):
         warnings.append(
             f"low-disk mode: gate_mode {config.gate_mode} needs every expert at once (each writes calibration "
@@ -56,7 +71,7 @@ def make_plan(
         )
     checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
-                               low_disk=low_disk)
+                               low_disk=low_disk, output=output)
 
 
 def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
@@ -136,7 +151,7 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
-    degenerate = degenerate_layers(gates)
+    degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(
             f"Router rows are nearly parallel in {len(degenerate)} of {plan.num_layers} layers "

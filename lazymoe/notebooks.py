@@ -146,9 +146,10 @@ def intro_markdown(preset: Preset, path: str) -> str:
 
 {description}
 
-Build a Mixtral-style Mixture of Experts ("frankenMoE") from dense Llama or Mistral models with
+Build a Mixture of Experts ("frankenMoE") from dense Llama, Mistral, Qwen2/2.5 or Qwen3 models with
 [lazymoe](https://github.com/{OWNER_REPO}): the base model gives attention, embeddings and norms, each expert
-gives its MLPs, and a router learned from your prompts picks the experts for every token.
+gives its MLPs, and a router learned from your prompts picks the experts for every token. The output is a
+Mixtral, Qwen2-MoE or Qwen3-MoE checkpoint, chosen from the experts' family (the Plan step says which).
 
 1. **Set up** installs lazymoe (Colab's torch is never replaced) and shows this runtime's GPU, RAM and disk.
 2. **Your MoE** is a form filled in from the preset: edit it, or paste a mergekit-moe YAML into it.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import arch
+from .checks import choose_output
 from .config import MoEConfig
 from .errors import ConfigError
 from .outdir import DISK_MARGIN_BYTES
@@ -27,9 +28,9 @@ _ST_TO_NAME = {v: k for k, v in NAME_TO_ST.items()}
 class Piece:
     """A run of output bytes: one source tensor, optionally transformed (dtype, noise, residual scale)."""
 
-    source: TensorInfo | None  # None for computed tensors (the router)
+    source: TensorInfo | None  # None for computed tensors (routers, zeros)
     model: str | None = None  # the model reference the bytes come from
-    expert: int | None = None  # which expert's transform applies
+    expert: int | None = None  # which expert's transform applies (num_experts: the shared expert)
     is_residual: bool = False  # down_proj: residual_scale applies
 
     @property
@@ -45,6 +46,8 @@ class OutTensor:
     pieces: tuple[Piece, ...]
     gate_layer: int | None = None  # set for router tensors
     expert: int | None = None  # set for single-expert tensors (classic layout)
+    #: computed tensors: "gate" (router rows), "shared_gate" (the shared expert's gate row), "zeros"
+    computed: str | None = None
 
     @property
     def numel(self) -> int:
@@ -71,6 +74,8 @@ class MergePlan:
     models: dict[str, ModelInfo]
     out_config: dict
     layout: arch.Layout
+    output: arch.Output
+    output_reason: str  # why this output architecture: the family, a shared expert, or ``architecture:``
     dtype: str  # torch name, e.g. "bfloat16"
     tensors: list[OutTensor]
     shards: list[Shard]
@@ -97,6 +102,16 @@ class MergePlan:
     @property
     def base(self) -> ModelInfo:
         return self.models[self.config.base_model]
+
+    @property
+    def family(self) -> str:
+        """The input family (lazymoe.arch.FAMILIES) every model belongs to."""
+        return arch.FAMILIES[self.base.model_type]
+
+    @property
+    def gate_rows(self) -> int:
+        """Router rows per layer that gates.compute_gates returns: the experts', then the shared gate's."""
+        return self.config.num_experts + (1 if self.output.shared_block else 0)
 
     @property
     def router_pass_bytes(self) -> int:
@@ -169,7 +184,10 @@ class MergePlan:
 
     def summary(self) -> dict:
         return {
-            "architecture": "MixtralForCausalLM",
+            "architecture": self.output.architecture,
+            "output": self.output.name,
+            "output_reason": self.output_reason,
+            "shared_expert": self.config.shared_expert.source_model if self.config.shared_expert else None,
             "layout": self.layout,
             "layers": self.num_layers,
             "experts": self.config.num_experts,
@@ -247,6 +265,7 @@ def build_plan(
     layout: arch.Layout = "classic",
     warnings: list[str] | None = None,
     low_disk: bool = False,
+    output: tuple[arch.Output, str] | None = None,
 ) -> MergePlan:
     """Every output tensor in write order.
 
@@ -261,33 +280,63 @@ def build_plan(
     if max_shard_bytes < 1:
         raise ConfigError("max_shard_bytes must be positive.")
     base = models[config.base_model]
+    if output is None:
+        output = choose_output(config, models)
+    out_arch, out_reason = output
     dtype = _out_dtype(config, base)
     st = NAME_TO_ST[dtype]
     L = int(base.config["num_hidden_layers"])
     H = int(base.config["hidden_size"])
     I = int(base.config["intermediate_size"])
     E = config.num_experts
-    names = arch.MixtralNames(layout)
-    experts = [models[e.source_model] for e in config.experts]
+    names = arch.MoENames(out_arch, layout)
+    family = arch.FAMILIES[base.model_type]
+    shared_re = arch.SHARED_RE_BY_FAMILY[family]
+    spec = config.shared_expert
+    sources = [models[e.source_model] for e in config.experts] + ([models[spec.source_model]] if spec else [])
+    refs = [e.source_model for e in config.experts] + ([spec.source_model] if spec else [])
 
-    def shared(name: str) -> OutTensor:
+    def shared(name: str, out_name: str | None = None) -> OutTensor:
         src = base.tensors[name]
-        return OutTensor(name, st, src.shape, (Piece(src, config.base_model),))
+        return OutTensor(out_name or name, st, src.shape, (Piece(src, config.base_model),))
 
     def expert_piece(e: int, layer: int, part: str) -> Piece:
-        return Piece(experts[e].tensors[arch.mlp_name(layer, part)], config.experts[e].source_model,
-                     expert=e, is_residual=part == "down_proj")
+        return Piece(sources[e].tensors[arch.mlp_name(layer, part)], refs[e], expert=e, is_residual=part == "down_proj")
 
     def expert_tensors(e: int, layer: int) -> list[OutTensor]:
         return [OutTensor(names.expert(layer, e, part), st, (p := expert_piece(e, layer, part)).source.shape, (p,),
                           expert=e) for part in arch.MLP_PARTS]
 
+    def shared_block(layer: int) -> list[OutTensor]:
+        """Qwen MoE's shared expert and its gate: the configured one, or a width-1 expert of zeros."""
+        gate = OutTensor(names.shared_gate(layer), st, (1, H), (Piece(None),), gate_layer=layer, computed="shared_gate")
+        if spec is None:
+            w = arch.EMPTY_SHARED_WIDTH
+            shapes = {"gate_proj": (w, H), "up_proj": (w, H), "down_proj": (H, w)}
+            return [OutTensor(names.shared(layer, part), st, shapes[part], (Piece(None),), computed="zeros")
+                    for part in arch.MLP_PARTS] + [gate]
+        return [OutTensor(names.shared(layer, part), st, (p := expert_piece(E, layer, part)).source.shape, (p,),
+                          expert=E) for part in arch.MLP_PARTS] + [gate]
+
+    def zero_biases(layer: int) -> list[OutTensor]:
+        """Qwen2-MoE always has q/k/v biases; a base without them gets zeros (the same attention)."""
+        if family == "qwen2" or not out_arch.qkv_bias:
+            return []
+        head_dim = int(base.config.get("head_dim") or H // int(base.config["num_attention_heads"]))
+        kv = int(base.config.get("num_key_value_heads") or base.config["num_attention_heads"])
+        widths = {"q": int(base.config["num_attention_heads"]) * head_dim, "k": kv * head_dim, "v": kv * head_dim}
+        return [OutTensor(f"model.layers.{layer}.self_attn.{x}_proj.bias", st, (n,), (Piece(None),), computed="zeros")
+                for x, n in widths.items()]
+
     tensors: list[OutTensor] = [shared("model.embed_tokens.weight")]
     for layer in range(L):
         prefix = f"model.layers.{layer}."
-        for name in sorted(n for n in base.tensors if n.startswith(prefix) and arch.SHARED_RE.match(n)):
+        for name in sorted(n for n in base.tensors if n.startswith(prefix) and shared_re.match(n)):
             tensors.append(shared(name))
-        tensors.append(OutTensor(names.gate(layer), st, (E, H), (Piece(None),), gate_layer=layer))
+        tensors.extend(zero_biases(layer))
+        tensors.append(OutTensor(names.gate(layer), st, (E, H), (Piece(None),), gate_layer=layer, computed="gate"))
+        if out_arch.shared_block and not low_disk:
+            tensors.extend(shared_block(layer))
         if layout == "classic" and not low_disk:
             for e in range(E):
                 tensors.extend(expert_tensors(e, layer))
@@ -297,25 +346,38 @@ def build_plan(
             down = tuple(expert_piece(e, layer, "down_proj") for e in range(E))
             tensors.append(OutTensor(names.fused(layer, "down_proj"), st, (E, H, I), down))
     tensors.append(shared("model.norm.weight"))
-    if "lm_head.weight" in base.tensors and not base.config.get("tie_word_embeddings", False):
+    tied = bool(base.config.get("tie_word_embeddings", False))
+    if "lm_head.weight" in base.tensors and not tied:
         tensors.append(shared("lm_head.weight"))
+    elif out_arch.untie:  # the tie written out: llama.cpp's qwen2moe requires output.weight
+        tensors.append(shared("lm_head.weight" if "lm_head.weight" in base.tensors else "model.embed_tokens.weight",
+                              "lm_head.weight"))
     if low_disk:  # base first (its model is needed longest), then one source model after another
-        order = sorted(range(E), key=lambda e: (config.experts[e].source_model != config.base_model,
-                                                config.model_refs().index(config.experts[e].source_model)))
+        order = sorted(range(len(refs)), key=lambda e: (refs[e] != config.base_model, config.model_refs().index(refs[e])))
         for e in order:
             for layer in range(L):
-                tensors.extend(expert_tensors(e, layer))
+                if e == E:
+                    tensors.extend(shared_block(layer))
+                else:
+                    tensors.extend(expert_tensors(e, layer))
+        if out_arch.shared_block and spec is None:
+            for layer in range(L):
+                tensors.extend(shared_block(layer))
 
     total = sum(t.numel for t in tensors)
     expert_params = 3 * H * I * L
     active = total - (E - config.experts_per_token) * expert_params
     download = sum(m.weight_bytes for m in models.values() if m.ref.repo_id is not None and not _cached(m))
-    out_config = arch.mixtral_config(base.config, num_experts=E, experts_per_token=config.experts_per_token, dtype=dtype)
+    shared_width = (I if spec else arch.EMPTY_SHARED_WIDTH) if out_arch.shared_block else None
+    out_config = arch.moe_config(out_arch, base.config, num_experts=E, experts_per_token=config.experts_per_token,
+                                 dtype=dtype, shared_width=shared_width)
     return MergePlan(
         config=config,
         models=models,
         out_config=out_config,
         layout=layout,
+        output=out_arch,
+        output_reason=out_reason,
         dtype=dtype,
         tensors=tensors,
         shards=_assign_shards(tensors, max_shard_bytes),

@@ -31,7 +31,9 @@ def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
     """(label, value) rows, in the order a user reads them."""
     c = plan.config
     rows = [
-        ("Output architecture", f"MixtralForCausalLM ({plan.layout} layout)"),
+        ("Input family", f"{plan.family} ({', '.join(sorted({m.model_type for m in plan.models.values()}))} models)"),
+        ("Output architecture", f"{plan.output.name} ({plan.output.architecture}, {plan.layout} layout): "
+                                f"{plan.output_reason}"),
         ("Base model", c.base_model),
         ("Layers", str(plan.num_layers)),
         ("Experts", f"{c.num_experts} ({c.experts_per_token} per token)"),
@@ -63,6 +65,10 @@ def format_plan(plan: MergePlan) -> str:
     for i, e in enumerate(plan.config.experts):
         prompts = "; ".join(e.positive_prompts) or "(no prompts)"
         lines.append(f"  [{i}] {e.source_model}: {prompts}")
+    shared = plan.config.shared_expert
+    if shared is not None:
+        gate = "; ".join(shared.positive_prompts) or "(no prompts: constant gate 1/2)"
+        lines.append(f"  [shared] {shared.source_model}: {gate}")
     if plan.warnings:
         lines.append("")
         lines.append("Warnings:")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import arch
 from .config import CONFIG_FILENAME
 from .errors import ConfigError, ModelNotFoundError
 from .optional import require
@@ -84,39 +85,51 @@ class RoutingReport:
 
 
 class _Weights:
-    """Tensors of a merged folder by name, read one at a time (classic or fused expert layout)."""
+    """Tensors of a merged folder by name, read one at a time (any output architecture, classic or fused)."""
 
-    def __init__(self, folder: Path, device: torch.device):
+    def __init__(self, folder: Path, device: torch.device, output: arch.Output):
         # describe() follows the index and names a missing or unreadable shard
         self.tensors: dict[str, TensorInfo] = describe(ModelRef.parse(str(folder))).tensors
         self.device = device
+        fused = any(name.endswith(".mlp.experts.gate_up_proj") for name in self.tensors)
+        self.names = arch.MoENames(output, "fused" if fused else "classic")
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
-            raise ModelNotFoundError(f"The model has no tensor {name}; is it a Mixtral MoE written by lazymoe?")
+            raise ModelNotFoundError(f"The model has no tensor {name}; is it a MoE written by lazymoe?")
         return read_tensor(self.tensors[name]).to(self.device, torch.float32)
 
     def experts(self, layer: int, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(gate_proj, up_proj, down_proj) per expert."""
-        classic = f"model.layers.{layer}.block_sparse_moe.experts.0.w1.weight"
-        if classic in self.tensors:
-            p = f"model.layers.{layer}.block_sparse_moe.experts"
-            return [(self.get(f"{p}.{e}.w1.weight"), self.get(f"{p}.{e}.w3.weight"), self.get(f"{p}.{e}.w2.weight"))
+        if self.names.layout == "classic":
+            return [tuple(self.get(self.names.expert(layer, e, part)) for part in arch.MLP_PARTS)
                     for e in range(num_experts)]
-        gate_up = self.get(f"model.layers.{layer}.mlp.experts.gate_up_proj")
-        down = self.get(f"model.layers.{layer}.mlp.experts.down_proj")
+        gate_up = self.get(self.names.fused(layer, "gate_up_proj"))
+        down = self.get(self.names.fused(layer, "down_proj"))
         half = gate_up.shape[1] // 2
         return [(gate_up[e, :half], gate_up[e, half:], down[e]) for e in range(num_experts)]
 
     def gate(self, layer: int) -> torch.Tensor:
-        classic = f"model.layers.{layer}.block_sparse_moe.gate.weight"
-        return self.get(classic if classic in self.tensors else f"model.layers.{layer}.mlp.gate.weight")
+        return self.get(self.names.gate(layer))
+
+    def shared(self, layer: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The shared expert's gate row and (gate_proj, up_proj, down_proj)."""
+        parts = tuple(self.get(self.names.shared(layer, part)) for part in arch.MLP_PARTS)
+        return self.get(self.names.shared_gate(layer))[0], parts
 
 
-def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act) -> torch.Tensor:
-    """Mixtral's sparse block: softmax over all experts, keep the top k, renormalise, mix their MLPs."""
+def shared_mlp(x: torch.Tensor, gate: torch.Tensor, expert, act) -> torch.Tensor:
+    """Qwen2-MoE's shared expert: its MLP times sigmoid(gate . x)."""
+    gate_proj, up_proj, down_proj = expert
+    return torch.sigmoid(x @ gate)[..., None] * ((act(x @ gate_proj.T) * (x @ up_proj.T)) @ down_proj.T)
+
+
+def moe_mlp(x: torch.Tensor, logits: torch.Tensor, experts, k: int, act, *, normalise: bool = True) -> torch.Tensor:
+    """The sparse block: softmax over all experts, keep the top k, renormalise them (Mixtral, Qwen3-MoE) or not
+    (Qwen2-MoE as lazymoe writes it), mix their MLPs."""
     weights, chosen = logits.softmax(-1).topk(k, dim=-1)
-    weights = weights / weights.sum(-1, keepdim=True)
+    if normalise:
+        weights = weights / weights.sum(-1, keepdim=True)
     flat, out = x.reshape(-1, x.shape[-1]), torch.zeros(x.numel() // x.shape[-1], x.shape[-1], device=x.device)
     share = weights.reshape(-1, k)
     picked = chosen.reshape(-1, k)
@@ -143,16 +156,30 @@ def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *,
 
     folder = Path(model_dir)
     dev = pick_device(device)
-    w = _Weights(folder, dev)
+    output = _output(folder)
+    w = _Weights(folder, dev, output)
     stack = LayerStack(folder, seqs, w.get("model.embed_tokens.weight"), dev)
-    E, k = int(stack.cfg["num_local_experts"]), int(stack.cfg["num_experts_per_tok"])
+    E, k = int(stack.cfg[output.experts_key]), int(stack.cfg["num_experts_per_tok"])
     out = []
     for layer in tqdm(range(int(stack.cfg["num_hidden_layers"])), desc="Routing: layers", disable=not progress):
         x = stack.mlp_input(layer, w.get)
         logits = x @ w.gate(layer).T  # (B, T, E)
         out.append(logits.cpu())
-        stack.add_mlp_output(moe_mlp(x, logits, w.experts(layer, E), k, stack.act))
+        y = moe_mlp(x, logits, w.experts(layer, E), k, stack.act, normalise=bool(stack.cfg.get("norm_topk_prob", True)))
+        if output.shared_block:
+            y = y + shared_mlp(x, *w.shared(layer), stack.act)
+        stack.add_mlp_output(y)
     return out
+
+
+def _output(folder: Path) -> arch.Output:
+    """The output architecture of a merged folder, from its config.json."""
+    cfg = json.loads((folder / "config.json").read_text())
+    try:
+        return arch.output_of(cfg)
+    except StopIteration:
+        raise ConfigError(f"{folder} is a '{cfg.get('model_type')}' model, not a MoE lazymoe writes "
+                          f"({', '.join(o.name for o in arch.OUTPUTS.values())}).") from None
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -255,9 +282,9 @@ def routing_report(
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json; pass the folder a merge wrote.")
     cfg = json.loads((folder / "config.json").read_text())
-    E = int(cfg.get("num_local_experts", 0))
+    E = int(cfg.get(_output(folder).experts_key, 0))
     if E < 1:
-        raise ConfigError(f"{folder} is not a MoE (config.json has no num_local_experts).")
+        raise ConfigError(f"{folder} is not a MoE (config.json has no expert count).")
     recipe = _recipe(folder) or {}
     experts = expert_labels([e["source_model"] for e in recipe.get("experts", [])]) or [f"expert {e}" for e in range(E)]
     if len(experts) != E:
@@ -311,7 +338,7 @@ def routing_report(
             top = zz.topk(k, dim=-1).indices
             chosen[g, layer] = torch.nn.functional.one_hot(top, E).sum(1).float().mean(0).numpy()
             top1[g, layer] = torch.nn.functional.one_hot(top[:, 0], E).float().mean(0).numpy()
-    weights = _Weights(folder, torch.device("cpu"))
+    weights = _Weights(folder, torch.device("cpu"), _output(folder))
     condition = [gate_condition(weights.gate(layer)) for layer in range(L)]
     report = RoutingReport(folder, experts, [g[0] for g in groups], [g[1] for g in groups], chosen, top1, tokens,
                            k, condition)

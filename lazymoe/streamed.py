@@ -42,7 +42,8 @@ def _causal_mask(inner, embeds: torch.Tensor, attention_mask: torch.Tensor, posi
     from transformers import masking_utils
 
     create_causal_mask = masking_utils.create_causal_mask
-    if getattr(inner.config, "sliding_window", None) is not None:
+    # Qwen2-MoE configs say "no window" with sliding_window 0, Qwen2/3 with None
+    if getattr(inner.config, "sliding_window", None) and getattr(inner.config, "use_sliding_window", True):
         create_causal_mask = masking_utils.create_sliding_window_causal_mask
     params = inspect.signature(create_causal_mask).parameters
     kwargs = {"config": inner.config, "inputs_embeds": embeds, "attention_mask": attention_mask}
@@ -151,7 +152,8 @@ class LayerStack:
 
     The attention half is transformers' own (norms, rotary, mask, attention) built on the meta device;
     ``mlp_input(layer, get)`` loads that layer's attention and norm weights through ``get(name)`` (float32,
-    Llama names, which Mixtral shares), runs them and drops them, so one layer is in memory at a time.
+    the dense family's names, which every MoE output keeps), runs them and drops them, so one layer is in memory
+    at a time.
     Sequences are right-padded: every real token sits at its true position and, attention being causal,
     never sees a pad.
     """

@@ -15,7 +15,7 @@ from .config import MoEConfig
 
 def leaves_unchanged(config: MoEConfig, expert: int, *, is_residual: bool) -> bool:
     """True when :func:`expert_weight` only casts: no noise, and no residual scale on this tensor."""
-    spec = config.experts[expert]
+    spec = config.expert_spec(expert)
     return not spec.noise_scale and (not is_residual or spec.residual_scale in (None, 1.0))
 
 
@@ -27,7 +27,7 @@ def expert_weight(config: MoEConfig, expert: int, source_name: str, tensor: torc
     does not depend on the order tensors are written in; residual_scale multiplies ``down_proj`` (the
     reference applies noise first, then the scale).
     """
-    spec = config.experts[expert]
+    spec = config.expert_spec(expert)
     if leaves_unchanged(config, expert, is_residual=is_residual):
         return tensor.to(dtype)
     t = tensor.float()

