@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import arch
 from .card import detected_extras, rerender_card
 from .config import CONFIG_FILENAME, ExpertConfig, HubTexts, MoEConfig, load_config
 from .errors import ConfigError, LazyMoEError, ModelNotFoundError
 from .eval_report import EVAL_IMAGE, EvalReport, ExpertEval, plot_eval
 from .gates import PromptSet, continue_prompts, pick_device, router_token_ids
-from .routing import _Weights, expert_labels, moe_mlp
+from .routing import _Weights, expert_labels, moe_mlp, shared_mlp
 from .sources import METADATA_PATTERNS, ModelRef
 from .streamed import LayerStack
 from .ui_runtime import probe
@@ -260,10 +261,11 @@ def score(folder: str | os.PathLike, seqs: list[list[int]], starts: list[int], *
     from ``starts[i]`` on (nats, float32 cross-entropy from the logits). A MoE also gives its router logits."""
     folder = Path(folder)
     dev = pick_device(device)
-    weights = _Weights(folder, dev)
     cfg = json.loads((folder / "config.json").read_text())
+    output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
+    is_moe = output is not None
+    weights = _Weights(folder, dev, output)
     num_layers = int(cfg["num_hidden_layers"])
-    is_moe = "num_local_experts" in cfg
     losses: list[torch.Tensor | None] = [None] * len(seqs)
     router_by_seq: list[list[torch.Tensor]] = [[] for _ in seqs]
     batches = _batches(seqs, max_batch_tokens)
@@ -278,8 +280,11 @@ def score(folder: str | os.PathLike, seqs: list[list[int]], starts: list[int], *
                 logits = x @ weights.gate(layer).T
                 for j, i in enumerate(batch):
                     router_by_seq[i].append(logits[j, starts[i]: len(seqs[i]) - 1].cpu())
-                out = moe_mlp(x, logits, weights.experts(layer, int(cfg["num_local_experts"])),
-                              int(cfg["num_experts_per_tok"]), stack.act)
+                out = moe_mlp(x, logits, weights.experts(layer, int(cfg[output.experts_key])),
+                              int(cfg["num_experts_per_tok"]), stack.act,
+                              normalise=bool(cfg.get("norm_topk_prob", True)))
+                if output.shared_block:
+                    out = out + shared_mlp(x, *weights.shared(layer), stack.act)
             else:
                 p = f"model.layers.{layer}.mlp"
                 gate, up, down = (weights.get(f"{p}.{n}_proj.weight") for n in ("gate", "up", "down"))
@@ -391,12 +396,14 @@ def evaluate(
         raise ModelNotFoundError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge "
                                  "wrote.")
     cfg = json.loads((folder / "config.json").read_text())
-    if "num_local_experts" not in cfg:
-        raise ConfigError(f"{folder} is not a MoE (config.json has no num_local_experts).")
+    output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
+    if output is None:
+        raise ConfigError(f"{folder} is a '{cfg.get('model_type')}' model, not a MoE lazymoe writes "
+                          f"({', '.join(o.name for o in arch.OUTPUTS.values())}).")
     if max_texts < 1 or max_tokens < 3:
         raise ConfigError("max_texts must be at least 1 and max_tokens at least 3.")
     recipe: MoEConfig = load_config(folder / CONFIG_FILENAME)
-    E, k, L = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]), int(cfg["num_hidden_layers"])
+    E, k, L = int(cfg[output.experts_key]), int(cfg["num_experts_per_tok"]), int(cfg["num_hidden_layers"])
     if recipe.num_experts != E:
         raise ConfigError(f"{folder}: config.json has {E} experts but {CONFIG_FILENAME} has {recipe.num_experts}.")
     labels = expert_labels([e.source_model for e in recipe.experts])

@@ -87,12 +87,13 @@ class RoutingReport:
 class _Weights:
     """Tensors of a merged folder by name, read one at a time (any output architecture, classic or fused)."""
 
-    def __init__(self, folder: Path, device: torch.device, output: arch.Output):
+    def __init__(self, folder: Path, device: torch.device, output: arch.Output | None):
+        """``output`` None: a dense folder (base or expert), read by tensor name only."""
         # describe() follows the index and names a missing or unreadable shard
         self.tensors: dict[str, TensorInfo] = describe(ModelRef.parse(str(folder))).tensors
         self.device = device
         fused = any(name.endswith(".mlp.experts.gate_up_proj") for name in self.tensors)
-        self.names = arch.MoENames(output, "fused" if fused else "classic")
+        self.names = arch.MoENames(output, "fused" if fused else "classic") if output is not None else None
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
