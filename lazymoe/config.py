@@ -308,7 +308,7 @@ def parse_config(data: Any) -> MoEConfig:
     if not isinstance(experts, list):
         raise ConfigError("experts must be a list of mappings, each with source_model and positive_prompts.")
     if data.get("shared_experts") is not None and not isinstance(data["shared_experts"], list):
-        raise ConfigError("shared_experts must be a list of mappings like experts (and lazymoe does not use it yet).")
+        raise ConfigError("shared_experts must be a list of mappings like experts (at most one, for a Qwen MoE output).")
     for key in ("experts", "shared_experts"):
         for i, expert in enumerate(data.get(key) or []):
             if not isinstance(expert, dict):

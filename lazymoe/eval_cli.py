@@ -34,7 +34,7 @@ def add_eval_parser(subparsers) -> None:
                     "Every model runs one layer at a time. Writes MODEL_DIR/eval.json and eval.png and adds an "
                     "Evaluation section to the card. With --questions, also answers your questions side by side.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the folder lazymoe merge wrote")
     p.add_argument("--texts", action="append", default=[], metavar="EXPERT=FILE",
                    help="evaluation texts for one expert (index or label), overriding the recipe (repeatable)")
     p.add_argument("--max-texts", type=int, default=DEFAULT_MAX_TEXTS, help="texts per expert (default %(default)s)")
