@@ -23,6 +23,7 @@ from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, parse_quants
 from .io.folder import CONFIG_FILENAME, write_text_atomic
 from .io.token import env_tokens, redact
+from .router.modes import RECOMMENDED_GATE_MODE
 from .options import (
     DEFAULT_BENCHMARK_LIMIT,
     DEFAULT_BENCHMARK_TASKS,
@@ -133,7 +134,7 @@ def cmd_demo(args) -> int:
         raise OutputExistsError(f"{merged} already holds a merged demo from an earlier run. Run `lazymoe demo "
                                 f"{work} --overwrite` to rebuild it (its {gguf_dir.name} folder goes too), or give "
                                 "another folder.")
-    config_path = build_demo(work / "inputs", gate_mode="classifier")  # the notebook demo's gate mode
+    config_path = build_demo(work / "inputs", gate_mode=RECOMMENDED_GATE_MODE)  # as the notebook demo's preset
     print(f"Built tiny local experts and {config_path}")
     out = merge(config_path, merged, overwrite=True, progress=not args.quiet)
     if gguf_dir.is_dir() and all(p.suffix in (".gguf", ".md") for p in gguf_dir.iterdir()):

@@ -89,6 +89,9 @@ class ExpertConfig(_Strict):
     negative_prompts: list[str] = []
     noise_scale: float | None = None
     residual_scale: float | None = None
+    #: expert_classifier / trained: a few paragraphs of text of this expert's kind, to route on as well as
+    #: the text the expert writes from its prompts (lazymoe extension)
+    calibration_text: list[str] = []
     # lazymoe extensions read by `lazymoe eval` (evaluation.py), never by the merge
     #: texts of this expert's kind: a list, a text file (.txt: blank-line separated; .jsonl: "text"), or a Hub dataset
     eval_texts: list[str] | str | HubTexts | None = None
@@ -109,7 +112,7 @@ class ExpertConfig(_Strict):
 
     _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
 
-    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @field_validator("positive_prompts", "negative_prompts", "calibration_text", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         if value is None:
@@ -226,8 +229,9 @@ class MoEConfig(_Strict):
         """The mergekit-compatible dict: extensions and defaults-only fields are left out."""
         data = self.model_dump(exclude_none=True)
         for expert in data["experts"] + data.get("shared_experts", []):
-            if not expert.get("negative_prompts"):
-                expert.pop("negative_prompts", None)
+            for key in ("negative_prompts", "calibration_text"):
+                if not expert.get(key):
+                    expert.pop(key, None)
             if not expert.get("positive_prompts") and expert in data.get("shared_experts", []):
                 expert.pop("positive_prompts", None)
         if not data.get("shared_experts"):
@@ -299,7 +303,7 @@ def parse_config(data: Any) -> MoEConfig:
     if not isinstance(experts, list):
         raise ConfigError("experts must be a list of mappings, each with source_model and positive_prompts.")
     if data.get("shared_experts") is not None and not isinstance(data["shared_experts"], list):
-        raise ConfigError("shared_experts must be a list of mappings like experts (and lazymoe does not use it yet).")
+        raise ConfigError("shared_experts must be a list of mappings like experts (at most one, for a Qwen MoE output).")
     for key in ("experts", "shared_experts"):
         for i, expert in enumerate(data.get(key) or []):
             if not isinstance(expert, dict):
@@ -352,10 +356,10 @@ def validate_config(config: MoEConfig) -> MoEConfig:
         if expert.residual_scale is not None and abs(expert.residual_scale) > MAX_RESIDUAL_SCALE:
             raise ConfigError(f"{where}.residual_scale is {expert.residual_scale:g}; keep it within "
                               f"±{MAX_RESIDUAL_SCALE:g} (typical values: 0.5 to 2).")
-        for field in ("positive_prompts", "negative_prompts"):
+        for field in ("positive_prompts", "negative_prompts", "calibration_text"):
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
-                    raise ConfigError(f"{where}.{field}[{j}] is empty; remove it or write a prompt.")
+                    raise ConfigError(f"{where}.{field}[{j}] is empty; remove it or write some text.")
     if config.uses_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:

@@ -21,6 +21,14 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def parse_bytes(text: str | int) -> int:
     """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (units are bytes, as the flag name says)."""
     bad = ConfigError(f"{str(text)[:40]!r} is not a size; write a positive size like 2GB, 500MB or 1.5GiB.")

@@ -18,7 +18,8 @@ PACKAGE = ROOT / "lazymoe"
 LAYERS: list[tuple[str, ...]] = [
     # tables and basics that import nothing above them
     ("lazymoe._version", "lazymoe.errors", "lazymoe.units", "lazymoe.colab", "lazymoe.optional", "lazymoe.router.modes",
-     "lazymoe.gguf.quants", "lazymoe.gguf.install", "lazymoe.moe.arch"),
+     "lazymoe.gguf.quants", "lazymoe.gguf.install", "lazymoe.moe.arch",
+     "lazymoe.router.cost"),
     ("lazymoe.io",),
     ("lazymoe.config", "lazymoe.tokens"),
     ("lazymoe.moe", "lazymoe.demo", "lazymoe.options"),

@@ -162,7 +162,7 @@ def test_a_license_that_is_not_a_hub_id_is_refused_in_the_form():
 def test_a_valid_form_says_so_and_what_comes_next():
     form = MoEForm(load_preset(PRESETS / "demo-tiny.yaml"))
     config, settings = form.check()
-    assert form.last_message == ("ok", "Looks good: LazyMoE-Demo-4x, 4 experts (2 per token), gate classifier. Next: the Plan step.")
+    assert form.last_message == ("ok", "Looks good: LazyMoE-Demo-4x, 4 experts (2 per token), gate expert_classifier. Next: the Plan step.")
     assert config.num_experts == 4 and settings.folder_name == "LazyMoE-Demo-4x"
 
 

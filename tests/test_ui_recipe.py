@@ -69,8 +69,9 @@ def test_editing_the_preset_text_replaces_only_the_fields_changed_there(tmp_path
     form = open_form(tmp_path).form
     form.model_name.value = "mine"  # edited in the form only: kept
     form.gate_mode.value = "hidden"  # edited in the form AND below in the cell: the cell's later edit wins
-    edited = PRESET.replace("gate_mode: classifier", "gate_mode: centroid").replace(
+    edited = re.sub(r"(?m)^gate_mode: .*$", "gate_mode: centroid", PRESET).replace(
         "experts_per_token: 2", "experts_per_token: 1")
+    assert edited.count("gate_mode: centroid") == 1 and "experts_per_token: 1" in edited
     new_kernel()
     again = open_form(tmp_path, edited).form
     assert again.model_name.value == "mine"

@@ -14,7 +14,8 @@ from ..errors import ConfigError
 from ..io.safetensors import NAME_TO_ST, ST_TO_NAME, TensorInfo, dtype_bytes
 from ..io.sources import ModelInfo
 from ..options import DEFAULT_MAX_SHARD_BYTES
-from ..router.modes import FITTED_MODES, HIDDEN_MODES
+from ..router.cost import fit_estimate
+from ..router.modes import FITTED_MODES, HIDDEN_MODES, WRITTEN_MODES
 from . import arch
 from ..io.outdir import DISK_MARGIN_BYTES
 from .checks import choose_output
@@ -121,6 +122,8 @@ class MergePlan:
         ``tests/test_memory.py`` holds these figures against memory measured on a real pass.
         """
         mode = self.config.gate_mode
+        if mode in WRITTEN_MODES:
+            return int(self.router_fit["peak_bytes"])
         base = self.base.tensors
         embed = math.prod(base[arch.EMBED].shape)
         per_layer: dict[int, int] = {}
@@ -139,6 +142,12 @@ class MergePlan:
                 whole = sum(t.numel for t in base.values()) * dtype_bytes(self.dtype)
             return max(streamed, whole)
         return 0
+
+    @property
+    def router_fit(self) -> dict[str, float] | None:
+        """For the modes whose experts write calibration text: estimated fit seconds on a GPU and on a CPU,
+        calibration tokens and peak bytes (``router.cost.fit_estimate``); None for the other modes."""
+        return fit_estimate(self) if self.config.gate_mode in WRITTEN_MODES else None
 
     @property
     def peak_ram_bytes(self) -> int:
@@ -188,6 +197,7 @@ class MergePlan:
             "download_bytes": self.download_bytes,
             "disk_bytes": self.disk_bytes,
             "ram_bytes": self.peak_ram_bytes,
+            "router_fit": self.router_fit,
             "warnings": list(self.warnings),
         }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..units import human_bytes, human_params
+from ..units import human_bytes, human_duration, human_params
 from .plan import MergePlan
 
 
@@ -28,6 +28,10 @@ def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
     ]
     if plan.router_pass_bytes:
         rows.append(("Router pass", f"{human_bytes(plan.router_pass_bytes)} of GPU memory (or RAM on CPU)"))
+    if plan.router_fit:
+        fit = plan.router_fit
+        rows.append(("Router fit time", f"about {human_duration(fit['gpu_seconds'])} with a GPU, "
+                                        f"{human_duration(fit['cpu_seconds'])} on CPU only (estimate)"))
     return rows
 
 

@@ -22,7 +22,7 @@ from ..errors import ConfigError, LazyMoEError
 from ..gguf.quants import QUANT_TYPES
 from ..io.token import check_token
 from ..options import DEFAULT_MAX_SHARD, NotebookSettings, validated, validation_problems
-from ..router.modes import GATE_MODE_TABLE
+from ..router.modes import GATE_MODE_TABLE, RECOMMENDED_GATE_MODE
 from .presets import Preset, parse_preset
 from .recipe import dump as dump_recipe
 from .recipe import recipe_filename
@@ -63,7 +63,7 @@ class MoEForm:
         self.add_button = w.Button(description="+ Add expert", button_style="")
         self.add_button.on_click(lambda _: self.add_expert())
         gates = [(m.label, m.name) for m in GATE_MODE_TABLE]
-        self.gate_mode = styled(w.Dropdown(description="Gate mode", options=gates),
+        self.gate_mode = styled(w.Dropdown(description="Gate mode", options=gates, value=RECOMMENDED_GATE_MODE),
                                 "lazymoe-gate-mode", "How each layer's router is initialised")
         self.experts_per_token = styled(w.IntText(description="Experts per token", value=2), "lazymoe-ept",
                                         "How many experts run for every token (2 is usual)", width="260px")

@@ -7,6 +7,7 @@ manager and JupyterLab's), so nothing here goes beyond ``ipywidgets`` itself.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from ..config import ExpertConfig
@@ -19,7 +20,8 @@ IPYWIDGETS_MAJOR = int(widgets.__version__.split(".")[0])
 
 LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-nc-4.0", "cc-by-sa-4.0", "llama2", "llama3", "gemma", "other")
 NEWLINE_MARK = "↵"  # a line break inside one prompt, since the text area holds one prompt per line
-_ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"})
+_ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale",
+                         "calibration_text"})
 _WIDE = "150px"
 
 
@@ -50,6 +52,15 @@ def text_to_prompts(text: str) -> list[str]:
     return [line.replace(NEWLINE_MARK, "\n") for line in text.split("\n") if line.strip()]
 
 
+def texts_to_text(texts: list[str]) -> str:
+    """Calibration texts are paragraphs: shown separated by blank lines."""
+    return "\n\n".join(t.strip() for t in texts)
+
+
+def text_to_texts(text: str) -> list[str]:
+    return [t.strip() for t in re.split(r"\n\s*\n", text) if t.strip()]
+
+
 def parse_number(text: str, what: str) -> float | None:
     text = text.strip()
     if not text:
@@ -74,6 +85,9 @@ class ExpertRow:
                                "break inside a prompt)")
         self.negative = styled(widgets.Textarea(description="Negative prompts", rows=2), "lazymoe-negative",
                                "Optional, one per line: what this expert is not for")
+        self.calibration = styled(widgets.Textarea(description="Calibration text", rows=3), "lazymoe-calibration",
+                                  "Optional, for gate modes expert_classifier and trained: a few paragraphs of "
+                                  "text of this expert's kind (blank line between paragraphs)")
         self.noise = styled(widgets.Text(description="Noise scale", placeholder="none: weights as they are"),
                             "lazymoe-noise",
                             "Adds σ·N(0,1) to this expert's MLP weights", width="320px")
@@ -89,7 +103,7 @@ class ExpertRow:
         self.error = widgets.HTML()  # this expert's problems, shown inside its box
         self.box = widgets.VBox(
             [widgets.HBox([self.title, self.source, self.up, self.down, self.remove]), self.positive, self.negative,
-             widgets.HBox([self.noise, self.residual]), self.error],
+             self.calibration, widgets.HBox([self.noise, self.residual]), self.error],
             layout=widgets.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"),
         )
         self.box.add_class("lazymoe-expert")
@@ -104,6 +118,7 @@ class ExpertRow:
         self.source.value = str(get("source_model", "") or "")
         self.positive.value = prompts_to_text(list(get("positive_prompts", []) or []))
         self.negative.value = prompts_to_text(list(get("negative_prompts", []) or []))
+        self.calibration.value = texts_to_text(list(get("calibration_text", []) or []))
         for widget, key in ((self.noise, "noise_scale"), (self.residual, "residual_scale")):
             value = get(key, None)
             widget.value = "" if value is None else repr(value)
@@ -120,6 +135,9 @@ class ExpertRow:
         negative = text_to_prompts(self.negative.value)
         if negative:
             out["negative_prompts"] = negative
+        calibration = text_to_texts(self.calibration.value)
+        if calibration:
+            out["calibration_text"] = calibration
         for widget, key, what in ((self.noise, "noise_scale", "noise scale"),
                                   (self.residual, "residual_scale", "residual scale")):
             try:

@@ -28,7 +28,7 @@ from ..options import MergeOptions
 from ..publish.card import write_card
 from ..router.device import pick_device
 from ..router.gates import compute_gates, degenerate_layers
-from ..router.modes import FITTED_MODES, HIDDEN_MODES
+from ..router.modes import FITTED_MODES, HIDDEN_MODES, WRITTEN_MODES
 from ..units import human_bytes, parse_bytes
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,17 @@ def make_plan(
             "made. Build Mixtral (remove 'architecture' and shared_experts) if you need GGUF."
         )
     shared = config.shared_expert
-    if shared is not None and shared.positive_prompts and config.gate_mode in FITTED_MODES:
+    if shared is not None and shared.positive_prompts and config.gate_mode in FITTED_MODES + WRITTEN_MODES:
         warnings.append(
             f"gate_mode {config.gate_mode} fits the routed experts' routers only; the shared expert's gate is the "
             "constant 1/2 and its prompts are not used (use a reference gate mode to gate it by its prompts)."
         )
-    if low_disk and config.gate_mode in FITTED_MODES:
+    if low_disk and config.gate_mode in WRITTEN_MODES:
+        warnings.append(
+            f"low-disk mode: gate_mode {config.gate_mode} needs every expert at once (each writes calibration "
+            "text), which low-disk mode never has; the routers are fitted as gate_mode classifier instead."
+        )
+    elif low_disk and config.gate_mode in FITTED_MODES:
         warnings.append(
             f"low-disk mode: gate_mode {config.gate_mode} fits each router with the base's MLPs upstream instead "
             "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
@@ -106,7 +111,7 @@ def merge(
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
     config = plan.config.with_seed()
-    if config.gate_mode in HIDDEN_MODES + FITTED_MODES:
+    if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
     _check_overlap(output_dir, plan)
     with OutputTarget(output_dir) as target:  # locked from here: no other merge can write this folder
@@ -146,7 +151,7 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
-                          upstream="base" if plan.low_disk else "moe")
+                          upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
     degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(

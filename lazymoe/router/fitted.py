@@ -13,7 +13,7 @@ from ..moe import arch
 from ..moe.transforms import expert_weight
 from .block import constant_shared_gate, moe_mlp, shared_mlp
 from .device import pick_device
-from .prompts import DEFAULT_CONTINUATION_TOKENS, continue_prompts, prompt_set, real_tokens
+from .prompts import DEFAULT_CONTINUATION_TOKENS, PromptSet, continue_prompts, prompt_set, real_tokens
 from .streamed import LayerStack
 
 _LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)  # L2 strengths tried by cross-validation (per-token mean loss scale)
@@ -146,7 +146,8 @@ def fit_layer(mode: str, X, y, groups, Xn, yn, num_experts: int) -> torch.Tensor
 
 @torch.no_grad()
 def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True,
-                 resolve=None, upstream: str = "moe") -> torch.Tensor:
+                 resolve=None, upstream: str = "moe", prompts: PromptSet | None = None,
+                 fit_mode: str | None = None) -> torch.Tensor:
     """Fit every layer's router, first to last, on the router inputs the MoE itself produces.
 
     The prompts run through the MoE one layer at a time (only one layer's weights in memory): layer l's
@@ -155,7 +156,9 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     small, is not). ``upstream="base"`` runs the base's own MLPs instead: it needs no expert weights, for a
     merge that fetches experts one at a time to save disk, at some cost in accuracy (4 points of top-1
     routing, 83% -> 79%, on an earlier benchmark world, prompts only). ``resolve(ref, name) -> TensorInfo``
-    locates tensors (default: the plan's, which must then be local files).
+    locates tensors (default: the plan's, which must then be local files). ``prompts`` replaces the
+    config's prompts and the base's continuations (``router.written`` passes text the experts wrote);
+    ``fit_mode`` (default: the config's gate mode) is ``centroid`` or ``classifier``.
     """
     if upstream not in ("moe", "base"):
         raise ValueError(f"upstream must be 'moe' or 'base', got {upstream!r}")
@@ -167,9 +170,13 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     def base_tensor(name: str) -> torch.Tensor:
         return read_tensor(resolve(base_ref, name)).to(dev, torch.float32)
 
-    prompts = prompt_set(tokenizer, config)
+    fit_mode = fit_mode or config.gate_mode
     new_tokens = config.router_continuation_tokens
     new_tokens = DEFAULT_CONTINUATION_TOKENS if new_tokens is None else new_tokens
+    if prompts is not None:
+        new_tokens = 0
+    else:
+        prompts = prompt_set(tokenizer, config)
     if new_tokens:
         model = load_router_model(plan.base.folder, device=dev, dtype=getattr(torch, plan.dtype))
         try:
@@ -190,10 +197,10 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
         if not bool((is_pos & (labels == e)).any()):
             raise ConfigError(f"experts[{e}]'s positive prompts have no token besides BOS; give it a few words.")
     rows = []
-    for layer in tqdm(range(plan.num_layers), desc=f"Router: fitting {config.gate_mode}", disable=not progress):
+    for layer in tqdm(range(plan.num_layers), desc=f"Router: fitting {fit_mode}", disable=not progress):
         x = stack.mlp_input(layer, base_tensor)
         feats = x[keep].cpu()
-        W = fit_layer(config.gate_mode, feats[is_pos], labels[is_pos], groups[is_pos], feats[~is_pos],
+        W = fit_layer(fit_mode, feats[is_pos], labels[is_pos], groups[is_pos], feats[~is_pos],
                       labels[~is_pos], E)
         rows.append(W)
         if layer + 1 == plan.num_layers:

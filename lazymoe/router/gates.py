@@ -45,16 +45,19 @@ from .device import pick_device
 from .fitted import fitted_gates
 from .modes import BY_NAME
 from .reference import cheap_embed_gates, hidden_gates, random_gates
+from .written import written_gates
 
 
 def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
-                  upstream: str = "moe") -> torch.Tensor:
+                  upstream: str = "moe", folder_of=None) -> torch.Tensor:
     """Gate rows for every layer and expert, as float32 on the CPU: (L, plan.gate_rows, H), the routed experts'
     rows first, then (Qwen MoE) the shared expert's gate row.
 
     ``resolve(ref, name) -> TensorInfo`` (e.g. ``WeightStore.resolve``) locates the tensors the fitted modes
     read: the base's, and every expert's MLPs. Without it they are looked up in ``plan.models``.
-    ``upstream="base"`` lets the fitted modes run without expert weights (see ``fitted_gates``).
+    ``upstream="base"`` lets the fitted modes run without expert weights (see ``fitted_gates``); the modes
+    whose experts write calibration text then fall back to ``classifier`` (no expert is local yet).
+    ``folder_of(ref)`` is a model's local folder (default: the plan's), for the experts that write.
     """
     config = plan.config
     base = plan.base
@@ -64,7 +67,8 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
     spec = config.shared_expert
     # the shared expert's gate comes from its prompts as one more row of the same computation (mergekit's
     # way); without prompts, or in the fitted modes (which fit the routed experts only), it is a constant
-    prompted = plan.gate_rows > E and spec is not None and bool(spec.positive_prompts) and group != "fitted"
+    prompted = (plan.gate_rows > E and spec is not None and bool(spec.positive_prompts)
+                and group not in ("fitted", "written"))
     rows_config = config.model_copy(update={"experts": config.experts + [spec]}) if prompted else config
     R = rows_config.num_experts
     if group == "random":
@@ -76,6 +80,12 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
         gates = hidden_gates(base, tokenizer, rows_config, device=pick_device(device), progress=progress)
     elif group == "fitted":
         gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream)
+    elif group == "written" and upstream == "base":
+        gates = fitted_gates(plan, tokenizer, device=device, progress=progress, resolve=resolve, upstream=upstream,
+                             fit_mode="classifier")
+    elif group == "written":
+        gates = written_gates(plan, tokenizer, device=pick_device(device), progress=progress, resolve=resolve,
+                              folder_of=folder_of)
     else:  # config validation makes this unreachable; keep the message for direct API misuse
         raise ConfigError(f"Unknown gate_mode {mode!r}.")
     if plan.gate_rows > R:

@@ -12,7 +12,8 @@ from typing import Literal
 
 #: random: no prompts; embedding: the base's input embeddings; hidden: the base's residual stream (streamed
 #: in bfloat16); fitted: routers fitted on each layer's MLP input in the MoE being built (float32)
-Group = Literal["random", "embedding", "hidden", "fitted"]
+#: written: fitted on text the experts themselves write from their prompts (router/written.py)
+Group = Literal["random", "embedding", "hidden", "fitted", "written"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,16 @@ GATE_MODE_TABLE: tuple[GateModeInfo, ...] = (
                  "random (uniform), prompts not used"),
     GateModeInfo("centroid", "fitted", "centroid: fitted on each layer's real MLP input, calibrated (lazymoe)",
                  "each expert's mean MLP input on its prompts, per layer, with a calibrated logit scale"),
-    GateModeInfo("classifier", "fitted", "classifier: a calibrated classifier per layer (lazymoe; routes best)",
+    GateModeInfo("classifier", "fitted", "classifier: a calibrated classifier per layer, on the base's text (lazymoe)",
                  "a calibrated classifier fitted per layer on the MLP inputs of the experts' prompts"),
+    GateModeInfo("expert_classifier", "written",
+                 "expert_classifier: the experts write text from your prompts; a classifier per layer learns it "
+                 "(lazymoe; routes best)",
+                 "a calibrated classifier fitted per layer on text each expert wrote from its own prompts"),
+    GateModeInfo("trained", "written",
+                 "trained: expert_classifier, then routers trained on the MoE's loss (lazymoe; slow at 7B)",
+                 "routers trained on the MoE's own language-model loss over text each expert wrote, from a "
+                 "classifier fitted on it"),
 )
 
 GATE_MODES: tuple[str, ...] = tuple(m.name for m in GATE_MODE_TABLE)
@@ -54,3 +63,7 @@ def modes_in(group: Group) -> tuple[str, ...]:
 RANDOM_MODES = modes_in("random")
 HIDDEN_MODES = modes_in("hidden")
 FITTED_MODES = modes_in("fitted")
+WRITTEN_MODES = modes_in("written")
+#: what the notebook form starts with: the mode with the best suite minimum in bench/router_quality.py
+#: (a recipe without gate_mode still gets mergekit-moe's default, hidden)
+RECOMMENDED_GATE_MODE = "expert_classifier"
