@@ -369,9 +369,10 @@ def test_a_disk_that_fills_during_the_merge_is_one_actionable_error(D, tmp_path,
 
 
 def test_the_disk_messages_show_the_margin_and_suggest_low_disk_only_where_it_helps(D, tmp_path, monkeypatch):
-    from lazymoe import gguf, plan as planning
+    from lazymoe.gguf import convert as gguf
+    from lazymoe.pipeline import merge as merging
 
-    monkeypatch.setattr(planning, "free_disk_bytes", lambda path: 1000)
+    monkeypatch.setattr(merging, "free_disk_bytes", lambda path: 1000)
     with pytest.raises(InsufficientResourcesError) as caught:
         lazymoe.merge(D / "demo.yaml", tmp_path / "out", progress=False)
     assert "+ 67.1 MB margin) but only 1.0 KB is free" in str(caught.value), str(caught.value)
