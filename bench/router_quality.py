@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -157,13 +158,15 @@ def evaluate(moe_dir: Path, world, tokenizer, ref: dict, oracle_tokens: dict | N
             right = torch.stack([z.view(*ids.shape, -1).argmax(-1) == d_index for z in res.router_logits]).all(0)
             right = right[:, :-1][keep]
             base, oracle, moe = ref["base_tokens"][d], oracle_tokens[d], ce[keep]
-            gain = (base - oracle).sum()
-            out["split"][d] = {
-                "right_tokens": float(right.float().mean()),
-                "right_gain": float((base - oracle)[right].sum() / gain),
-                "kept_right": float((base - moe)[right].sum() / (base - oracle)[right].sum()),
-                "kept_rest": float((base - moe)[~right].sum() / (base - oracle)[~right].sum()),
-            }
+            gain = float((base - oracle).sum())
+
+            def kept(sel):  # None where the tokens carry under 5% of the gain: a ratio of two small numbers
+                part = float((base - oracle)[sel].sum())
+                return float((base - moe)[sel].sum()) / part if abs(part) >= 0.05 * abs(gain) else None
+
+            out["split"][d] = {"right_tokens": float(right.float().mean()),
+                               "right_gain": float((base - oracle)[right].sum()) / gain,
+                               "kept_right": kept(right), "kept_rest": kept(~right)}
     out["top1_mean"] = sum(sum(v) / len(v) for v in out["top1"].values()) / len(out["top1"])
     out["worst_kept"] = min(out["kept"].values())
     return out
@@ -277,15 +280,20 @@ def render(results: dict) -> str:
     if split_modes:
         lines += ["", "Where the gain goes (first seed, mean over domains): the tokens whose first choice is their "
                   "domain's expert **at every layer**, their share of the tokens and of the oracle's gain, and the "
-                  "share of the oracle's gain the MoE keeps on them and on the other tokens.", "",
+                  "share of the oracle's gain the MoE keeps on them and on the other tokens (— where those tokens carry "
+                  "under 5% of the gain).", "",
                   "| world | mode | tokens right at every layer | their share of the gain | kept on them | "
                   "kept on the rest |", "|---|---|---:|---:|---:|---:|"]
         for w in results["worlds"]:
             for m in split_modes:
-                sp = w["modes"][m]["runs"][0]["split"]
-                mean = {k: sum(v[k] for v in sp.values()) / len(sp) for k in next(iter(sp.values()))}
-                lines.append(f"| {w['entry']['name']} | {m} | {pct(mean['right_tokens'])} | {pct(mean['right_gain'])} "
-                             f"| {pct(mean['kept_right'])} | {pct(mean['kept_rest'])} |")
+                sp = list(w["modes"][m]["runs"][0]["split"].values())
+
+                def mean(key):
+                    values = [v[key] for v in sp if v[key] is not None]
+                    return pct(sum(values) / len(values)) if values else "—"
+
+                lines.append(f"| {w['entry']['name']} | {m} | {mean('right_tokens')} | {mean('right_gain')} "
+                             f"| {mean('kept_right')} | {mean('kept_rest')} |")
     lines += ["", "Per domain (first seed): top-1 / kept.", ""]
     for w in results["worlds"]:
         doms = w["entry"]["domains"]
@@ -298,9 +306,34 @@ def render(results: dict) -> str:
         lines.append("| expert gain (nats) | " + " | ".join(f"{w['expert_gain'][d]:.3f}" for d in doms) + " |")
         lines += ["", "</details>", ""]
     cpu = f", {results['cpu_seconds']:.0f} s of CPU" if "cpu_seconds" in results else ""
-    lines.append(f"Suite run time: {results['seconds']:.0f} s wall{cpu}, with {results['threads']} torch thread(s), "
-                 "worlds cached.")
+    lines.append(f"Suite run time: {results['seconds']:.0f} s wall{cpu}, {results.get('jobs', 1)} world(s) at once with "
+                 f"{results['threads']} torch thread(s) each, worlds cached.")
     return "\n".join(lines)
+
+
+def _log(msg: str) -> None:
+    print(f"[router_quality] {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet_merges() -> None:
+    merge_module = importlib.import_module("lazymoe.pipeline.merge")
+    if hasattr(merge_module, "_write_extras"):  # the model card is not what is measured here
+        merge_module._write_extras = lambda *a, **k: None
+
+
+def _run_in_worker(job: tuple) -> dict:
+    """One world in a worker process (``--jobs``): the same code as a serial run, its own torch threads."""
+    entry, modes, seeds, work, threads = job
+    torch.set_num_threads(threads)
+    _quiet_merges()
+    return run_world(entry, modes, seeds, work, _log)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=WORK, help="cache folder for the worlds and the MoEs")
     parser.add_argument("--out", type=Path, default=RESULTS / "router_quality.md")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worlds measured at once, one process each (default: 2, the suite's 2 cores)")
     parser.add_argument("--tiny", action="store_true", help="only the unit tests' tiny world (seconds)")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only re-render the report of an earlier run")
     args = parser.parse_args(argv)
@@ -318,10 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(json.loads(args.render.read_text())))
         return 0
     torch.set_num_threads(args.threads)
-    log = lambda msg: print(f"[router_quality] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    merge_module = importlib.import_module("lazymoe.pipeline.merge")
-    if hasattr(merge_module, "_write_extras"):  # the model card is not what is measured here
-        merge_module._write_extras = lambda *a, **k: None
+    _quiet_merges()
     if args.tiny:
         suite = [worlds.SuiteWorld("tiny", worlds.TINY_SPEC, "mlp", "words+example", held_out=False)]
     else:
@@ -332,17 +364,35 @@ def main(argv: list[str] | None = None) -> int:
         suite = [w for w in worlds.SUITE if not wanted or w.name in wanted]
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    results = {"modes": modes, "seeds": seeds, "experts_per_token": 2, "threads": args.threads,
-               "worlds": [run_world(entry, modes, seeds, args.work, log) for entry in suite]}
+    for spec in modes:
+        split_mode(spec)  # an unknown calibration fails now, not after the first world
+    for entry in suite:  # build (or find) every world first: worlds sharing a spec must not train it twice at once
+        spec = dataclasses.replace(entry.spec, variants=(entry.variant,)) \
+            if entry.variant not in entry.spec.variants else entry.spec
+        worlds.build_world(args.work, spec, progress=False)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    jobs = [(entry, modes, seeds, args.work, args.threads) for entry in suite]
+    if args.jobs > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs)))
+        try:
+            measured = pool.map(_run_in_worker, jobs, chunksize=1)
+        finally:
+            pool.close()
+            pool.join()
+    else:
+        measured = [run_world(entry, modes, seeds, args.work, _log) for entry in suite]
+    results = {"modes": modes, "seeds": seeds, "experts_per_token": 2, "threads": args.threads, "jobs": args.jobs,
+               "worlds": measured}
     results["seconds"] = time.perf_counter() - start
-    results["cpu_seconds"] = time.process_time() - cpu_start
+    results["cpu_seconds"] = _cpu_seconds() - cpu_start
     report = render(results)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    log(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    _log(f"wrote {args.out} and {args.out.with_suffix('.json')}")
     return 0
 
 
