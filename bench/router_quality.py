@@ -235,6 +235,23 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def summary(results: dict) -> str:
+    """The compact table (the README's): per world, each mode's top-1 and worst kept, min over seeds."""
+    modes = results["modes"]
+    head = ("| world | role | " + " | ".join(f"`{m}` top-1" for m in modes) + " | "
+            + " | ".join(f"`{m}` kept" for m in modes) + " | oracle kept |")
+    lines = [head, "|---|---|" + "---:|" * (2 * len(modes) + 1)]
+    for w in results["worlds"]:
+        e = w["entry"]
+        cells = [pct(w["modes"][m]["top1_min"]) for m in modes] + [pct(w["modes"][m]["kept_min"]) for m in modes]
+        lines.append(f"| {e['name']} | {'held out' if e['held_out'] else 'tune'} | " + " | ".join(cells)
+                     + f" | {pct(min(w['oracle_kept'].values()))} |")
+    mins = [pct(min(w["modes"][m]["top1_min"] for w in results["worlds"])) for m in modes]
+    mins += [pct(min(w["modes"][m]["kept_min"] for w in results["worlds"])) for m in modes]
+    lines.append("| **minimum** | | " + " | ".join(f"**{c}**" for c in mins) + " | |")
+    return "\n".join(lines)
+
+
 def render(results: dict) -> str:
     modes = results["modes"]
     lines = [
@@ -348,9 +365,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="worlds measured at once, one process each (default: 2, the suite's 2 cores)")
     parser.add_argument("--tiny", action="store_true", help="only the unit tests' tiny world (seconds)")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only re-render the report of an earlier run")
+    parser.add_argument("--summary", type=Path, metavar="JSON",
+                        help="only print the compact table of an earlier run (min over seeds; the README's)")
+    parser.add_argument("--summary-modes", default="", help="with --summary: the modes to show (default: all)")
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
+        return 0
+    if args.summary:
+        results = json.loads(args.summary.read_text())
+        if args.summary_modes:
+            results["modes"] = [m for m in args.summary_modes.split(",") if m]
+        print(summary(results))
         return 0
     torch.set_num_threads(args.threads)
     _quiet_merges()

@@ -91,3 +91,15 @@ def test_calibration_documents_are_never_the_scored_ones():
         assert not set(expert["calibration_text"]) & set(world.heldout[d])
     with pytest.raises(SystemExit, match="unknown calibration"):
         bench.split_mode("expert_classifier+everything")
+
+
+def test_the_summary_table_gives_each_modes_worst_seed(results):
+    data, _ = results
+    bench = sys.modules["router_quality"]
+    table = bench.summary(data).splitlines()
+    world = data["worlds"][0]
+    tiny = next(line for line in table if line.startswith("| tiny |"))
+    for mode in world["modes"]:
+        assert f" {bench.pct(world['modes'][mode]['top1_min'])} " in tiny
+    assert table[-1].startswith("| **minimum** |")
+    assert table[0].count("top-1") == len(world["modes"])
