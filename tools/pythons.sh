@@ -38,7 +38,7 @@ for v in "${versions[@]}"; do
     t2=$(date +%s)
     venv_mb=$(du -sm "$venv" | cut -f1)
     # the installed copy imports from outside the source tree, templates included
-    (cd / && "$vpy" -c "import lazymoe.ui, lazymoe.card, lazymoe.cli; print(lazymoe.__file__)") >>"$log" 2>&1
+    (cd / && "$vpy" -c "import lazymoe.notebook.ui, lazymoe.publish.card, lazymoe.cli; print(lazymoe.__file__)") >>"$log" 2>&1
     versions_line=$("$vpy" -c "import sys, torch, transformers, ipywidgets; print(f'Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, ipywidgets {ipywidgets.__version__}')")
     set +e
     (cd "$snap" && "$vpy" -m pytest "${FAST[@]}") >>"$log" 2>&1
