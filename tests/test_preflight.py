@@ -106,6 +106,31 @@ def test_valid_names_pass_the_name_rule():
         assert repo_name_problem(name) is None
 
 
+@pytest.mark.parametrize("name", ["me/" + "m" * 96, "me/" + "m" * 97, "n" * 96 + "/m", "n" * 97 + "/m", "m" * 96,
+                                  "m" * 97])
+def test_the_length_limit_is_the_hubs_for_a_name_and_for_a_model_reference(name):
+    """The form/CLI name rule and ``ModelRef.parse`` accept exactly what huggingface_hub's own validator does."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from lazymoe.errors import ModelNotFoundError
+    from lazymoe.io.sources import ModelRef
+
+    try:
+        validate_repo_id(name)
+        hub_ok = True
+    except HFValidationError:
+        hub_ok = False
+    assert hub_ok is (max(len(part) for part in name.split("/")) <= 96)  # each part, not the whole id
+    assert (repo_name_problem(name) is None) is hub_ok
+    if "/" in name:
+        try:
+            ModelRef.parse(name)
+            ref_ok = True
+        except ModelNotFoundError:
+            ref_ok = False
+        assert ref_ok is hub_ok
+
+
 def test_someone_elses_repo_and_foreign_namespace_are_refused(hub, tmp_path):
     push_to_hub(write_model_folder(tmp_path / "m"), "tiny-moe", token=BOB_WRITE_TOKEN, progress=False)
     before = len(hub.requests)

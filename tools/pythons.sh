@@ -32,9 +32,10 @@ for v in "${versions[@]}"; do
     t0=$(date +%s)
     "$vpy" -m pip install -q --disable-pip-version-check torch==2.13.0 >"$log" 2>&1
     t1=$(date +%s)
-    # the package as a user installs it (not editable), with its extras, plus the test tools
-    "$vpy" -m pip install -q --disable-pip-version-check "$snap[notebook,plot]" "pytest>=8" "nbclient>=0.10" \
-        "nbformat>=5.10" "ipykernel>=6.29" >>"$log" 2>&1
+    # the package as a user installs it (not editable), with its extras, plus the test tools: requirements.txt's
+    # lines but torch (installed above) and the editable lazymoe
+    mapfile -t tools < <(grep -vE '^\s*(#|$|-e |torch[=<> ])' "$snap/requirements.txt")
+    "$vpy" -m pip install -q --disable-pip-version-check "$snap[notebook,plot]" "${tools[@]}" >>"$log" 2>&1
     t2=$(date +%s)
     venv_mb=$(du -sm "$venv" | cut -f1)
     # the installed copy imports from outside the source tree, templates included

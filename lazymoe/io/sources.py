@@ -17,6 +17,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from .hub_ids import MAX_HUB_NAME_CHARS
 from .safetensors import TensorInfo, scan_file
 from .token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
@@ -27,8 +28,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # "@{", leading or trailing "/" or "."), a length the Hub accepts, and nothing a Markdown link or URL could
 # be broken out with (the card links to it)
 _REVISION = re.compile(r"^(?!.*\.\.)(?!.*@\{)(?!.*//)(?![/.])[A-Za-z0-9._/+-]{1,255}(?<![/.])(?<!\.lock)$")
-#: the Hub's limit on namespace/name (huggingface_hub.utils.validate_repo_id)
-_MAX_HUB_ID = 96
 #: config.json fields the planner reads as positive integers, when present
 _CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
@@ -79,7 +78,7 @@ class ModelRef:
                 raise ModelNotFoundError(f"{text} is a file; a model reference must be a folder or a Hub id.")
             return cls(text, local_path=path.resolve())
         repo, _, revision = text.partition("@")
-        if _HUB_ID.match(repo) and len(repo) <= _MAX_HUB_ID and not text.startswith((".", "/", "~")):
+        if _HUB_ID.match(repo) and max(map(len, repo.split("/"))) <= MAX_HUB_NAME_CHARS and not text.startswith((".", "/", "~")):
             if revision and not _REVISION.match(revision):
                 raise ModelNotFoundError(
                     f"{text!r}: {revision!r} is not a revision the Hub accepts; after '@' give a branch, tag or "

@@ -26,7 +26,7 @@ from ..router.modes import GATE_MODE_TABLE, RECOMMENDED_GATE_MODE
 from .presets import Preset, parse_preset
 from .recipe import dump as dump_recipe
 from .recipe import recipe_filename
-from .runtime import error_html, notice_html
+from .html import error_html, notice_html
 from .widgets import LICENSES, ExpertRow, parse_number, set_tooltip, styled, widgets
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",

@@ -31,11 +31,11 @@ from huggingface_hub.utils import (
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError
 from ..gguf.files import find_gguf_files
-from ..io.folder import is_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
-from .card import build_card, detected_extras, gguf_card_data
-from .render import render_gguf_card
+from .card import build_card, detected_extras
+from .gguf_card import build_gguf_card
 from ..io.token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str, 
         except RepositoryNotFoundError:
             return False
     files = {s.rfilename for s in (info.siblings or [])} - {".gitattributes"}
-    ours = "lazymoe" in (info.tags or []) or "lazymoe_config.yml" in files
+    ours = "lazymoe" in (info.tags or []) or CONFIG_FILENAME in files
     if files and not ours:
         shown = ", ".join(sorted(files)[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
         raise HubError(
@@ -321,7 +321,7 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
                     f"(e.g. {repo_id}-GGUF), or name the merged model's repo with base_repo_id= / --gguf-of."
                 )
             base_repo_id = repo_id[: -len("-GGUF")]
-        return render_gguf_card(gguf_card_data(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id))
+        return build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id)
     if not is_lazymoe_output(folder):
         return None
     extras = detected_extras(folder)  # routing picture; NAME-GGUF files, linked to the NAME-GGUF repo
