@@ -20,7 +20,8 @@ from ..config import MoEConfig, load_config
 from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, WriteError
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
-from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
+from ..io.fetch import ROUTER_STEP, RangedWeights, Read
+from ..io.sources import TOKENIZER_FILES, ModelRef, describe
 from ..moe import checks
 from ..moe import plan as planning
 from ..moe.writer import write_shards
@@ -135,16 +136,24 @@ def _low_disk_hint(plan: planning.MergePlan) -> str:
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress) -> Path:
-    from transformers import AutoTokenizer
-
-    output_dir = target.path
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
         logger.warning(w)
 
-    # weights become local on first use (no-op for local folders); the router pass needs the base's
-    store = WeightStore(plan.models, release=plan.low_disk)
+    # Hub weights: the tensors the merge reads are fetched by ranges ahead of their reader (the router
+    # pass's first), models the router pass loads whole as whole files; local folders are read in place
+    store = RangedWeights(plan.models, [Read(*r) for r in plan.reads()], whole=plan.whole_models,
+                          release=plan.low_disk, window=plan.fetch_window, progress=progress)
+    with store:
+        return _merge_with(store, target, plan, config, device=device, progress=progress)
+
+
+def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *,
+                device, progress) -> Path:
+    from transformers import AutoTokenizer
+
+    output_dir = target.path
     base = store.local(config.base_model)
     plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
     tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
@@ -152,6 +161,7 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
+    store.done(ROUTER_STEP)
     degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(
