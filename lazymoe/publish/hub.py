@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -309,6 +311,118 @@ def push_to_hub(
                       commit_url=getattr(commit, "commit_url", None))
 
 
+# ----------------------------------------------------------------------------- streamed push
+
+
+class StreamingPush:
+    """Upload a merge's shards while it writes the next ones, then make ONE commit with everything.
+
+    Each finished shard goes to the Hub's large-file storage at once (``HfApi.preupload_lfs_files``: the Hub
+    stores the bytes, no commit names them yet), in a background thread; ``add_shard`` waits while
+    ``max_waiting`` shards wait for their turn, so at most that many + the one uploading + the one being
+    written are on disk. With ``keep=False`` each shard is deleted once uploaded. ``finish`` commits the shards
+    with the folder's other files and the card, so the repo shows the whole model or none of it. A shard the
+    Hub already holds (same sha256, from an interrupted run) is not sent again.
+    """
+
+    def __init__(self, target: PushTarget, *, private: bool = False, keep: bool = True, max_waiting: int = 1,
+                 progress: bool = True):
+        self.target = target
+        self.keep = keep
+        self.private = private
+        self.progress = progress
+        self._queue: queue.Queue[Path | None] = queue.Queue(maxsize=max_waiting)
+        self._done: list[CommitOperationAdd] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        """Create the repo (if needed) and start the upload thread; returns the repo's URL."""
+        with self._errors("connect"):
+            url = str(self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True))
+        self._thread = threading.Thread(target=self._run, name="lazymoe-upload", daemon=True)
+        self._thread.start()
+        return url
+
+    def add_shard(self, path: Path) -> None:
+        """Queue a finished shard for upload (waits while the queue is full); raises the upload's error."""
+        self._raise_if_failed()
+        while True:
+            try:
+                self._queue.put(path, timeout=0.2)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def finish(self, folder: Path, card: str, *, commit_message: str) -> PushResult:
+        """Wait for the uploads, then commit every shard, the other files of ``folder`` and ``card``."""
+        self._stop()
+        self._raise_if_failed()
+        shard_names = {op.path_in_repo for op in self._done}
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        operations = list(self._done)
+        operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                       for p in files if p.relative_to(folder).as_posix() not in shard_names | {"README.md"}]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+        repo_id = self.target.repo_id
+        with _progress_bars(self.progress), self._errors("commit"):
+            commit = self.target._api.create_commit(repo_id=repo_id, operations=operations,
+                                                    commit_message=commit_message)
+        total = sum(op.upload_info.size for op in operations)
+        logger.info("Pushed %d files (%.1f MB) to %s in one commit", len(operations), total / 1e6, self.target.url)
+        return PushResult(repo_id=repo_id, url=self.target.url, private=self.private, files=len(operations),
+                          bytes=total, commit_url=getattr(commit, "commit_url", None))
+
+    def abort(self) -> None:
+        """Stop uploading (a failed merge): nothing is committed."""
+        self._stop(drain=True)
+
+    def _stop(self, drain: bool = False) -> None:
+        if self._thread is None:
+            return
+        if drain:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                pass
+        self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        api, repo_id = self.target._api, self.target.repo_id
+        while True:
+            path = self._queue.get()
+            if path is None or self._error is not None:
+                return
+            try:
+                with _progress_bars(self.progress):
+                    op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                    api.preupload_lfs_files(repo_id, additions=[op])
+            except BaseException as err:  # noqa: BLE001 - reported by add_shard / finish in the merge's thread
+                self._error = err
+                return
+            self._done.append(op)
+            if not self.keep:
+                path.unlink(missing_ok=True)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            with self._errors("stream"):
+                raise self._error
+
+    @contextmanager
+    def _errors(self, stage: str) -> Iterator[None]:
+        with _errors_as_hub_errors(self.target._token, self.target.endpoint, self.target.repo_id, stage=stage):
+            yield
+
+
 def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:
     """The card to upload: for a merged lazymoe folder, its card naming ``repo_id``; for a folder of
     GGUF files, the ``NAME-GGUF`` card (quantisations of ``base_repo_id``, by default ``repo_id``
@@ -429,6 +543,12 @@ def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage
             f"fine-grained token write access there, at {endpoint}/settings/tokens."
         )
     if _is_network_error(error) or (status is not None and (status >= 500 or status in (408, 429))):
+        if stage in ("stream", "commit"):
+            return (
+                f"The upload to {repo_id!r} was interrupted ({cause}); nothing was committed, so the repo shows "
+                "no half model. Run the same merge with --push again: shards the Hub already received are "
+                "not sent again."
+            )
         if stage == "upload":
             return (
                 f"The upload to {repo_id!r} was interrupted ({cause}). Nothing is lost: your folder is untouched "
