@@ -229,7 +229,7 @@ def test_an_upload_failure_commits_nothing_and_a_rerun_sends_only_the_missing_sh
 
     from lazymoe.pipeline.merge import merge_and_push
 
-    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    cfg, _ = hub_and_local(tiny_world, gate_mode="random")  # no seed: the push derives one from the recipe
     hub.fail("lfs-upload", nth=3, times=None)  # the network goes down during the third shard's upload
     with pytest.raises(HubError) as caught:
         merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,

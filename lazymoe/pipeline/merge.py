@@ -153,7 +153,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
-    config = plan.config.with_seed()
+    config = plan.config.with_seed(from_recipe=pusher is not None)
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
     _check_overlap(output_dir, plan)
