@@ -185,25 +185,30 @@ class MergePlan:
     @property
     def peak_download_bytes(self) -> int:
         """Downloaded bytes on disk at the worst moment. Without low-disk mode, everything fetched stays
-        (the range cache, or whole files in the Hugging Face cache). In low-disk mode: the models read whole
-        (at worst the base plus the largest other one, each deleted once written), plus what the router pass
-        reads of the base and one fetch window of ranges (each range is deleted once written)."""
-        if not self.low_disk:
-            return self.download_bytes
+        (the range cache, or whole files in the Hugging Face cache); in low-disk mode each is deleted once
+        written (see ``_released_peak``)."""
+        return self._released_peak() if self.low_disk else self.download_bytes
+
+    def _released_peak(self) -> int:
+        """Downloaded bytes on disk at the worst moment when each download is deleted once written: the
+        models read whole (in low-disk order the base plus the largest other one, else all of them), what the
+        router pass reads of the base, and one fetch window of ranges."""
         whole = self.whole_models
         pending = {r: m.weight_bytes for r, m in self.models.items() if r in whole and m.ref.repo_id and not _cached(m)}
         base = pending.pop(self.config.base_model, 0)
+        held = base + (max(pending.values(), default=0) if self.low_disk else sum(pending.values()))
         ranged = _read_bytes(self.models, self.router_reads(), whole) + min(self.fetch_window, self.download_bytes)
-        return min(base + max(pending.values(), default=0) + ranged, self.download_bytes)
+        return min(held + ranged, self.download_bytes)
 
     @property
     def disk_bytes(self) -> int:
         return self.output_bytes + self.peak_download_bytes + DISK_MARGIN_BYTES
 
     def streamed_disk_bytes(self, shards_on_disk: int) -> int:
-        """Disk a merge needs that deletes each shard once uploaded, with at most ``shards_on_disk`` on disk."""
+        """Disk a merge needs that deletes each shard once uploaded, with at most ``shards_on_disk`` on disk
+        (its downloads are deleted once written too)."""
         biggest = max((s.nbytes for s in self.shards), default=0)
-        return min(self.output_bytes, shards_on_disk * biggest) + self.peak_download_bytes + DISK_MARGIN_BYTES
+        return min(self.output_bytes, shards_on_disk * biggest) + self._released_peak() + DISK_MARGIN_BYTES
 
     def last_use(self) -> dict[str, int]:
         """For each model, the index (in write order) of the last output tensor that reads it."""

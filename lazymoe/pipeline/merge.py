@@ -163,14 +163,12 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
         streamed = pusher is not None and not pusher.keep
         disk = plan.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK) if streamed else plan.disk_bytes
         if free < disk:
-            output = plan.disk_bytes - plan.peak_download_bytes - DISK_MARGIN_BYTES if not streamed else (
-                disk - plan.peak_download_bytes - DISK_MARGIN_BYTES)
+            what = (f"at most {STREAMED_SHARDS_ON_DISK} shards at a time, the downloads deleted once written" if streamed
+                    else f"output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}")
             raise InsufficientResourcesError(
-                f"The merge needs about {human_bytes(disk)} of free disk at {target.parent} "
-                f"({'shards on disk' if streamed else 'output'} {human_bytes(output)} + downloads "
-                f"{human_bytes(plan.peak_download_bytes)} + {human_bytes(DISK_MARGIN_BYTES)} margin) but only "
-                f"{human_bytes(free)} is free. Free some space or choose another output folder"
-                f"{_low_disk_hint(plan)}."
+                f"The merge needs about {human_bytes(disk)} of free disk at {target.parent} ({what} + "
+                f"{human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some space "
+                f"or choose another output folder{'' if streamed else _low_disk_hint(plan)}."
             )
         try:
             return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher)
