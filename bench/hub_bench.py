@@ -16,7 +16,7 @@ What it does, in one run:
      are fetched (ranges), each shard is uploaded while the next is written, one commit at the end;
    - ``mergekit``: download whole, ``mergekit-moe``, then ``HfApi.upload_folder``;
 3. measures wall time, bytes fetched and uploaded (the server's counters), peak disk used (the run's
-   folder sampled every 50 ms, allocated blocks) and peak RSS (``wait4``'s ru_maxrss of each process);
+   folder sampled every 50 ms, allocated blocks) and peak RSS (each process's VmHWM, sampled);
    checks the sequential and streamed uploads are byte-identical (README aside);
 4. prints the table, and the same arithmetic from the plan for the Beyonder recipe (4 x Mistral-7B).
 
@@ -131,21 +131,37 @@ class DiskSampler:
         self.peak = max(self.peak, allocated_bytes(self.root))
 
 
+def _hwm(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def run_child(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
-    """Run ``cmd``; returns its stdout and its peak RSS (bytes). Exits the bench on failure."""
+    """Run ``cmd``; returns its stdout and its peak RSS in bytes. Exits the bench on failure.
+
+    Peak RSS is the kernel's high-water mark of the process after its exec (VmHWM), sampled until it exits:
+    ``wait4``'s ru_maxrss would also count the forked copy of this bench, which holds the Hub server."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out_box: dict[str, str] = {}
     readers = [threading.Thread(target=lambda k=k, s=s: out_box.__setitem__(k, s.read()))
                for k, s in (("out", proc.stdout), ("err", proc.stderr))]
     for r in readers:
         r.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _hwm(proc.pid))
+        time.sleep(0.02)
     for r in readers:
         r.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{out_box.get('err', '')[-3000:]}")
-    return out_box.get("out", ""), usage.ru_maxrss * 1024
+    return out_box.get("out", ""), peak
 
 
 def run_pipeline(name: str, steps: list[list[str]], run_dir: Path, env: dict[str, str]) -> dict:
@@ -204,23 +220,17 @@ def needed_bytes(server: HubServer, config: Path, work: Path, shard: str) -> dic
 # ------------------------------------------------------------------------------------------ Beyonder arithmetic
 
 
-def beyonder_arithmetic() -> list[str]:
-    """Bytes fetched and uploaded and peak disk for the Beyonder recipe (4 x Mistral-7B), from its plan: the
-    four models' real tensor headers as Mistral-7B has them, no weights."""
-    from lazymoe.config import load_config
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 32000, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "hidden_act": "silu", "rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 32768}
+
+
+def _mistral_7b_on_the_hub(ref: str):
+    """A Hub model's info as ``describe`` gives it for Mistral-7B: its tensor headers, no weights."""
     from lazymoe.io.safetensors import TensorInfo
     from lazymoe.io.sources import ModelInfo, ModelRef
-    from lazymoe.moe import checks
-    from lazymoe.moe.plan import build_plan
-    from lazymoe.notebook.presets import load_preset
-    from lazymoe.options import DEFAULT_MAX_SHARD_BYTES
-    from lazymoe.pipeline.merge import STREAMED_SHARDS_ON_DISK
 
-    mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "vocab_size": 32000, "rope_theta": 10000.0, "tie_word_embeddings": False,
-               "torch_dtype": "bfloat16", "hidden_act": "silu", "rms_norm_eps": 1e-5, "sliding_window": 4096,
-               "max_position_embeddings": 32768}
     H, I, V, L, kv = 4096, 14336, 32000, 32, 1024
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for n in range(L):
@@ -230,36 +240,53 @@ def beyonder_arithmetic() -> list[str]:
                        p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, H),
                        p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
                        p + "mlp.down_proj.weight": (H, I)})
-    config = load_config(load_preset(REPO / "notebooks" / "presets" / "beyonder-4x7b-v3.yaml").config)
-    models = {}
-    for ref in config.model_refs():
-        folder = Path("/nonexistent-snapshot") / ref.replace("/", "--") / ("0" * 40)
-        offset, tensors = 0, {}
-        for name, shape in shapes.items():
-            nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
-            tensors[name] = TensorInfo(name, "BF16", shape, folder / "model.safetensors", offset, nbytes)
-            offset += nbytes
-        models[ref] = ModelInfo(ModelRef(ref, repo_id=ref), mistral, tensors, folder, offset)
-    plan = build_plan(config, models, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, output=checks.choose_output(config,
-                                                                                                           models))
+    folder = Path("/nonexistent-snapshot") / ref.replace("/", "--") / ("0" * 40)
+    offset, tensors = 0, {}
+    for name, shape in shapes.items():
+        nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        tensors[name] = TensorInfo(name, "BF16", shape, folder / "model.safetensors", offset, nbytes)
+        offset += nbytes
+    return ModelInfo(ModelRef(ref, repo_id=ref), MISTRAL_7B, tensors, folder, offset)
+
+
+def recipe_arithmetic(config, title: str) -> list[str]:
+    """Bytes fetched and uploaded and peak disk for a recipe of Mistral-7B models on the Hub, from its plan."""
+    from lazymoe.moe import checks
+    from lazymoe.moe.plan import build_plan
+    from lazymoe.options import DEFAULT_MAX_SHARD_BYTES
+    from lazymoe.pipeline.merge import STREAMED_SHARDS_ON_DISK
+
+    models = {ref: _mistral_7b_on_the_hub(ref) for ref in config.model_refs()}
+    output = checks.choose_output(config, models)
+    plan = build_plan(config, models, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, output=output)
+    low = build_plan(config, models, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, low_disk=True, output=output)
     whole = sum(m.weight_bytes for m in models.values())
-    low = build_plan(config, models, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, low_disk=True,
-                     output=checks.choose_output(config, models))
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     return [
-        f"Beyonder-4x7B recipe (gate_mode {config.gate_mode}, {len(plan.shards)} shards of at most "
-        f"{gb(plan.max_shard_bytes)}), from its plan:",
-        f"- bytes fetched: {gb(plan.download_bytes)} (today: the four repos whole, {gb(whole)}; "
+        f"{title} (gate_mode {config.gate_mode}, {len(plan.shards)} shards of at most {gb(plan.max_shard_bytes)}), "
+        "from its plan:",
+        f"- bytes fetched: {gb(plan.download_bytes)} (today: the {len(models)} repos whole, {gb(whole)}; "
         f"{whole / plan.download_bytes:.2f}x the bytes the MoE reads)",
         f"- bytes uploaded: {gb(plan.output_bytes)} (the shards) + config, tokenizer and card",
-        f"- peak disk, today's path: {gb(whole + plan.output_bytes)} (sources whole + output); "
-        f"lazymoe merge then push: {gb(plan.disk_bytes)} (output + fetched ranges, kept for the next run); "
+        f"- peak disk, download then merge (before this change): {gb(whole + plan.output_bytes)}; "
+        f"lazymoe merge now: {gb(plan.disk_bytes)} (output + fetched ranges, kept for the next run); "
         f"--low-disk: {gb(low.disk_bytes)}",
         f"- peak disk, merge --push --no-keep: at most {gb(plan.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK))} "
-        f"({STREAMED_SHARDS_ON_DISK} shards + the base's tensors the router pass reads, each deleted once written + "
-        f"one fetch window of {gb(plan.fetch_window)}), with --low-disk order "
-        f"{gb(low.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK))}",
+        f"({STREAMED_SHARDS_ON_DISK} shards + what the router pass reads of the base, each deleted once written, "
+        f"+ one fetch window of {gb(plan.fetch_window)})",
     ]
+
+
+def beyonder_arithmetic() -> list[str]:
+    from lazymoe.config import load_config
+    from lazymoe.notebook.presets import load_preset
+
+    beyonder = load_config(load_preset(REPO / "notebooks" / "presets" / "beyonder-4x7b-v3.yaml").config)
+    experts = [beyonder.experts[i % 4].model_copy(update={"source_model": f"org/mistral-7b-expert{i}"})
+               for i in range(8)]
+    eight = beyonder.model_copy(update={"experts": experts, "base_model": "org/mistral-7b-expert0"})
+    return (recipe_arithmetic(beyonder, "Beyonder-4x7B recipe (4 x Mistral-7B)") + [""]
+            + recipe_arithmetic(eight, "An 8x7B recipe (8 distinct Mistral-7B fine-tunes, the first as base)"))
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -260,7 +260,16 @@ class RangedWeights:
                 self._submit(chunk)
 
     def _feed(self) -> None:
-        """Submit chunks in reading order, keeping at most ``window`` bytes ahead of the reader."""
+        """Submit chunks in reading order, keeping at most ``window`` bytes ahead of the reader. The router
+        pass's chunks come first and alone: nothing is written (so nothing uploaded) before that pass ends,
+        so they get the whole bandwidth."""
+        router = [c for c in self._chunks if c.first == ROUTER_STEP]
+        for chunk in router:
+            self._want(chunk)
+        for chunk in router:
+            while not chunk.done.wait(0.1):
+                if self._closed:
+                    return
         for chunk in list(self._chunks):
             with self._lock:
                 while (not self._closed and not chunk.submitted and self._ahead > 0

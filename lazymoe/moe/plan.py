@@ -284,7 +284,7 @@ def build_plan(
 
     The default order is layer by layer. ``low_disk`` writes the base's tensors first and then the experts
     grouped by source model, so each downloaded expert can be deleted as soon as it is written: a 4x7B
-    merge then needs disk for the output plus two models instead of five (free Colab has ~100 GB).
+    merge then needs disk for the output plus the base's tensors and one shard of fetched ones.
     """
     if layout not in arch.LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(arch.LAYOUTS)}, got {layout!r}.")

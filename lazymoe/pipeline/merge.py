@@ -214,6 +214,7 @@ def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.Merge
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
     store.done(ROUTER_STEP)
+    logger.debug("router pass done")
     degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(

@@ -318,51 +318,55 @@ class StreamingPush:
     """Upload a merge's shards while it writes the next ones, then make ONE commit with everything.
 
     Each finished shard goes to the Hub's large-file storage at once (``HfApi.preupload_lfs_files``: the Hub
-    stores the bytes, no commit names them yet), in a background thread; ``add_shard`` waits while
-    ``max_waiting`` shards wait for their turn, so at most that many + the one uploading + the one being
-    written are on disk. With ``keep=False`` each shard is deleted once uploaded. ``finish`` commits the shards
-    with the folder's other files and the card, so the repo shows the whole model or none of it. A shard the
-    Hub already holds (same sha256, from an interrupted run) is not sent again.
+    stores the bytes, no commit names them yet), from ``threads`` background threads (two: one hashes and asks
+    the Hub while the other sends bytes). ``add_shard`` waits while ``in_flight`` shards are handed over and not
+    yet uploaded, so at most ``in_flight`` + the one being written are on disk. With ``keep=False`` each shard
+    is deleted once uploaded. ``finish`` commits the shards with the folder's other files and the card, so the
+    repo shows the whole model or none of it. A shard the Hub already holds (same sha256, from an interrupted
+    run) is not sent again: the Hub's LFS batch answer asks for no upload.
     """
 
-    def __init__(self, target: PushTarget, *, private: bool = False, keep: bool = True, max_waiting: int = 1,
-                 progress: bool = True):
+    def __init__(self, target: PushTarget, *, private: bool = False, keep: bool = True, in_flight: int = 2,
+                 threads: int = 2, progress: bool = True):
         self.target = target
         self.keep = keep
         self.private = private
         self.progress = progress
-        self._queue: queue.Queue[Path | None] = queue.Queue(maxsize=max_waiting)
-        self._done: list[CommitOperationAdd] = []
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._slots = threading.Semaphore(in_flight)
+        self._lock = threading.Lock()
+        self._done: dict[str, CommitOperationAdd] = {}
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._count = threads
 
     def start(self) -> str:
-        """Create the repo (if needed) and start the upload thread; returns the repo's URL."""
+        """Create the repo (if needed) and start the upload threads; returns the repo's URL."""
         with self._errors("connect"):
             url = str(self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True))
-        self._thread = threading.Thread(target=self._run, name="lazymoe-upload", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"lazymoe-upload-{i}", daemon=True)
+                         for i in range(self._count)]
+        for thread in self._threads:
+            thread.start()
         return url
 
     def add_shard(self, path: Path) -> None:
-        """Queue a finished shard for upload (waits while the queue is full); raises the upload's error."""
+        """Hand over a finished shard (waits while ``in_flight`` are not uploaded yet); raises the upload's error."""
+        logger.debug("shard %s written", path.name)
+        while not self._slots.acquire(timeout=0.2):
+            self._raise_if_failed()
         self._raise_if_failed()
-        while True:
-            try:
-                self._queue.put(path, timeout=0.2)
-                return
-            except queue.Full:
-                self._raise_if_failed()
+        self._queue.put(path)
 
     def finish(self, folder: Path, card: str, *, commit_message: str) -> PushResult:
         """Wait for the uploads, then commit every shard, the other files of ``folder`` and ``card``."""
         self._stop()
         self._raise_if_failed()
-        shard_names = {op.path_in_repo for op in self._done}
-        files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-        operations = list(self._done)
+        shards = [self._done[name] for name in sorted(self._done)]
+        operations = list(shards)
         operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                       for p in files if p.relative_to(folder).as_posix() not in shard_names | {"README.md"}]
+                       for p in sorted(folder.rglob("*")) if p.is_file()
+                       and p.relative_to(folder).as_posix() not in {*self._done, "README.md"}]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
         repo_id = self.target.repo_id
         with _progress_bars(self.progress), self._errors("commit"):
@@ -375,42 +379,44 @@ class StreamingPush:
 
     def abort(self) -> None:
         """Stop uploading (a failed merge): nothing is committed."""
-        self._stop(drain=True)
-
-    def _stop(self, drain: bool = False) -> None:
-        if self._thread is None:
-            return
-        if drain:
-            while True:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-        while self._thread.is_alive():
+        while True:
             try:
-                self._queue.put(None, timeout=0.2)
+                self._queue.get_nowait()
+            except queue.Empty:
                 break
-            except queue.Full:
-                pass
-        self._thread.join()
-        self._thread = None
+        self._stop()
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
 
     def _run(self) -> None:
         api, repo_id = self.target._api, self.target.repo_id
         while True:
             path = self._queue.get()
-            if path is None or self._error is not None:
+            if path is None:
                 return
             try:
-                with _progress_bars(self.progress):
-                    op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-                    api.preupload_lfs_files(repo_id, additions=[op])
+                if self._error is None:
+                    self._upload(api, repo_id, path)
             except BaseException as err:  # noqa: BLE001 - reported by add_shard / finish in the merge's thread
-                self._error = err
-                return
-            self._done.append(op)
-            if not self.keep:
-                path.unlink(missing_ok=True)
+                with self._lock:
+                    self._error = self._error or err
+            finally:
+                self._slots.release()
+
+    def _upload(self, api: Any, repo_id: str, path: Path) -> None:
+        with _progress_bars(self.progress):
+            op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+            api.preupload_lfs_files(repo_id, additions=[op])
+        with self._lock:
+            self._done[path.name] = op
+        logger.debug("uploaded %s", path.name)
+        if not self.keep:
+            path.unlink(missing_ok=True)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
