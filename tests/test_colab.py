@@ -154,6 +154,30 @@ def test_beyonder_fits_free_colab_since_only_the_bytes_it_reads_are_fetched(beyo
     assert "GPU memory: router pass 698.4 MB of 16.1 GB" in line
 
 
+def test_an_8x7b_fits_free_colab_only_when_each_shard_is_uploaded_and_deleted(monkeypatch, tmp_path, tiny_world):
+    """The README's 8x7B figures: eight distinct Mistral-7B models on the Hub (headers only), the first as base."""
+    preset = load_preset(BEYONDER).config
+    refs = [f"org/mistral-7b-ft{i}" for i in range(8)]
+    infos = {}
+    for ref in refs:
+        local = describe(ModelRef.parse(str(header_only_model(tmp_path / ref.replace("/", "--"), MISTRAL_7B,
+                                                              tokenizer=tiny_world["tokenizer"]))))
+        snapshot = tmp_path / "hub-cache" / ref / ("0" * 40)
+        tensors = {n: dataclasses.replace(t, file=snapshot / "model.safetensors") for n, t in local.tensors.items()}
+        infos[ref] = ModelInfo(ModelRef.parse(ref), local.config, tensors, local.folder, local.weight_bytes)
+    monkeypatch.setattr(merge, "describe", lambda ref: infos[str(ref)])
+    experts = [{**preset["experts"][i % 4], "source_model": ref} for i, ref in enumerate(refs)]
+    config = {**preset, "base_model": refs[0], "experts": experts}
+    plan = merge.make_plan(config, progress=False)
+    low = merge.make_plan(config, low_disk=True, progress=False)
+    disk = FREE_COLAB.disk_free
+    assert round(plan.output_bytes / 1e9, 1) == 93.4 and plan.download_bytes == plan.output_bytes - 32 * 8 * 4096 * 2
+    assert plan.disk_bytes > disk and low.disk_bytes > disk  # 186.9 GB and 109.3 GB: merging to disk cannot fit
+    streamed = plan.streamed_disk_bytes(merge.STREAMED_SHARDS_ON_DISK)
+    assert round(streamed / 1e9, 1) == 21.8 and streamed < disk / 4
+    assert plan.peak_ram_bytes < FREE_COLAB.ram_available / 8
+
+
 def test_cli_plan_gives_the_verdict_for_free_colab_and_for_this_runtime(beyonder_on_the_hub, monkeypatch, capsys):
     big = Runtime(in_colab=True, python="3.12", disk_path=Path("/content"), disk_free=235 * 1000**3,
                   ram_available=80 * 1000**3, ram_total=85 * 1000**3, gpu_name="NVIDIA A100-SXM4-40GB",
