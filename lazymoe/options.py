@@ -69,8 +69,8 @@ class MergeOptions(BaseModel):
         json_schema_extra=_cli("--layout"))
     low_disk: bool = Field(
         False,
-        description="write experts one source model at a time and delete each downloaded expert once written "
-                    "(disk: output + two models instead of output + all models)",
+        description="write the base's tensors first, then one source model at a time, deleting each fetched "
+                    "tensor once written (disk: output + the base + one shard instead of output + all fetched)",
         json_schema_extra=_cli("--low-disk"))
     overwrite: bool = Field(
         False, description="replace an earlier lazymoe output in the output folder",

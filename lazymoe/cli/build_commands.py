@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from ..config import load_config
-from ..errors import LazyMoEError, OutputExistsError
+from ..errors import ConfigError, LazyMoEError, OutputExistsError
 from ..gguf.quants import DEFAULT_QUANTS, parse_quants
 from ..options import MergeOptions, cli_fields, validated
 from ..router.modes import RECOMMENDED_GATE_MODE
@@ -39,6 +39,17 @@ def add(sub) -> None:
     p.add_argument("config", help="mergekit-moe YAML config")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder to write the merged model into (made if missing)")
     _add_merge_options(p, _MERGE_OPTIONS)
+    hub = p.add_argument_group("upload while merging")
+    hub.add_argument("--push", metavar="REPO", default=None,
+                     help="upload each shard to REPO ('name' or 'namespace/name') as soon as it is written, then make "
+                          "one commit with everything: the repo never shows half a model. Re-run after an "
+                          "interruption: shards the Hub already received are not sent again")
+    hub.add_argument("--no-keep", dest="keep", action="store_false",
+                     help="with --push: delete each shard once uploaded (disk: about three shards instead of the "
+                          "whole model; OUTPUT_DIR keeps config, tokenizer and card)")
+    hub.add_argument("--private", action="store_true", help="with --push: create the repo private")
+    hub.add_argument("--token", default=None, help="with --push: Hub token with write access (default: HF_TOKEN, "
+                                                   "then your saved login)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")
@@ -123,10 +134,19 @@ def _quants(text: str | None) -> list[str] | None:
 
 
 def cmd_merge(args) -> int:
-    from ..pipeline.merge import merge
+    from ..pipeline.merge import merge, merge_and_push
 
-    out = merge(_load(args), args.output_dir, **_options(args, _MERGE_OPTIONS).merge_kwargs(), progress=not args.quiet)
-    print(f"Merged model written to {out}")
+    options = _options(args, _MERGE_OPTIONS).merge_kwargs()
+    if args.push is None:
+        if not args.keep:
+            raise ConfigError("--no-keep deletes each shard once it is uploaded: it needs --push REPO.")
+        out = merge(_load(args), args.output_dir, **options, progress=not args.quiet)
+        print(f"Merged model written to {out}")
+        return 0
+    out, pushed = merge_and_push(_load(args), args.output_dir, args.push, keep=args.keep, private=args.private,
+                                 token=args.token, **options, progress=not args.quiet)
+    where = f"written to {out}" if args.keep else f"small files kept in {out}; the shards are on the Hub only"
+    print(f"Merged model pushed to {pushed.url} in one commit ({where})")
     return 0
 
 

@@ -120,7 +120,7 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahea
 def _advice(need: Need, runtime: Runtime, low_disk: bool) -> str:
     if need.what.startswith("Disk"):
         where = "a Colab Pro runtime or a machine with a bigger disk" if runtime.in_colab else "another disk"
-        first = "" if low_disk else f"Tick {LOW_DISK_SWITCH}, which keeps at most two downloaded models. "
+        first = "" if low_disk else f"Tick {LOW_DISK_SWITCH}, which deletes each fetched tensor once it is written. "
         return f"{first}Free some space, use {where}, or untick GGUF if it is on."
     if need.what.startswith("RAM"):
         return "Use a runtime with more memory (Colab: High-RAM), or fewer/smaller models."

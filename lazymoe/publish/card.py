@@ -246,9 +246,16 @@ def write_card(
     or a list of them; ``routing_image`` a file inside ``folder``.
     """
     folder = Path(folder)
-    text = _card_text(ModelFacts.from_plan(plan, folder), folder, model_name=model_name, license=license,
-                      repo_id=repo_id, gguf_repo=gguf_repo, gguf_files=gguf_files, routing_image=routing_image)
+    text = plan_card(plan, folder, model_name=model_name, license=license, repo_id=repo_id, gguf_repo=gguf_repo,
+                     gguf_files=gguf_files, routing_image=routing_image)
     return write_text_atomic(folder / CARD_FILENAME, text)
+
+
+def plan_card(plan: MergePlan, folder: str | os.PathLike, *, gguf_files=None, routing_image=None, **options: Any) -> str:
+    """The card text ``write_card`` writes, without writing it (a streamed upload sends it with ``repo_id``)."""
+    folder = Path(folder)
+    return _card_text(ModelFacts.from_plan(plan, folder), folder, gguf_files=gguf_files, routing_image=routing_image,
+                      **options)
 
 
 def build_card(
