@@ -243,11 +243,16 @@ def test_cli_plan_with_push_and_no_token_fails_in_seconds_before_any_model_is_re
     assert hub.requests_of("create-repo") == []
 
     monkeypatch.setenv("HF_TOKEN", ALICE_WRITE_TOKEN)
-    assert cli.main(["plan", str(recipe), "--push", "tiny-moe", "--gguf", "Q8_0", "-q",
-                     "--output-dir", str(tmp_path / "out")]) == 0
-    out, _ = capsys.readouterr()
+    code = cli.main(["plan", str(recipe), "--push", "tiny-moe", "--gguf", "Q8_0", "-q",
+                     "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
     assert "✔ Upload: alice/tiny-moe is free: it will be created" in out
     assert "✔ GGUF: disk: merge" in out
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert code == 0
+    else:  # an install without llama-cpp-python (e.g. the Python 3.12/3.13 runs of tools/pythons.sh): the one ✖
+        assert code == 2 and "✖ GGUF: GGUF is ticked, but GGUF conversion, quantisation and chat needs " \
+                             "llama-cpp-python, which is not installed" in out and "1 problem(s)" in err
     assert_nothing_written(hub)
 
 
