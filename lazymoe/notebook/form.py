@@ -26,7 +26,7 @@ from ..router.modes import GATE_MODE_TABLE, RECOMMENDED_GATE_MODE
 from .presets import Preset, parse_preset
 from .recipe import dump as dump_recipe
 from .recipe import recipe_filename
-from .runtime import error_html, notice_html
+from .html import error_html, notice_html
 from .widgets import LICENSES, ExpertRow, parse_number, set_tooltip, styled, widgets
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
@@ -73,9 +73,9 @@ class MoEForm:
         self.max_shard = styled(w.Text(description="Shard size", value=DEFAULT_MAX_SHARD), "lazymoe-shard",
                                 _HELP["max_shard_bytes"], width="260px")
         self.overwrite = w.Checkbox(description=_HELP["overwrite"], value=_DEFAULTS.overwrite, indent=False)
-        self.low_disk = w.Checkbox(description="Low-disk mode: delete each downloaded expert once it is written",
+        self.low_disk = w.Checkbox(description="Low-disk mode: delete each fetched tensor once it is written",
                                    value=_DEFAULTS.low_disk, indent=False)
-        set_tooltip(self.low_disk, "Disk needed: the output plus two models instead of the output plus all of them")
+        set_tooltip(self.low_disk, "Disk needed: the output plus the base's tensors and one shard of fetched tensors, instead of the output plus every tensor fetched")
         self.seed = styled(w.Text(description="Seed", placeholder="random"), "lazymoe-seed",
                            "Pins the randomness (noise, random gates); empty picks one and records it", width="260px")
         self.allow_same = w.Checkbox(description="Allow every expert to be the same model (only if you will train it)",
