@@ -61,7 +61,9 @@ CALIBRATION_SEED = 555_555  # documents(d, n, spec.seed + this): disjoint from t
 def split_mode(spec: str) -> tuple[str, str | None]:
     mode, _, calibration = spec.partition("+")
     if calibration and calibration not in CALIBRATION:
-        raise SystemExit(f"unknown calibration {calibration!r} in {spec!r}; use one of {CALIBRATION}")
+        print(f"router_quality.py: error: unknown calibration {calibration!r} in {spec!r}; use one of "
+              f"{CALIBRATION}", file=sys.stderr)
+        raise SystemExit(2)
     return mode, calibration or None
 
 
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="gate modes to run")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for the modes that use one")
     parser.add_argument("--work", type=Path, default=WORK, help="cache folder for the worlds and the MoEs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "router_quality.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report path (default: bench/results/router_quality.md; with --tiny, under --work)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="worlds measured at once, one process each (default: 2, the suite's 2 cores)")
@@ -369,15 +372,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="only print the compact table of an earlier run (min over seeds; the README's)")
     parser.add_argument("--summary-modes", default="", help="with --summary: the modes to show (default: all)")
     args = parser.parse_args(argv)
-    if args.render:
-        print(render(json.loads(args.render.read_text())))
-        return 0
-    if args.summary:
-        results = json.loads(args.summary.read_text())
+    if args.render or args.summary:
+        path = args.render or args.summary
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"cannot read {path}: {err}")
+        if not all("oracle_kept" in w for w in results.get("worlds", [])):
+            parser.error(f"{path} is not a suite run of this benchmark (no oracle row)")
         if args.summary_modes:
-            results["modes"] = [m for m in args.summary_modes.split(",") if m]
-        print(summary(results))
+            wanted = [m for m in args.summary_modes.split(",") if m]
+            unknown = set(wanted) - set(results["modes"])
+            if unknown:
+                parser.error(f"{sorted(unknown)} not in {path}; it has {results['modes']}")
+            results["modes"] = wanted
+        print(render(results) if args.render else summary(results))
         return 0
+    if args.tiny and args.worlds:
+        parser.error("--tiny measures the unit tests' world only; leave out --worlds")
+    if args.out is None:
+        args.out = args.work / "router_quality_tiny.md" if args.tiny else RESULTS / "router_quality.md"
     torch.set_num_threads(args.threads)
     _quiet_merges()
     if args.tiny:
@@ -390,8 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         suite = [w for w in worlds.SUITE if not wanted or w.name in wanted]
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    from lazymoe.router.modes import GATE_MODES
+
     for spec in modes:
-        split_mode(spec)  # an unknown calibration fails now, not after the first world
+        mode, _ = split_mode(spec)  # an unknown mode or calibration fails now, not after the first world
+        if mode not in GATE_MODES:
+            parser.error(f"unknown gate mode {mode!r}; lazymoe has {sorted(GATE_MODES)}")
     for entry in suite:  # build (or find) every world first: worlds sharing a spec must not train it twice at once
         spec = dataclasses.replace(entry.spec, variants=(entry.variant,)) \
             if entry.variant not in entry.spec.variants else entry.spec

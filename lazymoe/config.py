@@ -420,10 +420,14 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     text: str
     path = Path(source)
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
-        if not path.is_file():
-            if path.is_dir():
+        try:
+            is_file, is_dir, exists = path.is_file(), path.is_dir(), path.exists()
+        except OSError as err:  # a name too long for the filesystem, a link loop
+            raise ConfigError(f"Config file {path} cannot be used ({err.strerror or err}).") from None
+        if not is_file:
+            if is_dir:
                 raise ConfigError(f"{path} is a folder; give the YAML config file (e.g. {path / 'moe.yaml'}).")
-            why = "is not a regular file" if path.exists() else "does not exist"
+            why = "is not a regular file" if exists else "does not exist"
             raise ConfigError(f"Config file {path} {why}.")
         try:
             text = path.read_text(encoding="utf-8")

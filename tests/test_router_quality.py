@@ -76,7 +76,7 @@ def test_the_gain_split_accounts_for_every_token(results):
     assert "Where the gain goes" in text and "`MODE+docs`" in text
 
 
-def test_calibration_documents_are_never_the_scored_ones():
+def test_calibration_documents_are_never_the_scored_ones(capsys):
     spec = importlib.util.spec_from_file_location("router_quality", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -89,8 +89,22 @@ def test_calibration_documents_are_never_the_scored_ones():
     for d, expert in zip(worlds.TINY_SPEC.domains, docs["experts"]):
         assert len(expert["calibration_text"]) == bench.CALIBRATION_DOCS
         assert not set(expert["calibration_text"]) & set(world.heldout[d])
-    with pytest.raises(SystemExit, match="unknown calibration"):
+    with pytest.raises(SystemExit) as exit_:
         bench.split_mode("expert_classifier+everything")
+    assert exit_.value.code == 2 and "unknown calibration 'everything'" in capsys.readouterr().err
+
+
+def test_bad_benchmark_arguments_are_one_line_each(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("router_quality_args", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cases = [(["--summary", str(tmp_path / "none.json")], "cannot read"),
+             (["--modes", "bogus", "--tiny", "--work", str(tmp_path)], "unknown gate mode 'bogus'"),
+             (["--tiny", "--worlds", "nope"], "leave out --worlds")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 def test_the_summary_table_gives_each_modes_worst_seed(results):

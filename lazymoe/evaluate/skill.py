@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..config import ExpertConfig, HubTexts, MoEConfig, load_config
 from ..errors import ConfigError, LazyMoEError, ModelNotFoundError
-from ..io.folder import CONFIG_FILENAME, require_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, load_folder_tokenizer, read_folder_config, require_lazymoe_output
 from ..io.sources import METADATA_PATTERNS, ModelRef
 from ..moe import arch
 from ..runtime.machine import probe
@@ -264,7 +264,7 @@ def score(folder: str | os.PathLike, seqs: list[list[int]], starts: list[int], *
     from ``starts[i]`` on (nats, float32 cross-entropy from the logits). A MoE also gives its router logits."""
     folder = Path(folder)
     dev = pick_device(device)
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_folder_config(folder)
     output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
     is_moe = output is not None
     weights = _Weights(folder, dev, output)
@@ -391,11 +391,9 @@ def evaluate(
     source model on disk at a time). What cannot be measured is listed in ``report.skipped`` and
     the rows' notes, with the reason.
     """
-    from transformers import AutoTokenizer
-
     start = time.perf_counter()
     folder = require_lazymoe_output(model_dir)
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_folder_config(folder)
     output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
     if output is None:
         raise ConfigError(f"{folder} is a '{cfg.get('model_type')}' model, not a MoE lazymoe writes "
@@ -409,7 +407,7 @@ def evaluate(
     labels = expert_labels([e.source_model for e in recipe.experts])
     overrides = _resolve_overrides(texts, labels)
     dev = pick_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_folder_tokenizer(folder)
     seed = (recipe.seed or 0) + 1  # not the seed the routers' continuations were sampled with
     # every text the user gave is read (and any mistake in it reported) before an expert writes anything
     notes: list[list[str]] = [[] for _ in recipe.experts]

@@ -10,7 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelFormatError, ModelNotFoundError
+from .sources import read_json
 
 #: what the merged folder calls the recipe that built it (written by merge, read by card, gguf and the notebook)
 CONFIG_FILENAME = "lazymoe_config.yml"
@@ -34,6 +35,45 @@ def require_lazymoe_output(folder: str | os.PathLike) -> Path:
         raise ModelNotFoundError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge "
                                  "wrote.")
     return folder
+
+
+def read_folder_config(folder: Path) -> dict:
+    """A merged (or dense) folder's config.json as a dict, or one ModelFormatError saying what is wrong with it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json; give the folder lazymoe merge wrote.")
+    return read_json(path, "config.json", str(folder))
+
+
+def read_folder_recipe(folder: Path) -> dict | None:
+    """The recipe a merge saved in ``folder`` (None if there is none), or ModelFormatError if it is damaged."""
+    import yaml
+
+    path = Path(folder) / CONFIG_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        problem = getattr(err, "problem", None) or "not readable"
+        raise ModelFormatError(f"{path} is damaged ({problem}); merge again, or restore it from the model "
+                               "card's recipe.") from None
+    if data is not None and not isinstance(data, dict):
+        raise ModelFormatError(f"{path} is not a recipe (a YAML mapping); merge again, or restore it from the "
+                               "model card's recipe.")
+    return data
+
+
+def load_folder_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder``, or one ModelFormatError naming the files to restore."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelFormatError(f"{folder} has no usable tokenizer ({str(err).splitlines()[0][:160]}); copy the "
+                               "base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it, "
+                               "or merge again.") from None
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:

@@ -89,15 +89,31 @@ class OutputTarget:
 
     def __init__(self, output_dir: str | os.PathLike):
         self.path = Path(output_dir)
-        if self.path.is_symlink():
+        try:
+            is_link = self.path.is_symlink()
+        except OSError as err:  # a name too long for the filesystem
+            raise OutputNotWritableError(f"{self.path} cannot be the output folder ({err.strerror or err}); give a "
+                                         "shorter path.") from None
+        if is_link:
             raise OutputExistsError(
                 f"{self.path} is a symbolic link; lazymoe never writes through or replaces a link. "
                 "Give the folder it points to, or a new path."
             )
-        self.final = self.path.resolve()  # not a link (refused above), so this only resolves ".", ".." and parents
+        try:
+            self.final = self.path.resolve()  # not a link (refused above): only ".", ".." and parents resolve
+            mount = self.final.is_mount()
+        except (OSError, RuntimeError) as err:  # a name too long for the filesystem, a loop of links above it
+            why = getattr(err, "strerror", None) or err
+            raise OutputNotWritableError(f"{self.path} cannot be the output folder ({why}); give a shorter path "
+                                         "without link loops.") from None
         self.parent, self.name = self.final.parent, self.final.name
         if not self.name:
             raise OutputExistsError(f"{self.path} is the filesystem root; give a folder for the merged model.")
+        if mount:
+            # the merge is written beside the output folder and renamed into place: beside a mount point is
+            # the parent's disk, where the rename could not even land
+            raise OutputExistsError(f"{self.path} is a mount point (a disk of its own); give a folder inside it, "
+                                    f"e.g. {self.path / 'merged'}.")
         self._lock_fd: int | None = None
         self._approved: tuple[int, int] | None = None
         self._approved_set = False

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import load_folder_tokenizer, read_folder_config, read_folder_recipe
 from ..io.safetensors import TensorInfo, read_tensor
 from ..io.sources import ModelRef, describe
 from ..moe import arch
@@ -149,7 +148,7 @@ def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *,
 
 def _output(folder: Path) -> arch.Output:
     """The output architecture of a merged folder, from its config.json."""
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_folder_config(folder)
     try:
         return arch.output_of(cfg)
     except StopIteration:
@@ -161,10 +160,7 @@ def _output(folder: Path) -> arch.Output:
 
 
 def _recipe(folder: Path) -> dict | None:
-    path = folder / CONFIG_FILENAME
-    if not path.is_file():
-        return None
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return read_folder_recipe(folder)
 
 
 def expert_labels(sources: Sequence[str]) -> list[str]:
@@ -228,12 +224,10 @@ def routing_report(
     expert labels (as in ``report.experts``) or indices. Tokens are counted like the fitted gate modes see
     them: every real token after the leading BOS.
     """
-    from transformers import AutoTokenizer
-
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json; pass the folder a merge wrote.")
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_folder_config(folder)
     E = int(cfg.get(_output(folder).experts_key, 0))
     if E < 1:
         raise ConfigError(f"{folder} is not a MoE (config.json has no expert count).")
@@ -257,7 +251,7 @@ def routing_report(
     if chat_template is None:
         chat_template = bool(recipe.get("router_chat_template"))
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = load_folder_tokenizer(folder)
     groups: list[tuple[str, int | None, list[str]]] = [(experts[e], e, prompts[e]) for e in range(E) if prompts[e]]
     for i, text in enumerate(extra_texts):
         snippet = " ".join(text.split())

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io.folder import load_folder_tokenizer, read_folder_config
 from ..io.safetensors import NAME_TO_ST, dtype_bytes
 from ..moe.arch import config_dtype
 from ..units import human_bytes
@@ -26,7 +27,7 @@ class LoadChoice:
 
 
 def stored_dtype(folder: Path) -> str:
-    config = json.loads((Path(folder) / "config.json").read_text())
+    config = read_folder_config(Path(folder))
     return config_dtype(config) or "float32"
 
 
@@ -55,7 +56,7 @@ def choose_loading(size: int, runtime: Runtime, *, dtype: str = "bfloat16",
 
 def load_merged(folder: Path, choice: LoadChoice):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {}
     if choice.dtype:
@@ -68,7 +69,7 @@ def load_merged(folder: Path, choice: LoadChoice):
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if not choice.four_bit:
         model = model.to(choice.device)
-    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+    return model.eval(), load_folder_tokenizer(folder)
 
 
 def free_memory() -> None:
