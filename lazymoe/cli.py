@@ -9,6 +9,7 @@ its flags and a ``cmd_NAME`` handler, both here.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shutil
 import sys
@@ -18,7 +19,7 @@ from typing import Literal, get_args, get_origin
 
 from ._version import __version__
 from .config import load_config
-from .errors import ConfigError, GGUFError, LazyMoEError, ModelNotFoundError, OutputExistsError
+from .errors import ConfigError, GGUFError, LazyMoEError, ModelNotFoundError, OutputExistsError, Setting, Words, python_words, worded
 from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, parse_quants
 from .io.folder import CONFIG_FILENAME, write_text_atomic
@@ -56,7 +57,7 @@ def _add_merge_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> No
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
         p.add_argument(flag, dest=name, default=info.default, choices=choices, help=info.description, **cli)
     p.add_argument("--allow-all-same-experts", "--i-understand-this-is-not-useful-without-training",
-                   action="store_true", dest="allow_all_same",
+                   action="store_true", dest="allow_all_same_experts",
                    help="allow every expert to be the same model (only useful if you train afterwards)")
 
 
@@ -67,7 +68,7 @@ def _options(args, names: tuple[str, ...]) -> MergeOptions:
 
 def _load(args):
     config = load_config(Path(args.config))
-    if args.allow_all_same:
+    if args.allow_all_same_experts:
         config = config.model_copy(update={"allow_all_same_experts": True})
     return config
 
@@ -90,7 +91,7 @@ def cmd_plan(args) -> int:
                          low_disk=options.low_disk, progress=not args.quiet)
     except LazyMoEError:
         if ahead:
-            print(format_checks(ahead), file=sys.stderr)
+            print(format_checks(ahead, cli_words(args.command)), file=sys.stderr)
         raise
     if quants is not None:
         ahead.append(check_gguf_disk(plan, quants, disk))
@@ -98,11 +99,12 @@ def cmd_plan(args) -> int:
     here = probe(disk)  # where the merge will write
     print("\nFits?")
     for line in fit_lines(plan, [(FREE_COLAB_LABEL, FREE_COLAB),
-                                 ("This runtime" + (" (Colab)" if here.in_colab else ""), here)]):
+                                 ("This runtime" + (" (Colab)" if here.in_colab else ""), here)],
+                          cli_words(args.command)):
         print(f"  {line}")
     if ahead:
         print()
-        print(format_checks(ahead))
+        print(format_checks(ahead, cli_words(args.command)))
     problems = blocking(ahead)
     if problems:
         raise NotReadyError(f"not ready to merge: {len(problems)} problem(s) marked ✖ above; fix them first "
@@ -369,7 +371,7 @@ def _add_publish(sub) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("repo", metavar="REPO", nargs="?", help="'name' (in your own namespace) or 'namespace/name'")
     p.add_argument("--gguf", action="store_true", help="also make GGUF files (needs llama-cpp-python)")
-    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
+    p.add_argument("--quant", dest="quants", default=",".join(DEFAULT_QUANTS),
                    help=f"with --gguf: comma-separated quantisations (default {','.join(DEFAULT_QUANTS)})")
     p.add_argument("--private", action="store_true", help="create the repos private")
     p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then your saved "
@@ -382,7 +384,7 @@ def cmd_publish(args) -> int:
 
     if not args.repo and not args.gguf:
         raise ConfigError("Nothing to publish: give a REPO to upload to, --gguf to make GGUF files, or both.")
-    done = release(args.model_dir, args.repo, gguf=args.gguf, quants=args.quant, private=args.private,
+    done = release(args.model_dir, args.repo, gguf=args.gguf, quants=args.quants, private=args.private,
                    token=args.token, progress=not getattr(args, "quiet", False))
     if done.model:
         print(f"Pushed {args.model_dir} to {done.model.url}")
@@ -399,7 +401,7 @@ def cmd_publish(args) -> int:
 def _add_gguf(sub) -> None:
     p = sub.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
-    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
+    p.add_argument("--quant", dest="quants", default=",".join(DEFAULT_QUANTS),
                    help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
                         f"menu: {','.join(QUANT_TYPES)}")
     p.add_argument("--outdir", help="where to write (default: MODEL_DIR-GGUF beside the model)")
@@ -429,7 +431,7 @@ def _add_chat(sub) -> None:
 def cmd_gguf(args) -> int:
     from .gguf.convert import convert_to_gguf
 
-    paths = convert_to_gguf(args.model_dir, args.outdir, outtype=args.outtype, quants=args.quant,
+    paths = convert_to_gguf(args.model_dir, args.outdir, outtype=args.outtype, quants=args.quants,
                             threads=args.threads, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
     for path in paths:
         print(f"{path}  ({path.stat().st_size / 1e6:,.1f} MB)")
@@ -512,6 +514,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
+def _options_by_dest(command: str | None) -> dict[str, argparse.Action]:
+    """Every option of every command by the name it stores (a dest is the Python keyword it stands for), the
+    options of ``command`` winning over other commands'."""
+    commands = build_parser()._subparsers._group_actions[0].choices  # argparse keeps its subcommands here
+    found: dict[str, argparse.Action] = {}
+    for name in sorted(commands, key=lambda c: c == command):  # ``command`` last: its options win
+        found.update({a.dest: a for a in commands[name]._actions if a.option_strings})
+    return found
+
+
+def cli_words(command: str | None = None) -> Words:
+    """The CLI's words for a setting a message names: its flag (``add --overwrite``, ``add --token TOKEN``)."""
+
+    def words(setting: Setting) -> str:
+        action = _options_by_dest(command).get(setting.name)
+        if action is None:  # a setting no command has a flag for: the library's own words
+            return python_words(setting)
+        flag = next(s for s in action.option_strings if s.startswith("--"))
+        if setting.noun:
+            return f"your {flag} argument"
+        if action.nargs == 0:  # a switch
+            return f"add {flag}" if setting.value else f"leave out {flag}"
+        value = action.metavar or action.dest.upper() if setting.value is ... else setting.value
+        return f"add {flag} {value}"
+
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
@@ -519,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LazyMoEError as err:
         # one line, whatever the message holds (a model name or path may carry a newline)
-        print(f"error: {' '.join(redact(str(err), [getattr(args, 'token', None), *env_tokens()]).split())}",
+        message = worded(err, cli_words(args.command))  # each setting it names as this command's flag
+        print(f"error: {' '.join(redact(message, [getattr(args, 'token', None), *env_tokens()]).split())}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -144,7 +144,7 @@ def test_beyonder_does_not_fit_free_colab_unless_low_disk(beyonder_on_the_hub):
     assert plan.download_bytes == 4 * 2 * 7_241_732_096  # four distinct Mistral-7B models in bf16
     ((line,),) = [fit_lines(plan, [("Free Colab", FREE_COLAB)])]
     assert line == ("Free Colab: does NOT fit (Disk: merge needs 106.3 GB, has 100.0 GB). "
-                    "With --low-disk the disk needed is 77.3 GB")
+                    "pass low_disk=True and the disk needed is 77.3 GB")
 
     low = merge.make_plan(beyonder_on_the_hub, low_disk=True, progress=False)
     ((line,),) = [fit_lines(low, [("Free Colab", FREE_COLAB)])]

@@ -19,12 +19,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..colab import CONTENT_DIR, in_colab
-from ..errors import GGUFError, LazyMoEError
+from ..errors import GGUFError, LazyMoEError, Setting, Text, Words, python_words, worded
 from ..gguf.install import CPU_CMAKE_ARGS, cuda_cmake_args
 from ..gguf.quants import estimate_gguf_bytes
 from ..io.folder import free_disk_bytes
 from ..moe.report import plan_rows
 from ..units import human_bytes
+from .words import form_words
 
 _RED, _AMBER, _GREEN, _GREY = "#b00020", "#8a5a00", "#1b6e20", "#555"
 
@@ -150,7 +151,7 @@ def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = ())
     return rows
 
 
-def fit_lines(plan, runtimes: list[tuple[str, Runtime]]) -> list[str]:
+def fit_lines(plan, runtimes: list[tuple[str, Runtime]], words: Words = python_words) -> list[str]:
     """For ``plan``: one verdict per runtime, "fits" with the figures compared, or what is short and by how much."""
     lines = []
     for label, runtime in runtimes:
@@ -165,7 +166,9 @@ def fit_lines(plan, runtimes: list[tuple[str, Runtime]]) -> list[str]:
         if any(n.what.startswith("Disk") for n in short) and not plan.low_disk:
             # the same plan in low-disk mode: only the downloads held at once change, not the output
             low = dataclasses.replace(plan, low_disk=True)
-            line += f". With --low-disk the disk needed is {human_bytes(low.disk_bytes)}"
+            low_disk = Setting("low_disk", True)
+            line += worded(Text(f". {low_disk.placeholder} and the disk needed is {human_bytes(low.disk_bytes)}",
+                                (low_disk,)), words)
         lines.append(line)
     return lines
 
@@ -292,9 +295,9 @@ def checks_html(checks) -> str:
         return ""
     marks = {True: Raw(f'<b style="color:{_GREEN}">✔</b>'), False: Raw(f'<b style="color:{_RED}">✖</b>'),
              None: Raw(f'<b style="color:{_GREY}">ℹ</b>')}
-    rows = [(marks[c.ok], c.step, c.message) for c in checks]
+    rows = [(marks[c.ok], c.step, worded(c.message, form_words)) for c in checks]
     out = table_html(rows, ("", "Later step", "What it needs"), css_class="lazymoe-ahead")
-    return out + "".join(error_html(f"{c.step}: {c.message}") for c in checks if c.ok is False)
+    return out + "".join(error_html(f"{c.step}: {worded(c.message, form_words)}") for c in checks if c.ok is False)
 
 
 def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahead=()) -> str:

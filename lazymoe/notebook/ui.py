@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from IPython.display import HTML, Image, display
+from tqdm.std import tqdm as std_tqdm
 
 from .. import demo
 from .._version import __version__
 from ..config import MoEConfig, load_config
-from ..errors import LazyMoEError, OutputNotWritableError, StepFailed
+from ..errors import LazyMoEError, OutputNotWritableError, StepFailed, worded
 from ..gguf.files import preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
@@ -64,6 +65,7 @@ from .runtime import (
     table_html,
 )
 from .trial import choose_loading, free_memory, load_merged, routing_and_generation, stored_dtype
+from .words import form_words
 
 __all__ = ["Builder", "StepFailed", "setup", "prepare_demo"]
 
@@ -94,12 +96,28 @@ def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], N
     try:
         demo.build_demo(folder)
     except LazyMoEError as err:
-        show(_html(error_html(str(err))))
+        show(_html(error_html(worded(err, form_words))))
         raise StepFailed("Build the demo models", str(err)) from None
     rows = [(p, human_bytes(sum(f.stat().st_size for f in (folder / p).iterdir()))) for p in parts]
     built = f"Built the demo models in {folder}/ (tiny random weights: answers will be gibberish)."
     show(_html(notice_html(built, "ok") + table_html(rows, ("Model", "Size"))))
     return folder
+
+
+def _open_bars() -> set:
+    """The progress bars open now (tqdm keeps every live bar in a class-level weak set)."""
+    return set(getattr(std_tqdm, "_instances", ()))
+
+
+def close_failed_bars(opened_before: set) -> None:
+    """Close the bars a failed step left open, and hide their widgets: a bar stopped at "0/4" or drawn red
+    above the step's red message says nothing the message does not (a loop left by an exception only
+    closes its bar when the loop is garbage-collected, so it would stay grey and unfinished)."""
+    for bar in _open_bars() - opened_before:
+        bar.close()
+        container = getattr(bar, "container", None)  # tqdm.notebook's widget row (absent for text bars)
+        if container is not None:
+            container.layout.display = "none"
 
 
 def _step(title: str):
@@ -108,12 +126,15 @@ def _step(title: str):
     def wrap(method):
         @functools.wraps(method)
         def run(self: Builder, *args, **kwargs):
+            bars = _open_bars()
             try:
                 return method(self, *args, **kwargs)
             except StepFailed:
+                close_failed_bars(bars)
                 raise
             except LazyMoEError as err:
-                self._show(_html(error_html(str(err))))
+                close_failed_bars(bars)
+                self._show(_html(error_html(worded(err, form_words))))  # the form's words for any setting
                 raise StepFailed(title, str(err)) from None
 
         return run
@@ -271,7 +292,7 @@ class Builder:
         quants = settings.quants if settings.gguf else ()
         self._show(_html(plan_html(plan, runtime, gguf_quants=quants, ahead=ahead)))
         short = shortages(resource_needs(plan, runtime, gguf_quants=quants))
-        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {c.message}" for c in blocking(ahead)]
+        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {worded(c.message, form_words)}" for c in blocking(ahead)]
         if problems:
             self._plan_key = None  # a blocked plan never lets the merge start
             raise StepFailed("Plan", "; ".join(problems))
@@ -296,7 +317,7 @@ class Builder:
             ahead = self._check_ahead(settings, probe(self.output_dir.parent))
             if blocking(ahead):
                 self._show(_html(checks_html(ahead)))
-                raise StepFailed("Merge", "; ".join(f"{c.step}: {c.message}" for c in blocking(ahead)))
+                raise StepFailed("Merge", "; ".join(f"{c.step}: {worded(c.message, form_words)}" for c in blocking(ahead)))
         out = merging.merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
                     overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
         self.model_dir, self.gguf_files, self.repo_id = out, [], None
@@ -314,7 +335,8 @@ class Builder:
         self._show(_html(f"<pre>{html.escape(table)}</pre>"))
         for message in report.warnings:
             self._notice(message, "warn")
-        self._show(Image(filename=str(folder / ROUTING_IMAGE)))
+        # at its own size (a scroll bar where the page is narrower): shrunk to fit, its numbers cannot be read
+        self._show(Image(filename=str(folder / ROUTING_IMAGE), unconfined=True))
         return report
 
     # ------------------------------------------------------------------ 5. try
@@ -359,7 +381,7 @@ class Builder:
         return config if same else saved
 
     def _show_image(self, path: Path) -> None:
-        self._show(Image(filename=str(path)))
+        self._show(Image(filename=str(path), unconfined=True))  # at its own size, as the routing picture
 
     @_step("Evaluate")
     def evaluate(self, **options):

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import MoEConfig, load_config
-from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, WriteError
+from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, Setting, Text, WriteError
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
 from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
@@ -118,20 +118,20 @@ def merge(
         target.approve(overwrite)
         free = free_disk_bytes(target.parent)
         if free < plan.disk_bytes:
-            raise InsufficientResourcesError(
+            raise InsufficientResourcesError(Text.join([
                 f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {target.parent} "
                 f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)} "
                 f"+ {human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some "
-                f"space or choose another output folder{_low_disk_hint(plan)}."
-            )
+                "space or choose another output folder", _low_disk_hint(plan), "."]))
         return _merge_into(target, plan, config, device=device, progress=progress)
 
 
-def _low_disk_hint(plan: planning.MergePlan) -> str:
+def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
     """Suggest low-disk mode only where it would need less disk."""
     if plan.low_disk or dataclasses.replace(plan, low_disk=True).peak_download_bytes >= plan.peak_download_bytes:
         return ""
-    return ", or use low-disk mode (--low-disk)"
+    low_disk = Setting("low_disk", True)
+    return Text(f", or {low_disk.placeholder} (low-disk mode)", (low_disk,))
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress) -> Path:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..config import MoEConfig, license_id, load_config
-from ..errors import CardError, ModelNotFoundError
+from ..errors import CardError, ModelNotFoundError, Setting, Text
 from ..gguf.files import GGUFFile, find_gguf_files
 from ..gguf.quants import BY_NAME as QUANTS_BY_NAME
 from ..gguf.quants import PREFERENCE as QUANT_PREFERENCE
@@ -274,7 +274,8 @@ def card_data(
     config = facts.config
     name = model_name or (repo_id.rsplit("/", 1)[-1] if repo_id else facts.folder_name)
     if not name.strip():
-        raise CardError("The model name is empty; pass model_name (CLI: --name).")
+        name_it = Setting("model_name", ...)
+        raise CardError(Text(f"The model name is empty; {name_it.placeholder}.", (name_it,)))
     files = list(gguf_files or [])
     if gguf_repo is None and files and repo_id:
         gguf_repo = f"{repo_id}-GGUF"
