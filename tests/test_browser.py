@@ -222,8 +222,12 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             page.get_by_text("2 problems, marked in red in the form").first.wait_for(timeout=30_000)
             assert page.locator(".lazymoe-field-error").count() == 2
             assert page.locator(".lazymoe-invalid").count() == 2
-            for width in (900, 1400):  # the form as a user sees it, narrow and wide (described in the note)
-                page.set_viewport_size({"width": width, "height": 1000})
+            # the form as a user sees it, narrow and wide (described in the note): the window as tall as the
+            # form, since JupyterLab draws only what is on screen, and the notebook toolbar (it floats over the
+            # top of whatever is scrolled under it) out of the way
+            page.add_style_tag(content=".jp-NotebookPanel-toolbar {display: none !important}")
+            for width in (900, 1400):
+                page.set_viewport_size({"width": width, "height": 3600})
                 page.locator(".lazymoe-form").first.screenshot(path=str(ARTIFACTS / f"form-after-{width}px.png"))
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 
@@ -251,18 +252,29 @@ def test_a_failed_step_hides_the_progress_bar_it_left_open():
 
         @ui._step("Merge")
         def run(self):
-            bars.append(notebook_tqdm(total=4, desc="Router: fitting"))
+            bars.append(notebook_tqdm(total=4, desc="Router: fitting"))  # never closed: grey at 0/4
             bars.append(notebook_tqdm(total=2, desc="finished"))
             bars[-1].update(2)
             bars[-1].close()
-            raise ConfigError("the red message")
+            self.headers()
+
+        @ui._step("Plan")  # a step inside a step (the Build button runs them all)
+        def headers(self):
+            bar = notebook_tqdm(range(5), desc="Reading model headers")
+            bars.append(bar)
+            for i in bar:  # the exception closes this one at once, red at 3/5
+                if i == 3:
+                    raise ConfigError("the red message")
 
     earlier = notebook_tqdm(total=3, desc="a bar from before the step")  # not the step's: left as it is
     with pytest.raises(StepFailed):
         Step().run()
-    stale, finished = bars
-    assert stale.disable and stale.container.layout.display == "none"  # closed and hidden
+    stale, finished, stopped = bars
+    assert stopped.n == 3 and stopped.disable  # closed by the exception itself, unfinished
+    for bar in (stale, stopped):
+        assert bar.disable and bar.container.layout.display == "none"  # closed and hidden
     assert finished.container.layout.display != "none"  # a bar that ended at 100% stays, green
     assert not earlier.disable and earlier.container.layout.display != "none"
     assert "the red message" in shown[-1].data
+    assert set(ui.std_tqdm._instances) == {earlier} and type(ui.std_tqdm._instances) is weakref.WeakSet
     earlier.close()

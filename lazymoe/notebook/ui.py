@@ -15,9 +15,12 @@ into a misleading error, and nobody has to read a traceback. Bugs keep their ful
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import html
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,16 +107,48 @@ def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], N
     return folder
 
 
-def _open_bars() -> set:
-    """The progress bars open now (tqdm keeps every live bar in a class-level weak set)."""
-    return set(getattr(std_tqdm, "_instances", ()))
+class _Watched(weakref.WeakSet):
+    """tqdm's registry of live bars (``tqdm._instances``), also noting each bar added to it in ``started``
+    (and in the ``started`` of the watches it sits inside: a step run by another step)."""
+
+    def __init__(self, live, started: weakref.WeakSet) -> None:
+        self.started_sets: list[weakref.WeakSet] = []  # the live bars copied in were not started in the block
+        super().__init__(live)
+        self.started_sets = [*getattr(live, "started_sets", []), started]
+
+    def add(self, item) -> None:
+        for started in self.started_sets:
+            started.add(item)
+        super().add(item)
 
 
-def close_failed_bars(opened_before: set) -> None:
-    """Close the bars a failed step left open, and hide their widgets: a bar stopped at "0/4" or drawn red
-    above the step's red message says nothing the message does not (a loop left by an exception only
-    closes its bar when the loop is garbage-collected, so it would stay grey and unfinished)."""
-    for bar in _open_bars() - opened_before:
+@contextlib.contextmanager
+def _bars_started() -> Iterator[weakref.WeakSet]:
+    """Every progress bar created inside the block. tqdm drops a bar from its registry when it closes, and a
+    loop left by an exception closes its bar at once (red, unfinished), so the registry is watched while the
+    block runs rather than compared before and after."""
+    started: weakref.WeakSet = weakref.WeakSet()
+    with std_tqdm.get_lock():
+        previous = std_tqdm._instances
+        std_tqdm._instances = _Watched(previous, started)
+    try:
+        yield started
+    finally:
+        with std_tqdm.get_lock():  # back to the registry it replaced, holding the bars live now
+            live = set(std_tqdm._instances)
+            for bar in [b for b in previous if b not in live]:
+                previous.discard(bar)
+            for bar in live - set(previous):
+                previous.add(bar)
+            std_tqdm._instances = previous
+
+
+def close_failed_bars(bars) -> None:
+    """Close the unfinished bars a failed step started and hide their widgets: a bar stopped at "0/4" (grey,
+    never closed) or "3/5" (red) above the step's red message says nothing the message does not."""
+    for bar in list(bars):
+        if bar.total and bar.n >= bar.total:
+            continue  # it finished (green, 100%): what it did still happened
         bar.close()
         container = getattr(bar, "container", None)  # tqdm.notebook's widget row (absent for text bars)
         if container is not None:
@@ -126,16 +161,16 @@ def _step(title: str):
     def wrap(method):
         @functools.wraps(method)
         def run(self: Builder, *args, **kwargs):
-            bars = _open_bars()
-            try:
-                return method(self, *args, **kwargs)
-            except StepFailed:
-                close_failed_bars(bars)
-                raise
-            except LazyMoEError as err:
-                close_failed_bars(bars)
-                self._show(_html(error_html(worded(err, form_words))))  # the form's words for any setting
-                raise StepFailed(title, str(err)) from None
+            with _bars_started() as bars:
+                try:
+                    return method(self, *args, **kwargs)
+                except StepFailed:
+                    close_failed_bars(bars)
+                    raise
+                except LazyMoEError as err:
+                    close_failed_bars(bars)
+                    self._show(_html(error_html(worded(err, form_words))))  # the form's words for any setting
+                    raise StepFailed(title, str(err)) from None
 
         return run
 
