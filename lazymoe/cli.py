@@ -19,7 +19,8 @@ from typing import Literal, get_args, get_origin
 
 from ._version import __version__
 from .config import load_config
-from .errors import ConfigError, GGUFError, LazyMoEError, ModelNotFoundError, OutputExistsError, Setting, Words, python_words, worded
+from .errors import (ConfigError, GGUFError, LazyMoEError, ModelNotFoundError, OutputExistsError, Setting, Words,
+                     python_words, worded)
 from .gguf.files import find_gguf_files
 from .gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES, parse_quants
 from .io.folder import CONFIG_FILENAME, write_text_atomic

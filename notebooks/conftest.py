@@ -4,8 +4,8 @@ way, see ``testpaths`` and ``addopts`` in pyproject.toml).
 
 nbval starts each notebook's kernel in the notebook's own folder, and the notebooks write next to
 themselves (the demo models, the merged model, the form's saved YAML). Here the kernel starts offline, with
-this checkout's lazymoe importable, its IPython state in a temporary folder, and moves into that folder before the first cell runs, so a test
-run never writes into the checkout.
+this checkout's lazymoe importable and its IPython state in a temporary folder, and moves into that folder
+before the first cell runs, so a test run never writes into the checkout.
 """
 
 from __future__ import annotations

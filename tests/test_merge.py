@@ -297,7 +297,8 @@ def test_asking_for_cuda_without_a_gpu_names_the_fix(tiny_world, tmp_path):
     from lazymoe.errors import ConfigError
 
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
-    with pytest.raises(ConfigError, match="your device= argument asks for cuda but this machine has no CUDA GPU; pass device='cpu'"):
+    with pytest.raises(ConfigError, match="your device= argument asks for cuda but this machine has no CUDA GPU; "
+                                          "pass device='cpu'"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False, device="cuda")
 
 

@@ -109,8 +109,8 @@ def run_benchmarks(model_dir: str | os.PathLike, tasks: str | list[str] | None =
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         include = Setting("include_path", ...)
-        raise ConfigError(Text(f"lm_eval has no task {unknown[0]!r}; see `lm_eval --tasks list`, or {include.placeholder} "
-                               "(a folder with your own task YAML).", (include,)))
+        raise ConfigError(Text(f"lm_eval has no task {unknown[0]!r}; see `lm_eval --tasks list`, or "
+                               f"{include.placeholder} (a folder with your own task YAML).", (include,)))
     recipe = load_config(folder / CONFIG_FILENAME)
     labels = expert_labels([e.source_model for e in recipe.experts])
     models: list[tuple[str, str]] = [("MoE", "")]

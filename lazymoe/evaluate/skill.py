@@ -213,9 +213,9 @@ class Sources:
             return cached
         if not self.download:
             download = Setting("download", True)
-            raise ModelNotFoundError(Text(f"{ref} is not in the local Hugging Face cache (a low-disk merge deletes what "
-                                          f"it downloaded): {download.placeholder} to fetch it for the evaluation",
-                                          (download,)))
+            raise ModelNotFoundError(Text(
+                f"{ref} is not in the local Hugging Face cache (a low-disk merge deletes what it downloaded): "
+                f"{download.placeholder} to fetch it for the evaluation", (download,)))
         before = _weight_files(cached) if cached is not None else set()
         try:
             folder = Path(snapshot_download(parsed.repo_id, revision=parsed.revision, allow_patterns=patterns))

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from .folder import CONFIG_FILENAME
-from ..errors import InsufficientResourcesError, OutputBusyError, OutputExistsError, OutputNotWritableError, Setting, Text
+from ..errors import (InsufficientResourcesError, OutputBusyError, OutputExistsError, OutputNotWritableError, Setting,
+                      Text)
 
 try:  # POSIX; elsewhere merges into one folder are not guarded against each other
     import fcntl

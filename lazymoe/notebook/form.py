@@ -127,8 +127,9 @@ class MoEForm:
             return w.HTML(f"<b style='font-size:1.05em'>{title}</b>")
 
         # what every expert field means, once for all experts (the same words as each field's tooltip)
-        names = {"source_model": "Model", "positive_prompts": "Positive prompts", "negative_prompts": "Negative prompts",
-                 "calibration_text": "Calibration text", "noise_scale": "Noise scale", "residual_scale": "Residual scale"}
+        names = {"source_model": "Model", "positive_prompts": "Positive prompts",
+                 "negative_prompts": "Negative prompts", "calibration_text": "Calibration text",
+                 "noise_scale": "Noise scale", "residual_scale": "Residual scale"}
         experts_help = w.HTML("<div class='lazymoe-help' style='color:#666;font-size:12px;line-height:1.4;"
                               "white-space:normal;margin:0 0 4px 0'>" +
                               "<br>".join(f"<b>{label}</b>: {html.escape(EXPERT_HELP[key])}"

@@ -327,7 +327,8 @@ class Builder:
         quants = settings.quants if settings.gguf else ()
         self._show(_html(plan_html(plan, runtime, gguf_quants=quants, ahead=ahead)))
         short = shortages(resource_needs(plan, runtime, gguf_quants=quants))
-        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {worded(c.message, form_words)}" for c in blocking(ahead)]
+        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {worded(c.message, form_words)}"
+                                                               for c in blocking(ahead)]
         if problems:
             self._plan_key = None  # a blocked plan never lets the merge start
             raise StepFailed("Plan", "; ".join(problems))
@@ -352,7 +353,8 @@ class Builder:
             ahead = self._check_ahead(settings, probe(self.output_dir.parent))
             if blocking(ahead):
                 self._show(_html(checks_html(ahead)))
-                raise StepFailed("Merge", "; ".join(f"{c.step}: {worded(c.message, form_words)}" for c in blocking(ahead)))
+                raise StepFailed("Merge", "; ".join(f"{c.step}: {worded(c.message, form_words)}"
+                                                    for c in blocking(ahead)))
         out = merging.merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
                     overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
         self.model_dir, self.gguf_files, self.repo_id = out, [], None

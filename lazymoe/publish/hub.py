@@ -212,7 +212,8 @@ class PushTarget:
 
     def describe(self) -> Text:
         what = "exists and will be updated (an earlier lazymoe upload)" if self.exists else "is free: it will be created"
-        return Text.join([f"{self.repo_id} {what}; token from ", self.token_source, f" (user {self.user!r}) may write there"])
+        return Text.join([f"{self.repo_id} {what}; token from ", self.token_source,
+                          f" (user {self.user!r}) may write there"])
 
 
 def check_push_target(
