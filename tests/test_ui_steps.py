@@ -262,6 +262,8 @@ def test_a_failed_step_hides_the_progress_bar_it_left_open():
         def headers(self):
             bar = notebook_tqdm(range(5), desc="Reading model headers")
             bars.append(bar)
+            # what tqdm's monitor thread does with the registry while a step watches it
+            assert bar in ui.std_tqdm._instances.copy() and earlier in ui.std_tqdm._instances.copy()
             for i in bar:  # the exception closes this one at once, red at 3/5
                 if i == 3:
                     raise ConfigError("the red message")

@@ -111,10 +111,11 @@ class _Watched(weakref.WeakSet):
     """tqdm's registry of live bars (``tqdm._instances``), also noting each bar added to it in ``started``
     (and in the ``started`` of the watches it sits inside: a step run by another step)."""
 
-    def __init__(self, live, started: weakref.WeakSet) -> None:
+    def __init__(self, live=(), started: weakref.WeakSet | None = None) -> None:
         self.started_sets: list[weakref.WeakSet] = []  # the live bars copied in were not started in the block
         super().__init__(live)
-        self.started_sets = [*getattr(live, "started_sets", []), started]
+        # ``copy()`` (tqdm's monitor thread calls it) builds one from a watch alone: it keeps that watch's sets
+        self.started_sets = [*getattr(live, "started_sets", []), *([started] if started is not None else [])]
 
     def add(self, item) -> None:
         for started in self.started_sets:
