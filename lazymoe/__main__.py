@@ -1,4 +1,4 @@
-"""``python -m lazymoe``: the command line (see ``cli.py``)."""
+"""``python -m lazymoe``: the command line (see ``cli``)."""
 
 import sys
 

@@ -7,6 +7,7 @@ optional and documented in the README (``seed``, ``allow_all_same_experts``).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import random as _random
 import re
@@ -219,10 +220,15 @@ class MoEConfig(_Strict):
             seen.setdefault(expert.source_model, None)
         return list(seen)
 
-    def with_seed(self) -> "MoEConfig":
-        """A copy whose randomness is pinned, so the saved config reproduces the merge exactly."""
+    def with_seed(self, *, from_recipe: bool = False) -> "MoEConfig":
+        """A copy whose randomness is pinned, so the saved config reproduces the merge exactly. The seed is
+        random, or with ``from_recipe`` derived from the recipe itself: the same recipe then builds the same
+        bytes every time (a re-run of an interrupted upload finds its shards on the Hub by their hash)."""
         if self.seed is not None:
             return self
+        if from_recipe:
+            digest = hashlib.sha256(self.to_yaml().encode("utf-8")).digest()
+            return self.model_copy(update={"seed": int.from_bytes(digest[:4], "big") % 2**31})
         return self.model_copy(update={"seed": _random.SystemRandom().randrange(2**31)})
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from .errors import ConfigError
 from .gguf.quants import DEFAULT_QUANTS, QUANT_TYPES
+from .io.hub_ids import MAX_HUB_NAME_CHARS
 from .moe.arch import Layout
 from .units import parse_bytes
 
@@ -22,6 +23,8 @@ DEFAULT_MAX_SHARD_BYTES = parse_bytes(DEFAULT_MAX_SHARD)
 DEFAULT_EVAL_MAX_TEXTS = 16
 DEFAULT_EVAL_MAX_TOKENS = 256  # BOS included
 DEFAULT_EVAL_GENERATE_TOKENS = 64
+#: longest answer to a question asked side by side (lazymoe eval --questions, the notebook's Ask step)
+DEFAULT_ANSWER_TOKENS = 96
 #: lazymoe eval --tasks default: lm-evaluation-harness tasks, and documents per task
 DEFAULT_BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande")
 DEFAULT_BENCHMARK_LIMIT = 100
@@ -29,7 +32,8 @@ DEFAULT_BENCHMARK_LIMIT = 100
 DEFAULT_LICENSE = "apache-2.0"
 
 #: a Hub repo id: ``name`` or ``namespace/name``, each part a letter or digit then letters, digits, ``-_.``
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_PART = rf"[A-Za-z0-9][\w.-]{{0,{MAX_HUB_NAME_CHARS - 1}}}"
+_REPO_ID = re.compile(rf"^(?:{_PART}/)?{_PART}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -40,7 +44,7 @@ def repo_name_problem(name: str) -> str | None:
         return "the name is empty"
     if name.count("/") > 1 or not _REPO_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
         return (f"{name!r} is not a valid repo name: use letters, digits, '-', '_' and '.' (no spaces, no '--' or "
-                "'..', not ending in .git), at most 96 characters, optionally as namespace/name")
+                f"'..', not ending in .git), at most {MAX_HUB_NAME_CHARS} characters a part, optionally as namespace/name")
     return None
 
 
@@ -65,8 +69,8 @@ class MergeOptions(BaseModel):
         json_schema_extra=_cli("--layout"))
     low_disk: bool = Field(
         False,
-        description="write experts one source model at a time and delete each downloaded expert once written "
-                    "(disk: output + two models instead of output + all models)",
+        description="write the base's tensors first, then one source model at a time, deleting each fetched "
+                    "tensor once written (disk: output + the base + one shard instead of output + all fetched)",
         json_schema_extra=_cli("--low-disk"))
     overwrite: bool = Field(
         False, description="replace an earlier lazymoe output in the output folder",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# bench/world.py (the trained test world) is not part of the package: tests import it from bench/
+# bench/worlds.py (the trained test worlds) is not part of the package: tests import it from bench/
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 # Tests never touch the real network or a real token.
@@ -38,8 +38,8 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def trained_world(tmp_path_factory):
-    """bench/world.py's tiny trained world (MLP-only experts): base and expert losses really differ."""
-    from world import TINY_SPEC, build_world
+    """bench/worlds.py's tiny trained world (four domains, MLP-only experts): base and expert losses really differ."""
+    from worlds import TINY_SPEC, build_world
 
     return build_world(tmp_path_factory.mktemp("trained-world"), TINY_SPEC, progress=False)
 

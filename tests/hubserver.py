@@ -4,7 +4,10 @@ It answers the routes huggingface_hub 2.x calls to create a repo and upload a fo
 the NDJSON commit, large files through the git-LFS batch API with signed upload URLs, as S3 does), and the
 routes it calls to download (model info, tree listing, ``resolve`` with HTTP ranges). Repos live
 in memory. Every request is recorded, tokens carry roles, and failures can be injected to simulate a
-network outage in the middle of an upload.
+network outage in the middle of an upload. Byte counters (``downloaded_bytes``: ``resolve`` bodies sent;
+``uploaded_bytes``: LFS uploads and commit bodies received) and an optional bandwidth limit per direction
+(``download_bps``/``upload_bps``, shared by every connection like one network link) let benchmarks measure
+a transfer as a user on a slow link would see it.
 
 Not implemented because nothing in lazymoe needs them: datasets/spaces, pull requests, Xet storage (tests set
 ``HF_HUB_DISABLE_XET`` so the client stays on plain HTTP + LFS), LFS multipart transfers, pagination,
@@ -23,6 +26,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +44,8 @@ LFS_PATTERNS = (
 )  # fmt: skip
 #: The Hub sends any file above 10 MiB through LFS whatever its name.
 DEFAULT_LFS_THRESHOLD_BYTES = 10 * 1024 * 1024
+#: bodies move in slices of this size, each paced by the bandwidth limit
+_SLICE = 256 * 1024
 GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for pattern in LFS_PATTERNS).encode()
 
 RequestKind = Literal[
@@ -161,6 +167,30 @@ class RecordedRequest:
     body_bytes: int
     kind: RequestKind
     status: int | None = None  # None: the server dropped the connection without answering
+    response_bytes: int = 0  # body bytes sent back
+
+    @property
+    def range(self) -> str | None:
+        return self.headers.get("range")
+
+
+class _Throttle:
+    """One direction of a link of ``rate`` bytes/s shared by every connection (None: unlimited)."""
+
+    def __init__(self, rate: float | None):
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()
+
+    def take(self, nbytes: int) -> None:
+        if not self.rate or nbytes <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + nbytes / self.rate
+            wait = self._free_at - now
+        if wait > 0:
+            time.sleep(wait)
 
 
 @dataclass
@@ -210,8 +240,13 @@ class _Context:
 class HubServer:
     """In-memory Hub. Use as a context manager, or ``start()``/``stop()``; ``url`` is its endpoint."""
 
-    def __init__(self, *, lfs_threshold_bytes: int = DEFAULT_LFS_THRESHOLD_BYTES):
+    def __init__(self, *, lfs_threshold_bytes: int = DEFAULT_LFS_THRESHOLD_BYTES, download_bps: float | None = None,
+                 upload_bps: float | None = None):
         self.lfs_threshold_bytes = lfs_threshold_bytes
+        self._down, self._up = _Throttle(download_bps), _Throttle(upload_bps)
+        #: body bytes of ``resolve`` answers sent / of LFS uploads and commits received (what a link carries)
+        self.downloaded_bytes = 0
+        self.uploaded_bytes = 0
         self.tokens: dict[str, TokenInfo] = {}
         self.repos: dict[str, Repo] = {}
         self._requests: list[RecordedRequest] = []
@@ -279,6 +314,15 @@ class HubServer:
         kind_set = frozenset({kinds}) if isinstance(kinds, str) else frozenset(kinds)
         with self._lock:
             self._failures.append(_FailureRule(kind_set, nth, times, mode))
+
+    def set_bandwidth(self, *, download_bps: float | None = None, upload_bps: float | None = None) -> None:
+        """Limit each direction to that many bytes per second (None: unlimited)."""
+        self._down, self._up = _Throttle(download_bps), _Throttle(upload_bps)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.downloaded_bytes = self.uploaded_bytes = 0
+            self._requests.clear()
 
     def clear_failures(self) -> None:
         with self._lock:
@@ -784,6 +828,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         kind, params = _route(method, segments)
         record = RecordedRequest(method, url.path, query, headers, len(body), kind)
+        if kind in ("lfs-upload", "commit"):
+            with self.hub._lock:
+                self.hub.uploaded_bytes += len(body)
         failure = self.hub._record(record)
         if failure == "drop":
             self.close_connection = True  # hang up without a byte: the client sees a dropped connection
@@ -803,7 +850,12 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self.hub.server_errors.append(f"{method} {url.path}: {type(err).__name__}: {err}")
                 response = Response.json({"error": f"test server error: {err}"}, status=500)
         record.status = response.status
-        self._send(response, head_only=method == "HEAD")
+        if method != "HEAD":
+            record.response_bytes = len(response.body)
+            if kind == "resolve":
+                with self.hub._lock:
+                    self.hub.downloaded_bytes += len(response.body)
+        self._send(response, head_only=method == "HEAD", throttle=self.hub._down if kind == "resolve" else None)
 
     def _identity(self, headers: dict[str, str]) -> TokenInfo | None:
         auth = headers.get("authorization")
@@ -824,19 +876,34 @@ class _HubHandler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return b"".join(chunks)
+                self.hub._up.take(size)
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        chunks, left = [], length
+        while left > 0:  # in slices, so that a bandwidth limit paces the upload as a slow link would
+            step = min(left, _SLICE)
+            self.hub._up.take(step)
+            data = self.rfile.read(step)
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        return b"".join(chunks)
 
-    def _send(self, response: Response, *, head_only: bool) -> None:
+    def _send(self, response: Response, *, head_only: bool, throttle: _Throttle | None = None) -> None:
         self.send_response(response.status)
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
-        if not head_only:
-            self.wfile.write(response.body)
+        if head_only:
+            return
+        body = memoryview(response.body)
+        for start in range(0, len(body), _SLICE):
+            if throttle is not None:
+                throttle.take(min(_SLICE, len(body) - start))
+            self.wfile.write(body[start : start + _SLICE])
 
 
 # ----------------------------------------------------------------- accounts the `hub` fixture knows

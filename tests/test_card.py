@@ -29,7 +29,7 @@ from lazymoe.errors import ModelNotFoundError
 from lazymoe.io.safetensors import TensorInfo
 from lazymoe.io.sources import ModelInfo, ModelRef
 from lazymoe.moe.plan import build_plan
-from lazymoe.publish import card, render
+from lazymoe.publish import card, gguf_card, render
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +205,8 @@ def test_golden_local_random_card(local_card):
 
 
 def test_golden_gguf_card():
-    data = card.gguf_card_data(BEYONDER_GGUF, base_repo_id="mlabonne/Beyonder-4x7B-v3")
-    assert_golden("gguf_card_beyonder.md", card.render_gguf_card(data))
+    data = gguf_card.gguf_card_data(BEYONDER_GGUF, base_repo_id="mlabonne/Beyonder-4x7B-v3")
+    assert_golden("gguf_card_beyonder.md", render.render_gguf_card(data))
 
 
 # ------------------------------------------------------------------------------------------- front matter
@@ -246,7 +246,7 @@ def test_all_local_sources_leave_base_model_out(tmp_path):
 
 
 def test_gguf_card_front_matter():
-    text = card.render_gguf_card(card.gguf_card_data(BEYONDER_GGUF, base_repo_id="me/Moe", license="llama3"))
+    text = render.render_gguf_card(gguf_card.gguf_card_data(BEYONDER_GGUF, base_repo_id="me/Moe", license="llama3"))
     meta = front_matter(text)
     assert meta["base_model"] == "me/Moe" and meta["base_model_relation"] == "quantized"
     assert meta["license"] == "llama3" and "gguf" in meta["tags"]
@@ -325,7 +325,7 @@ def test_model_name_comes_from_the_final_folder_name(local_card):
 
 
 def test_gguf_card_usage():
-    text = card.render_gguf_card(card.gguf_card_data(BEYONDER_GGUF, base_repo_id="me/Moe"))
+    text = render.render_gguf_card(gguf_card.gguf_card_data(BEYONDER_GGUF, base_repo_id="me/Moe"))
     usage = section(text, "Usage")
     assert code_blocks(usage, "bash") == ["llama-cli -hf me/Moe-GGUF:Q4_K_M"]
     (snippet,) = code_blocks(usage, "python")
@@ -372,10 +372,10 @@ def test_a_missing_field_fails_the_render(tmp_path, path):
 
 
 def test_a_missing_gguf_field_fails_the_render():
-    data = card.gguf_card_data(BEYONDER_GGUF, base_repo_id="me/Moe")
+    data = gguf_card.gguf_card_data(BEYONDER_GGUF, base_repo_id="me/Moe")
     del data["files"][0]["size"]
     with pytest.raises(jinja2.UndefinedError, match="size"):
-        card.render_gguf_card(data)
+        render.render_gguf_card(data)
 
 
 @pytest.mark.parametrize(
@@ -396,9 +396,9 @@ def test_bad_options_are_refused_with_the_fix(beyonder_folder, kwargs, message):
 
 def test_gguf_card_needs_a_hub_id_and_files():
     with pytest.raises(card.CardError, match="namespace/name"):
-        card.gguf_card_data(BEYONDER_GGUF, base_repo_id="local-folder")
+        gguf_card.gguf_card_data(BEYONDER_GGUF, base_repo_id="local-folder")
     with pytest.raises(card.CardError, match="at least one"):
-        card.gguf_card_data([], base_repo_id="me/Moe")
+        gguf_card.gguf_card_data([], base_repo_id="me/Moe")
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ weights exist), presented as Hub models whose weights are not downloaded yet, as
 from __future__ import annotations
 
 import dataclasses
+import html
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -20,14 +22,16 @@ from test_plan import MISTRAL_7B, header_only_model
 
 from lazymoe import cli
 from lazymoe.notebook import recipe as ui_recipe
-from lazymoe.notebook import runtime as ui_runtime
 from lazymoe.notebook import ui
+from lazymoe.notebook.form import MoEForm
 from lazymoe.colab import CONTENT_DIR, has_user_secrets, in_colab, read_secret
 from lazymoe.errors import ConfigError, HubError
 from lazymoe.publish.hub import push_to_hub, resolve_token
 from lazymoe.notebook.presets import load_preset
 from lazymoe.io.sources import ModelInfo, ModelRef, describe
-from lazymoe.notebook.runtime import FREE_COLAB, Runtime, fit_lines, probe
+from lazymoe.runtime import machine
+from lazymoe.runtime.fit import fit
+from lazymoe.runtime.machine import FREE_COLAB, Runtime, probe
 
 merge = importlib.import_module("lazymoe.pipeline.merge")  # the module (lazymoe.merge is the function)
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,27 +142,96 @@ def beyonder_on_the_hub(monkeypatch, tmp_path, tiny_world):
     return path
 
 
-def test_beyonder_does_not_fit_free_colab_unless_low_disk(beyonder_on_the_hub):
+def test_beyonder_fits_free_colab_since_only_the_bytes_it_reads_are_fetched(beyonder_on_the_hub):
     plan = merge.make_plan(beyonder_on_the_hub, progress=False)
     assert round(plan.total_params / 1e9, 2) == 24.15 and plan.output_bytes == 2 * plan.total_params
-    assert plan.download_bytes == 4 * 2 * 7_241_732_096  # four distinct Mistral-7B models in bf16
-    ((line,),) = [fit_lines(plan, [("Free Colab", FREE_COLAB)])]
-    assert line == ("Free Colab: does NOT fit (Disk: merge needs 106.3 GB, has 100.0 GB). "
-                    "pass low_disk=True and the disk needed is 77.3 GB")
+    # the base whole (it is expert 0 too), and the three other experts' MLPs, in bf16: not 4 x 7.24B parameters
+    mlp = 32 * 3 * 4096 * 14336 * 2
+    assert plan.download_bytes == 2 * 7_241_732_096 + 3 * mlp == 48_306_331_648
+    line = str(fit(plan, "Free Colab", FREE_COLAB))
+    assert line.startswith("Free Colab: fits (Disk: merge 96.7 GB of 100.0 GB; ")
 
     low = merge.make_plan(beyonder_on_the_hub, low_disk=True, progress=False)
-    ((line,),) = [fit_lines(low, [("Free Colab", FREE_COLAB)])]
-    assert line.startswith("Free Colab: fits (Disk: merge 77.3 GB of 100.0 GB; RAM: merge (peak) ")
+    line = str(fit(low, "Free Colab", FREE_COLAB))
+    # output + what the router pass reads of the base + one shard of ranges fetched ahead
+    assert line.startswith("Free Colab: fits (Disk: merge 64.2 GB of 100.0 GB; RAM: merge (peak) ")
     assert "GPU memory: router pass 698.4 MB of 16.1 GB" in line
+
+
+def test_an_8x7b_fits_free_colab_only_when_each_shard_is_uploaded_and_deleted(monkeypatch, tmp_path, tiny_world):
+    """The README's 8x7B figures: eight distinct Mistral-7B models on the Hub (headers only), the first as base."""
+    preset = load_preset(BEYONDER).config
+    refs = [f"org/mistral-7b-ft{i}" for i in range(8)]
+    infos = {}
+    for ref in refs:
+        local = describe(ModelRef.parse(str(header_only_model(tmp_path / ref.replace("/", "--"), MISTRAL_7B,
+                                                              tokenizer=tiny_world["tokenizer"]))))
+        snapshot = tmp_path / "hub-cache" / ref / ("0" * 40)
+        tensors = {n: dataclasses.replace(t, file=snapshot / "model.safetensors") for n, t in local.tensors.items()}
+        infos[ref] = ModelInfo(ModelRef.parse(ref), local.config, tensors, local.folder, local.weight_bytes)
+    monkeypatch.setattr(merge, "describe", lambda ref: infos[str(ref)])
+    experts = [{**preset["experts"][i % 4], "source_model": ref} for i, ref in enumerate(refs)]
+    config = {**preset, "base_model": refs[0], "experts": experts}
+    plan = merge.make_plan(config, progress=False)
+    low = merge.make_plan(config, low_disk=True, progress=False)
+    disk = FREE_COLAB.disk_free
+    assert round(plan.output_bytes / 1e9, 1) == 93.4 and plan.download_bytes == plan.output_bytes - 32 * 8 * 4096 * 2
+    assert plan.disk_bytes > disk and low.disk_bytes > disk  # 186.9 GB and 109.3 GB: merging to disk cannot fit
+    streamed = plan.streamed_disk_bytes(merge.STREAMED_SHARDS_ON_DISK)
+    assert round(streamed / 1e9, 1) == 21.8 and streamed < disk / 4
+    assert plan.peak_ram_bytes < FREE_COLAB.ram_available / 8
 
 
 def test_cli_plan_gives_the_verdict_for_free_colab_and_for_this_runtime(beyonder_on_the_hub, monkeypatch, capsys):
     big = Runtime(in_colab=True, python="3.12", disk_path=Path("/content"), disk_free=235 * 1000**3,
                   ram_available=80 * 1000**3, ram_total=85 * 1000**3, gpu_name="NVIDIA A100-SXM4-40GB",
                   vram_free=40 * 1000**3, vram_total=40 * 1000**3, bf16=True)
-    monkeypatch.setattr(ui_runtime, "probe", lambda path=".": big)
+    monkeypatch.setattr(machine, "probe", lambda path=".": big)
     assert cli.main(["-q", "plan", str(beyonder_on_the_hub)]) == 0
     out = capsys.readouterr().out
     fits = out[out.index("\nFits?\n"):].splitlines()[2:]
-    assert fits[0].startswith("  Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): does NOT fit (Disk: merge needs 106.3 GB")
-    assert fits[1].startswith("  This runtime (Colab): fits (Disk: merge 106.3 GB of 235.0 GB;")
+    assert fits[0].startswith("  Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): fits (Disk: merge 96.7 GB of 100.0 GB")
+    assert fits[1].startswith("  This runtime (Colab): fits (Disk: merge 96.7 GB of 235.0 GB;")
+
+
+
+def _verdicts_shown(markup: str) -> list[str]:
+    """The lines under the Plan step's "Fits?" heading, as the user reads them (marks and tags dropped)."""
+    section = markup.split('class="lazymoe-fits"', 1)[1].split("</div></div>", 1)[0]
+    text = html.unescape(re.sub(r"<[^>]+>", "\n", section))
+    return [line.strip()[2:] for line in text.splitlines() if line.strip()[:1] in ("✔", "⚠")]
+
+
+def test_notebook_plan_shows_the_free_colab_verdict_beside_this_runtimes(beyonder_on_the_hub, monkeypatch, tmp_path):
+    """The Plan step of the Beyonder notebook: the same two verdicts as ``lazymoe plan``; where the disk is short,
+    the low-disk hint names the form's switch instead of the CLI flag."""
+    def runtime(disk_gb: int) -> Runtime:
+        return Runtime(in_colab=True, python="3.12", disk_path=tmp_path, disk_free=disk_gb * 1000**3,
+                       ram_available=80 * 1000**3, ram_total=85 * 1000**3, gpu_name="NVIDIA A100-SXM4-40GB",
+                       vram_free=40 * 1000**3, vram_total=40 * 1000**3, bf16=True)
+
+    here = runtime(235)
+    monkeypatch.setattr(ui, "probe", lambda path=".": here)
+    shown = []
+    builder = ui.Builder(MoEForm(BEYONDER.read_text()), workdir=tmp_path, show=shown.append)
+    builder.form.upload.value = False  # no token here; the upload's own checks are tested elsewhere
+    assert builder.form.low_disk.value is True  # as the preset ships it
+    builder.plan()
+    free, mine = _verdicts_shown(shown[-1].data)
+    assert free.startswith("Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): fits (Disk: merge 64.2 GB of 100.0 GB;")
+    assert "GPU memory: router pass 698.4 MB of 16.1 GB" in free
+    assert mine.startswith("This runtime (Colab): fits (Disk: merge 64.2 GB of 235.0 GB;")
+
+    builder.form.low_disk.value = False  # every fetched byte kept until the end
+    builder.plan()
+    free, mine = _verdicts_shown(shown[-1].data)
+    assert free.startswith("Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): fits (Disk: merge 96.7 GB of 100.0 GB;")
+    assert mine.startswith("This runtime (Colab): fits (Disk: merge 96.7 GB of 235.0 GB;")
+
+    here = runtime(80)  # a runtime with less disk than free Colab: the plan is blocked, both verdicts still shown
+    with pytest.raises(ui.StepFailed):
+        builder.plan()
+    free, mine = _verdicts_shown(shown[-1].data)
+    assert free.startswith("Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): fits (Disk: merge 96.7 GB of 100.0 GB;")
+    assert mine == ("This runtime (Colab): does NOT fit (Disk: merge needs 96.7 GB, has 80.0 GB). "
+                    "With Low-disk mode (Advanced) the disk needed is 64.2 GB")

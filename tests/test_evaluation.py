@@ -110,20 +110,21 @@ def test_identical_experts_give_equal_losses_and_no_gain_to_keep(tiny_world, tmp
 
 def test_retention_maths_on_a_trained_world(trained_world, tmp_path):
     """Base, expert and MoE losses differ on a trained world; each equals lm_loss of the full model."""
-    from world import DOMAINS, heldout_batch, lm_loss
+    from worlds import heldout_batch, lm_loss  # the loss over real tokens after BOS, as the evaluation counts it
 
     world = trained_world
-    folder = lazymoe.merge(world.recipe("mlp", gate_mode="classifier", seed=3), tmp_path / "world-moe", progress=False)
+    folder = lazymoe.merge(world.recipe("mlp", "words", gate_mode="classifier", seed=3), tmp_path / "world-moe",
+                           progress=False)
     seq_len = world.spec.seq_len
-    report = evaluation.evaluate(folder, texts={i: world.heldout[d] for i, d in enumerate(DOMAINS)},
+    domains = world.spec.domains
+    report = evaluation.evaluate(folder, texts={i: world.heldout[d] for i, d in enumerate(domains)},
                                  max_tokens=seq_len, max_texts=100, progress=False)
     tok = AutoTokenizer.from_pretrained(str(world.tokenizer))
     load = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()  # noqa: E731
     base, moe_model = load(world.base), load(folder)
-    for i, d in enumerate(DOMAINS):
+    for i, d in enumerate(domains):
         batch = heldout_batch(tok, world.heldout[d], seq_len)
-        expected = (lm_loss(base, *batch, after_bos=True), lm_loss(load(world.experts["mlp"][d]), *batch, after_bos=True),
-                    lm_loss(moe_model, *batch, after_bos=True))
+        expected = (lm_loss(base, *batch), lm_loss(load(world.experts["mlp"][d]), *batch), lm_loss(moe_model, *batch))
         row = report.experts[i]
         assert (row.loss_base, row.loss_expert, row.loss_moe) == pytest.approx(expected, abs=2e-5)
         assert row.loss_base - row.loss_expert > 0.05, "the trained expert really gains on its domain"

@@ -26,7 +26,8 @@ from lazymoe.gguf.converter import _extract_converter, ensure_converter
 from lazymoe.errors import GGUFError
 from helpers import iter_test_strings
 
-from lazymoe.cli import build_parser, cmd_chat
+from lazymoe.cli import build_parser
+from lazymoe.cli.publish_commands import cmd_chat
 from lazymoe.gguf.convert import convert_to_gguf, parse_quants, quantize_gguf
 from lazymoe.gguf.llama import chat, expert_prompts, open_gguf
 

@@ -258,10 +258,14 @@ def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkey
     assert "low_disk" not in str(caught.value), "local models: nothing is downloaded, low-disk mode cannot help"
 
 
-def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tmp_path):
+def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tmp_path, monkeypatch):
     import dataclasses
 
+    from lazymoe.moe import plan as planning
     from lazymoe.pipeline.merge import _low_disk_hint
+
+    # models bigger than the fetch window, at this scale: low-disk mode keeps one window of ranges, not all
+    monkeypatch.setattr(planning, "FETCH_WINDOW_MIN", 0)
 
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
     local = lazymoe.make_plan(cfg, progress=False)
@@ -270,7 +274,8 @@ def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tm
     remote = {ref: dataclasses.replace(info, ref=ModelRef(ref, repo_id=f"org/m{i}"), tensors={
         n: dataclasses.replace(t, file=tmp_path / "not-downloaded") for n, t in info.tensors.items()})
         for i, (ref, info) in enumerate(local.models.items())}
-    hub = dataclasses.replace(local, models=remote, download_bytes=sum(m.weight_bytes for m in remote.values()))
+    hub = dataclasses.replace(local, models=remote, download_bytes=sum(m.weight_bytes for m in remote.values()),
+                              max_shard_bytes=10_000)
     assert str(_low_disk_hint(hub)) == ", or pass low_disk=True (low-disk mode)"
     assert _low_disk_hint(dataclasses.replace(hub, low_disk=True)) == ""
 

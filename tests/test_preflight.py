@@ -106,6 +106,31 @@ def test_valid_names_pass_the_name_rule():
         assert repo_name_problem(name) is None
 
 
+@pytest.mark.parametrize("name", ["me/" + "m" * 96, "me/" + "m" * 97, "n" * 96 + "/m", "n" * 97 + "/m", "m" * 96,
+                                  "m" * 97])
+def test_the_length_limit_is_the_hubs_for_a_name_and_for_a_model_reference(name):
+    """The form/CLI name rule and ``ModelRef.parse`` accept exactly what huggingface_hub's own validator does."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from lazymoe.errors import ModelNotFoundError
+    from lazymoe.io.sources import ModelRef
+
+    try:
+        validate_repo_id(name)
+        hub_ok = True
+    except HFValidationError:
+        hub_ok = False
+    assert hub_ok is (max(len(part) for part in name.split("/")) <= 96)  # each part, not the whole id
+    assert (repo_name_problem(name) is None) is hub_ok
+    if "/" in name:
+        try:
+            ModelRef.parse(name)
+            ref_ok = True
+        except ModelNotFoundError:
+            ref_ok = False
+        assert ref_ok is hub_ok
+
+
 def test_someone_elses_repo_and_foreign_namespace_are_refused(hub, tmp_path):
     push_to_hub(write_model_folder(tmp_path / "m"), "tiny-moe", token=BOB_WRITE_TOKEN, progress=False)
     before = len(hub.requests)
@@ -218,11 +243,16 @@ def test_cli_plan_with_push_and_no_token_fails_in_seconds_before_any_model_is_re
     assert hub.requests_of("create-repo") == []
 
     monkeypatch.setenv("HF_TOKEN", ALICE_WRITE_TOKEN)
-    assert cli.main(["plan", str(recipe), "--push", "tiny-moe", "--gguf", "Q8_0", "-q",
-                     "--output-dir", str(tmp_path / "out")]) == 0
-    out, _ = capsys.readouterr()
+    code = cli.main(["plan", str(recipe), "--push", "tiny-moe", "--gguf", "Q8_0", "-q",
+                     "--output-dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
     assert "✔ Upload: alice/tiny-moe is free: it will be created" in out
     assert "✔ GGUF: disk: merge" in out
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert code == 0
+    else:  # an install without llama-cpp-python (e.g. the Python 3.12/3.13 runs of tools/pythons.sh): the one ✖
+        assert code == 2 and "✖ GGUF: GGUF is ticked, but GGUF conversion, quantisation and chat needs " \
+                             "llama-cpp-python, which is not installed" in out and "1 problem(s)" in err
     assert_nothing_written(hub)
 
 

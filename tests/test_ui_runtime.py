@@ -8,21 +8,13 @@ from types import SimpleNamespace
 import pytest
 
 from lazymoe.errors import GGUFError
-from lazymoe.notebook.runtime import (
-    Raw,
-    Runtime,
-    error_html,
-    estimate_gguf_bytes,
-    in_colab,
-    install_llama_cpp,
-    needs_html,
-    notice_html,
-    probe,
-    read_meminfo,
-    resource_needs,
-    table_html,
-)  # fmt: skip
-from lazymoe.notebook.trial import choose_loading
+from lazymoe.colab import in_colab
+from lazymoe.gguf.quants import estimate_gguf_bytes
+from lazymoe.notebook.html import Raw, error_html, needs_html, notice_html, table_html
+from lazymoe.runtime.fit import resource_needs
+from lazymoe.runtime.install import install_llama_cpp
+from lazymoe.runtime.load import choose_loading
+from lazymoe.runtime.machine import Runtime, probe, read_meminfo
 
 GB = 1000**3
 
@@ -150,3 +142,25 @@ def test_a_failed_llama_cpp_build_shows_pips_own_error(no_llama_cpp, monkeypatch
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: out)
     with pytest.raises(GGUFError, match="failed \\(pip exit status 1\\):\n...\nCMake Error: CUDA compiler not found"):
         install_llama_cpp(runtime(colab=True), print, version="0.3.36")
+
+
+def test_the_setup_command_reads_the_llama_cpp_pin_and_flags_from_the_package_before_anything_is_installed():
+    """README and .ci/run run ``python -m lazymoe.gguf.install`` in a fresh clone: with no site-packages at all
+    (``-S``) it prints what pip installs and the CMAKE_ARGS, the same ones the Colab build and the hints use."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def ask(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-S", "-m", "lazymoe.gguf.install", *flags], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+
+    assert ask().stdout == "llama-cpp-python==0.3.36\n"
+    assert ask("--cmake-args").stdout == "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF\n"
+    assert ask("--cmake-args", "--cuda").stdout == "-DGGML_CUDA=on -DLLAVA_BUILD=OFF\n"
+    wrong = ask("--version")
+    assert wrong.returncode == 2 and wrong.stdout == "" and wrong.stderr.startswith("usage: python -m lazymoe.gguf.install")
+    for name in ("README.md", ".ci/run"):  # the setup command installs what the module prints, nothing pinned by hand
+        text = (root / name).read_text()
+        assert 'pip install "$(python -m lazymoe.gguf.install)"' in text and "llama-cpp-python==" not in text

@@ -32,20 +32,24 @@ for v in "${versions[@]}"; do
     t0=$(date +%s)
     "$vpy" -m pip install -q --disable-pip-version-check torch==2.13.0 >"$log" 2>&1
     t1=$(date +%s)
-    # the package as a user installs it (not editable), with its extras, plus the test tools
-    "$vpy" -m pip install -q --disable-pip-version-check "$snap[notebook,plot]" "pytest>=8" "nbclient>=0.10" \
-        "nbformat>=5.10" "ipykernel>=6.29" >>"$log" 2>&1
+    echo "pythons.sh: torch installed in $((t1 - t0)) s" >>"$log"
+    # the package as a user installs it (not editable), with its extras, plus the test tools: requirements.txt's
+    # lines but torch (installed above) and the editable lazymoe
+    mapfile -t tools < <(grep -vE '^\s*(#|$|-e |torch[=<> ])' "$snap/requirements.txt")
+    "$vpy" -m pip install -q --disable-pip-version-check "$snap[notebook,plot]" "${tools[@]}" >>"$log" 2>&1
     t2=$(date +%s)
+    echo "pythons.sh: lazymoe and the test tools installed in $((t2 - t1)) s" >>"$log"
     venv_mb=$(du -sm "$venv" | cut -f1)
     # the installed copy imports from outside the source tree, templates included
-    (cd / && "$vpy" -c "import lazymoe.ui, lazymoe.card, lazymoe.cli; print(lazymoe.__file__)") >>"$log" 2>&1
+    (cd / && "$vpy" -c "import lazymoe.notebook.ui, lazymoe.publish.card, lazymoe.cli; print(lazymoe.__file__)") >>"$log" 2>&1
     versions_line=$("$vpy" -c "import sys, torch, transformers, ipywidgets; print(f'Python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, ipywidgets {ipywidgets.__version__}')")
     set +e
     (cd "$snap" && "$vpy" -m pytest "${FAST[@]}") >>"$log" 2>&1
     rc=$?
     set -e
     t3=$(date +%s)
-    summary=$(grep -E "[0-9]+ (passed|failed).* in " "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    # the last summary line (a collection error has no "passed"): never a reason to stop before the row is written
+    summary=$(grep -E "[0-9]+ (passed|failed|errors?).* in " "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//' || true)
     rows+=("| $v | $versions_line | $((t1 - t0)) s + $((t2 - t1)) s | ${venv_mb} MB | $summary, $((t3 - t2)) s (exit $rc) |")
     echo "${rows[-1]}"
 done

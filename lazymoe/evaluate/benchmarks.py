@@ -15,15 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import CONFIG_FILENAME, require_lazymoe_output
 from ..config import load_config
 from ..options import DEFAULT_BENCHMARK_LIMIT, DEFAULT_BENCHMARK_TASKS
 from ..errors import ConfigError, LazyMoEError, Setting, Text
 from ..publish.eval_report import BENCHMARKS_JSON, BENCHMARKS_SCHEMA
 from .skill import Sources
 from ..router.routing import expert_labels
-from ..notebook.runtime import probe
-from ..notebook.trial import choose_loading, free_memory, load_merged, stored_dtype
+from ..runtime.machine import probe
+from ..runtime.load import choose_loading, free_memory, load_merged, stored_dtype
 
 #: small multiple-choice tasks that a free Colab T4 runs in minutes each with the default limit
 DEFAULT_TASKS = DEFAULT_BENCHMARK_TASKS
@@ -91,9 +91,7 @@ def run_benchmarks(model_dir: str | os.PathLike, tasks: str | list[str] | None =
                    include_path: str | os.PathLike | None = None, batch_size: int = 8, download: bool = False,
                    release: bool = False) -> dict[str, Any]:
     """Run ``tasks`` on the merged model (and, per ``compare``, the base and each expert); returns the results."""
-    folder = Path(model_dir)
-    if not (folder / "config.json").is_file() or not (folder / CONFIG_FILENAME).is_file():
-        raise LazyMoEError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge wrote.")
+    folder = require_lazymoe_output(model_dir)
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise ConfigError(Text(f"{_LIMIT.placeholder} must be at least 1 (documents per task).", (_LIMIT,)))

@@ -24,14 +24,15 @@ from typing import Any
 import yaml
 
 from ..publish.render import md_escape
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import CONFIG_FILENAME, require_lazymoe_output
 from ..config import MoEConfig, load_config
+from ..options import DEFAULT_ANSWER_TOKENS
 from ..errors import ConfigError, LazyMoEError
 from ..publish.eval_report import ANSWERS_JSON, ANSWERS_MD, ANSWERS_SCHEMA
 from .skill import Sources
 from ..router.routing import expert_labels
-from ..notebook.runtime import probe
-from ..notebook.trial import choose_loading, encode_chat, free_memory, load_merged, stored_dtype
+from ..runtime.machine import probe
+from ..runtime.load import choose_loading, encode_chat, free_memory, load_merged, stored_dtype
 
 COMPARE_CHOICES = ("moe", "base", "experts")
 _TAG = re.compile(r"^\[(?P<tag>[^\]]+)\]\s*(?P<text>.+)$")
@@ -150,15 +151,13 @@ def _answer_all(folder: Path, prompts: list[str], *, max_new_tokens: int, seed: 
 
 
 def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | None = None, *,
-                     compare: str | tuple[str, ...] = "moe", max_new_tokens: int = 96, seed: int | None = None,
+                     compare: str | tuple[str, ...] = "moe", max_new_tokens: int = DEFAULT_ANSWER_TOKENS, seed: int | None = None,
                      download: bool = False, release: bool = False) -> dict[str, Any]:
     """Answer ``questions`` (default: the recipe's ``eval_questions``) with the MoE and the models in ``compare``.
 
     Source models come from their folders or the local cache; ``download`` fetches missing ones and ``release``
-    deletes what it fetched once that model has answered (see :class:`~lazymoe.evaluation.Sources`)."""
-    folder = Path(model_dir)
-    if not (folder / "config.json").is_file() or not (folder / CONFIG_FILENAME).is_file():
-        raise LazyMoEError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge wrote.")
+    deletes what it fetched once that model has answered (see :class:`~lazymoe.evaluate.skill.Sources`)."""
+    folder = require_lazymoe_output(model_dir)
     recipe = load_config(folder / CONFIG_FILENAME)
     questions = list(questions) if questions is not None else questions_from_config(recipe)
     if not questions:

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from ..config import ExpertConfig, HubTexts, MoEConfig, load_config
 from ..errors import ConfigError, LazyMoEError, ModelNotFoundError, Setting, Text
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import CONFIG_FILENAME, require_lazymoe_output
 from ..io.sources import METADATA_PATTERNS, ModelRef
 from ..moe import arch
-from ..notebook.runtime import probe
-from ..notebook.trial import choose_loading, free_memory, load_merged, stored_dtype
+from ..runtime.machine import probe
+from ..runtime.load import choose_loading, free_memory, load_merged, stored_dtype
 from ..options import DEFAULT_EVAL_GENERATE_TOKENS, DEFAULT_EVAL_MAX_TEXTS, DEFAULT_EVAL_MAX_TOKENS
 from ..publish.card import detected_extras, rerender_card
 from ..publish.eval_report import EVAL_IMAGE, EvalReport, ExpertEval, plot_eval
@@ -396,10 +396,7 @@ def evaluate(
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
-    folder = Path(model_dir)
-    if not (folder / "config.json").is_file() or not (folder / CONFIG_FILENAME).is_file():
-        raise ModelNotFoundError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge "
-                                 "wrote.")
+    folder = require_lazymoe_output(model_dir)
     cfg = json.loads((folder / "config.json").read_text())
     output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)
     if output is None:

@@ -10,14 +10,30 @@ import os
 import shutil
 from pathlib import Path
 
+from ..errors import ModelNotFoundError
+
 #: what the merged folder calls the recipe that built it (written by merge, read by card, gguf and the notebook)
 CONFIG_FILENAME = "lazymoe_config.yml"
 
 
-def is_lazymoe_output(folder: str | os.PathLike) -> bool:
-    """True for a folder a finished ``lazymoe merge`` wrote: its recipe next to config.json."""
+def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -> bool:
+    """True for a folder a finished ``lazymoe merge`` wrote: its recipe next to config.json.
+
+    ``follow_links=False``: a link to such a folder is not one (the output transaction never replaces or
+    deletes through a link)."""
     folder = Path(folder)
-    return (folder / CONFIG_FILENAME).is_file() and (folder / "config.json").is_file()
+    if not follow_links and folder.is_symlink():
+        return False
+    return folder.is_dir() and (folder / CONFIG_FILENAME).is_file() and (folder / "config.json").is_file()
+
+
+def require_lazymoe_output(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path if a finished merge wrote it, else :class:`ModelNotFoundError` saying what to give."""
+    folder = Path(folder)
+    if not is_lazymoe_output(folder):
+        raise ModelNotFoundError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge "
+                                 "wrote.")
+    return folder
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:

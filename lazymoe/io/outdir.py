@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .folder import CONFIG_FILENAME
+from .folder import is_lazymoe_output
 from ..errors import (InsufficientResourcesError, OutputBusyError, OutputExistsError, OutputNotWritableError, Setting,
                       Text)
 
@@ -60,12 +60,6 @@ def final_name(folder_name: str) -> str:
     if folder_name.startswith(".") and ".lazymoe-" in folder_name:
         return folder_name[1:].rsplit(".lazymoe-", 1)[0]
     return folder_name
-
-
-def is_lazymoe_output(folder: Path) -> bool:
-    """A folder a merge finished: its recipe and config.json are there (checked without following a link)."""
-    return (not folder.is_symlink() and folder.is_dir() and (folder / CONFIG_FILENAME).is_file()
-            and (folder / "config.json").is_file())
 
 
 def _present(path: Path) -> bool:
@@ -191,7 +185,7 @@ class OutputTarget:
             if not _present(self.final):
                 self._place(new)
                 logger.warning("restored %s: a merge finished it but was stopped before renaming it", self.final)
-            elif is_lazymoe_output(self.final) and not old.exists():
+            elif is_lazymoe_output(self.final, follow_links=False) and not old.exists():
                 os.replace(self.final, old)  # the stopped merge had approved replacing it
                 self._place(new)
                 logger.warning("finished replacing %s, which a stopped merge had built", self.final)
@@ -232,7 +226,7 @@ class OutputTarget:
         if out.exists() and not out.is_dir():
             raise OutputExistsError(f"{out} exists and is a file; choose another output folder.")
         if _present(out):
-            ours = is_lazymoe_output(out)
+            ours = is_lazymoe_output(out, follow_links=False)
             if not (overwrite and ours):
                 replace = Setting("overwrite", True)
                 hint = (Text(f"{replace.placeholder} to replace it", (replace,)) if ours else

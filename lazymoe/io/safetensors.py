@@ -80,10 +80,21 @@ def read_header(path: Path) -> tuple[dict, int]:
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError("it is not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > _MAX_HEADER:
-            raise ValueError(f"it is not a safetensors file (header length {size})")
+        size = header_length(raw)
         text = f.read(size)
+    return parse_header(text, size), 8 + size
+
+
+def header_length(first8: bytes) -> int:
+    """The header's byte count, from a file's first 8 bytes; ValueError when it cannot be a safetensors file."""
+    (size,) = struct.unpack("<Q", first8)
+    if size > _MAX_HEADER:
+        raise ValueError(f"it is not a safetensors file (header length {size})")
+    return size
+
+
+def parse_header(text: bytes, size: int) -> dict:
+    """The JSON header of ``size`` bytes (``text`` may be short: the file was truncated)."""
     if len(text) != size:
         raise ValueError(f"it is truncated inside its header ({len(text)} of {size} header bytes)")
     try:
@@ -92,7 +103,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise ValueError(f"its header is not valid JSON ({type(err).__name__})") from None
     if not isinstance(header, dict):
         raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
-    return header, 8 + size
+    return header
 
 
 def _bad(name: str, why: str) -> ValueError:
@@ -104,7 +115,12 @@ def scan_file(path: Path) -> dict[str, TensorInfo]:
     offsets inside the file, shape and dtype agreeing with the byte count. Unknown dtypes are kept (a
     tensor lazymoe never reads may have any); whoever reads a tensor checks its dtype is in ST_DTYPES."""
     header, base = read_header(path)
-    file_bytes = os.path.getsize(path)
+    return header_tensors(header, base, os.path.getsize(path), path)
+
+
+def header_tensors(header: dict, base: int, file_bytes: int, path: Path) -> dict[str, TensorInfo]:
+    """The tensors a parsed header describes, checked against the file's size (see ``scan_file``); ``base``
+    is where the data section starts. ``path`` is where the bytes are (or will be) on disk."""
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":

@@ -2,7 +2,8 @@
 
 ``describe()`` reads only config.json, tokenizer files and safetensors headers — on the Hub through
 ranged requests — so a plan and every compatibility check happen before any weight is downloaded.
-``fetch_weights()`` then downloads just what the merge reads.
+``fetch_weights()`` downloads whole weight files (the modes whose experts run as whole models need them);
+``io.fetch`` fetches just the tensors a merge reads.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from concurrent.futures import ThreadPoolExecutor
+
+from huggingface_hub import snapshot_download, try_to_load_from_cache
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from .hub_ids import MAX_HUB_NAME_CHARS
+from .ranges import remote_tensors
 from .safetensors import TensorInfo, scan_file
 from .token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
@@ -27,8 +32,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # "@{", leading or trailing "/" or "."), a length the Hub accepts, and nothing a Markdown link or URL could
 # be broken out with (the card links to it)
 _REVISION = re.compile(r"^(?!.*\.\.)(?!.*@\{)(?!.*//)(?![/.])[A-Za-z0-9._/+-]{1,255}(?<![/.])(?<!\.lock)$")
-#: the Hub's limit on namespace/name (huggingface_hub.utils.validate_repo_id)
-_MAX_HUB_ID = 96
 #: config.json fields the planner reads as positive integers, when present
 _CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
@@ -79,7 +82,8 @@ class ModelRef:
                 raise ModelNotFoundError(f"{text} is a file; a model reference must be a folder or a Hub id.")
             return cls(text, local_path=path.resolve())
         repo, _, revision = text.partition("@")
-        if _HUB_ID.match(repo) and len(repo) <= _MAX_HUB_ID and not text.startswith((".", "/", "~")):
+        short = max(map(len, repo.split("/"))) <= MAX_HUB_NAME_CHARS
+        if _HUB_ID.match(repo) and short and not text.startswith((".", "/", "~")):
             if revision and not _REVISION.match(revision):
                 raise ModelNotFoundError(
                     f"{text!r}: {revision!r} is not a revision the Hub accepts; after '@' give a branch, tag or "
@@ -97,7 +101,10 @@ class ModelRef:
 
 @dataclass
 class ModelInfo:
-    """Everything the planner needs about one model, read without touching weights."""
+    """Everything the planner needs about one model, read without touching weights.
+
+    For a Hub model, ``folder`` is its snapshot at one commit (config and tokenizer files) and each tensor's
+    ``file`` is where the weight file lies once downloaded; ``offset`` is its real place in that file."""
 
     ref: ModelRef
     config: dict
@@ -108,6 +115,11 @@ class ModelInfo:
     @property
     def model_type(self) -> str:
         return str(self.config.get("model_type", "?"))
+
+    @property
+    def commit(self) -> str | None:
+        """The commit hash a Hub model was read at (its snapshot folder's name); None for a local folder."""
+        return self.folder.name if self.ref.repo_id is not None and self.folder is not None else None
 
 
 def read_json(path: Path, what: str, ref: ModelRef | str) -> dict:
@@ -143,7 +155,7 @@ def read_model_config(path: Path, ref: ModelRef | str) -> dict:
     return cfg
 
 
-def _weight_files(folder: Path, ref: ModelRef) -> list[Path]:
+def _weight_files(folder: Path, ref: ModelRef, *, must_exist: bool = True) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
         return sorted(folder.glob("*.safetensors"))
@@ -159,7 +171,7 @@ def _weight_files(folder: Path, ref: ModelRef) -> list[Path]:
                 "the index is damaged or hostile, download the model again."
             )
     files = sorted(folder / f for f in names)
-    missing = [f.name for f in files if not f.is_file()]
+    missing = [f.name for f in files if must_exist and not f.is_file()]
     if missing:
         raise ModelNotFoundError(
             f"{ref}: the index lists {', '.join(missing[:3])} but the file is missing; "
@@ -180,10 +192,6 @@ def _scan_local(folder: Path, ref: ModelRef) -> dict[str, TensorInfo]:
         except (ValueError, OSError) as err:
             raise ModelFormatError(f"{ref}: cannot use {f.name}: {err}. Download the model again.") from None
     return tensors
-
-
-def _hub_api():
-    return HfApi()
 
 
 def _hub_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
@@ -225,17 +233,27 @@ def describe(ref: ModelRef) -> ModelInfo:
         folder = Path(
             snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=METADATA_PATTERNS)
         )
-        meta = _hub_api().get_safetensors_metadata(ref.repo_id, revision=ref.revision)
     except Exception as err:  # huggingface_hub raises many types; translate the ones users meet
         raise _hub_error(ref, err) from err
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{ref.repo_id} has no config.json; is it a transformers model repo?")
-    tensors: dict[str, TensorInfo] = {}
-    for filename, file_meta in meta.files_metadata.items():
-        for name, tmeta in file_meta.tensors.items():
-            start, end = tmeta.data_offsets
-            # offsets are resolved against the real file after download (fetch_weights)
-            tensors[name] = TensorInfo(name, tmeta.dtype, tuple(tmeta.shape), folder / filename, -1, end - start)
+    index = folder / "model.safetensors.index.json"
+    files = [f.name for f in _weight_files(folder, ref, must_exist=False)] if index.is_file() else ["model.safetensors"]
+    commit = folder.name  # the snapshot is named after the commit: every range is read at that commit
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        jobs = {f: pool.submit(remote_tensors, ref.repo_id, commit, f, folder / f) for f in files}
+        tensors: dict[str, TensorInfo] = {}
+        for filename, job in jobs.items():
+            try:
+                tensors.update(job.result())
+            except ValueError as err:
+                raise ModelFormatError(f"{ref}: cannot use {filename}: {err}. Is the repo's upload complete?") from None
+            except Exception as err:
+                if filename == "model.safetensors" and type(err).__name__ == "EntryNotFoundError":
+                    raise ModelNotFoundError(f"{ref.repo_id} has no model.safetensors and no "
+                                             "model.safetensors.index.json: lazymoe reads safetensors weights only."
+                                             ) from None
+                raise _hub_error(ref, err) from err
     return ModelInfo(ref, read_model_config(folder / "config.json", ref), tensors, folder,
                      sum(t.nbytes for t in tensors.values()))
 
@@ -284,6 +302,12 @@ class WeightStore:
 
     def resolve(self, ref: str, name: str) -> TensorInfo:
         return self.local(ref).tensors[name]
+
+    def done(self, step: int) -> None:
+        """The ``RangedWeights`` interface: whole models are released by model (``release``), not by step."""
+
+    def close(self) -> None:
+        """Nothing to stop: whole files are downloaded when first used."""
 
     def release(self, ref: str) -> int:
         """Delete what we downloaded for ``ref``; returns the bytes freed."""

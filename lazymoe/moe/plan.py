@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from ..config import MoEConfig
 from ..errors import ConfigError
+from ..io.fetch import ROUTER_STEP
 from ..io.safetensors import NAME_TO_ST, ST_TO_NAME, TensorInfo, dtype_bytes
 from ..io.sources import ModelInfo
 from ..options import DEFAULT_MAX_SHARD_BYTES
 from ..router.cost import fit_estimate
-from ..router.modes import FITTED_MODES, HIDDEN_MODES, WRITTEN_MODES
+from ..router.modes import BY_NAME, FITTED_MODES, HIDDEN_MODES, WRITTEN_MODES
 from . import arch
 from ..io.outdir import DISK_MARGIN_BYTES
 from .checks import choose_output
@@ -156,18 +157,58 @@ class MergePlan:
         return max(3 * biggest, self.router_pass_bytes) + 600 * 1000**2  # + interpreter, torch, transformers
 
     @property
+    def whole_models(self) -> frozenset[str]:
+        """Models the router pass loads as whole transformers models: their weight files are downloaded whole.
+        The others' tensors are fetched by ranges, only those the merge reads (``reads``)."""
+        return _whole_models(self.config, self.models, self.low_disk)
+
+    @property
+    def fetch_window(self) -> int:
+        """How far ahead of the writer ranged fetching runs, in bytes: one shard (at least 256 MiB)."""
+        return max(self.max_shard_bytes, FETCH_WINDOW_MIN)
+
+    def router_reads(self) -> list[tuple[str, str]]:
+        """(model, tensor) the router pass reads before any output tensor is written, in reading order."""
+        return _router_reads(self.config, self.models, self.num_layers, self.low_disk, self.tensors)
+
+    def reads(self) -> list[tuple[str, str, int, int]]:
+        """Every (model, tensor, step, group) the merge reads, in order: the router pass (step and group
+        ``ROUTER_STEP``), then each output tensor's sources (step: its index; group: its shard's)."""
+        out = [(ref, name, ROUTER_STEP, ROUTER_STEP) for ref, name in self.router_reads()]
+        index = 0
+        for s, shard in enumerate(self.shards):
+            for t in shard.tensors:
+                out.extend((p.model, p.source.name, index, s) for p in t.pieces if p.model is not None)
+                index += 1
+        return out
+
+    @property
     def peak_download_bytes(self) -> int:
-        """Downloaded bytes on disk at the worst moment: all of them, or in low-disk mode the base plus
-        the largest other model (each expert is deleted once its tensors are written)."""
-        if not self.low_disk:
-            return self.download_bytes
-        pending = {r: m.weight_bytes for r, m in self.models.items() if m.ref.repo_id and not _cached(m)}
+        """Downloaded bytes on disk at the worst moment. Without low-disk mode, everything fetched stays
+        (the range cache, or whole files in the Hugging Face cache); in low-disk mode each is deleted once
+        written (see ``_released_peak``)."""
+        return self._released_peak() if self.low_disk else self.download_bytes
+
+    def _released_peak(self) -> int:
+        """Downloaded bytes on disk at the worst moment when each download is deleted once written: the
+        models read whole (in low-disk order the base plus the largest other one, else all of them), what the
+        router pass reads of the base, and one fetch window of ranges."""
+        whole = self.whole_models
+        pending = {r: m.weight_bytes for r, m in self.models.items() if r in whole and m.ref.repo_id and not _cached(m)}
         base = pending.pop(self.config.base_model, 0)
-        return base + max(pending.values(), default=0)
+        held = base + (max(pending.values(), default=0) if self.low_disk else sum(pending.values()))
+        ranged = _read_bytes(self.models, self.router_reads(), whole) + min(self.fetch_window, self.download_bytes)
+        return min(held + ranged, self.download_bytes)
 
     @property
     def disk_bytes(self) -> int:
         return self.output_bytes + self.peak_download_bytes + DISK_MARGIN_BYTES
+
+    def streamed_disk_bytes(self, shards_on_disk: int) -> int:
+        """Disk a merge needs that deletes each shard once uploaded, with at most ``shards_on_disk`` on disk
+        (its downloads are deleted once written too)."""
+        biggest = max((s.nbytes for s in self.shards), default=0)
+        return min(self.output_bytes, shards_on_disk * biggest) + self._released_peak() + DISK_MARGIN_BYTES
 
     def last_use(self) -> dict[str, int]:
         """For each model, the index (in write order) of the last output tensor that reads it."""
@@ -243,7 +284,7 @@ def build_plan(
 
     The default order is layer by layer. ``low_disk`` writes the base's tensors first and then the experts
     grouped by source model, so each downloaded expert can be deleted as soon as it is written: a 4x7B
-    merge then needs disk for the output plus two models instead of five (free Colab has ~100 GB).
+    merge then needs disk for the output plus the base's tensors and one shard of fetched ones.
     """
     if layout not in arch.LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(arch.LAYOUTS)}, got {layout!r}.")
@@ -338,7 +379,11 @@ def build_plan(
     total = sum(t.numel for t in tensors)
     expert_params = arch.expert_params(H, I, L)
     active = total - (E - config.experts_per_token) * expert_params
-    download = sum(m.weight_bytes for m in models.values() if m.ref.repo_id is not None and not _cached(m))
+    whole = _whole_models(config, models, low_disk)
+    router = _router_reads(config, models, L, low_disk, tensors)
+    writes = [(p.model, p.source.name) for t in tensors for p in t.pieces if p.model is not None]
+    download = sum(m.weight_bytes for r, m in models.items() if r in whole and m.ref.repo_id and not _cached(m))
+    download += _read_bytes(models, router + writes, whole)
     shared_width = (I if spec else arch.EMPTY_SHARED_WIDTH) if out_arch.shared_block else None
     out_config = arch.moe_config(out_arch, base.config, num_experts=E, experts_per_token=config.experts_per_token,
                                  dtype=dtype, shared_width=shared_width)
@@ -364,3 +409,41 @@ def build_plan(
 
 def _cached(info: ModelInfo) -> bool:
     return all(t.file.is_file() for t in info.tensors.values())
+
+
+FETCH_WINDOW_MIN = 256 << 20
+
+
+def _whole_models(config: MoEConfig, models: dict[str, ModelInfo], low_disk: bool) -> frozenset[str]:
+    mode = config.gate_mode
+    if mode in WRITTEN_MODES and not low_disk:  # every expert writes text: each runs as a whole model
+        return frozenset(models)
+    if mode in FITTED_MODES + WRITTEN_MODES and config.router_continuation_tokens != 0:
+        return frozenset({config.base_model})  # the base continues the prompts as a whole model
+    return frozenset()
+
+
+def _router_reads(config: MoEConfig, models: dict[str, ModelInfo], num_layers: int, low_disk: bool,
+                  tensors: list[OutTensor]) -> list[tuple[str, str]]:
+    """What ``router.gates.compute_gates`` reads, by gate mode group (see its branches)."""
+    group = BY_NAME[config.gate_mode].group
+    base_ref = config.base_model
+    base = models[base_ref]
+    if group == "random":
+        return []
+    if group == "embedding":
+        return [(base_ref, arch.EMBED)]
+    # hidden: the residual stream entering each layer (layers 0..L-2 run); fitted: every layer's MLP input
+    layers = num_layers - 1 if group == "hidden" else num_layers
+    prefixes = tuple(arch.layer_prefix(i) for i in range(layers))
+    out = [(base_ref, arch.EMBED)] + [(base_ref, n) for n in base.tensors
+                                      if n.startswith(prefixes) and not arch.IGNORED_RE.match(n)]
+    if group != "hidden" and not low_disk:  # the MoE's own MLP outputs feed the next layer's router
+        out += [(p.model, p.source.name) for t in tensors for p in t.pieces if p.expert is not None]
+    return out
+
+
+def _read_bytes(models: dict[str, ModelInfo], reads: list[tuple[str, str]], whole: frozenset[str]) -> int:
+    """Bytes of the distinct tensors in ``reads`` that must come from the Hub by ranges."""
+    seen = {(r, n) for r, n in reads if r not in whole and models[r].ref.repo_id is not None}
+    return sum(models[r].tensors[n].nbytes for r, n in seen if not models[r].tensors[n].file.is_file())

@@ -50,11 +50,12 @@ class _Transforms:
 
 
 def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: WeightStore, *,
-                 progress: bool = True) -> None:
+                 progress: bool = True, on_shard=None) -> None:
     """Write every shard of ``plan`` (and the index when there are several) into ``folder``.
 
-    ``store`` makes source weights local on first use and, in low-disk mode, releases each model after
-    the last tensor that reads it.
+    ``store`` makes source weights local on first use (``WeightStore``, or ``io.fetch.RangedWeights``) and
+    hears when each output tensor is done (``done(index)``) and when a model's last tensor is (``release``).
+    ``on_shard(path)`` is called with each shard once it is complete (an upload starts there).
     """
     tx = _Transforms(plan, gates, store)
     last_use = {}
@@ -84,10 +85,13 @@ def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: Weig
                             f"{t.name}: wrote {written} bytes where the plan expected {t.nbytes}; a source file "
                             "changed since it was planned. Download the model again, then run the merge again.")
                     bar.update(t.nbytes)
+                    store.done(index)
                     for ref in last_use.get(index, ()):
                         store.release(ref)
                     index += 1
             bar.set_postfix_str(shard.filename, refresh=False)
+            if on_shard is not None:
+                on_shard(path)
     finally:
         bar.close()
     if len(plan.shards) > 1:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..publish.eval_report import EvalReport
 from ..evaluate.questions import routed_text
-from .runtime import Raw, notice_html, table_html
+from .html import Raw, notice_html, table_html
 
 
 def retention_html(report: EvalReport) -> str:

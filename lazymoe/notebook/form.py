@@ -26,9 +26,10 @@ from ..router.modes import GATE_MODE_TABLE, RECOMMENDED_GATE_MODE
 from .presets import Preset, parse_preset
 from .recipe import dump as dump_recipe
 from .recipe import recipe_filename
-from .runtime import error_html, notice_html
+from .html import error_html, notice_html
 from .words import ALLOW_SAME_LABEL, FIELD_HELP, LOW_DISK_LABEL, TOKEN_LABEL, form_words
-from .widgets import EXPERT_HELP, LICENSES, ExpertRow, help_text, parse_number, set_tooltip, styled, tooltip_of, widgets
+from .widgets import (EXPERT_HELP, LICENSES, ExpertRow, help_text, parse_number, set_tooltip, styled, tooltip_of,
+                      widgets)
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
@@ -76,7 +77,7 @@ class MoEForm:
         self.overwrite = w.Checkbox(description=_HELP["overwrite"], value=_DEFAULTS.overwrite, indent=False)
         self.low_disk = w.Checkbox(description=LOW_DISK_LABEL,
                                    value=_DEFAULTS.low_disk, indent=False)
-        set_tooltip(self.low_disk, "Disk needed: the output plus two models instead of the output plus all of them")
+        set_tooltip(self.low_disk, "Disk needed: the output plus the base's tensors and one shard of fetched tensors, instead of the output plus every tensor fetched")
         self.seed = styled(w.Text(description="Seed", placeholder="random"), "lazymoe-seed",
                            "Pins the randomness (noise, random gates); empty picks one and records it", width="260px")
         self.allow_same = w.Checkbox(description=ALLOW_SAME_LABEL,

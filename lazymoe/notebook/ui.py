@@ -36,7 +36,7 @@ from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
 from ..gguf.llama import expert_prompts
 from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
-from ..options import NotebookSettings
+from ..options import DEFAULT_ANSWER_TOKENS, NotebookSettings
 from ..pipeline import merge as merging
 from ..pipeline.preflight import blocking, check_ahead
 from ..pipeline.release import ReleaseResult, release
@@ -52,22 +52,12 @@ from .eval_views import answers_html, retention_html
 from .form import MoEForm
 from .recipe import DRIVE_MOUNT, RecipeFile, locate, recipe_folder, restore, saved_when
 from .recipe import dump as dump_recipe
-from .runtime import (
-    Raw,
-    checks_html,
-    error_html,
-    in_colab,
-    install_llama_cpp,
-    install_lm_eval,
-    notice_html,
-    plan_html,
-    probe,
-    resource_needs,
-    runtime_html,
-    shortages,
-    table_html,
-)
-from .trial import choose_loading, free_memory, load_merged, routing_and_generation, stored_dtype
+from ..colab import in_colab
+from ..runtime.fit import resource_needs, shortages
+from ..runtime.install import install_llama_cpp, install_lm_eval
+from ..runtime.load import choose_loading, free_memory, load_merged, routing_and_generation, stored_dtype
+from ..runtime.machine import probe
+from .html import Raw, checks_html, error_html, notice_html, plan_html, runtime_html, table_html
 from .words import form_words
 
 __all__ = ["Builder", "StepFailed", "setup", "prepare_demo"]
@@ -201,7 +191,7 @@ class Builder:
 
         ``save_to``: ``"here"`` (next to the notebook), ``"drive"`` (Google Drive, Colab only) or a folder.
         Every edit is then saved there at once, and restored when the cell runs in a new kernel or after
-        the PRESET text was edited (field by field, the later edit wins: see :mod:`lazymoe.ui_recipe`).
+        the PRESET text was edited (field by field, the later edit wins: see :mod:`lazymoe.notebook.recipe`).
         """
         key = hashlib.sha256(f"{preset_text}\0{save_to}".encode()).hexdigest()
         builder = cls._instances.get(key)
@@ -410,7 +400,7 @@ class Builder:
     def _eval_config(self, folder: Path) -> MoEConfig:
         """The recipe whose eval_texts and eval_questions apply: the form's while it names this model's experts
         (so texts and questions edited after the merge count), else the one saved with the model."""
-        saved = load_config(folder / "lazymoe_config.yml")
+        saved = load_config(folder / CONFIG_FILENAME)
         try:
             config = self.form.to_config()
         except LazyMoEError:
@@ -438,7 +428,7 @@ class Builder:
         return report
 
     @_step("Questions")
-    def ask(self, compare: str = "moe,base", *, in_card: bool = True, max_new_tokens: int = 96) -> dict:
+    def ask(self, compare: str = "moe,base", *, in_card: bool = True, max_new_tokens: int = DEFAULT_ANSWER_TOKENS) -> dict:
         """Answer the config's eval_questions with the MoE (and ``compare``: base, experts), side by side."""
 
         folder = self._require_model()

@@ -12,7 +12,7 @@ from ..options import NotebookSettings
 
 FIELD_HELP = {name: info.description for name, info in NotebookSettings.model_fields.items()}
 
-LOW_DISK_LABEL = "Low-disk mode: delete each downloaded expert once it is written"
+LOW_DISK_LABEL = "Low-disk mode: delete each fetched tensor once it is written"
 ALLOW_SAME_LABEL = "Allow every expert to be the same model (only if you will train it)"
 TOKEN_LABEL = "…or a token"
 ADVANCED, HUB = "Advanced", "Hugging Face Hub"

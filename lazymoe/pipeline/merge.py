@@ -20,12 +20,14 @@ from ..config import MoEConfig, load_config
 from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, Setting, Text, WriteError
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
-from ..io.sources import TOKENIZER_FILES, ModelRef, WeightStore, describe
+from ..io.fetch import ROUTER_STEP, RangedWeights, Read
+from ..io.sources import TOKENIZER_FILES, ModelRef, describe
 from ..moe import checks
 from ..moe import plan as planning
 from ..moe.writer import write_shards
 from ..options import MergeOptions
-from ..publish.card import write_card
+from ..publish.card import plan_card, write_card
+from ..publish.hub import PushResult, StreamingPush, check_push_target
 from ..router.device import pick_device
 from ..router.gates import compute_gates, degenerate_layers
 from ..router.modes import FITTED_MODES, HIDDEN_MODES, WRITTEN_MODES
@@ -105,25 +107,73 @@ def merge(
     plan: planning.MergePlan | None = None,
 ) -> Path:
     """Build the MoE described by ``config`` into ``output_dir`` and return its path."""
+    return _merge(config, output_dir, max_shard_bytes=max_shard_bytes, layout=layout, device=device,
+                  low_disk=low_disk, overwrite=overwrite, progress=progress, plan=plan)[0]
+
+
+#: a streamed push keeps at most this many shards on disk: one being written, one waiting, one uploading
+STREAMED_SHARDS_ON_DISK = 3
+
+
+def merge_and_push(
+    config: MoEConfig | dict | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    repo: str,
+    *,
+    keep: bool = True,
+    private: bool = False,
+    token: str | None = None,
+    colab_secret: str = "HF_TOKEN",
+    max_shard_bytes: int | str = _DEFAULTS.max_shard_bytes,
+    layout: str = _DEFAULTS.layout,
+    device: str | None = None,
+    low_disk: bool = _DEFAULTS.low_disk,
+    overwrite: bool = _DEFAULTS.overwrite,
+    progress: bool = True,
+    plan: planning.MergePlan | None = None,
+) -> tuple[Path, PushResult]:
+    """``merge`` into ``output_dir`` while uploading to ``repo``: each shard goes to the Hub as soon as it is
+    written, and one commit (shards, config, tokenizer, card naming ``repo``) lands once the last shard is
+    up, so the repo never shows half a model. ``keep=False`` deletes each shard once uploaded: the disk then
+    holds at most three shards (plus what the router pass and the fetch window need), and ``output_dir`` keeps
+    the small files only. A re-run after an interruption sends no shard the Hub already received.
+
+    The push target (token, permissions, name) is checked before anything is fetched or written.
+    """
+    target = check_push_target(repo, private=private, token=token, colab_secret=colab_secret)
+    return _merge(config, output_dir, max_shard_bytes=max_shard_bytes, layout=layout, device=device,
+                  low_disk=low_disk, overwrite=overwrite, progress=progress, plan=plan,
+                  pusher=StreamingPush(target, private=private, keep=keep, progress=progress))
+
+
+def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, overwrite, progress, plan,
+           pusher: StreamingPush | None = None) -> tuple[Path, PushResult | None]:
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
         raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
     if plan is None:
         plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
-    config = plan.config.with_seed()
+    config = plan.config.with_seed(from_recipe=pusher is not None)
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
     _check_overlap(output_dir, plan)
     with OutputTarget(output_dir) as target:  # locked from here: no other merge can write this folder
         target.approve(overwrite)
         free = free_disk_bytes(target.parent)
-        if free < plan.disk_bytes:
+        streamed = pusher is not None and not pusher.keep
+        disk = plan.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK) if streamed else plan.disk_bytes
+        if free < disk:
+            what = (f"at most {STREAMED_SHARDS_ON_DISK} shards at a time, the downloads deleted once written" if streamed
+                    else f"output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}")
             raise InsufficientResourcesError(Text.join([
-                f"The merge needs about {human_bytes(plan.disk_bytes)} of free disk at {target.parent} "
-                f"(output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)} "
-                f"+ {human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some "
-                "space or choose another output folder", _low_disk_hint(plan), "."]))
-        return _merge_into(target, plan, config, device=device, progress=progress)
+                f"The merge needs about {human_bytes(disk)} of free disk at {target.parent} ({what} + "
+                f"{human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some space "
+                "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
+        try:
+            return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher)
+        finally:
+            if pusher is not None:
+                pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
 
 
 def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
@@ -134,17 +184,28 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
     return Text(f", or {low_disk.placeholder} (low-disk mode)", (low_disk,))
 
 
-def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress) -> Path:
-    from transformers import AutoTokenizer
-
-    output_dir = target.path
+def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
+                pusher: StreamingPush | None) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
         logger.warning(w)
 
-    # weights become local on first use (no-op for local folders); the router pass needs the base's
-    store = WeightStore(plan.models, release=plan.low_disk)
+    # Hub weights: the tensors the merge reads are fetched by ranges ahead of their reader (the router
+    # pass's first), models the router pass loads whole as whole files; local folders are read in place
+    # (deleted once written in low-disk mode, or when the shards themselves are deleted once uploaded)
+    release = plan.low_disk or (pusher is not None and not pusher.keep)
+    store = RangedWeights(plan.models, [Read(*r) for r in plan.reads()], whole=plan.whole_models,
+                          release=release, window=plan.fetch_window, progress=progress)
+    with store:
+        return _merge_with(store, target, plan, config, device=device, progress=progress, pusher=pusher)
+
+
+def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *,
+                device, progress, pusher: StreamingPush | None) -> tuple[Path, PushResult | None]:
+    from transformers import AutoTokenizer
+
+    output_dir = target.path
     base = store.local(config.base_model)
     plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
     tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
@@ -152,6 +213,8 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
     gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
+    store.done(ROUTER_STEP)
+    logger.debug("router pass done")
     degenerate = degenerate_layers(gates[:, : config.num_experts])
     if degenerate:
         plan.warnings.append(
@@ -161,8 +224,10 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
         logger.warning(plan.warnings[-1])
 
     tmp = target.work_folder()
+    if pusher is not None:
+        pusher.start()
     try:
-        write_shards(plan, gates, tmp, store, progress=progress)
+        write_shards(plan, gates, tmp, store, progress=progress, on_shard=pusher.add_shard if pusher else None)
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
         for name in ("generation_config.json", *TOKENIZER_FILES):
             src = base.folder / name
@@ -176,9 +241,16 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
         if isinstance(err, LazyMoEError):
             raise
         raise WriteError(_write_failure(output_dir, err)) from err
+    pushed = None
+    if pusher is not None:  # the one commit, before the folder is final: a failed commit leaves no output to --overwrite
+        card = plan_card(plan, tmp, model_name=output_dir.name, repo_id=pusher.target.repo_id)
+        pushed = pusher.finish(tmp, card, commit_message=f"Upload {output_dir.name} with lazymoe")
     target.commit()
-    logger.info("Wrote %s (%s)", output_dir, human_bytes(plan.output_bytes))
-    return output_dir
+    if pusher is not None and not pusher.keep:
+        logger.info("Wrote %s without its shards: the weights are on the Hub only (%s)", output_dir, pushed.url)
+    else:
+        logger.info("Wrote %s (%s)", output_dir, human_bytes(plan.output_bytes))
+    return output_dir, pushed
 
 
 def _write_failure(output_dir: Path, err: OSError) -> str:

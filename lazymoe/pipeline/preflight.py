@@ -1,6 +1,6 @@
 """What the steps after the merge need, checked at Plan time, before anything is downloaded.
 
-A 4x7B merge downloads about 58 GB and runs for an hour; a missing token, a repo name the Hub refuses, a
+A 4x7B merge downloads about 48 GB and runs for an hour; a missing token, a repo name the Hub refuses, a
 disk too small for the GGUF files or a missing llama-cpp-python must show up before that, not after it.
 The notebook's Plan step and ``lazymoe plan --push REPO --gguf QUANTS`` both call :func:`check_ahead` and
 stop when any :class:`Check` blocks. Nothing here creates, uploads or downloads anything: the Hub is asked

@@ -15,7 +15,8 @@ from ..errors import ModelNotFoundError
 from ..gguf.convert import convert_to_gguf
 from ..gguf.quants import DEFAULT_QUANTS
 from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
-from ..publish.card import rerender_card, write_gguf_card
+from ..publish.card import rerender_card
+from ..publish.gguf_card import write_gguf_card
 from ..publish.hub import PushResult, push_to_hub
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,11 +33,11 @@ from huggingface_hub.utils import (
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files
-from ..io.folder import is_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
-from .card import build_card, detected_extras, gguf_card_data
-from .render import render_gguf_card
+from .card import build_card, detected_extras
+from .gguf_card import build_gguf_card
 from ..io.token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
 logger = logging.getLogger(__name__)
@@ -249,7 +251,7 @@ def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str, 
         except RepositoryNotFoundError:
             return False
     files = {s.rfilename for s in (info.siblings or [])} - {".gitattributes"}
-    ours = "lazymoe" in (info.tags or []) or "lazymoe_config.yml" in files
+    ours = "lazymoe" in (info.tags or []) or CONFIG_FILENAME in files
     if files and not ours:
         shown = ", ".join(sorted(files)[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
         raise HubError(
@@ -317,6 +319,124 @@ def push_to_hub(
                       commit_url=getattr(commit, "commit_url", None))
 
 
+# ----------------------------------------------------------------------------- streamed push
+
+
+class StreamingPush:
+    """Upload a merge's shards while it writes the next ones, then make ONE commit with everything.
+
+    Each finished shard goes to the Hub's large-file storage at once (``HfApi.preupload_lfs_files``: the Hub
+    stores the bytes, no commit names them yet), from ``threads`` background threads (two: one hashes and asks
+    the Hub while the other sends bytes). ``add_shard`` waits while ``in_flight`` shards are handed over and not
+    yet uploaded, so at most ``in_flight`` + the one being written are on disk. With ``keep=False`` each shard
+    is deleted once uploaded. ``finish`` commits the shards with the folder's other files and the card, so the
+    repo shows the whole model or none of it. A shard the Hub already holds (same sha256, from an interrupted
+    run) is not sent again: the Hub's LFS batch answer asks for no upload.
+    """
+
+    def __init__(self, target: PushTarget, *, private: bool = False, keep: bool = True, in_flight: int = 2,
+                 threads: int = 2, progress: bool = True):
+        self.target = target
+        self.keep = keep
+        self.private = private
+        self.progress = progress
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._slots = threading.Semaphore(in_flight)
+        self._lock = threading.Lock()
+        self._done: dict[str, CommitOperationAdd] = {}
+        self._error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self._count = threads
+
+    def start(self) -> str:
+        """Create the repo (if needed) and start the upload threads; returns the repo's URL."""
+        with self._errors("connect"):
+            url = str(self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True))
+        self._threads = [threading.Thread(target=self._run, name=f"lazymoe-upload-{i}", daemon=True)
+                         for i in range(self._count)]
+        for thread in self._threads:
+            thread.start()
+        return url
+
+    def add_shard(self, path: Path) -> None:
+        """Hand over a finished shard (waits while ``in_flight`` are not uploaded yet); raises the upload's error."""
+        logger.debug("shard %s written", path.name)
+        while not self._slots.acquire(timeout=0.2):
+            self._raise_if_failed()
+        self._raise_if_failed()
+        self._queue.put(path)
+
+    def finish(self, folder: Path, card: str, *, commit_message: str) -> PushResult:
+        """Wait for the uploads, then commit every shard, the other files of ``folder`` and ``card``."""
+        self._stop()
+        self._raise_if_failed()
+        shards = [self._done[name] for name in sorted(self._done)]
+        operations = list(shards)
+        operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                       for p in sorted(folder.rglob("*")) if p.is_file()
+                       and p.relative_to(folder).as_posix() not in {*self._done, "README.md"}]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+        repo_id = self.target.repo_id
+        with _progress_bars(self.progress), self._errors("commit"):
+            commit = self.target._api.create_commit(repo_id=repo_id, operations=operations,
+                                                    commit_message=commit_message)
+        total = sum(op.upload_info.size for op in operations)
+        logger.info("Pushed %d files (%.1f MB) to %s in one commit", len(operations), total / 1e6, self.target.url)
+        return PushResult(repo_id=repo_id, url=self.target.url, private=self.private, files=len(operations),
+                          bytes=total, commit_url=getattr(commit, "commit_url", None))
+
+    def abort(self) -> None:
+        """Stop uploading (a failed merge): nothing is committed."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._stop()
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    def _run(self) -> None:
+        api, repo_id = self.target._api, self.target.repo_id
+        while True:
+            path = self._queue.get()
+            if path is None:
+                return
+            try:
+                if self._error is None:
+                    self._upload(api, repo_id, path)
+            except BaseException as err:  # noqa: BLE001 - reported by add_shard / finish in the merge's thread
+                with self._lock:
+                    self._error = self._error or err
+            finally:
+                self._slots.release()
+
+    def _upload(self, api: Any, repo_id: str, path: Path) -> None:
+        with _progress_bars(self.progress):
+            op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+            api.preupload_lfs_files(repo_id, additions=[op])
+        with self._lock:
+            self._done[path.name] = op
+        logger.debug("uploaded %s", path.name)
+        if not self.keep:
+            path.unlink(missing_ok=True)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            with self._errors("stream"):
+                raise self._error
+
+    @contextmanager
+    def _errors(self, stage: str) -> Iterator[None]:
+        with _errors_as_hub_errors(self.target._token, self.target.endpoint, self.target.repo_id, stage=stage):
+            yield
+
+
 def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:
     """The card to upload: for a merged lazymoe folder, its card naming ``repo_id``; for a folder of
     GGUF files, the ``NAME-GGUF`` card (quantisations of ``base_repo_id``, by default ``repo_id``
@@ -329,7 +449,7 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
                     f"(e.g. {repo_id}-GGUF), or {_BASE_REPO.placeholder} to name the merged model's repo.",
                     (_BASE_REPO,)))
             base_repo_id = repo_id[: -len("-GGUF")]
-        return render_gguf_card(gguf_card_data(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id))
+        return build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id)
     if not is_lazymoe_output(folder):
         return None
     extras = detected_extras(folder)  # routing picture; NAME-GGUF files, linked to the NAME-GGUF repo
@@ -432,6 +552,12 @@ def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage
             f". It needs write permission on {repo_id.split('/')[0]!r}: create a 'Write' token, or give your "
             f"fine-grained token write access there, at {endpoint}/settings/tokens."])
     if _is_network_error(error) or (status is not None and (status >= 500 or status in (408, 429))):
+        if stage in ("stream", "commit"):
+            return (
+                f"The upload to {repo_id!r} was interrupted ({cause}); nothing was committed, so the repo shows "
+                "no half model. Run the same merge with --push again: shards the Hub already received are "
+                "not sent again."
+            )
         if stage == "upload":
             return (
                 f"The upload to {repo_id!r} was interrupted ({cause}). Nothing is lost: your folder is untouched "

@@ -1,4 +1,5 @@
-"""The notebook's "Try it" step: load the merged model the way this runtime can afford, generate, show routing."""
+"""Loading a merged model the way this runtime can afford (GPU, GPU in 4-bit, CPU, or not at all), chatting to it
+and counting its routing: the notebook's Try step and the evaluations."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from ..io.safetensors import NAME_TO_ST, dtype_bytes
 from ..moe.arch import config_dtype
 from ..units import human_bytes
-from .runtime import Runtime
+from .machine import Runtime
 
 _OVERHEAD = 600 * 1000**2  # CUDA context, activations and the KV cache of a short generation
 

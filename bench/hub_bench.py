@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""Hub to Hub benchmark: download + merge + push, today's sequential path against the streamed one, and
+mergekit-moe + ``upload_folder``, through a throttled local Hub (tests/hubserver.py) at two bandwidths.
+
+    python bench/hub_bench.py                          # 4 synthetic experts, 2 layers; 5 and 20 MB/s
+    python bench/hub_bench.py --bandwidths 8,32 --runs sequential,streamed
+
+What it does, in one run:
+1. builds four synthetic dense Llama experts (bench/_synth.py: random bytes, real layout, a real tiny
+   tokenizer) and publishes them on a local Hub-compatible server that the real huggingface_hub client
+   talks to; the server counts every byte it sends and receives and paces both directions at a bandwidth;
+2. for each bandwidth, runs each pipeline in fresh processes with an empty Hugging Face cache:
+   - ``sequential``: today's path: download the four repos whole (``snapshot_download``), ``lazymoe merge``
+     from those folders, then ``push_to_hub`` (one ``create_commit`` of the folder);
+   - ``streamed``: ``lazymoe merge --push REPO --no-keep`` from the Hub ids: only the tensors the MoE reads
+     are fetched (ranges), each shard is uploaded while the next is written, one commit at the end;
+   - ``mergekit``: download whole, ``mergekit-moe``, then ``HfApi.upload_folder``;
+3. measures wall time, bytes fetched and uploaded (the server's counters), peak disk used (the run's
+   folder sampled every 50 ms, allocated blocks) and peak RSS (each process's VmHWM, sampled);
+   checks the sequential and streamed uploads are byte-identical (README aside);
+4. prints the table, and the same arithmetic from the plan for the Beyonder recipe (4 x Mistral-7B).
+
+mergekit runs from its own virtualenv (``--mergekit PATH`` to its ``mergekit-moe``; default
+/work/cache/mkvenv-hub/bin/mergekit-moe, a venv made with --system-site-packages and ``pip install
+--no-deps mergekit immutables peft``, so it shares this machine's torch and transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))  # hubserver
+sys.path.insert(0, str(REPO))
+
+from hubserver import ALICE_WRITE_TOKEN, HubServer, add_test_accounts  # noqa: E402
+
+MB = 1_000_000
+SAMPLE_S = 0.05
+DEFAULT_MERGEKIT = Path("/work/cache/mkvenv-hub/bin/mergekit-moe")
+
+# ------------------------------------------------------------------------------------------ child programs
+# each is run as `python -c CODE ARGS...` in a fresh process, with HF_ENDPOINT/HF_HOME/HF_TOKEN pointing at
+# the local Hub and this run's own cache
+
+DOWNLOAD = r"""
+import json, sys, yaml
+from huggingface_hub import snapshot_download
+cfg = yaml.safe_load(open(sys.argv[1]))
+refs = [cfg["base_model"]] + [e["source_model"] for e in cfg["experts"]]
+local = {r: snapshot_download(r) for r in dict.fromkeys(refs)}   # every file, as today's fetch_weights does
+cfg["base_model"] = local[cfg["base_model"]]
+for e in cfg["experts"]:
+    e["source_model"] = local[e["source_model"]]
+open(sys.argv[2], "w").write(yaml.safe_dump(cfg))
+"""
+
+LAZYMOE_LOCAL = r"""
+import sys, lazymoe
+lazymoe.merge(sys.argv[1], sys.argv[2], max_shard_bytes=sys.argv[3], progress=False)
+"""
+
+PUSH = r"""
+import sys
+from lazymoe.publish.hub import push_to_hub
+push_to_hub(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+STREAMED = r"""
+import json, sys
+from lazymoe.pipeline.merge import make_plan, merge_and_push
+plan = make_plan(sys.argv[1], max_shard_bytes=sys.argv[3], progress=False)
+merge_and_push(sys.argv[1], sys.argv[2], sys.argv[4], keep=False, plan=plan, progress=False)
+print(json.dumps({"needed": plan.download_bytes, "output": plan.output_bytes}))
+"""
+
+UPLOAD_FOLDER = r"""
+import sys
+from huggingface_hub import HfApi
+api = HfApi()
+api.create_repo(sys.argv[2], exist_ok=True)
+api.upload_folder(repo_id=sys.argv[2], folder_path=sys.argv[1])
+"""
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def allocated_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+class DiskSampler:
+    """Peak allocated bytes under ``root``, sampled in a thread."""
+
+    def __init__(self, root: Path):
+        self.root, self.peak = root, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, allocated_bytes(self.root))
+            self._stop.wait(SAMPLE_S)
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, allocated_bytes(self.root))
+
+
+def _hwm(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
+    """Run ``cmd``; returns its stdout and its peak RSS in bytes. Exits the bench on failure.
+
+    Peak RSS is the kernel's high-water mark of the process after its exec (VmHWM), sampled until it exits:
+    ``wait4``'s ru_maxrss would also count the forked copy of this bench, which holds the Hub server."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_box: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k=k, s=s: out_box.__setitem__(k, s.read()))
+               for k, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _hwm(proc.pid))
+        time.sleep(0.02)
+    for r in readers:
+        r.join()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{out_box.get('err', '')[-3000:]}")
+    return out_box.get("out", ""), peak
+
+
+def run_pipeline(name: str, steps: list[list[str]], run_dir: Path, env: dict[str, str]) -> dict:
+    rss, stdout = 0, ""
+    start = time.monotonic()
+    with DiskSampler(run_dir) as disk:
+        for cmd in steps:
+            out, peak = run_child(cmd, env)
+            rss, stdout = max(rss, peak), stdout + out
+    return {"name": name, "wall": time.monotonic() - start, "disk": disk.peak, "rss": rss, "stdout": stdout}
+
+
+# ------------------------------------------------------------------------------------------ the runs
+
+
+def child_env(server: HubServer, hf_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        env.pop(key, None)
+    env.update(HF_ENDPOINT=server.url, HF_HOME=str(hf_home), HF_TOKEN=ALICE_WRITE_TOKEN, HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return env
+
+
+def steps_for(kind: str, run_dir: Path, config: Path, repo: str, shard: str, mergekit: Path) -> list[list[str]]:
+    py = sys.executable
+    local_cfg, out = run_dir / "local.yaml", run_dir / "out"
+    if kind == "sequential":
+        return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
+                [py, "-c", LAZYMOE_LOCAL, str(local_cfg), str(out), shard],
+                [py, "-c", PUSH, str(out), repo]]
+    if kind == "streamed":
+        return [[py, "-c", STREAMED, str(config), str(out), shard, repo]]
+    if kind == "mergekit":
+        return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
+                [str(mergekit), str(local_cfg), str(out), "--quiet"],
+                [py, "-c", UPLOAD_FOLDER, str(out), repo]]
+    raise SystemExit(f"unknown run {kind!r}")
+
+
+def remote_digest(server: HubServer, repo_id: str) -> dict[str, str]:
+    return {p: hashlib.sha256(b.data).hexdigest() for p, b in server.files(repo_id).items()
+            if p not in (".gitattributes", "README.md", "lazymoe_config.yml")}  # the recipe names folders or ids
+
+
+def needed_bytes(server: HubServer, config: Path, work: Path, shard: str) -> dict:
+    """The plan's figures for this recipe on this Hub (a child process, so the client reads the env)."""
+    code = ("import json, sys; from lazymoe.pipeline.merge import make_plan; "
+            "p = make_plan(sys.argv[1], max_shard_bytes=sys.argv[2], progress=False); "
+            "print(json.dumps({'needed': p.download_bytes, 'output': p.output_bytes, 'shards': len(p.shards)}))")
+    out, _ = run_child([sys.executable, "-c", code, str(config), shard], child_env(server, work / "hf-plan"))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ Beyonder arithmetic
+
+
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 32000, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "hidden_act": "silu", "rms_norm_eps": 1e-5, "sliding_window": 4096, "max_position_embeddings": 32768}
+
+
+def _mistral_7b_on_the_hub(ref: str):
+    """A Hub model's info as ``describe`` gives it for Mistral-7B: its tensor headers, no weights."""
+    from lazymoe.io.safetensors import TensorInfo
+    from lazymoe.io.sources import ModelInfo, ModelRef
+
+    H, I, V, L, kv = 4096, 14336, 32000, 32, 1024
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for n in range(L):
+        p = f"model.layers.{n}."
+        shapes.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                       p + "self_attn.q_proj.weight": (H, H), p + "self_attn.k_proj.weight": (kv, H),
+                       p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, H),
+                       p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+                       p + "mlp.down_proj.weight": (H, I)})
+    folder = Path("/nonexistent-snapshot") / ref.replace("/", "--") / ("0" * 40)
+    offset, tensors = 0, {}
+    for name, shape in shapes.items():
+        nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        tensors[name] = TensorInfo(name, "BF16", shape, folder / "model.safetensors", offset, nbytes)
+        offset += nbytes
+    return ModelInfo(ModelRef(ref, repo_id=ref), MISTRAL_7B, tensors, folder, offset)
+
+
+def recipe_arithmetic(config, title: str) -> list[str]:
+    """Bytes fetched and uploaded and peak disk for a recipe of Mistral-7B models on the Hub, from its plan."""
+    from lazymoe.moe import checks
+    from lazymoe.moe.plan import build_plan
+    from lazymoe.options import DEFAULT_MAX_SHARD_BYTES
+    from lazymoe.pipeline.merge import STREAMED_SHARDS_ON_DISK
+
+    models = {ref: _mistral_7b_on_the_hub(ref) for ref in config.model_refs()}
+    output = checks.choose_output(config, models)
+    plan = build_plan(config, models, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, output=output)
+    low = build_plan(config, models, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, low_disk=True, output=output)
+    whole = sum(m.weight_bytes for m in models.values())
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    return [
+        f"{title} (gate_mode {config.gate_mode}, {len(plan.shards)} shards of at most {gb(plan.max_shard_bytes)}), "
+        "from its plan:",
+        f"- bytes fetched: {gb(plan.download_bytes)} (today: the {len(models)} repos whole, {gb(whole)}; "
+        f"{whole / plan.download_bytes:.2f}x the bytes the MoE reads)",
+        f"- bytes uploaded: {gb(plan.output_bytes)} (the shards) + config, tokenizer and card",
+        f"- peak disk, download then merge (before this change): {gb(whole + plan.output_bytes)}; "
+        f"lazymoe merge now: {gb(plan.disk_bytes)} (output + fetched ranges, kept for the next run); "
+        f"--low-disk: {gb(low.disk_bytes)}",
+        f"- peak disk, merge --push --no-keep: at most {gb(plan.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK))} "
+        f"({STREAMED_SHARDS_ON_DISK} shards + what the router pass reads of the base, each deleted once written, "
+        f"+ one fetch window of {gb(plan.fetch_window)})",
+    ]
+
+
+def beyonder_arithmetic() -> list[str]:
+    from lazymoe.config import load_config
+    from lazymoe.notebook.presets import load_preset
+
+    beyonder = load_config(load_preset(REPO / "notebooks" / "presets" / "beyonder-4x7b-v3.yaml").config)
+    experts = [beyonder.experts[i % 4].model_copy(update={"source_model": f"org/mistral-7b-expert{i}"})
+               for i in range(8)]
+    eight = beyonder.model_copy(update={"experts": experts, "base_model": "org/mistral-7b-expert0"})
+    return (recipe_arithmetic(beyonder, "Beyonder-4x7B recipe (4 x Mistral-7B)") + [""]
+            + recipe_arithmetic(eight, "An 8x7B recipe (8 distinct Mistral-7B fine-tunes, the first as base)"))
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bandwidths", default="5,20", help="MB/s of the local Hub, each direction (default 5,20)")
+    ap.add_argument("--runs", default="sequential,streamed,mergekit")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=3584)
+    ap.add_argument("--shard", default="20MB", help="output shard size (lazymoe; mergekit keeps its default)")
+    ap.add_argument("--work", type=Path, default=HERE / ".work" / "hub")
+    ap.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT)
+    args = ap.parse_args(argv)
+
+    import _synth
+
+    runs = args.runs.split(",")
+    if "mergekit" in runs and not args.mergekit.is_file():
+        print(f"note: {args.mergekit} not found: mergekit runs skipped")
+        runs.remove("mergekit")
+    shape = _synth.Shape(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=8,
+                         kv_heads=2, vocab=1024)
+    experts = _synth.build_experts(args.work / "synth", shape, 4, max_input_shard_bytes=20 * MB, log=lambda m: None)
+    whole = sum(p.stat().st_size for e in experts for p in e.glob("*.safetensors"))
+
+    with HubServer() as server:
+        add_test_accounts(server)
+        ids = []
+        for i, folder in enumerate(experts):
+            server.publish_folder(f"bench/expert{i}", folder)
+            ids.append(f"bench/expert{i}")
+        config = _synth.write_moe_config(args.work / "hub.yaml", [Path(i) for i in ids], gate_mode="hidden",
+                                         dtype="bfloat16", experts_per_token=2)
+        runs_root = args.work / "runs"
+        shutil.rmtree(runs_root, ignore_errors=True)
+        runs_root.mkdir(parents=True)
+        figures = needed_bytes(server, config, runs_root, args.shard)
+        rows, digests = [], {}
+        for bw in [float(b) for b in args.bandwidths.split(",")]:
+            server.set_bandwidth(download_bps=bw * MB, upload_bps=bw * MB)
+            for kind in runs:
+                run_dir = runs_root / f"{kind}-{bw:g}"
+                run_dir.mkdir()
+                repo = f"alice/bench-{kind}-{bw:g}"
+                server.reset_counters()
+                print(f"running {kind} at {bw:g} MB/s ...", flush=True)
+                steps = steps_for(kind, run_dir, config, repo, args.shard, args.mergekit)
+                result = run_pipeline(kind, steps, run_dir, child_env(server, run_dir / "hf"))
+                result.update(bw=bw, down=server.downloaded_bytes, up=server.uploaded_bytes,
+                              commits=len(server.requests_of("commit", status=200)))
+                digests[(kind, bw)] = remote_digest(server, repo)
+                server.repos.pop(repo, None)  # the server keeps repos in memory
+                shutil.rmtree(run_dir, ignore_errors=True)
+                rows.append(result)
+                print(f"  {result['wall']:.1f} s", flush=True)
+
+    out_mb = figures["output"] / MB
+    lines = [
+        f"# Hub to Hub: {len(experts)} synthetic experts ({shape.key}), {whole / MB:.0f} MB on the Hub; the MoE reads "
+        f"{figures['needed'] / MB:.0f} MB and writes {out_mb:.0f} MB in {figures['shards']} shards of <= {args.shard}",
+        "",
+        "| MB/s | pipeline | wall s | fetched MB | fetched / needed | uploaded MB | commits | peak disk MB | "
+        "peak RSS MB | wall / max(fetch, upload) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        floor = max(figures["needed"], figures["output"]) / (r["bw"] * MB)
+        lines.append(
+            f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f} | {r['down'] / MB:.1f} | {r['down'] / figures['needed']:.3f} "
+            f"| {r['up'] / MB:.1f} | {r['commits']} | {r['disk'] / MB:.0f} | {r['rss'] / MB:.0f} | "
+            f"{r['wall'] / floor:.2f} |")
+    lines.append("")
+    lines.append("fetched: body bytes the server sent (config, tokenizer and headers included); needed: the tensor "
+                 "bytes the MoE reads (plan.download_bytes); max(fetch, upload): the needed bytes or the output, "
+                 "whichever is larger, at the bandwidth.")
+    for bw in sorted({r["bw"] for r in rows}):
+        if ("sequential", bw) in digests and ("streamed", bw) in digests:
+            same = digests[("sequential", bw)] == digests[("streamed", bw)]
+            lines.append(f"- {bw:g} MB/s: streamed upload {'byte-identical to' if same else 'DIFFERS from'} "
+                         "the sequential one (README and the saved recipe aside)")
+    lines += [""] + beyonder_arithmetic()
+    text = "\n".join(lines)
+    print("\n" + text)
+    results = HERE / "results" / "hub_bench.md"
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""``lazymoe`` command line: every subcommand's flags, the call it makes, and what it prints.
+
+One module per group of subcommands: ``build_commands`` (plan, merge, demo, route), ``eval_commands`` (eval)
+and ``publish_commands`` (card, push, publish, gguf, chat). Library code raises :class:`LazyMoEError`; only :func:`main` turns one into
+a single readable line and exit status 2. Each handler imports the module it drives when it runs, so
+``lazymoe --help`` (and a command that needs no model) starts without loading torch. To add a subcommand: a
+``_add_NAME`` function that registers its flags and a ``cmd_NAME`` handler in its group's module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import traceback
+
+from .._version import __version__
+from ..errors import LazyMoEError, Setting, Words, python_words, worded
+from ..io.token import env_tokens, redact
+from . import build_commands, eval_commands, publish_commands
+
+log = logging.getLogger("lazymoe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazymoe", description="Build Mixture-of-Experts models from dense LLMs.")
+    parser.add_argument("--version", action="version", version=f"lazymoe {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for group in (build_commands, eval_commands, publish_commands):  # the subcommands in the order --help lists them
+        group.add(sub)
+    for command in sub.choices.values():  # -q / -v work after the subcommand too (`lazymoe demo DIR -q`)
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
+    return parser
+
+
+@functools.cache
+def _options_by_dest(command: str | None) -> dict[str, argparse.Action]:
+    """Every option of every command by the name it stores (a dest is the Python keyword it stands for), the
+    options of ``command`` winning over other commands'."""
+    commands = build_parser()._subparsers._group_actions[0].choices  # argparse keeps its subcommands here
+    found: dict[str, argparse.Action] = {}
+    for name in sorted(commands, key=lambda c: c == command):  # ``command`` last: its options win
+        found.update({a.dest: a for a in commands[name]._actions if a.option_strings})
+    return found
+
+
+def cli_words(command: str | None = None) -> Words:
+    """The CLI's words for a setting a message names: its flag (``add --overwrite``, ``add --token TOKEN``)."""
+
+    def words(setting: Setting) -> str:
+        action = _options_by_dest(command).get(setting.name)
+        if action is None:  # a setting no command has a flag for: the library's own words
+            return python_words(setting)
+        flag = next(s for s in action.option_strings if s.startswith("--"))
+        if setting.noun:
+            return f"your {flag} argument"
+        if action.nargs == 0:  # a switch
+            return f"add {flag}" if setting.value else f"leave out {flag}"
+        value = action.metavar or action.dest.upper() if setting.value is ... else setting.value
+        return f"add {flag} {value}"
+
+    return words
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.words = cli_words(args.command)  # a handler that prints a message naming a setting words it so
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except LazyMoEError as err:
+        # one line, whatever the message holds (a model name or path may carry a newline)
+        message = worded(err, args.words)  # each setting it names as this command's flag
+        print(f"error: {' '.join(redact(message, [getattr(args, 'token', None), *env_tokens()]).split())}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was left behind", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: show the traceback, but never a token that some message may carry
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        print(redact(text, [getattr(args, "token", None), *env_tokens()]), file=sys.stderr, end="")
+        return 1
+

@@ -1,0 +1,358 @@
+"""Only the bytes a merge reads, fetched from the Hub by HTTP ranges while the merge runs.
+
+:class:`RangedWeights` takes, in the order they will be read, the tensors a merge needs from each model. For
+a Hub model it groups tensors that lie next to each other in one weight file and are read together (the same
+step group: the router pass, or one output shard) into a *chunk*, and fetches chunks in reading order with a
+pool of threads, big chunks as several ranges at once (``io.ranges``), at most ``window`` bytes ahead of
+the reader. Each chunk lands in a file of the range cache (``$HF_HOME/lazymoe/ranges/REPO/COMMIT/``),
+written under a temporary name and renamed when complete, so a later merge reuses it instead of fetching
+again. With ``release`` every chunk is deleted once its last reader has passed: disk stays near ``window``.
+
+Weight files already complete in the Hugging Face cache, and local folders, are read where they are:
+nothing is downloaded or stored twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from huggingface_hub import constants, try_to_load_from_cache
+from tqdm.auto import tqdm
+
+from ..errors import HubError
+from .ranges import read_range
+from .safetensors import TensorInfo
+from .token import env_tokens, redact
+from .sources import ModelInfo, WeightStore
+
+logger = logging.getLogger(__name__)
+
+#: adjacent tensors are fetched as one chunk up to this size; one range request moves at most PART bytes
+CHUNK_MAX = 64 << 20
+PART = 16 << 20
+#: requests in flight
+WORKERS = 8
+#: the step of reads that happen before any output tensor is written (the router pass)
+ROUTER_STEP = -1
+
+
+def range_cache_dir() -> Path:
+    """Where fetched ranges are kept: beside the Hugging Face cache (``HF_HOME``), read at call time."""
+    return Path(constants.HF_HOME) / "lazymoe" / "ranges"
+
+
+@dataclass(frozen=True)
+class Read:
+    """One tensor a merge reads: from model ``ref``, first at ``step`` (an output tensor's index, or
+    ``ROUTER_STEP``), in ``group`` (tensors of one group may share a chunk)."""
+
+    ref: str
+    name: str
+    step: int
+    group: int
+
+
+@dataclass
+class _Chunk:
+    ref: str
+    repo_id: str
+    commit: str
+    filename: str
+    start: int
+    end: int
+    path: Path
+    names: list[str] = field(default_factory=list)
+    first: int = 0
+    last: int = 0
+    submitted: bool = False
+    cached: bool = False  # found complete in the range cache: nothing to fetch
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    parts_left: int = 0
+    released: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path,
+                whole: frozenset[str] = frozenset()) -> tuple[list[_Chunk], dict]:
+    """Group the reads of Hub models into chunks; returns the chunks in fetch order and, for every
+    (ref, name) they hold, its chunk. Tensors of local models, of models in ``whole`` and of files complete
+    in the Hugging Face cache are left out."""
+    first: dict[tuple[str, str], Read] = {}
+    last: dict[tuple[str, str], int] = {}
+    for read in reads:
+        key = (read.ref, read.name)
+        first.setdefault(key, read)
+        last[key] = max(last.get(key, read.step), read.step)
+    by_file: dict[tuple[str, Path], list[TensorInfo]] = {}
+    for (ref, name) in first:
+        info = models[ref]
+        if info.ref.repo_id is None or ref in whole:
+            continue
+        t = info.tensors[name]
+        by_file.setdefault((ref, t.file), []).append(t)
+    chunks: list[_Chunk] = []
+    for (ref, file), tensors in by_file.items():
+        info = models[ref]
+        if isinstance(try_to_load_from_cache(info.ref.repo_id, file.name, revision=info.commit), str):
+            continue  # complete in the Hugging Face cache: read there
+        where = cache / info.ref.repo_id.replace("/", "--") / info.commit
+        current: _Chunk | None = None
+        for t in sorted(tensors, key=lambda t: t.offset):
+            read = first[(ref, t.name)]
+            if (current is None or current.end != t.offset or current.size + t.nbytes > CHUNK_MAX
+                    or first[(ref, current.names[0])].group != read.group):
+                current = _Chunk(ref, info.ref.repo_id, info.commit, file.name, t.offset, t.offset, where,
+                                 first=read.step, last=last[(ref, t.name)])
+                chunks.append(current)
+            current.names.append(t.name)
+            current.end = t.offset + t.nbytes
+            current.first = min(current.first, read.step)
+            current.last = max(current.last, last[(ref, t.name)])
+    for c in chunks:
+        c.path = c.path / f"{c.filename}.{c.start}-{c.end}"
+    chunks.sort(key=lambda c: (c.first, c.ref, c.filename, c.start))
+    holder = {(c.ref, name): c for c in chunks for name in c.names}
+    return chunks, holder
+
+
+class RangedWeights:
+    """Tensors of the merge's models as local files (the ``WeightStore`` interface): Hub models' tensors are
+    fetched by ranges ahead of the reader; see the module docstring.
+
+    ``reads`` lists every tensor the merge will read, in order; a tensor not listed is fetched when asked.
+    ``done(step)`` tells that every read of ``step`` (an output tensor's index) is over. Models in ``whole``
+    are downloaded as whole files instead (``WeightStore``), for a router pass that loads them as models.
+    """
+
+    def __init__(self, models: dict[str, ModelInfo], reads: list[Read], *, whole: frozenset[str] = frozenset(),
+                 release: bool = False, window: int = 1 << 30, workers: int = WORKERS, cache: Path | None = None,
+                 progress: bool = True):
+        self.models = dict(models)
+        self.release_enabled = release
+        self.window = window
+        self.cache = cache or range_cache_dir()
+        self._reads = list(reads)
+        self._whole = WeightStore({r: m for r, m in self.models.items() if r in whole}, release=release)
+        self._whole_last = {r: max((x.step for x in self._reads if x.ref == r), default=ROUTER_STEP) for r in whole}
+        self._chunks, self._holder = plan_chunks(self.models, self._reads, self.cache, frozenset(whole))
+        self._router_names: dict[str, list[str]] = {}
+        for read in self._reads:
+            if read.step == ROUTER_STEP:
+                self._router_names.setdefault(read.ref, []).append(read.name)
+        self._lock = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazymoe-fetch")
+        self._ahead = 0  # bytes fetched (or being fetched) whose last reader has not passed
+        self._closed = False
+        self._step = ROUTER_STEP - 1  # the last step done
+        #: bytes received from the Hub, and the range requests that carried them
+        self.fetched_bytes = 0
+        self.requests = 0
+        self._bar = tqdm(total=sum(c.size for c in self._chunks), unit="B", unit_scale=True, unit_divisor=1024,
+                         desc="Fetching weights", disable=not progress or not self._chunks)
+        for c in self._chunks:
+            if c.path.is_file() and c.path.stat().st_size == c.size:
+                c.cached = c.submitted = True
+                c.done.set()
+                self._bar.update(c.size)
+        self._feeder = threading.Thread(target=self._feed, name="lazymoe-fetch-feeder", daemon=True)
+        self._feeder.start()
+
+    # ------------------------------------------------------------------ what a merge asks
+    @property
+    def needed_bytes(self) -> int:
+        """Bytes of the Hub models' tensors that this merge reads and are not on disk yet."""
+        return sum(c.size for c in self._chunks if not c.cached)
+
+    def local(self, ref: str) -> ModelInfo:
+        """``ref``'s info with the tensors the router pass reads (``ROUTER_STEP``) on local disk."""
+        info = self.models[ref]
+        if ref in self._whole_last:
+            return self._whole.local(ref)
+        if info.ref.repo_id is None:
+            return info
+        names = self._router_names.get(ref, [])
+        return replace(info, tensors={name: self.resolve(ref, name) for name in names})
+
+    def resolve(self, ref: str, name: str) -> TensorInfo:
+        """Where tensor ``name`` of ``ref`` is on local disk; waits for its chunk (fetching it now if it was
+        not planned)."""
+        info = self.models[ref]
+        if ref in self._whole_last:
+            return self._whole.resolve(ref, name)
+        tensor = info.tensors[name]
+        if info.ref.repo_id is None:
+            return tensor
+        chunk = self._holder.get((ref, name))
+        if chunk is None:
+            cached = try_to_load_from_cache(info.ref.repo_id, tensor.file.name, revision=info.commit)
+            if isinstance(cached, str):
+                return replace(tensor, file=Path(cached))
+            chunk = self._unplanned(ref, tensor)
+        self._want(chunk)
+        chunk.done.wait()
+        if chunk.error is not None:
+            raise self._error(chunk)
+        return replace(tensor, file=chunk.path, offset=tensor.offset - chunk.start)
+
+    def release(self, ref: str) -> int:
+        """``WeightStore`` interface: chunks are released by step (``done``), not by model."""
+        return 0
+
+    def done(self, step: int) -> None:
+        """Every read of ``step`` is over: release the chunks (and whole models) no later step reads."""
+        for ref, last in self._whole_last.items():
+            if last == step:
+                self._whole.release(ref)
+        with self._lock:
+            self._step = step
+            for c in self._chunks:
+                if c.submitted and not c.released and c.last <= step and c.done.is_set():
+                    self._release(c)
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        """Stop fetching; delete partial chunks (and, with ``release``, every chunk)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._feeder.join()
+        self._bar.close()
+        for c in self._chunks:
+            _unlink(c.path.with_name(c.path.name + ".incomplete"))
+            if self.release_enabled and not c.cached:
+                _unlink(c.path)
+
+    def __enter__(self) -> "RangedWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ fetching
+    def _unplanned(self, ref: str, tensor: TensorInfo) -> _Chunk:
+        info = self.models[ref]
+        where = self.cache / info.ref.repo_id.replace("/", "--") / info.commit
+        chunk = _Chunk(ref, info.ref.repo_id, info.commit, tensor.file.name, tensor.offset,
+                       tensor.offset + tensor.nbytes, where / f"{tensor.file.name}.{tensor.offset}-"
+                       f"{tensor.offset + tensor.nbytes}", names=[tensor.name], first=self._step, last=1 << 62)
+        with self._lock:
+            self._chunks.append(chunk)
+            self._holder[(ref, tensor.name)] = chunk
+        if chunk.path.is_file() and chunk.path.stat().st_size == chunk.size:
+            chunk.cached = chunk.submitted = True
+            chunk.done.set()
+        return chunk
+
+    def _want(self, chunk: _Chunk) -> None:
+        with self._lock:
+            if not chunk.submitted:
+                self._submit(chunk)
+
+    def _feed(self) -> None:
+        """Submit chunks in reading order, keeping at most ``window`` bytes ahead of the reader. The router
+        pass's chunks come first and alone: nothing is written (so nothing uploaded) before that pass ends,
+        so they get the whole bandwidth."""
+        router = [c for c in self._chunks if c.first == ROUTER_STEP]
+        for chunk in router:
+            self._want(chunk)
+        for chunk in router:
+            while not chunk.done.wait(0.1):
+                if self._closed:
+                    return
+        for chunk in list(self._chunks):
+            with self._lock:
+                while (not self._closed and not chunk.submitted and self._ahead > 0
+                       and self._ahead + chunk.size > self.window):
+                    self._lock.wait()
+                if self._closed:
+                    return
+                if not chunk.submitted:
+                    self._submit(chunk)
+
+    def _submit(self, chunk: _Chunk) -> None:  # holding the lock
+        chunk.submitted = True
+        self._ahead += chunk.size
+        chunk.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = chunk.path.with_name(chunk.path.name + ".incomplete")
+        with open(partial, "wb") as f:
+            f.truncate(chunk.size)
+        starts = list(range(chunk.start, chunk.end, PART)) or [chunk.start]
+        chunk.parts_left = len(starts)
+        if chunk.size == 0:
+            self._finish(chunk, partial)
+            return
+        for start in starts:
+            future: Future = self._pool.submit(self._fetch_part, chunk, partial, start, min(start + PART, chunk.end))
+            future.add_done_callback(lambda f, c=chunk, p=partial: self._part_done(f, c, p))
+
+    def _fetch_part(self, chunk: _Chunk, partial: Path, start: int, end: int) -> None:
+        data, _ = read_range(chunk.repo_id, chunk.commit, chunk.filename, start, end)
+        fd = os.open(partial, os.O_WRONLY)
+        try:
+            view, at = memoryview(data), start - chunk.start
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+        finally:
+            os.close(fd)
+        with self._lock:
+            self.fetched_bytes += len(data)
+            self.requests += 1
+        self._bar.update(len(data))
+
+    def _part_done(self, future: Future, chunk: _Chunk, partial: Path) -> None:
+        error = None if future.cancelled() else future.exception()
+        with self._lock:
+            if future.cancelled():
+                error = error or HubError("the download was stopped")
+            if error is not None and chunk.error is None:
+                chunk.error = error
+            chunk.parts_left -= 1
+            if chunk.parts_left > 0:
+                return
+            if chunk.error is None:
+                self._finish(chunk, partial)
+            else:
+                _unlink(partial)
+            chunk.done.set()
+            self._lock.notify_all()
+
+    def _finish(self, chunk: _Chunk, partial: Path) -> None:
+        os.replace(partial, chunk.path)
+        chunk.done.set()
+        if chunk.last <= self._step:
+            self._release(chunk)
+
+    def _release(self, chunk: _Chunk) -> None:  # holding the lock
+        chunk.released = True
+        if not chunk.cached:
+            self._ahead -= chunk.size
+        if self.release_enabled and not chunk.cached:
+            _unlink(chunk.path)
+
+    def _error(self, chunk: _Chunk) -> HubError:
+        err = chunk.error
+        cause = " ".join(redact(str(err), env_tokens()).split())[:300] or type(err).__name__
+        kept = "" if self.release_enabled else " The ranges already fetched are kept and will not be fetched again."
+        return HubError(
+            f"Downloading {chunk.filename} of {chunk.repo_id} failed ({type(err).__name__}: {cause}). Check the "
+            f"network, then run the merge again.{kept}"
+        )
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,272 @@
+"""Hub to Hub: a merge fetches only the bytes it reads, by ranges, with the real huggingface_hub client against
+tests/hubserver.py (which counts the bytes it sends and receives)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from helpers import moe_config
+from test_merge import raw_bytes
+
+import lazymoe
+from lazymoe.errors import HubError
+from lazymoe.io.fetch import range_cache_dir
+from lazymoe.io.safetensors import scan_file
+
+MODELS = ("base", "chat", "code")
+
+
+@pytest.fixture
+def published(hub, tiny_world):
+    return {name: hub.publish_folder(f"lazyorg/tiny-{name}", tiny_world[name]) for name in MODELS}
+
+
+def hub_and_local(tiny_world, **kw):
+    hub = moe_config("lazyorg/tiny-base", ["lazyorg/tiny-chat", "lazyorg/tiny-code"], **kw)
+    local = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], **kw)
+    return hub, local
+
+
+def tensors_of(folder: Path) -> dict:
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(scan_file(f))
+    return out
+
+
+def needed_bytes(tiny_world) -> int:
+    """What a random-router merge of base + chat + code reads, from the local copies' headers: every tensor of
+    the base but its MLPs (the base is no expert), and the experts' MLPs."""
+    base = sum(t.nbytes for n, t in tensors_of(tiny_world["base"]).items() if ".mlp." not in n)
+    return base + sum(t.nbytes for m in ("chat", "code") for n, t in tensors_of(tiny_world[m]).items() if ".mlp." in n)
+
+
+def tensor_ranges(hub) -> list:
+    """The ranged weight reads that are not header reads (``describe`` reads 8 bytes, then the header)."""
+    out = []
+    for r in hub.requests_of("resolve"):
+        if r.path.endswith(".safetensors") and r.range and not r.range.startswith(("bytes=0-7", "bytes=8-")):
+            out.append(r)
+    return out
+
+
+def test_a_merge_fetches_exactly_the_bytes_it_reads_and_equals_the_local_merge(hub, published, tiny_world, tmp_path):
+    from huggingface_hub import constants
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="random", seed=1)
+    plan = lazymoe.make_plan(cfg, progress=False)
+    headers = hub.downloaded_bytes  # config, tokenizer and safetensors headers
+    assert not tensor_ranges(hub), "planning reads headers only"
+    out = lazymoe.merge(cfg, tmp_path / "hub", progress=False, plan=plan)
+
+    need = needed_bytes(tiny_world)
+    whole = sum(p.stat().st_size for n in MODELS for p in tiny_world[n].glob("*.safetensors"))
+    fetched = sum(r.response_bytes for r in tensor_ranges(hub))
+    assert plan.download_bytes == need and fetched == need < 0.7 * whole
+    assert hub.downloaded_bytes - headers == need, "nothing but the planned tensors moved"
+    tensors = sum(len([n for n in tensors_of(tiny_world[m]) if m == "base" or ".mlp." in n]) for m in MODELS)
+    assert len(tensor_ranges(hub)) < tensors / 2, "adjacent tensors are coalesced into one range"
+    assert all(r.status == 206 for r in tensor_ranges(hub))
+    assert list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors")) == [], "no whole file was downloaded"
+    assert raw_bytes(out) == raw_bytes(lazymoe.merge(local, tmp_path / "local", progress=False))
+
+
+def test_a_second_merge_downloads_no_weight_again(hub, published, tiny_world, tmp_path):
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    first = lazymoe.merge(cfg, tmp_path / "one", progress=False)
+    assert tensor_ranges(hub)
+    ranges = sorted(p.name for p in range_cache_dir().rglob("*") if p.is_file())
+    hub.reset_counters()
+    second = lazymoe.merge(cfg, tmp_path / "two", progress=False)
+    assert tensor_ranges(hub) == [], "every range comes from the range cache"
+    assert sorted(p.name for p in range_cache_dir().rglob("*") if p.is_file()) == ranges, "and is stored once"
+    assert raw_bytes(first) == raw_bytes(second)
+
+
+def test_files_already_in_the_hf_cache_are_read_there(hub, published, tiny_world, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("lazyorg/tiny-chat")  # the user had this model already
+    hub.reset_counters()
+    cfg, local = hub_and_local(tiny_world, gate_mode="random", seed=3)
+    out = lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    assert {r.path.split("/")[2] for r in tensor_ranges(hub)} == {"tiny-base", "tiny-code"}
+    assert not [p for p in range_cache_dir().rglob("*") if "tiny-chat" in str(p) and p.is_file()]
+    assert raw_bytes(out) == raw_bytes(lazymoe.merge(local, tmp_path / "local", progress=False))
+
+
+def test_low_disk_keeps_no_fetched_range(hub, published, tiny_world, tmp_path):
+    from huggingface_hub import constants
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    out = lazymoe.merge(cfg, tmp_path / "moe", progress=False, low_disk=True, max_shard_bytes="200KB")
+    assert [p for p in range_cache_dir().rglob("*") if p.is_file()] == []
+    assert list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors")) == []
+    assert raw_bytes(out) == raw_bytes(lazymoe.merge(local, tmp_path / "local", progress=False, low_disk=True,
+                                                     max_shard_bytes="200KB"))
+
+
+def test_a_network_failure_while_fetching_is_one_line_and_leaves_nothing(hub, published, tiny_world, tmp_path):
+    cfg, _ = hub_and_local(tiny_world, gate_mode="random", seed=1)
+    plan = lazymoe.make_plan(cfg, progress=False)
+    hub.fail("resolve", nth=3, times=None)  # an outage longer than the client's retries
+    with pytest.raises(HubError, match=r"^Downloading model.*safetensors of lazyorg/tiny-\w+ failed .*Check the "
+                                       r"network, then run the merge again") as caught:
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, plan=plan)
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    assert not [p for p in range_cache_dir().rglob("*.incomplete")], "no partial range is left"
+
+
+def test_hubserver_paces_downloads_at_its_bandwidth(hub, published):
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    size, path = max((b.size, p) for p, b in hub.files("lazyorg/tiny-chat").items())
+    hub.set_bandwidth(download_bps=size / 0.5)  # the largest file takes half a second
+    start = time.monotonic()
+    body = get_session().get(hf_hub_url("lazyorg/tiny-chat", path)).content
+    assert len(body) == size and time.monotonic() - start >= 0.45
+    assert hub.downloaded_bytes == size
+
+
+# ----------------------------------------------------------------------------- upload while merging
+
+
+def shard_count(plan_or_folder) -> int:
+    return len(list(Path(plan_or_folder).glob("*.safetensors")))
+
+
+@pytest.fixture
+def recorded_shards(monkeypatch, hub):
+    """Each shard handed to the uploader, with the LFS uploads the Hub had finished when the merge went on."""
+    from lazymoe.publish.hub import StreamingPush
+
+    seen = []
+    add = StreamingPush.add_shard
+
+    def spy(self, path):
+        add(self, path)
+        seen.append((path.name, len(hub.requests_of("lfs-upload", status=200))))
+
+    monkeypatch.setattr(StreamingPush, "add_shard", spy)
+    return seen
+
+
+def remote_files(hub, repo_id) -> dict[str, bytes]:
+    return {p: b.data for p, b in hub.files(repo_id).items() if p != ".gitattributes"}
+
+
+def test_merge_push_uploads_each_shard_while_merging_and_commits_once(hub, published, tiny_world, tmp_path,
+                                                                       recorded_shards):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline.merge import merge_and_push
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    out, pushed = merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", token=ALICE_WRITE_TOKEN,
+                                 max_shard_bytes="150KB", progress=False)
+    shards = shard_count(out)
+    assert shards >= 4 and [n for n, _ in recorded_shards] == sorted(p.name for p in out.glob("*.safetensors"))
+    # at most two shards are handed over and not yet on the Hub: shard k-2 is there when shard k is handed over
+    assert all(done >= k - 1 for k, (_, done) in enumerate(recorded_shards))
+    (commit,) = hub.requests_of("commit")
+    assert commit.status == 200 and pushed.repo_id == "alice/tiny-moe" and pushed.files == len(list(out.iterdir()))
+    lfs = hub.requests_of("lfs-upload")
+    large = [p for p in out.iterdir() if hub.upload_mode(p.name, p.stat().st_size) == "lfs"]  # + tokenizer.model
+    assert len(lfs) == len(large) > shards and hub.requests.index(lfs[-1]) < hub.requests.index(commit)
+    remote = remote_files(hub, "alice/tiny-moe")
+    local_files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(remote) == set(local_files)
+    assert all(remote[n] == local_files[n] for n in local_files if n != "README.md")
+    assert "alice/tiny-moe" in remote["README.md"].decode() and "your-username" in local_files["README.md"].decode()
+    expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
+    assert raw_bytes(out) == raw_bytes(expected)
+
+
+def test_no_keep_deletes_each_shard_once_uploaded_and_bounds_the_disk(hub, published, tiny_world, tmp_path,
+                                                                       recorded_shards):
+    import threading
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline.merge import merge_and_push
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="random", seed=2)
+    hub.set_bandwidth(upload_bps=2_000_000)  # uploads slower than writing: shards pile up unless bounded
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], len([p for p in tmp_path.rglob("model-*.safetensors")]))
+            stop.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out, pushed = merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,
+                                     max_shard_bytes="100KB", progress=False)
+    finally:
+        stop.set()
+        sampler.join()
+    assert len(recorded_shards) >= 6
+    assert 1 <= peak[0] <= 3, f"{peak[0]} shards were on disk at once"
+    assert shard_count(out) == 0 and {"config.json", "README.md", "lazymoe_config.yml"} <= {p.name for p in out.iterdir()}
+    expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="100KB", progress=False)
+    remote = remote_files(hub, "alice/tiny-moe")
+    recipe = ("README.md", "lazymoe_config.yml")  # they name the models as given: Hub ids here, folders there
+    assert {n: remote[n] for n in remote if n not in recipe} == {
+        p.name: p.read_bytes() for p in expected.iterdir() if p.name not in recipe}
+    assert len(hub.requests_of("commit")) == 1
+    assert not [p for p in range_cache_dir().rglob("*") if p.is_file()], "fetched ranges are deleted as written"
+
+
+def test_an_upload_failure_commits_nothing_and_a_rerun_sends_only_the_missing_shards(hub, published, tiny_world,
+                                                                                      tmp_path):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline.merge import merge_and_push
+
+    cfg, _ = hub_and_local(tiny_world, gate_mode="random")  # no seed: the push derives one from the recipe
+    hub.fail("lfs-upload", nth=3, times=None)  # the network goes down during the third shard's upload
+    with pytest.raises(HubError) as caught:
+        merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,
+                       max_shard_bytes="150KB", progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("The upload to 'alice/tiny-moe' was interrupted (")
+    assert "nothing was committed" in message and "--push again" in message
+    assert hub.requests_of("commit") == [] and set(hub.files("alice/tiny-moe")) == {".gitattributes"}
+    assert list(tmp_path.iterdir()) == [], "no output folder, no shard left behind"
+    received = {r.path.rsplit("/", 1)[-1] for r in hub.requests_of("lfs-upload", status=200)}
+    assert len(received) == 2
+
+    hub.clear_failures()
+    hub.reset_counters()
+    out, _ = merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=True, token=ALICE_WRITE_TOKEN,
+                            max_shard_bytes="150KB", progress=False)
+    again = {r.path.rsplit("/", 1)[-1] for r in hub.requests_of("lfs-upload")}
+    assert again and not again & received, "shards the Hub holds are not sent again"
+    large = [p for p in out.iterdir() if hub.upload_mode(p.name, p.stat().st_size) == "lfs"]  # + tokenizer.model
+    assert len(again) + len(received) == len(large)
+    remote = remote_files(hub, "alice/tiny-moe")
+    assert all(remote[p.name] == p.read_bytes() for p in out.iterdir() if p.name != "README.md")
+
+
+def test_cli_merge_push(hub, published, tiny_world, tmp_path, capsys):
+    import yaml
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.cli import main
+
+    cfg, _ = hub_and_local(tiny_world, gate_mode="random", seed=4)
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(path), str(tmp_path / "a"), "--no-keep"]) == 2
+    assert "--no-keep deletes each shard once it is uploaded: it needs --push REPO" in capsys.readouterr().err
+    assert main(["-q", "merge", str(path), str(tmp_path / "tiny-cli"), "--push", "tiny-cli", "--no-keep",
+                 "--token", ALICE_WRITE_TOKEN, "--max-shard-size", "200KB"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{hub.url}/alice/tiny-cli" in printed and "in one commit" in printed and ALICE_WRITE_TOKEN not in printed
+    assert len(hub.requests_of("commit")) == 1 and "model.safetensors.index.json" in hub.files("alice/tiny-cli")
