@@ -27,7 +27,8 @@ def results(tmp_path_factory):
     spec.loader.exec_module(bench)
     work = tmp_path_factory.mktemp("rq")
     out = work / "rq.md"
-    assert bench.main(["--tiny", "--modes", f"random,hidden,{RECOMMENDED_GATE_MODE}", "--seeds", "0",
+    assert bench.main(["--tiny", "--modes", f"random,hidden,{RECOMMENDED_GATE_MODE},{RECOMMENDED_GATE_MODE}+docs",
+                       "--seeds", "0",
                        "--work", str(work), "--out", str(out)]) == 0
     return json.loads(out.with_suffix(".json").read_text()), out.read_text()
 
@@ -47,10 +48,58 @@ def test_the_recommended_mode_routes_every_domain_better_than_hidden_and_random(
 def test_the_report_has_every_world_mode_and_the_minimum_row(results):
     data, text = results
     world = data["worlds"][0]
-    assert set(world["modes"]) == {"random", "hidden", RECOMMENDED_GATE_MODE}
+    assert set(world["modes"]) == {"random", "hidden", RECOMMENDED_GATE_MODE, f"{RECOMMENDED_GATE_MODE}+docs"}
     for row in world["modes"].values():
         run = row["runs"][0]
         assert row["top1_min"] <= row["top1_mean"] and row["kept_min"] <= row["kept_mean"]
         assert len(run["top1"]["code"]) == 2 and run["gate_seconds"] >= 0  # two layers
         assert run["worst_kept"] == min(run["kept"].values())
     assert "| **minimum** |" in text and f"`{RECOMMENDED_GATE_MODE}` top-1" in text and "| tiny | tune |" in text
+
+
+def test_the_gain_split_accounts_for_every_token(results):
+    """MLP-only experts: the oracle is the expert itself, so the gain kept on the tokens routed right at every
+    layer and on the rest, weighted by their shares of the gain, is the domain's gain kept."""
+    data, text = results
+    world = data["worlds"][0]
+    assert all(abs(v - 1.0) < 1e-5 for v in world["oracle_kept"].values())
+    for row in world["modes"].values():
+        run = row["runs"][0]
+        for domain, sp in run["split"].items():
+            assert 0.0 <= sp["right_tokens"] <= 1.0
+            if sp["kept_right"] is None or sp["kept_rest"] is None:
+                continue  # one side carries under 5% of the gain
+            whole = sp["right_gain"] * sp["kept_right"] + (1 - sp["right_gain"]) * sp["kept_rest"]
+            assert whole == pytest.approx(run["kept"][domain], abs=1e-4), (domain, sp)
+    best = world["modes"][RECOMMENDED_GATE_MODE]["runs"][0]["split"]
+    assert any(sp["kept_right"] is not None and sp["kept_rest"] is not None for sp in best.values())
+    assert "Where the gain goes" in text and "`MODE+docs`" in text
+
+
+def test_calibration_documents_are_never_the_scored_ones():
+    spec = importlib.util.spec_from_file_location("router_quality", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    worlds = sys.modules["worlds"]
+    world = type("W", (), {"spec": worlds.TINY_SPEC,
+                           "heldout": {d: worlds.documents(d, 8, worlds.TINY_SPEC.seed + 1_000_003)
+                                       for d in worlds.TINY_SPEC.domains}})()
+    recipe = {"experts": [{} for _ in worlds.TINY_SPEC.domains]}
+    docs = bench.with_calibration(recipe, world, "docs")
+    for d, expert in zip(worlds.TINY_SPEC.domains, docs["experts"]):
+        assert len(expert["calibration_text"]) == bench.CALIBRATION_DOCS
+        assert not set(expert["calibration_text"]) & set(world.heldout[d])
+    with pytest.raises(SystemExit, match="unknown calibration"):
+        bench.split_mode("expert_classifier+everything")
+
+
+def test_the_summary_table_gives_each_modes_worst_seed(results):
+    data, _ = results
+    bench = sys.modules["router_quality"]
+    table = bench.summary(data).splitlines()
+    world = data["worlds"][0]
+    tiny = next(line for line in table if line.startswith("| tiny |"))
+    for mode in world["modes"]:
+        assert f" {bench.pct(world['modes'][mode]['top1_min'])} " in tiny
+    assert table[-1].startswith("| **minimum** |")
+    assert table[0].count("top-1") == len(world["modes"])
