@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .moe import arch as _arch
-from .errors import ConfigError
+from .errors import ConfigError, Setting, Text
 from .io.safetensors import NAME_TO_ST
 from .router.modes import GATE_MODES, RANDOM_MODES
 
@@ -381,11 +381,12 @@ def validate_config(config: MoEConfig) -> MoEConfig:
                 "tell them apart. Give each expert prompts that describe its own domain."
             )
     if not config.allow_all_same_experts and len({e.source_model for e in config.experts}) == 1:
-        raise ConfigError(
+        allow = Setting("allow_all_same_experts", True, python="set allow_all_same_experts: true in the config")
+        raise ConfigError(Text(
             f"Every expert is the same model ({config.experts[0].source_model}): the MoE would cost "
-            f"{n}x the MLP memory and compute the same thing. If you will train it afterwards, set "
-            "allow_all_same_experts: true (CLI: --allow-all-same-experts)."
-        )
+            f"{n}x the MLP memory and compute the same thing. If you will train it afterwards, {allow.placeholder}.",
+            (allow,)
+        ))
     return config
 
 

@@ -100,7 +100,8 @@ class NotebookSettings(MergeOptions):
     hf_secret: str = Field("HF_TOKEN", description="Name of the Colab secret (key icon, left bar) holding a write "
                            "token")
     gguf: bool = Field(False, description="Also make GGUF files (llama.cpp)")
-    quants: tuple[str, ...] = Field(DEFAULT_QUANTS, description="Ctrl/Cmd-click to pick several")
+    quants: tuple[str, ...] = Field(DEFAULT_QUANTS, description="The GGUF quantisation types to make; Ctrl/Cmd-click "
+                                    "to pick several")
 
     @property
     def folder_name(self) -> str:

@@ -140,6 +140,13 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             page.get_by_text("nothing to chat with").wait_for(timeout=600_000)  # 13 steps, evaluation included
             _wait_until_idle(page, 60_000)
             assert (work / "LazyMoE-Demo-4x" / "config.json").is_file()
+            # the routing picture at its own size, not shrunk until its numbers cannot be read
+            sizes = page.evaluate("""() => [...document.querySelectorAll('.jp-OutputArea-output img')]
+                .map(img => [img.naturalWidth, img.getBoundingClientRect().width])""")
+            assert len(sizes) >= 2 and all(shown >= natural - 1 for natural, shown in sizes), sizes
+            # every field's help is on screen, not only in hover tooltips; "none" is explained
+            page.get_by_text("empty (none): the weights as they are").first.wait_for(state="visible", timeout=10_000)
+            assert page.locator(".lazymoe-form .lazymoe-help").count() >= 12
 
             # 2. edit the rendered form like a user: the model name and the first expert's first prompt
             name = page.locator(".lazymoe-model-name input")
@@ -186,6 +193,24 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             page.get_by_text("No Hugging Face token found").first.wait_for(timeout=60_000)
             page.get_by_text(re.compile("Stopped at .Plan")).first.wait_for(timeout=10_000)
             assert "upload: true" in (work / "LazyMoE-Demo-4x.lazymoe.yaml").read_text()
+            # in the notebook's own words: the form field, not --token or token=
+            page.get_by_text("type it into “…or a token” in the form's Hugging Face Hub section").first.wait_for(
+                timeout=10_000)
+            plan_cell = page.locator(".jp-Notebook .jp-Cell").nth(4)
+            assert "--token" not in plan_cell.inner_text() and "token=" not in plan_cell.inner_text()
+
+            # 5b. an expert that cannot be read: Plan fails while reading headers, and its bar goes with it
+            # (before, a grey "2/5" bar stayed above the red message)
+            expert = page.locator(".lazymoe-expert-model input").nth(2)
+            expert.fill("lazymoe-demo/nowhere")
+            expert.press("Tab")
+            plan_cell.click()
+            page.keyboard.press("Shift+Enter")
+            plan_cell.locator(".lazymoe-error", has_text="nowhere").first.wait_for(timeout=60_000)
+            _wait_until_idle(page, 30_000)
+            assert plan_cell.locator(".widget-hprogress:visible, progress:visible").count() == 0, "a stale bar"
+            expert.fill("lazymoe-demo/math")
+            expert.press("Tab")
 
             # 6. two bad values: Check shows both at once, each under its field
             name.fill("bad name")
@@ -197,8 +222,12 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             page.get_by_text("2 problems, marked in red in the form").first.wait_for(timeout=30_000)
             assert page.locator(".lazymoe-field-error").count() == 2
             assert page.locator(".lazymoe-invalid").count() == 2
-            for width in (900, 1400):  # the form as a user sees it, narrow and wide (described in the issue's note)
-                page.set_viewport_size({"width": width, "height": 1000})
+            # the form as a user sees it, narrow and wide (described in the issue's note): the window as tall as the
+            # form, since JupyterLab draws only what is on screen, and the notebook toolbar (it floats over the
+            # top of whatever is scrolled under it) out of the way
+            page.add_style_tag(content=".jp-NotebookPanel-toolbar {display: none !important}")
+            for width in (900, 1400):
+                page.set_viewport_size({"width": width, "height": 3600})
                 page.locator(".lazymoe-form").first.screenshot(path=str(ARTIFACTS / f"form-after-{width}px.png"))
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"))

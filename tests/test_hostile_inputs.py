@@ -376,7 +376,7 @@ def test_the_disk_messages_show_the_margin_and_suggest_low_disk_only_where_it_he
     with pytest.raises(InsufficientResourcesError) as caught:
         lazymoe.merge(D / "demo.yaml", tmp_path / "out", progress=False)
     assert "+ 67.1 MB margin) but only 1.0 KB is free" in str(caught.value), str(caught.value)
-    assert "--low-disk" not in str(caught.value), "nothing is downloaded, so low-disk mode cannot help"
+    assert "low_disk" not in str(caught.value), "nothing is downloaded, so low-disk mode cannot help"
 
     free = 100 * 1024**2  # 100 MiB: enough for 50 MiB, not for 50 MiB + the 64 MiB margin
     monkeypatch.setattr(gguf.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(free, 0, free))

@@ -222,7 +222,7 @@ def test_existing_folders_are_never_clobbered(tiny_world, tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me"
 
     out = lazymoe.merge(cfg, tmp_path / "moe", progress=False)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite=True to replace it"):
         lazymoe.merge(cfg, out, progress=False)
     lazymoe.merge(cfg, out, progress=False, overwrite=True)
     assert (out / "config.json").is_file() and len(list(tmp_path.iterdir())) == 2
@@ -255,7 +255,7 @@ def test_not_enough_disk_is_refused_before_any_work(tiny_world, tmp_path, monkey
     with pytest.raises(InsufficientResourcesError, match="needs about .* of free disk .* only 1.0 KB is free") as caught:
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)
     assert list(tmp_path.iterdir()) == []
-    assert "--low-disk" not in str(caught.value), "local models: nothing is downloaded, low-disk mode cannot help"
+    assert "low_disk" not in str(caught.value), "local models: nothing is downloaded, low-disk mode cannot help"
 
 
 def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tmp_path, monkeypatch):
@@ -276,7 +276,7 @@ def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tm
         for i, (ref, info) in enumerate(local.models.items())}
     hub = dataclasses.replace(local, models=remote, download_bytes=sum(m.weight_bytes for m in remote.values()),
                               max_shard_bytes=10_000)
-    assert _low_disk_hint(hub) == ", or use low-disk mode (--low-disk)"
+    assert str(_low_disk_hint(hub)) == ", or pass low_disk=True (low-disk mode)"
     assert _low_disk_hint(dataclasses.replace(hub, low_disk=True)) == ""
 
 
@@ -285,7 +285,7 @@ def test_low_disk_mode_is_suggested_only_where_it_needs_less_disk(tiny_world, tm
     [
         ({"layout": "fused", "low_disk": True}, "low_disk needs the classic layout"),
         ({"layout": "packed"}, "layout must be one of classic, fused, got 'packed'"),
-        ({"device": "tpu:0"}, "--device 'tpu:0' is not a device; use auto, cpu, cuda or cuda:N"),
+        ({"device": "tpu:0"}, "your device= argument 'tpu:0' is not a device; use auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_merge_options_are_refused_before_any_work(tiny_world, tmp_path, kwargs, message):
@@ -302,7 +302,8 @@ def test_asking_for_cuda_without_a_gpu_names_the_fix(tiny_world, tmp_path):
     from lazymoe.errors import ConfigError
 
     cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
-    with pytest.raises(ConfigError, match="--device cuda was asked for but this machine has no CUDA GPU; use --device cpu"):
+    with pytest.raises(ConfigError, match="your device= argument asks for cuda but this machine has no CUDA GPU; "
+                                          "pass device='cpu'"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False, device="cuda")
 
 

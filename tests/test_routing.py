@@ -141,6 +141,16 @@ def test_plot_is_a_png_and_leaves_no_pyplot_figures(moe, tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_the_picture_is_drawn_to_be_read_at_its_own_size(moe, tmp_path):
+    import matplotlib.image
+
+    report = routing.routing_report(moe)
+    assert report.chosen.shape[0] >= 3  # several prompt groups: they wrap into rows instead of one wide row
+    width = matplotlib.image.imread(plot.plot_routing(report, tmp_path / "routing.png")).shape[1]
+    assert width <= 900, "wider than a notebook cell: it would be shrunk (or scrolled) until unreadable"
+    assert plot.CELL_FONT_PT * plot.DPI / 72 >= 11, "each percentage at least 11 px high"
+
+
 def test_a_dense_folder_is_refused_with_a_clear_message(tiny_world):
     with pytest.raises(ConfigError, match="not a MoE"):
         routing.routing_report(tiny_world["base"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 
@@ -139,6 +140,8 @@ def test_build_button_runs_every_step(builder, tmp_path):
         assert phrase in shown
     routing_png, eval_png = builder.screen.images()
     assert routing_png.startswith(b"\x89PNG") and routing_png == (tmp_path / "tiny-moe" / "routing.png").read_bytes()
+    # shown at their own size: a notebook that shrinks them to the cell's width makes their numbers unreadable
+    assert [item.unconfined for item in builder.screen if isinstance(item, ui.Image)] == [True, True]
     assert eval_png == (tmp_path / "tiny-moe" / "eval.png").read_bytes()
     for phrase in ("Gain kept", "lazymoe-answers"):  # steps 6b and 6c
         assert phrase in shown
@@ -232,3 +235,48 @@ def test_gguf_step_converts_uploads_as_name_gguf_and_chats(builder, hub):
     later = Builder(builder.form, workdir=builder.workdir, show=lambda _: None)  # a new session finds the files
     assert later.chat(n_threads=1, max_tokens=2) is not None and later.gguf_files == files
     assert ALICE_WRITE_TOKEN not in builder.screen.html()
+
+
+def test_a_failed_step_hides_the_progress_bar_it_left_open():
+    """A loop left by an exception keeps its bar open (grey, "0/4") until it is garbage-collected; the failed
+    step closes it and hides it, so only the red message is left."""
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    from lazymoe.errors import ConfigError
+
+    bars, shown = [], []
+
+    class Step:
+        def _show(self, obj):
+            shown.append(obj)
+
+        @ui._step("Merge")
+        def run(self):
+            bars.append(notebook_tqdm(total=4, desc="Router: fitting"))  # never closed: grey at 0/4
+            bars.append(notebook_tqdm(total=2, desc="finished"))
+            bars[-1].update(2)
+            bars[-1].close()
+            self.headers()
+
+        @ui._step("Plan")  # a step inside a step (the Build button runs them all)
+        def headers(self):
+            bar = notebook_tqdm(range(5), desc="Reading model headers")
+            bars.append(bar)
+            # what tqdm's monitor thread does with the registry while a step watches it
+            assert bar in ui.std_tqdm._instances.copy() and earlier in ui.std_tqdm._instances.copy()
+            for i in bar:  # the exception closes this one at once, red at 3/5
+                if i == 3:
+                    raise ConfigError("the red message")
+
+    earlier = notebook_tqdm(total=3, desc="a bar from before the step")  # not the step's: left as it is
+    with pytest.raises(StepFailed):
+        Step().run()
+    stale, finished, stopped = bars
+    assert stopped.n == 3 and stopped.disable  # closed by the exception itself, unfinished
+    for bar in (stale, stopped):
+        assert bar.disable and bar.container.layout.display == "none"  # closed and hidden
+    assert finished.container.layout.display != "none"  # a bar that ended at 100% stays, green
+    assert not earlier.disable and earlier.container.layout.display != "none"
+    assert "the red message" in shown[-1].data
+    assert set(ui.std_tqdm._instances) == {earlier} and type(ui.std_tqdm._instances) is weakref.WeakSet
+    earlier.close()

@@ -10,12 +10,13 @@ a single readable line and exit status 2. Each handler imports the module it dri
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import traceback
 
 from .._version import __version__
-from ..errors import LazyMoEError
+from ..errors import LazyMoEError, Setting, Words, python_words, worded
 from ..io.token import env_tokens, redact
 from . import build_commands, eval_commands, publish_commands
 
@@ -37,14 +38,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache
+def _options_by_dest(command: str | None) -> dict[str, argparse.Action]:
+    """Every option of every command by the name it stores (a dest is the Python keyword it stands for), the
+    options of ``command`` winning over other commands'."""
+    commands = build_parser()._subparsers._group_actions[0].choices  # argparse keeps its subcommands here
+    found: dict[str, argparse.Action] = {}
+    for name in sorted(commands, key=lambda c: c == command):  # ``command`` last: its options win
+        found.update({a.dest: a for a in commands[name]._actions if a.option_strings})
+    return found
+
+
+def cli_words(command: str | None = None) -> Words:
+    """The CLI's words for a setting a message names: its flag (``add --overwrite``, ``add --token TOKEN``)."""
+
+    def words(setting: Setting) -> str:
+        action = _options_by_dest(command).get(setting.name)
+        if action is None:  # a setting no command has a flag for: the library's own words
+            return python_words(setting)
+        flag = next(s for s in action.option_strings if s.startswith("--"))
+        if setting.noun:
+            return f"your {flag} argument"
+        if action.nargs == 0:  # a switch
+            return f"add {flag}" if setting.value else f"leave out {flag}"
+        value = action.metavar or action.dest.upper() if setting.value is ... else setting.value
+        return f"add {flag} {value}"
+
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.words = cli_words(args.command)  # a handler that prints a message naming a setting words it so
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
     except LazyMoEError as err:
         # one line, whatever the message holds (a model name or path may carry a newline)
-        print(f"error: {' '.join(redact(str(err), [getattr(args, 'token', None), *env_tokens()]).split())}",
+        message = worded(err, args.words)  # each setting it names as this command's flag
+        print(f"error: {' '.join(redact(message, [getattr(args, 'token', None), *env_tokens()]).split())}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

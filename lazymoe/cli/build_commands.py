@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from ..config import load_config
-from ..errors import ConfigError, LazyMoEError, OutputExistsError
+from ..errors import ConfigError, LazyMoEError, OutputExistsError, python_words
 from ..gguf.quants import DEFAULT_QUANTS, parse_quants
 from ..options import MergeOptions, cli_fields, validated
 from ..router.modes import RECOMMENDED_GATE_MODE
@@ -75,7 +75,7 @@ def _add_merge_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> No
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
         p.add_argument(flag, dest=name, default=info.default, choices=choices, help=info.description, **cli)
     p.add_argument("--allow-all-same-experts", "--i-understand-this-is-not-useful-without-training",
-                   action="store_true", dest="allow_all_same",
+                   action="store_true", dest="allow_all_same_experts",
                    help="allow every expert to be the same model (only useful if you train afterwards)")
 
 
@@ -86,7 +86,7 @@ def _options(args, names: tuple[str, ...]) -> MergeOptions:
 
 def _load(args):
     config = load_config(Path(args.config))
-    if args.allow_all_same:
+    if args.allow_all_same_experts:
         config = config.model_copy(update={"allow_all_same_experts": True})
     return config
 
@@ -110,7 +110,7 @@ def cmd_plan(args) -> int:
                          low_disk=options.low_disk, progress=not args.quiet)
     except LazyMoEError:
         if ahead:
-            print(format_checks(ahead), file=sys.stderr)
+            print(format_checks(ahead, getattr(args, "words", python_words)), file=sys.stderr)
         raise
     if quants is not None:
         ahead.append(check_gguf_disk(plan, quants, disk))
@@ -121,7 +121,7 @@ def cmd_plan(args) -> int:
         print(f"  {verdict}")
     if ahead:
         print()
-        print(format_checks(ahead))
+        print(format_checks(ahead, getattr(args, "words", python_words)))
     problems = blocking(ahead)
     if problems:
         raise NotReadyError(f"not ready to merge: {len(problems)} problem(s) marked ✖ above; fix them first "

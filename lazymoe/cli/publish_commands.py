@@ -107,7 +107,7 @@ def _add_publish(sub) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
     p.add_argument("repo", metavar="REPO", nargs="?", help="'name' (in your own namespace) or 'namespace/name'")
     p.add_argument("--gguf", action="store_true", help="also make GGUF files (needs llama-cpp-python)")
-    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
+    p.add_argument("--quant", dest="quants", default=",".join(DEFAULT_QUANTS),
                    help=f"with --gguf: comma-separated quantisations (default {','.join(DEFAULT_QUANTS)})")
     p.add_argument("--private", action="store_true", help="create the repos private")
     p.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN, then your saved "
@@ -120,7 +120,7 @@ def cmd_publish(args) -> int:
 
     if not args.repo and not args.gguf:
         raise ConfigError("Nothing to publish: give a REPO to upload to, --gguf to make GGUF files, or both.")
-    done = release(args.model_dir, args.repo, gguf=args.gguf, quants=args.quant, private=args.private,
+    done = release(args.model_dir, args.repo, gguf=args.gguf, quants=args.quants, private=args.private,
                    token=args.token, progress=not getattr(args, "quiet", False))
     if done.model:
         print(f"Pushed {args.model_dir} to {done.model.url}")
@@ -134,7 +134,7 @@ def cmd_publish(args) -> int:
 def _add_gguf(sub) -> None:
     p = sub.add_parser("gguf", help="convert a merged model to GGUF and quantise it (llama.cpp)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by `lazymoe merge`")
-    p.add_argument("--quant", default=",".join(DEFAULT_QUANTS),
+    p.add_argument("--quant", dest="quants", default=",".join(DEFAULT_QUANTS),
                    help=f"comma-separated, 'all' or 'none' (default {','.join(DEFAULT_QUANTS)}); "
                         f"menu: {','.join(QUANT_TYPES)}")
     p.add_argument("--outdir", help="where to write (default: MODEL_DIR-GGUF beside the model)")
@@ -164,7 +164,7 @@ def _add_chat(sub) -> None:
 def cmd_gguf(args) -> int:
     from ..gguf.convert import convert_to_gguf
 
-    paths = convert_to_gguf(args.model_dir, args.outdir, outtype=args.outtype, quants=args.quant,
+    paths = convert_to_gguf(args.model_dir, args.outdir, outtype=args.outtype, quants=args.quants,
                             threads=args.threads, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
     for path in paths:
         print(f"{path}  ({path.stat().st_size / 1e6:,.1f} MB)")

@@ -18,7 +18,7 @@ from typing import Any
 from ..io.folder import CONFIG_FILENAME, require_lazymoe_output
 from ..config import load_config
 from ..options import DEFAULT_BENCHMARK_LIMIT, DEFAULT_BENCHMARK_TASKS
-from ..errors import ConfigError, LazyMoEError
+from ..errors import ConfigError, LazyMoEError, Setting, Text
 from ..publish.eval_report import BENCHMARKS_JSON, BENCHMARKS_SCHEMA
 from .skill import Sources
 from ..router.routing import expert_labels
@@ -42,12 +42,18 @@ def import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
+#: the arguments these messages name (each front end words them: tasks=, --tasks, the notebook's TASKS)
+_TASKS, _LIMIT = Setting("tasks", ..., noun=True), Setting("limit", ..., noun=True)
+_INCLUDE = Setting("include_path", ..., noun=True)
+
+
 def parse_tasks(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
     if tasks is None or tasks == "default":
         return list(DEFAULT_TASKS)
     items = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
     if not items:
-        raise ConfigError("--tasks is empty: give lm_eval task names, e.g. arc_easy,hellaswag, or 'default'.")
+        raise ConfigError(Text(f"{_TASKS.placeholder} is empty: give lm_eval task names, e.g. arc_easy,hellaswag, or "
+                               "'default'.", (_TASKS,)))
     return items
 
 
@@ -88,19 +94,21 @@ def run_benchmarks(model_dir: str | os.PathLike, tasks: str | list[str] | None =
     folder = require_lazymoe_output(model_dir)
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
-        raise ConfigError("--limit must be at least 1 (documents per task).")
+        raise ConfigError(Text(f"{_LIMIT.placeholder} must be at least 1 (documents per task).", (_LIMIT,)))
     which = [c.strip().lower() for c in (compare.split(",") if isinstance(compare, str) else compare) if c.strip()]
     bad = [c for c in which if c not in COMPARE_CHOICES]
     if bad:
         raise ConfigError(f"compare {bad[0]!r}: choose from {', '.join(COMPARE_CHOICES)} (e.g. moe,base).")
     if include_path is not None and not Path(include_path).is_dir():
-        raise ConfigError(f"--include-path {include_path} is not a folder of lm_eval task YAML files.")
+        raise ConfigError(Text(f"{_INCLUDE.placeholder} {include_path} is not a folder of lm_eval task YAML files.",
+                               (_INCLUDE,)))
     lm_eval, _, TaskManager = import_lm_eval()
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"lm_eval has no task {unknown[0]!r}; see lm_eval --tasks list, or give --include-path "
-                          "with your own task YAML.")
+        include = Setting("include_path", ...)
+        raise ConfigError(Text(f"lm_eval has no task {unknown[0]!r}; see `lm_eval --tasks list`, or "
+                               f"{include.placeholder} (a folder with your own task YAML).", (include,)))
     recipe = load_config(folder / CONFIG_FILENAME)
     labels = expert_labels([e.source_model for e in recipe.experts])
     models: list[tuple[str, str]] = [("MoE", "")]

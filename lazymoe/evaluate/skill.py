@@ -32,7 +32,7 @@ from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
 from ..config import ExpertConfig, HubTexts, MoEConfig, load_config
-from ..errors import ConfigError, LazyMoEError, ModelNotFoundError
+from ..errors import ConfigError, LazyMoEError, ModelNotFoundError, Setting, Text
 from ..io.folder import CONFIG_FILENAME, load_folder_tokenizer, read_folder_config, require_lazymoe_output
 from ..io.sources import METADATA_PATTERNS, ModelRef
 from ..moe import arch
@@ -212,8 +212,10 @@ class Sources:
         if cached is not None and _complete(cached):
             return cached
         if not self.download:
-            raise ModelNotFoundError(f"{ref} is not in the local Hugging Face cache (a low-disk merge deletes what it "
-                                     "downloaded): pass --download (download=True) to fetch it for the evaluation")
+            download = Setting("download", True)
+            raise ModelNotFoundError(Text(
+                f"{ref} is not in the local Hugging Face cache (a low-disk merge deletes what it downloaded): "
+                f"{download.placeholder} to fetch it for the evaluation", (download,)))
         before = _weight_files(cached) if cached is not None else set()
         try:
             folder = Path(snapshot_download(parsed.repo_id, revision=parsed.revision, allow_patterns=patterns))

@@ -21,12 +21,13 @@ from typing import Any, Iterable
 
 from tqdm.auto import tqdm
 
-from ..errors import GGUFError, InsufficientResourcesError
+from ..errors import GGUFError, InsufficientResourcesError, Setting, Text
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.safetensors import scan_file
 from ..moe import arch
 from ..units import human_bytes
 from .converter import (
+    CLASSIC_LAYOUT,
     TENSOR_LINE,
     cache_root,
     converter_cached,
@@ -91,9 +92,10 @@ def _model_params(model_dir: Path) -> int:
             raise GGUFError(f"cannot read {shard}: {err}") from err
         for info in infos.values():
             if arch.layout_of([info.name]) == "fused":
-                raise GGUFError(
+                raise GGUFError(Text(
                     f"{model_dir} stores experts in transformers 5's fused layout ({info.name}), which llama.cpp's "
-                    "converter cannot map; merge again with `--layout classic` (the default).")
+                    f"converter cannot map; merge again and {CLASSIC_LAYOUT.placeholder} (the default).",
+                    (CLASSIC_LAYOUT,)))
             total += info.numel
     return total
 
@@ -101,10 +103,11 @@ def _model_params(model_dir: Path) -> int:
 def _check_disk(folder: Path, need: int, what: str) -> None:
     free = free_disk_bytes(folder)
     if free < need + DISK_MARGIN_BYTES:
-        raise InsufficientResourcesError(
+        outdir = Setting("outdir", ...)
+        raise InsufficientResourcesError(Text(
             f"not enough disk for {what}: about {human_bytes(need + DISK_MARGIN_BYTES)} needed ({human_bytes(need)} "
             f"+ {human_bytes(DISK_MARGIN_BYTES)} margin), {human_bytes(free)} free in {folder}; "
-            "free space, choose another --outdir, or request fewer quantisations.")
+            f"free space, {outdir.placeholder} (another folder), or request fewer quantisations.", (outdir,)))
 
 
 def _partial(final: Path) -> Path:
@@ -168,8 +171,8 @@ def convert_to_gguf(
         raise GGUFError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPES)}.")
     quant_list = parse_quants(quants)
     if quant_list and outtype == "q8_0":
-        raise GGUFError("quantisations are made from the f16, bf16 or f32 file; with --outtype q8_0 request no "
-                        "further --quant (or add Q8_0 to --quant and keep --outtype f16).")
+        raise GGUFError("quantisations are made from the f16, bf16 or f32 file: with outtype q8_0, request no further "
+                        "quantisation (or keep outtype f16 and add Q8_0 to the quantisations).")
     if quant_list:
         import_llama_cpp()  # fail now, not after a long conversion
     n_params = _model_params(model_dir)

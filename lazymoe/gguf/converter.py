@@ -21,7 +21,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..errors import GGUFError
+from ..errors import GGUFError, Setting, Text
 from .install import LLAMA_CPP_PYTHON_VERSION
 
 log = logging.getLogger("lazymoe.gguf")
@@ -30,11 +30,14 @@ log = logging.getLogger("lazymoe.gguf")
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 _SDIST_PREFIX = "vendor/llama.cpp/"
 
+#: what a merge for llama.cpp must use (each front end words it: layout='classic', --layout classic)
+CLASSIC_LAYOUT = Setting("layout", "classic")
+
 # Known converter failures and what the user can do about them (matched against its output).
 _HINTS = (
     (re.compile(r"Can not map tensor '[^']*mlp\.experts\.gate_up_proj"),
-     "this checkpoint uses transformers 5's fused expert layout, which this llama.cpp converter cannot read; "
-     "merge again with `--layout classic` (the default)."),
+     Text("this checkpoint uses transformers 5's fused expert layout, which this llama.cpp converter cannot read; "
+          f"merge again and {CLASSIC_LAYOUT.placeholder} (the default).", (CLASSIC_LAYOUT,))),
     (re.compile(r"BPE pre-tokenizer was not recognized - update"),
      "llama.cpp does not know this tokenizer.json's pre-tokenizer; a SentencePiece tokenizer.model next to it "
      "converts cleanly (copy the base model's tokenizer.model into the folder)."),
@@ -201,7 +204,7 @@ def run_converter(model_dir: Path, out_file: Path, outtype: str, *, converter_di
                         "its last output:\n" + "\n".join(list(tail)[-10:]))
 
 
-def _failure_message(model_dir: Path, code: int, tail: list[str]) -> str:
+def _failure_message(model_dir: Path, code: int, tail: list[str]) -> Text:
     text = "\n".join(tail)
     # the cause is the exception line closing a traceback, else the converter's last ERROR line
     cause = next((ln for ln in reversed(tail) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)), None)
@@ -214,6 +217,6 @@ def _failure_message(model_dir: Path, code: int, tail: list[str]) -> str:
                 "shared_experts.")
     lines = [f"llama.cpp's converter failed on {model_dir} (exit {code}): {cause.strip()}"]
     if hint:
-        lines.append(f"What to do: {hint}")
+        lines.append(Text.join(["What to do: ", hint]))
     lines.append("Last lines of its output:\n" + "\n".join("    " + ln for ln in tail[-15:]))
-    return "\n".join(lines)
+    return Text.join(lines, "\n")

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from .folder import is_lazymoe_output
-from ..errors import InsufficientResourcesError, OutputBusyError, OutputExistsError, OutputNotWritableError
+from ..errors import (InsufficientResourcesError, OutputBusyError, OutputExistsError, OutputNotWritableError, Setting,
+                      Text)
 
 try:  # POSIX; elsewhere merges into one folder are not guarded against each other
     import fcntl
@@ -243,9 +244,10 @@ class OutputTarget:
         if _present(out):
             ours = is_lazymoe_output(out, follow_links=False)
             if not (overwrite and ours):
-                hint = ("pass overwrite=True / --overwrite to replace it" if ours else
+                replace = Setting("overwrite", True)
+                hint = (Text(f"{replace.placeholder} to replace it", (replace,)) if ours else
                         "it was not made by lazymoe, so it is never replaced; choose an empty or new folder")
-                raise OutputExistsError(f"{out} already exists and is not empty: {hint}.")
+                raise OutputExistsError(Text.join([f"{out} already exists and is not empty: ", hint, "."]))
             self._approved = _identity(out)
         self._approved_set = True
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
-from ..errors import HubError
+from ..errors import HubError, Text
 
 #: what Hub tokens are made of (hf_ + letters and digits; printable ASCII without spaces for any endpoint)
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
@@ -23,7 +23,7 @@ _MASK = "hf_***"
 TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-def check_token(value: str, source: str) -> str:
+def check_token(value: str, source: str | Text) -> str:
     """``value`` if it can be a token; else HubError naming ``source`` and the fault, never the value."""
     if _PRINTABLE.match(value):
         return value
@@ -35,10 +35,9 @@ def check_token(value: str, source: str) -> str:
         what = "a control character"
     else:
         what = "a character that is not plain ASCII"
-    raise HubError(
-        f"The token from {source} contains {what}, so it is not a Hugging Face token (those are letters and digits "
-        "after hf_). Copy it again from https://huggingface.co/settings/tokens and paste only the token."
-    )
+    raise HubError(Text.join([
+        "The token from ", source, f" contains {what}, so it is not a Hugging Face token (those are letters and "
+        "digits after hf_). Copy it again from https://huggingface.co/settings/tokens and paste only the token."]))
 
 
 def env_tokens() -> list[str]:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..config import DTYPES, MoEConfig, parse_config
-from ..errors import ConfigError, LazyMoEError
+from ..errors import ConfigError, LazyMoEError, worded
 from ..gguf.quants import QUANT_TYPES
 from ..io.token import check_token
 from ..options import DEFAULT_MAX_SHARD, NotebookSettings, validated, validation_problems
@@ -27,14 +27,16 @@ from .presets import Preset, parse_preset
 from .recipe import dump as dump_recipe
 from .recipe import recipe_filename
 from .html import error_html, notice_html
-from .widgets import LICENSES, ExpertRow, parse_number, set_tooltip, styled, widgets
+from .words import ALLOW_SAME_LABEL, FIELD_HELP, LOW_DISK_LABEL, TOKEN_LABEL, form_words
+from .widgets import (EXPERT_HELP, LICENSES, ExpertRow, help_text, parse_number, set_tooltip, styled, tooltip_of,
+                      widgets)
 
 _FORM_FIELDS = frozenset({"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "seed",
                           "allow_all_same_experts", "license"})
 #: how a settings error names the field: the form's own words for it
 _LABELS = {"model_name": "New model name:", "max_shard_bytes": "Shard size (Advanced):", "hf_secret": "", "quants": ""}
 _DEFAULTS = NotebookSettings()
-_HELP = {name: info.description for name, info in NotebookSettings.model_fields.items()}
+_HELP = FIELD_HELP
 
 
 class MoEForm:
@@ -73,18 +75,18 @@ class MoEForm:
         self.max_shard = styled(w.Text(description="Shard size", value=DEFAULT_MAX_SHARD), "lazymoe-shard",
                                 _HELP["max_shard_bytes"], width="260px")
         self.overwrite = w.Checkbox(description=_HELP["overwrite"], value=_DEFAULTS.overwrite, indent=False)
-        self.low_disk = w.Checkbox(description="Low-disk mode: delete each fetched tensor once it is written",
+        self.low_disk = w.Checkbox(description=LOW_DISK_LABEL,
                                    value=_DEFAULTS.low_disk, indent=False)
         set_tooltip(self.low_disk, "Disk needed: the output plus the base's tensors and one shard of fetched tensors, instead of the output plus every tensor fetched")
         self.seed = styled(w.Text(description="Seed", placeholder="random"), "lazymoe-seed",
                            "Pins the randomness (noise, random gates); empty picks one and records it", width="260px")
-        self.allow_same = w.Checkbox(description="Allow every expert to be the same model (only if you will train it)",
+        self.allow_same = w.Checkbox(description=ALLOW_SAME_LABEL,
                                      value=False, indent=False)
         self.upload = w.Checkbox(description=_HELP["upload"], value=_DEFAULTS.upload, indent=False)
         self.private = w.Checkbox(description=_HELP["private"], value=_DEFAULTS.private, indent=False)
         self.hf_secret = styled(w.Text(description="Colab secret", value=_DEFAULTS.hf_secret), "lazymoe-secret",
                                 _HELP["hf_secret"], width="360px")
-        self.token_box = styled(w.Password(description="…or a token", placeholder="hf_… (kept in memory only)",
+        self.token_box = styled(w.Password(description=TOKEN_LABEL, placeholder="hf_… (kept in memory only)",
                                            continuous_update=False), "lazymoe-token",
                                 "Used only if the secret is missing; never printed, never saved in the notebook",
                                 width="360px")
@@ -125,6 +127,16 @@ class MoEForm:
         def section(title: str) -> widgets.HTML:
             return w.HTML(f"<b style='font-size:1.05em'>{title}</b>")
 
+        # what every expert field means, once for all experts (the same words as each field's tooltip)
+        names = {"source_model": "Model", "positive_prompts": "Positive prompts",
+                 "negative_prompts": "Negative prompts", "calibration_text": "Calibration text",
+                 "noise_scale": "Noise scale", "residual_scale": "Residual scale"}
+        experts_help = w.HTML("<div class='lazymoe-help' style='color:#666;font-size:12px;line-height:1.4;"
+                              "white-space:normal;margin:0 0 4px 0'>" +
+                              "<br>".join(f"<b>{label}</b>: {html.escape(EXPERT_HELP[key])}"
+                                          for key, label in names.items()) + "</div>")
+        checkbox_help = lambda box: w.VBox([box, help_text(tooltip_of(box), under_input=False)])  # noqa: E731
+
         self._error_labels: dict[int, widgets.HTML] = {}  # id(field) -> the line under it that says what is wrong
         self._marked: list[Any] = []
         field = self._with_error
@@ -134,8 +146,8 @@ class MoEForm:
                        ".lazymoe-form input, .lazymoe-form textarea, .lazymoe-form select {box-sizing:border-box}"
                        "</style>")
         extra = w.Accordion(children=[
-            w.VBox([field(self.max_shard), self.low_disk, self.overwrite, field(self.seed), self.allow_same,
-                    self.extras_note]),
+            w.VBox([field(self.max_shard), checkbox_help(self.low_disk), self.overwrite, field(self.seed),
+                    self.allow_same, self.extras_note]),
             w.VBox([self.yaml_box, w.HBox([self.yaml_load, self.yaml_show, self.yaml_links])]),
         ])
         extra.set_title(0, "Advanced")
@@ -143,10 +155,11 @@ class MoEForm:
         extra.selected_index = None
         self.widget = w.VBox([
             style, section("Model"), field(self.model_name), field(self.license), field(self.base_model),
-            section("Experts"), self.experts_box, self.add_button,
+            section("Experts"), experts_help, self.experts_box, self.add_button,
             section("Routing"), field(self.gate_mode), field(self.experts_per_token), field(self.dtype),
             section("Hugging Face Hub"), self.upload, self.private,
-            w.HBox([field(self.hf_secret), self.token_box], layout=w.Layout(flex_flow="row wrap")),
+            w.HBox([field(self.hf_secret, inline=True), field(self.token_box, inline=True)],
+                   layout=w.Layout(flex_flow="row wrap")),
             w.HBox([self.token_status, self.forget_token]),
             section("GGUF"), self.gguf, field(self.quants), self.quants_note,
             extra, w.HBox([self.check_button, self.build_button, self.reset_button]), self.saved_note, self.messages,
@@ -165,16 +178,20 @@ class MoEForm:
         self.quants.disabled = not self.gguf.value  # nothing to pick while GGUF is off
         picked = ", ".join(self.quants.value) or "none"
         self.quants_note.value = (f"<span style='color:#555;margin-left:158px'>Selected: <b>{html.escape(picked)}"
-                                  "</b> (Ctrl/Cmd-click to pick several)</span>" if self.gguf.value else
+                                  "</b></span>" if self.gguf.value else
                                   "<span style='color:#555;margin-left:158px'>Tick GGUF to choose "
                                   "quantisations.</span>")
 
     # ------------------------------------------------------------------ problems beside their fields
 
-    def _with_error(self, widget: Any) -> widgets.VBox:
+    def _with_error(self, widget: Any, *, inline: bool = False) -> widgets.VBox:
+        """``widget``, its help (its tooltip, shown: hovering is not how a newcomer reads a form) and the line
+        that says what is wrong with it; the full form width unless ``inline`` (beside another field)."""
         label = widgets.HTML(layout=widgets.Layout(margin="0 0 0 158px"))
         self._error_labels[id(widget)] = label
-        box = widgets.VBox([widget, label], layout=widgets.Layout(width=widget.layout.width or "100%"))
+        tip = tooltip_of(widget)
+        parts = [widget, help_text(tip)] if tip else [widget]
+        box = widgets.VBox([*parts, label], layout=widgets.Layout(width=(inline and widget.layout.width) or "100%"))
         return box
 
     def _label_for(self, widget: Any) -> widgets.HTML | None:
@@ -390,7 +407,7 @@ class MoEForm:
             try:
                 parse_config(self.raw_config())
             except ConfigError as err:
-                found.append((self._widget_named_in(str(err)), str(err)))
+                found.append((self._widget_named_in(str(err)), worded(err, form_words)))
         return found + self._settings_problems()
 
     def _widget_named_in(self, message: str) -> Any:
@@ -504,7 +521,7 @@ class MoEForm:
         try:
             config, problem = parse_config(preset.config), None
         except ConfigError as err:
-            problem = str(err)
+            problem = worded(err, form_words)
             try:  # right types, wrong combination (e.g. one expert): load it so it can be fixed in the form
                 config = MoEConfig.model_validate(preset.config)
             except (ValidationError, TypeError):
@@ -558,7 +575,7 @@ class MoEForm:
         try:
             config, settings = self.to_config(), self.settings()
         except LazyMoEError as err:  # problems() and these share every rule; kept as a guard
-            self.show_error(str(err))
+            self.show_error(worded(err, form_words))
             return None
         self.show_notice(f"Looks good: {settings.model_name}, {config.num_experts} experts "
                          f"({config.experts_per_token} per token), gate {config.gate_mode}. Next: the Plan step.", "ok")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ..errors import worded
 from ..moe.report import plan_rows
 from ..runtime.fit import Need, Verdict, fit_verdicts, resource_needs, shortages
 from ..runtime.machine import Runtime
 from ..units import human_bytes
+from .words import form_words
 
 _RED, _AMBER, _GREEN, _GREY = "#b00020", "#8a5a00", "#1b6e20", "#555"
 
@@ -71,9 +73,9 @@ def checks_html(checks) -> str:
         return ""
     marks = {True: Raw(f'<b style="color:{_GREEN}">✔</b>'), False: Raw(f'<b style="color:{_RED}">✖</b>'),
              None: Raw(f'<b style="color:{_GREY}">ℹ</b>')}
-    rows = [(marks[c.ok], c.step, c.message) for c in checks]
+    rows = [(marks[c.ok], c.step, worded(c.message, form_words)) for c in checks]
     out = table_html(rows, ("", "Later step", "What it needs"), css_class="lazymoe-ahead")
-    return out + "".join(error_html(f"{c.step}: {c.message}") for c in checks if c.ok is False)
+    return out + "".join(error_html(f"{c.step}: {worded(c.message, form_words)}") for c in checks if c.ok is False)
 
 
 #: how the form turns low-disk mode on (the CLI's ``--low-disk``)

@@ -15,18 +15,22 @@ into a misleading error, and nobody has to read a traceback. Bugs keep their ful
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import html
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 from IPython.display import HTML, Image, display
+from tqdm.std import tqdm as std_tqdm
 
 from .. import demo
 from .._version import __version__
 from ..config import MoEConfig, load_config
-from ..errors import LazyMoEError, OutputNotWritableError, StepFailed
+from ..errors import LazyMoEError, OutputNotWritableError, StepFailed, worded
 from ..gguf.files import preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
@@ -54,6 +58,7 @@ from ..runtime.install import install_llama_cpp, install_lm_eval
 from ..runtime.load import choose_loading, free_memory, load_merged, routing_and_generation, stored_dtype
 from ..runtime.machine import probe
 from .html import Raw, checks_html, error_html, notice_html, plan_html, runtime_html, table_html
+from .words import form_words
 
 __all__ = ["Builder", "StepFailed", "setup", "prepare_demo"]
 
@@ -84,12 +89,61 @@ def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], N
     try:
         demo.build_demo(folder)
     except LazyMoEError as err:
-        show(_html(error_html(str(err))))
+        show(_html(error_html(worded(err, form_words))))
         raise StepFailed("Build the demo models", str(err)) from None
     rows = [(p, human_bytes(sum(f.stat().st_size for f in (folder / p).iterdir()))) for p in parts]
     built = f"Built the demo models in {folder}/ (tiny random weights: answers will be gibberish)."
     show(_html(notice_html(built, "ok") + table_html(rows, ("Model", "Size"))))
     return folder
+
+
+class _Watched(weakref.WeakSet):
+    """tqdm's registry of live bars (``tqdm._instances``), also noting each bar added to it in ``started``
+    (and in the ``started`` of the watches it sits inside: a step run by another step)."""
+
+    def __init__(self, live=(), started: weakref.WeakSet | None = None) -> None:
+        self.started_sets: list[weakref.WeakSet] = []  # the live bars copied in were not started in the block
+        super().__init__(live)
+        # ``copy()`` (tqdm's monitor thread calls it) builds one from a watch alone: it keeps that watch's sets
+        self.started_sets = [*getattr(live, "started_sets", []), *([started] if started is not None else [])]
+
+    def add(self, item) -> None:
+        for started in self.started_sets:
+            started.add(item)
+        super().add(item)
+
+
+@contextlib.contextmanager
+def _bars_started() -> Iterator[weakref.WeakSet]:
+    """Every progress bar created inside the block. tqdm drops a bar from its registry when it closes, and a
+    loop left by an exception closes its bar at once (red, unfinished), so the registry is watched while the
+    block runs rather than compared before and after."""
+    started: weakref.WeakSet = weakref.WeakSet()
+    with std_tqdm.get_lock():
+        previous = std_tqdm._instances
+        std_tqdm._instances = _Watched(previous, started)
+    try:
+        yield started
+    finally:
+        with std_tqdm.get_lock():  # back to the registry it replaced, holding the bars live now
+            live = set(std_tqdm._instances)
+            for bar in [b for b in previous if b not in live]:
+                previous.discard(bar)
+            for bar in live - set(previous):
+                previous.add(bar)
+            std_tqdm._instances = previous
+
+
+def close_failed_bars(bars) -> None:
+    """Close the unfinished bars a failed step started and hide their widgets: a bar stopped at "0/4" (grey,
+    never closed) or "3/5" (red) above the step's red message says nothing the message does not."""
+    for bar in list(bars):
+        if bar.total and bar.n >= bar.total:
+            continue  # it finished (green, 100%): what it did still happened
+        bar.close()
+        container = getattr(bar, "container", None)  # tqdm.notebook's widget row (absent for text bars)
+        if container is not None:
+            container.layout.display = "none"
 
 
 def _step(title: str):
@@ -98,13 +152,16 @@ def _step(title: str):
     def wrap(method):
         @functools.wraps(method)
         def run(self: Builder, *args, **kwargs):
-            try:
-                return method(self, *args, **kwargs)
-            except StepFailed:
-                raise
-            except LazyMoEError as err:
-                self._show(_html(error_html(str(err))))
-                raise StepFailed(title, str(err)) from None
+            with _bars_started() as bars:
+                try:
+                    return method(self, *args, **kwargs)
+                except StepFailed:
+                    close_failed_bars(bars)
+                    raise
+                except LazyMoEError as err:
+                    close_failed_bars(bars)
+                    self._show(_html(error_html(worded(err, form_words))))  # the form's words for any setting
+                    raise StepFailed(title, str(err)) from None
 
         return run
 
@@ -261,7 +318,8 @@ class Builder:
         quants = settings.quants if settings.gguf else ()
         self._show(_html(plan_html(plan, runtime, gguf_quants=quants, ahead=ahead)))
         short = shortages(resource_needs(plan, runtime, gguf_quants=quants))
-        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {c.message}" for c in blocking(ahead)]
+        problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {worded(c.message, form_words)}"
+                                                               for c in blocking(ahead)]
         if problems:
             self._plan_key = None  # a blocked plan never lets the merge start
             raise StepFailed("Plan", "; ".join(problems))
@@ -286,7 +344,8 @@ class Builder:
             ahead = self._check_ahead(settings, probe(self.output_dir.parent))
             if blocking(ahead):
                 self._show(_html(checks_html(ahead)))
-                raise StepFailed("Merge", "; ".join(f"{c.step}: {c.message}" for c in blocking(ahead)))
+                raise StepFailed("Merge", "; ".join(f"{c.step}: {worded(c.message, form_words)}"
+                                                    for c in blocking(ahead)))
         out = merging.merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
                     overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
         self.model_dir, self.gguf_files, self.repo_id = out, [], None
@@ -304,7 +363,8 @@ class Builder:
         self._show(_html(f"<pre>{html.escape(table)}</pre>"))
         for message in report.warnings:
             self._notice(message, "warn")
-        self._show(Image(filename=str(folder / ROUTING_IMAGE)))
+        # at its own size (a scroll bar where the page is narrower): shrunk to fit, its numbers cannot be read
+        self._show(Image(filename=str(folder / ROUTING_IMAGE), unconfined=True))
         return report
 
     # ------------------------------------------------------------------ 5. try
@@ -349,7 +409,7 @@ class Builder:
         return config if same else saved
 
     def _show_image(self, path: Path) -> None:
-        self._show(Image(filename=str(path)))
+        self._show(Image(filename=str(path), unconfined=True))  # at its own size, as the routing picture
 
     @_step("Evaluate")
     def evaluate(self, **options):

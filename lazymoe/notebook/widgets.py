@@ -7,6 +7,7 @@ manager and JupyterLab's), so nothing here goes beyond ``ipywidgets`` itself.
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Any, Callable
 
@@ -23,6 +24,19 @@ NEWLINE_MARK = "↵"  # a line break inside one prompt, since the text area hold
 _ROW_FIELDS = frozenset({"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale",
                          "calibration_text"})
 _WIDE = "150px"
+_UNDER_INPUT = "158px"  # left edge of an input whose description is _WIDE (plus the widget's margins)
+
+#: what each expert field means: the row's tooltips and the help the form shows once above the experts
+EXPERT_HELP = {
+    "source_model": "Whose MLPs this expert takes: org/name, org/name@revision or a local folder",
+    "positive_prompts": f"One prompt per line: what this expert is for ({NEWLINE_MARK} marks a line break inside a "
+                        "prompt)",
+    "negative_prompts": "Optional, one per line: what this expert is not for",
+    "calibration_text": "Optional, for gate modes expert_classifier and trained: a few paragraphs of text of this "
+                        "expert's kind (blank line between paragraphs)",
+    "noise_scale": "Adds σ·N(0,1) noise to this expert's MLP weights; empty (none): the weights as they are",
+    "residual_scale": "Multiplies this expert's down_proj; empty (none): down_proj as it is",
+}
 
 
 def set_tooltip(widget: widgets.Widget, text: str) -> None:
@@ -31,6 +45,18 @@ def set_tooltip(widget: widgets.Widget, text: str) -> None:
         widget.tooltip = text
     elif hasattr(widget, "description_tooltip"):
         widget.description_tooltip = text
+
+
+def tooltip_of(widget: widgets.Widget) -> str:
+    """The text :func:`set_tooltip` gave ``widget`` ("" if none)."""
+    return getattr(widget, "tooltip", None) or getattr(widget, "description_tooltip", None) or ""
+
+
+def help_text(text: str, *, under_input: bool = True) -> widgets.HTML:
+    """``text`` as a grey line under a field: help a newcomer sees without hovering (tooltips stay too)."""
+    margin = _UNDER_INPUT if under_input else "0px"
+    return widgets.HTML(f"<div class='lazymoe-help' style='color:#666;font-size:12px;line-height:1.4;"
+                        f"white-space:normal;margin:0 0 4px {margin}'>{html.escape(text)}</div>")
 
 
 def styled(widget, css: str, tip: str = "", width: str = "100%"):
@@ -78,22 +104,19 @@ class ExpertRow:
                  on_remove: Callable[[], None]) -> None:
         self.title = widgets.HTML()
         self.source = styled(widgets.Text(placeholder="org/name, org/name@revision or a local folder"),
-                             "lazymoe-expert-model", "Whose MLPs this expert takes", width="auto")
+                             "lazymoe-expert-model", EXPERT_HELP["source_model"], width="auto")
         self.source.layout.flex = "1 1 auto"
         self.positive = styled(widgets.Textarea(description="Positive prompts", rows=5), "lazymoe-positive",
-                               f"One prompt per line: what this expert is for ({NEWLINE_MARK} marks a line "
-                               "break inside a prompt)")
+                               EXPERT_HELP["positive_prompts"])
         self.negative = styled(widgets.Textarea(description="Negative prompts", rows=2), "lazymoe-negative",
-                               "Optional, one per line: what this expert is not for")
+                               EXPERT_HELP["negative_prompts"])
         self.calibration = styled(widgets.Textarea(description="Calibration text", rows=3), "lazymoe-calibration",
-                                  "Optional, for gate modes expert_classifier and trained: a few paragraphs of "
-                                  "text of this expert's kind (blank line between paragraphs)")
-        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none: weights as they are"),
-                            "lazymoe-noise",
-                            "Adds σ·N(0,1) to this expert's MLP weights", width="320px")
-        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none: down_proj as it is"),
-                               "lazymoe-residual",
-                               "Multiplies this expert's down_proj", width="320px")
+                                  EXPERT_HELP["calibration_text"])
+        # "none" (empty) is explained in the help above the experts; a long placeholder was cut off
+        self.noise = styled(widgets.Text(description="Noise scale", placeholder="none"), "lazymoe-noise",
+                            EXPERT_HELP["noise_scale"], width="300px")
+        self.residual = styled(widgets.Text(description="Residual scale", placeholder="none"), "lazymoe-residual",
+                               EXPERT_HELP["residual_scale"], width="300px")
         self.up, self.down, self.remove = (widgets.Button(description=d, layout=widgets.Layout(width="38px"))
                                            for d in ("↑", "↓", "✕"))
         for button, tip, action in ((self.up, "Move up", on_up), (self.down, "Move down", on_down),
@@ -103,7 +126,8 @@ class ExpertRow:
         self.error = widgets.HTML()  # this expert's problems, shown inside its box
         self.box = widgets.VBox(
             [widgets.HBox([self.title, self.source, self.up, self.down, self.remove]), self.positive, self.negative,
-             self.calibration, widgets.HBox([self.noise, self.residual]), self.error],
+             self.calibration, widgets.HBox([self.noise, self.residual], layout=widgets.Layout(flex_flow="row wrap")),
+             self.error],
             layout=widgets.Layout(border="1px solid #ccc", padding="4px", margin="2px 0", width="100%"),
         )
         self.box.add_class("lazymoe-expert")

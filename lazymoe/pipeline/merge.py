@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import MoEConfig, load_config
-from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, WriteError
+from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, Setting, Text, WriteError
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
 from ..io.fetch import ROUTER_STEP, RangedWeights, Read
@@ -165,11 +165,10 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
         if free < disk:
             what = (f"at most {STREAMED_SHARDS_ON_DISK} shards at a time, the downloads deleted once written" if streamed
                     else f"output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}")
-            raise InsufficientResourcesError(
+            raise InsufficientResourcesError(Text.join([
                 f"The merge needs about {human_bytes(disk)} of free disk at {target.parent} ({what} + "
                 f"{human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some space "
-                f"or choose another output folder{'' if streamed else _low_disk_hint(plan)}."
-            )
+                "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
         try:
             return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher)
         finally:
@@ -177,11 +176,12 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                 pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
 
 
-def _low_disk_hint(plan: planning.MergePlan) -> str:
+def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
     """Suggest low-disk mode only where it would need less disk."""
     if plan.low_disk or dataclasses.replace(plan, low_disk=True).peak_download_bytes >= plan.peak_download_bytes:
         return ""
-    return ", or use low-disk mode (--low-disk)"
+    low_disk = Setting("low_disk", True)
+    return Text(f", or {low_disk.placeholder} (low-disk mode)", (low_disk,))
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LazyMoEError, NotReadyError
+from ..errors import LazyMoEError, NotReadyError, Text, Words, python_words, worded
 from ..gguf.converter import cache_root, llama_cpp_python_version
 from ..gguf.llama import INSTALL_HINT
 from ..gguf.quants import estimate_gguf_bytes
@@ -36,11 +36,11 @@ class Check:
 
     step: str  # the step that needs it: "Upload", "GGUF"
     ok: bool | None
-    message: str
+    message: str | Text  # a Text when it names a setting (each front end words it: errors.Text)
 
-    def line(self) -> str:
+    def line(self, words: Words = python_words) -> str:
         mark = {True: "✔", False: "✖", None: "ℹ"}[self.ok]
-        return f"{mark} {self.step}: {self.message}"
+        return f"{mark} {self.step}: {worded(self.message, words)}"
 
 
 def check_upload(repo: str, *, private: bool = False, token: str | None = None, colab_secret: str = "HF_TOKEN",
@@ -50,7 +50,7 @@ def check_upload(repo: str, *, private: bool = False, token: str | None = None, 
     try:
         target = check_push_target(repo, private=private, token=token, colab_secret=colab_secret)
     except LazyMoEError as err:
-        return [Check("Upload", False, str(err))]
+        return [Check("Upload", False, err.text)]
     checks.append(Check("Upload", True, target.describe()))
     if gguf:
         gguf_repo = f"{target.repo_id}-GGUF"
@@ -61,9 +61,9 @@ def check_upload(repo: str, *, private: bool = False, token: str | None = None, 
         else:
             try:
                 gguf_target = check_push_target(gguf_repo, private=private, token=token, colab_secret=colab_secret)
-                checks.append(Check("Upload", True, "GGUF files: " + gguf_target.describe()))
+                checks.append(Check("Upload", True, Text.join(["GGUF files: ", gguf_target.describe()])))
             except LazyMoEError as err:
-                checks.append(Check("Upload", False, f"GGUF files: {err}"))
+                checks.append(Check("Upload", False, Text.join(["GGUF files: ", err.text])))
     return checks
 
 
@@ -128,15 +128,15 @@ def raise_if_blocked(checks: Iterable[Check]) -> None:
     """:class:`NotReadyError` listing every blocking check, or nothing."""
     problems = blocking(checks)
     if len(problems) == 1:
-        raise NotReadyError(f"Not ready: {problems[0].step}: {problems[0].message}")
+        raise NotReadyError(Text.join([f"Not ready: {problems[0].step}: ", problems[0].message]))
     if problems:
-        raise NotReadyError(f"Not ready ({len(problems)} problems):\n" +
-                            "\n".join(f"- {c.step}: {c.message}" for c in problems))
+        raise NotReadyError(Text.join([f"Not ready ({len(problems)} problems):",
+                                       *(Text.join([f"\n- {c.step}: ", c.message]) for c in problems)]))
 
 
-def format_checks(checks: Sequence[Check]) -> str:
+def format_checks(checks: Sequence[Check], words: Words = python_words) -> str:
     """The CLI's "Later steps" block."""
-    return "\n".join(["Later steps:", *(f"  {c.line()}" for c in checks)])
+    return "\n".join(["Later steps:", *(f"  {c.line(words)}" for c in checks)])
 
 
 __all__ = ["Check", "NotReadyError", "check_ahead", "check_gguf_disk", "check_llama_cpp", "check_upload",

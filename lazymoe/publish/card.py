@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ..config import MoEConfig
-from ..errors import CardError
+from ..errors import CardError, Setting, Text
 from ..gguf.files import GGUFFile, find_gguf_files
 from ..io.folder import CONFIG_FILENAME, write_text_atomic
 from ..moe import arch
@@ -105,7 +105,8 @@ def card_data(
     config = facts.config
     name = model_name or (repo_id.rsplit("/", 1)[-1] if repo_id else facts.folder_name)
     if not name.strip():
-        raise CardError("The model name is empty; pass model_name (CLI: --name).")
+        name_it = Setting("model_name", ...)
+        raise CardError(Text(f"The model name is empty; {name_it.placeholder}.", (name_it,)))
     files = list(gguf_files or [])
     if gguf_repo is None and files and repo_id:
         gguf_repo = f"{repo_id}-GGUF"

@@ -31,7 +31,7 @@ from huggingface_hub.utils import (
 )
 
 from ..colab import has_user_secrets, read_secret
-from ..errors import HubError
+from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files
 from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
 from ..io.safetensors import read_header
@@ -58,10 +58,17 @@ class PushResult:
     commit_url: str | None = None
 
 
+#: the settings the Hub messages name (each front end words them: token=, --token, the form's token box)
+_TOKEN = Setting("token", ...)
+_TOKEN_ARGUMENT = Text(Setting("token", ..., noun=True).placeholder, (Setting("token", ..., noun=True),))
+_BASE_REPO = Setting("base_repo_id", ...)
+_PUBLIC = Setting("private", False)
+
+
 @dataclass(frozen=True)
 class _Token:
     value: str = field(repr=False)  # never in a repr, a traceback or a log line
-    source: str  # where it came from ("your HF_TOKEN environment variable"), so messages name the one to fix
+    source: str | Text  # where it came from ("your HF_TOKEN environment variable"), so messages name the one to fix
 
 
 # ----------------------------------------------------------------------------- token
@@ -87,7 +94,7 @@ def _find_token(token: str | None, colab_secret: str) -> tuple[_Token | None, li
 def _first_token(token: str | None, colab_secret: str) -> tuple[_Token | None, list[str]]:
     notes: list[str] = []
     if token is not None and token.strip():
-        return _Token(token.strip(), "your token= / --token argument"), notes
+        return _Token(token.strip(), _TOKEN_ARGUMENT), notes
     if colab_secret and has_user_secrets():
         value, note = read_secret(colab_secret)
         if value:
@@ -101,11 +108,11 @@ def _first_token(token: str | None, colab_secret: str) -> tuple[_Token | None, l
     return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
 
 
-def _token_help(endpoint: str) -> str:
-    return (
+def _token_help(endpoint: str) -> Text:
+    return Text(
         f"Create a token with write access at {endpoint}/settings/tokens, then either store it as a Colab secret "
         "named 'HF_TOKEN' (key icon in the left bar; switch on notebook access), set the HF_TOKEN environment "
-        "variable, run `hf auth login`, or pass it with --token / token=."
+        f"variable, run `hf auth login`, or {_TOKEN.placeholder}.", (_TOKEN,)
     )
 
 
@@ -197,7 +204,7 @@ class PushTarget:
     user: str
     endpoint: str
     exists: bool  # False: the push creates it; True: it holds an earlier lazymoe upload (or nothing yet)
-    token_source: str
+    token_source: str | Text
     _api: Any = field(repr=False, compare=False)
     _token: _Token = field(repr=False, compare=False)
 
@@ -205,9 +212,10 @@ class PushTarget:
     def url(self) -> str:
         return f"{self.endpoint}/{self.repo_id}"
 
-    def describe(self) -> str:
+    def describe(self) -> Text:
         what = "exists and will be updated (an earlier lazymoe upload)" if self.exists else "is free: it will be created"
-        return f"{self.repo_id} {what}; token from {self.token_source} (user {self.user!r}) may write there"
+        return Text.join([f"{self.repo_id} {what}; token from ", self.token_source,
+                          f" (user {self.user!r}) may write there"])
 
 
 def check_push_target(
@@ -225,7 +233,7 @@ def check_push_target(
     found, notes = _find_token(token, colab_secret)
     if found is None:
         why = f" ({'; '.join(notes)})" if notes else ""
-        raise HubError(f"No Hugging Face token found{why}. Pushing needs one. {_token_help(endpoint)}")
+        raise HubError(Text.join([f"No Hugging Face token found{why}. Pushing needs one. ", _token_help(endpoint)]))
     api = HfApi(endpoint=endpoint, token=found.value, library_name="lazymoe")
     with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
         who = api.whoami()
@@ -251,11 +259,11 @@ def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str, 
             f"mix this model into it. Choose another model name, or delete that repo ({endpoint}/{repo_id}/settings)."
         )
     if private and info.private is False:
-        raise HubError(
+        raise HubError(Text(
             f"{repo_id!r} already exists and is public, but you asked for a private upload; nothing was "
-            f"uploaded. Make it private ({endpoint}/{repo_id}/settings) and push again, or push without "
-            "--private."
-        )
+            f"uploaded. Make it private ({endpoint}/{repo_id}/settings) and push again, or "
+            f"{_PUBLIC.placeholder} to push it public.", (_PUBLIC,)
+        ))
     return True
 
 
@@ -436,10 +444,10 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
     if not (folder / "config.json").is_file() and any(folder.glob("*.gguf")):
         if base_repo_id is None:
             if not repo_id.upper().endswith("-GGUF"):
-                raise HubError(
+                raise HubError(Text(
                     f"{folder} holds GGUF files; push them to a repo named like the merged model plus -GGUF "
-                    f"(e.g. {repo_id}-GGUF), or name the merged model's repo with base_repo_id= / --gguf-of."
-                )
+                    f"(e.g. {repo_id}-GGUF), or {_BASE_REPO.placeholder} to name the merged model's repo.",
+                    (_BASE_REPO,)))
             base_repo_id = repo_id[: -len("-GGUF")]
         return build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id)
     if not is_lazymoe_output(folder):
@@ -462,20 +470,18 @@ def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str
     except HFValidationError as err:
         raise HubError(f"{repo!r} is not a valid repo name: {err}") from None
     namespace, name = repo_id.split("/")
-    holder = f"{token.source} (user {user!r})"
+    holder = Text.join([token.source, f" (user {user!r})"])
     if ((who.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
-        raise HubError(
-            f"The token from {holder} is read-only; pushing needs write access. Create a 'Write' token (or a "
-            f"fine-grained one with write access to {namespace!r}) at {endpoint}/settings/tokens and use it instead."
-        )
+        raise HubError(Text.join([
+            "The token from ", holder, " is read-only; pushing needs write access. Create a 'Write' token (or a "
+            f"fine-grained one with write access to {namespace!r}) at {endpoint}/settings/tokens and use it instead."]))
     if namespace in (user, *orgs):
         scopes = ((who.get("auth") or {}).get("accessToken") or {}).get("fineGrained")
         if isinstance(scopes, dict) and not _fine_grained_may_write(scopes, repo_id):
-            raise HubError(
-                f"The fine-grained token from {holder} may not write to {namespace!r} (it has no 'repo.write' "
+            raise HubError(Text.join([
+                "The fine-grained token from ", holder, f" may not write to {namespace!r} (it has no 'repo.write' "
                 f"permission there). Edit the token at {endpoint}/settings/tokens to give it write access to "
-                f"repos under {namespace!r}, or use a 'Write' token."
-            )
+                f"repos under {namespace!r}, or use a 'Write' token."]))
         return repo_id
     with _errors_as_hub_errors(token, endpoint, repo_id, stage="connect"):
         taken = api.repo_exists(repo_id)
@@ -534,20 +540,17 @@ def _errors_as_hub_errors(token: _Token, endpoint: str, repo_id: str, *, stage: 
         raise HubError(_explain(error, token, endpoint, repo_id, stage)) from error
 
 
-def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage: str) -> str:
+def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage: str) -> str | Text:
     status = _http_status(error)
     cause = _describe(error, [token.value, *env_tokens()])
     if status == 401:
-        return (
-            f"The Hub rejected the token from {token.source} (401 Unauthorized): it is invalid, expired or "
-            f"revoked. {_token_help(endpoint)}"
-        )
+        return Text.join(["The Hub rejected the token from ", token.source, " (401 Unauthorized): it is invalid, "
+                          "expired or revoked. ", _token_help(endpoint)])
     if status == 403:
-        return (
-            f"The Hub refused write access to {repo_id!r} (403 Forbidden) for the token from {token.source}. "
-            f"It needs write permission on {repo_id.split('/')[0]!r}: create a 'Write' token, or give your "
-            f"fine-grained token write access there, at {endpoint}/settings/tokens."
-        )
+        return Text.join([
+            f"The Hub refused write access to {repo_id!r} (403 Forbidden) for the token from ", token.source,
+            f". It needs write permission on {repo_id.split('/')[0]!r}: create a 'Write' token, or give your "
+            f"fine-grained token write access there, at {endpoint}/settings/tokens."])
     if _is_network_error(error) or (status is not None and (status >= 500 or status in (408, 429))):
         if stage in ("stream", "commit"):
             return (

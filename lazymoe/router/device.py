@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Setting, Text
+
+
+#: what the device messages name (each front end words it: device=, --device)
+_DEVICE, _CPU = Setting("device", ..., noun=True), Setting("device", "cpu")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -13,7 +17,9 @@ def pick_device(device: str | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise ConfigError(Text(f"{_DEVICE.placeholder} {device!r} is not a device; use auto, cpu, cuda or cuda:N.",
+                               (_DEVICE,))) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but this machine has no CUDA GPU; use --device cpu.")
+        raise ConfigError(Text(f"{_DEVICE.placeholder} asks for cuda but this machine has no CUDA GPU; "
+                               f"{_CPU.placeholder}.", (_DEVICE, _CPU)))
     return dev

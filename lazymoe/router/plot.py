@@ -11,6 +11,13 @@ from pathlib import Path
 from ..optional import require
 from .routing import RoutingReport
 
+#: at most this many heatmaps side by side: four experts' groups in one row made a 1500 px picture that a
+#: notebook shrank until its numbers could not be read; two per row stays under 900 px for up to 6 experts
+MAX_COLUMNS = 2
+#: dots per inch of the PNG, and the size of the per-cell percentages (points)
+DPI = 110
+CELL_FONT_PT = 7.5
+
 
 def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Draw one heatmap per prompt group (layers x experts, share of tokens choosing each expert) as a PNG."""
@@ -20,11 +27,11 @@ def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str |
     from matplotlib.patches import Rectangle
 
     G, L, E = report.chosen.shape
-    cols = min(G, 4)
+    cols = min(G, MAX_COLUMNS)
     rows = math.ceil(G / cols)
     cell = 0.42
     fig = Figure(figsize=(max(3.0, cols * (1.2 + E * cell * 1.3)), rows * (1.4 + min(L, 40) * cell * 0.75) + 0.6),
-                 dpi=110, layout="constrained")
+                 dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
@@ -49,7 +56,7 @@ def plot_routing(report: RoutingReport, path: str | os.PathLike, *, title: str |
             for layer in range(L):
                 for e in range(E):
                     v = data[layer, e]
-                    ax.text(e, layer, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
+                    ax.text(e, layer, f"{100 * v:.0f}", ha="center", va="center", fontsize=CELL_FONT_PT,
                             color="black" if v > 0.6 else "white")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label=f"share of tokens routed there (top-{report.experts_per_token})")
