@@ -7,7 +7,7 @@ Builds one Mistral-7B-wide decoder layer (hidden 4096, MLP 14336, 32 heads, 8 KV
 random experts in memory, then times, on ``--tokens`` calibration tokens:
 
 * one router-training step of that layer (``trained``): forward, then the checkpointed recompute and
-  backward, exactly as ``router_train.train_routers`` runs it;
+  backward, exactly as ``lazymoe.router.written.train_routers`` runs it;
 * the per-layer classifier fit (``expert_classifier``, and ``trained``'s initialisation).
 
 It prints the per-layer seconds, the peak resident memory, and the extrapolation to 32 layers and the

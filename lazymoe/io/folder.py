@@ -6,12 +6,14 @@ writes both last-but-one, just before the folder is renamed into place, so a fol
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from ..errors import ModelFormatError, ModelNotFoundError
-from .sources import read_json
 
 #: what the merged folder calls the recipe that built it (written by merge, read by card, gguf and the notebook)
 CONFIG_FILENAME = "lazymoe_config.yml"
@@ -37,6 +39,24 @@ def require_lazymoe_output(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def read_json(path: Path, what: str, ref: object) -> dict:
+    """A JSON object from a model's file, or ModelFormatError saying which file is broken and what to do."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{ref}: {what} is not UTF-8 text; the file is damaged, download the model again.") from None
+    except (ValueError, RecursionError) as err:
+        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise ModelFormatError(
+            f"{ref}: {what} is not valid JSON{where}; the file is damaged, download the model again."
+        ) from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(
+            f"{ref}: {what} holds a JSON {type(data).__name__}, not an object; download the model again."
+        )
+    return data
+
+
 def read_folder_config(folder: Path) -> dict:
     """A merged (or dense) folder's config.json as a dict, or one ModelFormatError saying what is wrong with it."""
     path = Path(folder) / "config.json"
@@ -47,8 +67,6 @@ def read_folder_config(folder: Path) -> dict:
 
 def read_folder_recipe(folder: Path) -> dict | None:
     """The recipe a merge saved in ``folder`` (None if there is none), or ModelFormatError if it is damaged."""
-    import yaml
-
     path = Path(folder) / CONFIG_FILENAME
     if not path.is_file():
         return None

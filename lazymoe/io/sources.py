@@ -8,7 +8,6 @@ ranged requests — so a plan and every compatibility check happen before any we
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 
 from ..errors import ModelFormatError, ModelNotFoundError
+from .folder import read_json
 from .hub_ids import MAX_HUB_NAME_CHARS
 from .ranges import remote_tensors
 from .safetensors import TensorInfo, scan_file
@@ -120,24 +120,6 @@ class ModelInfo:
     def commit(self) -> str | None:
         """The commit hash a Hub model was read at (its snapshot folder's name); None for a local folder."""
         return self.folder.name if self.ref.repo_id is not None and self.folder is not None else None
-
-
-def read_json(path: Path, what: str, ref: ModelRef | str) -> dict:
-    """A JSON object from a model's file, or ModelFormatError saying which file is broken and what to do."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelFormatError(f"{ref}: {what} is not UTF-8 text; the file is damaged, download the model again.") from None
-    except (ValueError, RecursionError) as err:
-        where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
-        raise ModelFormatError(
-            f"{ref}: {what} is not valid JSON{where}; the file is damaged, download the model again."
-        ) from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(
-            f"{ref}: {what} holds a JSON {type(data).__name__}, not an object; download the model again."
-        )
-    return data
 
 
 def read_model_config(path: Path, ref: ModelRef | str) -> dict:
