@@ -204,6 +204,12 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             expert = page.locator(".lazymoe-expert-model input").nth(2)
             expert.fill("lazymoe-demo/nowhere")
             expert.press("Tab")
+            # the kernel has the edit once the form has saved it (widget values sync asynchronously; on a
+            # busy machine Shift+Enter could otherwise run Plan with the old value)
+            deadline = time.monotonic() + 60
+            while not any("lazymoe-demo/nowhere" in f.read_text() for f in work.glob("*.lazymoe.yaml")):
+                assert time.monotonic() < deadline, "the form never saved the edited expert"
+                time.sleep(0.2)
             plan_cell.click()
             page.keyboard.press("Shift+Enter")
             plan_cell.locator(".lazymoe-error", has_text="nowhere").first.wait_for(timeout=60_000)

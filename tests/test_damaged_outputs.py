@@ -82,3 +82,15 @@ def test_a_mount_point_as_output_is_refused_before_any_work(tmp_path, monkeypatc
 def test_a_config_path_too_long_is_one_line():
     result = cli("plan", "/tmp/" + "y" * 300 + ".yaml")
     assert result.returncode == 2 and "cannot be used" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quiet_merge_shows_no_bars_not_even_transformers_own(tiny_world, tmp_path):
+    """-q: no progress bar at all, including transformers' "Loading weights" when a gate mode loads the base."""
+    import yaml
+
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="classifier")
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    result = cli("merge", str(recipe), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr, result.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 import traceback
 
@@ -70,6 +71,10 @@ def cli_words(command: str | None = None) -> Words:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.words = cli_words(args.command)  # a handler that prints a message naming a setting words it so
+    if getattr(args, "quiet", False):
+        # before huggingface_hub or transformers is imported: their own bars (downloads, "Loading weights")
+        # read this once, at import
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
