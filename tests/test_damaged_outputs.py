@@ -94,3 +94,11 @@ def test_quiet_merge_shows_no_bars_not_even_transformers_own(tiny_world, tmp_pat
     result = cli("merge", str(recipe), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr, result.stderr
+
+
+def test_a_path_the_system_refuses_is_one_line_in_every_command():
+    long = "/tmp/" + "y" * 300
+    for args in (("route", long), ("card", long)):
+        result = cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

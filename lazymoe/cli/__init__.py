@@ -87,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output folder was left behind", file=sys.stderr)
         return 130
+    except OSError as err:
+        # the system refused a path the user gave (a name too long, a loop of links): one line, as for a bad
+        # setting; -v keeps the traceback for a bug report
+        if args.verbose:
+            traceback.print_exc()
+        where = f"{err.filename}: " if err.filename else ""
+        message = redact(where + (err.strerror or str(err)), [getattr(args, "token", None), *env_tokens()])
+        print(f"error: {' '.join(message.split())}; check the path", file=sys.stderr)
+        return 2
     except Exception as err:  # a bug: show the traceback, but never a token that some message may carry
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         print(redact(text, [getattr(args, "token", None), *env_tokens()]), file=sys.stderr, end="")
