@@ -171,3 +171,7 @@ class OutputNotWritableError(LazyMoEError, PermissionError):
 
 class ModelFormatError(LazyMoEError, ValueError):
     """A model's files exist but are malformed (config.json, the index, a safetensors header)."""
+
+
+class EvalFileError(LazyMoEError, ValueError):
+    """An ``eval.json`` or ``benchmarks.json`` that this version of lazymoe cannot read."""

@@ -187,7 +187,7 @@ def convert_to_gguf(
         base = out / f"{name}.{outtype.upper()}.gguf"
         bar.set_description(f"convert {outtype.upper()}")
         if base.is_file() and not overwrite:
-            log.info("%s exists, reusing it (pass overwrite=True to rebuild)", base)
+            log.info("%s exists from an earlier conversion: reusing it (delete it to rebuild)", base)
         else:
             _check_disk(out, int(gguf_bytes(n_params, outtype) * 1.02), base.name)
             folder = Path(converter_dir) if converter_dir else None

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LazyMoEError
+from ..errors import EvalFileError, Setting, Text
 
 SCHEMA = "lazymoe-eval/1"
 EVAL_JSON = "eval.json"
@@ -48,10 +48,6 @@ TEXT_KINDS = {
                  "scored, never the prompts, which fitted the routers",
     "none": "no texts",
 }
-
-
-class EvalFileError(LazyMoEError, ValueError):
-    """An ``eval.json`` that this version of lazymoe cannot read."""
 
 
 def gain_kept(base: float | None, expert: float | None, moe: float | None) -> tuple[float | None, str | None]:
@@ -294,9 +290,11 @@ def read_benchmarks(folder: str | os.PathLike) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        raise EvalFileError(f"{path} is not valid JSON; run lazymoe eval --tasks again.") from None
+        raise EvalFileError(Text(f"{path} is not valid JSON; run the benchmarks again (" + "{tasks}).",
+                                 [Setting("tasks", ...)])) from None
     if not isinstance(data, dict) or data.get("schema") != BENCHMARKS_SCHEMA:
-        raise EvalFileError(f"{path} is not {BENCHMARKS_SCHEMA!r}; run lazymoe eval --tasks again.")
+        raise EvalFileError(Text(f"{path} is not {BENCHMARKS_SCHEMA!r}; run the benchmarks again (" + "{tasks}).",
+                                 [Setting("tasks", ...)]))
     return data
 
 
