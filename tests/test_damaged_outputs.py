@@ -102,3 +102,9 @@ def test_a_path_the_system_refuses_is_one_line_in_every_command():
         result = cli(*args)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_chat_on_a_folder_names_the_gguf_files_in_it(tmp_path):
+    (tmp_path / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    result = cli("chat", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 2 and "is a folder, not a GGUF file" in result.stderr and "m-Q8_0.gguf" in result.stderr

@@ -64,6 +64,11 @@ def open_gguf(path: str | os.PathLike, *, n_gpu_layers: int = -1, n_threads: int
     A file that does not load raises GGUFError with llama.cpp's own explanation, not just "failed to load".
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        hint = f" It holds {', '.join(p.name for p in found[:4])}: give one of them." if found else \
+            " Give a .gguf file (`lazymoe gguf MODEL_DIR` makes them)."
+        raise GGUFError(f"{path} is a folder, not a GGUF file.{hint}")
     if not path.is_file():
         raise GGUFError(f"{path} does not exist; produce it with `lazymoe gguf MODEL_DIR` first.")
     llama_cpp = import_llama_cpp()
