@@ -200,8 +200,8 @@ def train_routers(moe: StreamedMoE, W0: torch.Tensor, keep: torch.Tensor, lm_hea
         lm, bal = lm_and_balance(moe, W, keep, lm_head)
         total = lm + balance * bal
         history.append(float(lm.detach()))
-        if float(total) < best_loss:
-            best_loss, best = float(total), W.detach().clone()
+        if float(total.detach()) < best_loss:
+            best_loss, best = float(total.detach()), W.detach().clone()
         if step == steps:
             break
         opt.zero_grad(set_to_none=True)
