@@ -92,21 +92,18 @@ class OutputTarget:
         self.path = Path(output_dir)
         try:
             is_link = self.path.is_symlink()
-        except OSError as err:  # a name too long for the filesystem
-            raise OutputNotWritableError(f"{self.path} cannot be the output folder ({err.strerror or err}); give a "
-                                         "shorter path.") from None
+            # not a link (refused below), so resolving only settles ".", ".." and parents
+            self.final = self.path if is_link else self.path.resolve()
+            mount = not is_link and self.final.is_mount()
+        except (OSError, RuntimeError) as err:  # a name too long for the filesystem, a loop of links above it
+            why = getattr(err, "strerror", None) or err
+            raise OutputNotWritableError(f"{self.path} cannot be the output folder ({why}); give a shorter path "
+                                         "without link loops.") from None
         if is_link:
             raise OutputExistsError(
                 f"{self.path} is a symbolic link; lazymoe never writes through or replaces a link. "
                 "Give the folder it points to, or a new path."
             )
-        try:
-            self.final = self.path.resolve()  # not a link (refused above): only ".", ".." and parents resolve
-            mount = self.final.is_mount()
-        except (OSError, RuntimeError) as err:  # a name too long for the filesystem, a loop of links above it
-            why = getattr(err, "strerror", None) or err
-            raise OutputNotWritableError(f"{self.path} cannot be the output folder ({why}); give a shorter path "
-                                         "without link loops.") from None
         self.parent, self.name = self.final.parent, self.final.name
         if not self.name:
             raise OutputExistsError(f"{self.path} is the filesystem root; give a folder for the merged model.")
