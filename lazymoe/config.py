@@ -366,6 +366,10 @@ def validate_config(config: MoEConfig) -> MoEConfig:
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
                     raise ConfigError(f"{where}.{field}[{j}] is empty; remove it or write some text.")
+        for j, text in enumerate(expert.calibration_text):
+            if _FILE_NAME.fullmatch(text.strip()):  # the text itself is wanted: a file name would be routed on
+                raise ConfigError(f"{where}.calibration_text[{j}] is {text.strip()!r}, a file name: calibration_text "
+                                  "is the text itself (a list of paragraphs); paste the file's text there.")
     if config.uses_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:
@@ -390,6 +394,10 @@ def validate_config(config: MoEConfig) -> MoEConfig:
     return config
 
 
+#: a calibration text that is only a file name (code.txt, ./docs/maths.md): read as text, it would be routed on
+_FILE_NAME = re.compile(r"\S+\.(txt|md|json|jsonl|csv|yaml|yml|py)", re.IGNORECASE)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, but a key written twice in one mapping is an error, not "the last one wins"."""
 
@@ -410,6 +418,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long to be a path: YAML text, then
+        return False
+
+
 def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     """Load a config from a YAML file path, a YAML string, a dict or a config object."""
     if isinstance(source, (MoEConfig, dict)):
@@ -420,7 +435,8 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         )
     text: str
     path = Path(source)
-    if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
+    one_line = "\n" not in str(source)
+    if isinstance(source, os.PathLike) or (one_line and (path.suffix.lower() in (".yml", ".yaml") or _is_file(path))):
         try:
             is_file, is_dir, exists = path.is_file(), path.is_dir(), path.exists()
         except OSError as err:  # a name too long for the filesystem, a link loop
@@ -440,7 +456,7 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         except OSError as err:
             raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
     else:
-        text = str(source)
+        text = source
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:
@@ -450,6 +466,10 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"The config is not valid YAML{where}: {problem}.") from None
+    if isinstance(data, str) and one_line and text is source:  # a file name that is not there, not YAML text
+        shown = text if len(text) <= 200 else text[:200] + "…"
+        raise ConfigError(f"Config file {shown} does not exist; give the path of a YAML file, YAML text, a dict or a "
+                          "MoEConfig.")
     if isinstance(data, dict) and isinstance(data.get("notebook"), dict):
         # a notebook preset or a recipe saved by the notebook form: its notebook: block holds the form's
         # settings (model name, upload, GGUF), not MoE config, so the CLI and Python take the file as it is

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..config import ExpertConfig, HubTexts, MoEConfig, load_config
 from ..errors import ConfigError, LazyMoEError, ModelNotFoundError, Setting, Text
-from ..io.folder import CONFIG_FILENAME, load_folder_tokenizer, read_folder_config, require_lazymoe_output
+from ..io.folder import (CONFIG_FILENAME, load_folder_tokenizer, read_folder_config, read_user_text,
+                         require_lazymoe_output)
 from ..io.sources import METADATA_PATTERNS, ModelRef
 from ..moe import arch
 from ..runtime.machine import probe
@@ -72,9 +73,9 @@ class Texts:
 def read_text_file(path: Path) -> list[str]:
     """Texts from a file: ``.jsonl`` (one JSON object with ``text``, or one JSON string, a line), ``.json``
     (a list of strings), anything else: plain text, texts separated by blank lines."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"eval_texts file {path} does not exist; give a .txt, .jsonl or .json file, or a list.")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_user_text(path, "eval_texts file")
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(raw.splitlines(), 1):

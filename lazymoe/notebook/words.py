@@ -31,7 +31,8 @@ CELL_PARAMETERS = {"tasks": ("TASKS", "6d"), "limit": ("LIMIT", "6d")}
 NOTEBOOK_PHRASES = {"outdir": "run the notebook from a folder on a larger disk"}
 #: settings the notebook always sets itself, so no message from a notebook step names them; their messages
 #: keep the Python words (a notebook user calling lazymoe from Python reads those)
-SET_BY_THE_NOTEBOOK = frozenset({"device", "layout", "model_name", "download", "base_repo_id", "include_path"})
+SET_BY_THE_NOTEBOOK = frozenset({"device", "layout", "model_name", "download", "base_repo_id", "include_path",
+                                 "max_tokens", "n_ctx"})
 
 
 def form_words(setting: Setting) -> str:

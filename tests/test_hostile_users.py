@@ -1,0 +1,219 @@
+"""A hostile but realistic user, third round: what still broke across the CLI, Python and the library's checks.
+
+Each test is one finding: the input, then exactly what the user gets (the one line, the exit status) and what
+is left on disk. The CLI runs in-process (``cli.main``), so a traceback fails the test as an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import moe_config
+
+import lazymoe
+from lazymoe.cli import main
+from lazymoe.errors import ConfigError, GGUFError, OutputExistsError
+from lazymoe.io import outdir
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0].removeprefix("error: ")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def recipe(tiny_world, tmp_path) -> Path:
+    """A two-expert recipe that merges in a second (random gates: no router pass)."""
+    path = tmp_path / "moe.yaml"
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=7)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def merged(recipe, tmp_path) -> Path:
+    return lazymoe.merge(recipe, tmp_path / "moe", progress=False)
+
+
+# --------------------------------------------------------------------------- --overwrite never deletes the user's files
+
+
+def test_overwrite_refuses_an_output_holding_files_of_the_users_own(recipe, merged, tmp_path, capsys):
+    (merged / "routing.png").write_bytes(b"a picture lazymoe route drew")  # lazymoe's own: may be replaced
+    (merged / "my notes.txt").write_text("what I tried", encoding="utf-8")
+    (merged / "runs").mkdir()
+    (merged / "runs" / "log.txt").write_text("mine", encoding="utf-8")
+    before = snapshot(merged)
+
+    line = one_line_error(capsys, ["merge", str(recipe), str(merged), "--overwrite"])
+    assert line == (f"{merged} holds files that are not part of a merged model (my notes.txt, runs/); replacing the "
+                    "folder would delete them. Move them out of it, or merge into another folder.")
+    assert snapshot(merged) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "moe.yaml"]  # no work folder left beside it
+
+    (merged / "my notes.txt").unlink()
+    shutil.rmtree(merged / "runs")
+    assert main(["-q", "merge", str(recipe), str(merged), "--overwrite"]) == 0
+    assert not (merged / "routing.png").exists()  # the new output replaced the old one whole
+
+
+def test_a_file_put_into_the_output_while_the_merge_runs_is_kept(recipe, merged, tmp_path, monkeypatch):
+    def add_a_file(step: str) -> None:
+        if step == "complete":  # the new output is finished, the old one not yet moved aside
+            (merged / "draft.md").write_text("written meanwhile", encoding="utf-8")
+
+    monkeypatch.setattr(outdir, "on_step", add_a_file)
+    with pytest.raises(OutputExistsError) as caught:
+        lazymoe.merge(recipe, merged, overwrite=True, progress=False)
+    new = tmp_path / ".moe.lazymoe-new"
+    assert str(caught.value) == (f"{merged} holds files that are not part of a merged model (draft.md); replacing the "
+                                 "folder would delete them. Move them out of it, or merge into another folder. "
+                                 f"The finished merge is in {new}.")
+    assert (merged / "draft.md").read_text(encoding="utf-8") == "written meanwhile"
+    assert (merged / "config.json").is_file() and (new / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- eval: every option checked first
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--compare", "moe,nobody"], "compare 'nobody': choose from moe, base, experts (e.g. moe,base,experts)."),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1."),
+    (["--tasks", "arc_easy", "--limit", "0"], "your --limit argument must be at least 1 (documents per task)."),
+    (["--tasks", "arc_easy", "--benchmark-compare", "all"], "compare 'all': choose from moe, base, experts"),
+])
+def test_eval_refuses_a_bad_later_option_before_measuring_anything(merged, tmp_path, capsys, monkeypatch, extra,
+                                                                     message):
+    import lazymoe.evaluate.skill as skill
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the skills were measured before the bad option was refused")
+
+    monkeypatch.setattr(skill, "write_evaluation", measured)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What is 2 + 2?\n", encoding="utf-8")
+    line = one_line_error(capsys, ["eval", str(merged), "--questions", str(questions), *extra])
+    assert line.startswith(message), line
+    assert not (merged / "eval.json").exists()
+
+
+def test_eval_without_lm_eval_says_so_before_measuring_anything(merged, capsys, monkeypatch):
+    import importlib.util
+
+    import lazymoe.evaluate.skill as skill
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-evaluation-harness is installed here")
+    monkeypatch.setattr(skill, "write_evaluation", lambda *a, **k: pytest.fail("measured before the check"))
+    line = one_line_error(capsys, ["eval", str(merged), "--tasks", "arc_easy"])
+    assert line.startswith("lm-evaluation-harness is not installed")
+
+
+@pytest.mark.parametrize("option", ["--texts", "--questions"])
+def test_eval_files_that_are_not_utf8_text_or_are_folders_are_one_line(merged, tmp_path, capsys, option):
+    what = "eval_texts file" if option == "--texts" else "Question file"
+    latin1 = tmp_path / "notes.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for path, why in [(latin1, "is not UTF-8 text (byte 0xe9 at position 3); save it as UTF-8."),
+                      (folder, "is a folder; give a file.")]:
+        value = f"0={path}" if option == "--texts" else str(path)
+        assert one_line_error(capsys, ["eval", str(merged), option, value, "--generate-tokens", "0"]) == \
+            f"{what} {path} {why}"
+    assert not (merged / "eval.json").exists()
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_a_config_file_with_any_name_is_read_as_a_file(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("recipe.txt", "recipe", "recipe.YAML"):
+        shutil.copy(recipe, tmp_path / name)
+        plan = lazymoe.make_plan(name, progress=False)  # a str, as `lazymoe.make_plan("my-recipe")` is written
+        assert plan.config.num_experts == 2 and plan.config.seed == 7
+    with pytest.raises(ConfigError) as caught:
+        lazymoe.make_plan("missing-recipe.txt", progress=False)
+    assert str(caught.value) == ("Config file missing-recipe.txt does not exist; give the path of a YAML file, YAML "
+                                 "text, a dict or a MoEConfig.")
+
+
+def test_calibration_text_that_is_a_file_name_is_refused(tiny_world):
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="expert_classifier")
+    cfg["experts"][1]["calibration_text"] = "docs/code.txt"
+    with pytest.raises(ConfigError) as caught:
+        lazymoe.make_plan(cfg, progress=False)
+    assert str(caught.value) == ("experts[1].calibration_text[0] is 'docs/code.txt', a file name: calibration_text is "
+                                 "the text itself (a list of paragraphs); paste the file's text there.")
+    cfg["experts"][1]["calibration_text"] = ["def f(x): return x  # see notes.txt for why"]
+    assert lazymoe.make_plan(cfg, progress=False).config.experts[1].calibration_text == \
+        cfg["experts"][1]["calibration_text"]
+
+
+def test_a_base_without_tokenizer_files_is_named_at_plan(tiny_world, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_world["base"], base)
+    for name in os.listdir(base):
+        if name.startswith(("tokenizer", "special_tokens")):
+            (base / name).unlink()
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(moe_config(base, [tiny_world["chat"], tiny_world["code"]], gate_mode="random")))
+    assert one_line_error(capsys, ["plan", str(path)]) == (
+        f"base_model ({base}) has no tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+        "tokenizer.model, ...). The MoE reuses the base tokenizer: add the tokenizer files of the model it was "
+        "fine-tuned from.")
+
+
+# --------------------------------------------------------------------------- route, gguf, chat
+
+
+def test_route_refuses_an_empty_text(merged, capsys):
+    pytest.importorskip("matplotlib")
+    line = one_line_error(capsys, ["route", str(merged), "--text", "code", "--text", "  "])
+    assert line == "Text 2 to route is blank: give some text (a sentence of the kind an expert should take)."
+    assert not (merged / "routing.png").exists()
+
+
+def test_gguf_into_a_file_is_one_line(merged, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine", encoding="utf-8")
+    line = one_line_error(capsys, ["gguf", str(merged), "--quant", "none", "--outdir", str(target)])
+    assert line == f"{target} is a file, not a folder: add --outdir OUTDIR (a folder for the GGUF files)."
+    assert target.read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-tokens", "0"], "your --max-tokens argument is 0: an answer needs at least 1 token."),
+    (["--max-tokens", "-1", "-i"], "your --max-tokens argument is -1: an answer needs at least 1 token."),
+    (["--n-ctx", "-5"], "n_ctx is -5: add --n-ctx N_CTX with a context length in tokens (0: the model's own)."),
+])
+def test_chat_refuses_lengths_llama_cpp_cannot_use_before_loading(tmp_path, capsys, argv, message):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # never loaded: the lengths are refused first
+    assert one_line_error(capsys, ["chat", str(gguf), "--prompt", "hi", *argv]) == message
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(merged, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from lazymoe.gguf.convert import convert_to_gguf
+    from lazymoe.gguf.llama import chat
+
+    (path,) = convert_to_gguf(merged, tmp_path / "gguf", outtype="f16", quants="none", threads=1, progress=False)
+    with pytest.raises(GGUFError) as caught:
+        chat(path, "word " * 400, n_ctx=64, max_tokens=4, n_threads=1)
+    message = str(caught.value)
+    assert message.startswith("llama.cpp could not answer within a 64-token context (") and "\n" not in message
+    assert message.endswith("; pass n_ctx=... larger than 64, or give a shorter prompt.")
