@@ -217,3 +217,29 @@ def test_a_prompt_longer_than_the_context_is_one_line(merged, tmp_path, capsys):
     message = str(caught.value)
     assert message.startswith("llama.cpp could not answer within a 64-token context (") and "\n" not in message
     assert message.endswith("; pass n_ctx=... larger than 64, or give a shorter prompt.")
+
+
+# --------------------------------------------------------------------------- Hub repo names
+
+
+@pytest.mark.parametrize("name", ["moe-", "moe.", "me/moe.", "me./moe", "moe_", "m", "moe-1.5", "a_b/c-d.e"])
+def test_the_repo_name_rule_is_the_hubs_at_the_edges(name):
+    """A name the Hub refuses must be refused at plan time, not after the merge when the upload starts."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from lazymoe.options import repo_name_problem
+
+    try:
+        validate_repo_id(name if "/" in name else f"me/{name}")
+        hub_ok = True
+    except HFValidationError:
+        hub_ok = False
+    assert (repo_name_problem(name) is None) is hub_ok
+
+
+def test_merge_push_to_a_name_ending_in_a_dot_is_refused_before_any_work(recipe, tmp_path, capsys):
+    line = one_line_error(capsys, ["merge", str(recipe), str(tmp_path / "out"), "--push", "MyMoE."])
+    assert line == ("Cannot push to 'MyMoE.': 'MyMoE.' is not a valid repo name: use letters, digits, '-', '_' and '.' "
+                    "(no spaces, no '--' or '..', not ending in '-', '.' or .git), at most 96 characters a part, "
+                    "optionally as namespace/name.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe.yaml"]
