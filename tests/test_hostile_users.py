@@ -243,3 +243,25 @@ def test_merge_push_to_a_name_ending_in_a_dot_is_refused_before_any_work(recipe,
                     "(no spaces, no '--' or '..', not ending in '-', '.' or .git), at most 96 characters a part, "
                     "optionally as namespace/name.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe.yaml"]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    ("push", "interrupted: nothing was committed to the Hub; run the same command again to resume the upload"),
+    ("card", "interrupted"),
+])
+def test_ctrl_c_says_what_it_left_for_the_command_that_ran(merged, capsys, monkeypatch, command, said):
+    """Ctrl-C in a push used to say "no output folder was left behind", which is about merges."""
+    import lazymoe.publish.card as card
+    import lazymoe.publish.hub as hub
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "push_to_hub", interrupted)
+    monkeypatch.setattr(card, "build_card", interrupted)
+    argv = ["push", str(merged), "me/moe"] if command == "push" else ["card", str(merged)]
+    assert main(["-q", *argv]) == 130
+    assert capsys.readouterr().err == said + "\n"
