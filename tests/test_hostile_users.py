@@ -265,3 +265,27 @@ def test_ctrl_c_says_what_it_left_for_the_command_that_ran(merged, capsys, monke
     argv = ["push", str(merged), "me/moe"] if command == "push" else ["card", str(merged)]
     assert main(["-q", *argv]) == 130
     assert capsys.readouterr().err == said + "\n"
+
+
+# --------------------------------------------------------------------------- plan --output-dir
+
+
+def test_plan_with_an_output_dir_says_what_merge_would_refuse(tiny_world, recipe, merged, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("mine", encoding="utf-8")
+    cases = [
+        (tmp_path / "notes.txt", [], f"{tmp_path / 'notes.txt'} exists and is a file; choose another output folder."),
+        (tiny_world["chat"], [], f"The output folder {tiny_world['chat']} overlaps the input model "
+                                 f"{tiny_world['chat']}; choose a separate folder (inputs are never modified)."),
+        (tmp_path / "mine", ["--overwrite"], f"{tmp_path / 'mine'} already exists and is not empty: it was not made "
+                                             "by lazymoe, so it is never replaced; choose an empty or new folder."),
+        (merged, [], f"{merged} already exists and is not empty: add --overwrite to replace it."),
+    ]
+    for out, extra, message in cases:
+        assert one_line_error(capsys, ["plan", str(recipe), "--output-dir", str(out), *extra]) == message
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, extra in [(merged, ["--overwrite"]), (tmp_path / "new", [])]:
+        assert main(["-q", "plan", str(recipe), "--output-dir", str(out), *extra]) == 0
+        assert "No problems found" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # plan creates nothing, not even a lock
