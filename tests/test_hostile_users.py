@@ -289,3 +289,31 @@ def test_plan_with_an_output_dir_says_what_merge_would_refuse(tiny_world, recipe
         assert main(["-q", "plan", str(recipe), "--output-dir", str(out), *extra]) == 0
         assert "No problems found" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # plan creates nothing, not even a lock
+
+
+# --------------------------------------------------------------------------- the notebook form
+
+
+def test_a_calibration_text_edit_is_saved_at_once_and_its_problem_marked_on_it(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from lazymoe.notebook.ui import Builder
+
+    preset = (Path(__file__).resolve().parent.parent / "notebooks" / "presets" / "demo-tiny.yaml").read_text()
+    Builder._instances.clear()
+    try:
+        form = Builder.from_preset(preset, save_to=tmp_path, show=lambda _: None).form
+        saved = tmp_path / "LazyMoE-Demo-4x.lazymoe.yaml"
+        form.rows[0].calibration.value = "A chat about the weather, then about the news.\n\nA second paragraph."
+        recipe = yaml.safe_load(saved.read_text(encoding="utf-8"))  # saved by this edit alone
+        assert recipe["experts"][0]["calibration_text"] == ["A chat about the weather, then about the news.",
+                                                            "A second paragraph."]
+
+        form.rows[1].calibration.value = "code.txt"
+        assert form.check() is None
+        message = ("experts[1].calibration_text[0] is 'code.txt', a file name: calibration_text is the text itself "
+                   "(a list of paragraphs); paste the file's text there.")
+        assert form.last_message == ("error", message)
+        assert form._marked == [form.rows[1].calibration]
+        assert "code.txt" in form.rows[1].error.value and form.rows[1].positive not in form._marked
+    finally:
+        Builder._instances.clear()
