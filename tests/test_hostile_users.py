@@ -317,3 +317,11 @@ def test_a_calibration_text_edit_is_saved_at_once_and_its_problem_marked_on_it(t
         assert "code.txt" in form.rows[1].error.value and form.rows[1].positive not in form._marked
     finally:
         Builder._instances.clear()
+
+
+@pytest.mark.parametrize("quote", ["'", '"', "`"])
+def test_a_token_pasted_with_its_quotes_is_named_before_the_hub_is_asked(merged, capsys, quote):
+    line = one_line_error(capsys, ["push", str(merged), "moe", "--token", f"{quote}hf_abcdefghijklmnopqrstuvwxyz{quote}"])
+    assert line == ("The token from your --token argument is in quote marks (copied with them?), so it is not a Hugging "
+                    "Face token (those are letters and digits after hf_). Copy it again from "
+                    "https://huggingface.co/settings/tokens and paste only the token.")
