@@ -102,6 +102,8 @@ class ExpertConfig(_Strict):
     @field_validator("eval_texts", "eval_questions", mode="before")
     @classmethod
     def _no_blank_texts(cls, value: Any) -> Any:
+        if isinstance(value, os.PathLike):  # eval_texts=Path("code.txt") from Python
+            value = os.fspath(value)
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty: give a list of texts, a text file or a Hub dataset")
         if isinstance(value, list):
@@ -128,6 +130,8 @@ class ExpertConfig(_Strict):
         if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
             model = value["model"]
             value = model.get("path") if isinstance(model, dict) else model
+        if isinstance(value, os.PathLike):  # Python callers pass Path objects for local folders
+            value = os.fspath(value)
         if isinstance(value, str):
             value = value.strip()
             if not value:

@@ -325,3 +325,17 @@ def test_a_token_pasted_with_its_quotes_is_named_before_the_hub_is_asked(merged,
     assert line == ("The token from your --token argument is in quote marks (copied with them?), so it is not a Hugging "
                     "Face token (those are letters and digits after hf_). Copy it again from "
                     "https://huggingface.co/settings/tokens and paste only the token.")
+
+
+def test_python_callers_may_give_model_folders_and_text_files_as_paths(tiny_world, tmp_path):
+    texts = tmp_path / "chat.txt"
+    texts.write_text("Hello there, how are you today?\n", encoding="utf-8")
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=1)
+    cfg["base_model"] = Path(tiny_world["base"])  # pathlib objects, as a Python user writes them
+    cfg["experts"][0].update(source_model=Path(tiny_world["chat"]), eval_texts=texts)
+    cfg["experts"][1]["source_model"] = {"model": {"path": Path(tiny_world["code"])}}  # mergekit's long form
+    out = lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    recipe = yaml.safe_load((out / "lazymoe_config.yml").read_text(encoding="utf-8"))
+    assert recipe["base_model"] == str(tiny_world["base"])
+    assert [e["source_model"] for e in recipe["experts"]] == [str(tiny_world["chat"]), str(tiny_world["code"])]
+    assert recipe["experts"][0]["eval_texts"] == str(texts)
