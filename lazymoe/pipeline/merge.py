@@ -78,6 +78,12 @@ def make_plan(
             "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
             "accurate than without low-disk mode."
         )
+    if config.gate_mode in WRITTEN_MODES:  # a calibration file that is missing or empty stops here, before any download
+        for i, expert in enumerate(config.experts):
+            expert.calibration_texts(f"experts[{i}].calibration_text")
+    elif any(e.calibration_text for e in config.experts):
+        warnings.append(f"calibration_text is read by gate modes {' and '.join(WRITTEN_MODES)} only; gate_mode "
+                        f"{config.gate_mode} does not use it.")
     checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
                                low_disk=low_disk, output=output)
