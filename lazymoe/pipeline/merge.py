@@ -97,21 +97,29 @@ def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer
 
 
 class _TokenizerCheck:
-    """``checks.check_tokenizer`` on a thread of its own. Loading a tokenizer imports most of transformers
-    (2-3 s on 2 CPU cores, about as long as copying a few GB): a merge from local folders copies its first
-    tensors meanwhile, and waits for the check (``result``, which re-raises its error) before it needs the
-    tokenizer and before the output is made final, so a bad tokenizer still leaves no output behind. A merge
-    that downloads waits for it before fetching anything."""
+    """The base's tokenizer, loaded (and, for a fresh plan, checked: ``checks.check_tokenizer``) on a thread
+    of its own. Loading a tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as
+    copying a few GB): a merge from local folders copies its first tensors meanwhile, and waits for it
+    (``result``, which re-raises the check's error) before it tokenises, uploads or makes the output final,
+    so a bad tokenizer still leaves no output behind. A merge that downloads waits before fetching anything."""
 
-    def __init__(self, config: MoEConfig, base) -> None:
+    def __init__(self, load) -> None:
         self._tokenizer, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(config, base), name="lazymoe-tokenizer-check",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(load,), name="lazymoe-tokenizer", daemon=True)
         self._thread.start()
 
-    def _run(self, config: MoEConfig, base) -> None:
+    @classmethod
+    def checked(cls, config: MoEConfig, base) -> _TokenizerCheck:
+        return cls(lambda: checks.check_tokenizer(config, base))
+
+    @classmethod
+    def loaded(cls, folder: Path) -> _TokenizerCheck:
+        """A plan made earlier checked the tokenizer then: only load it."""
+        return cls(lambda: _load_tokenizer(folder))
+
+    def _run(self, load) -> None:
         try:
-            self._tokenizer = checks.check_tokenizer(config, base)
+            self._tokenizer = load()
         except BaseException as err:  # handed to the merge's own thread, raised there by result()
             self._error = err
 
@@ -121,6 +129,12 @@ class _TokenizerCheck:
         if self._error is not None:
             raise self._error
         return self._tokenizer
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer  # on the tokenizer's thread: the import is most of the cost
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
@@ -195,7 +209,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if plan is None:
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
-        tokenizer = _TokenizerCheck(plan.config, plan.base)
+        tokenizer = _TokenizerCheck.checked(plan.config, plan.base)
         if plan.download_bytes:  # nothing is fetched before every check has passed
             tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
@@ -254,8 +268,8 @@ def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.Merge
     output_dir = target.path
     base = store.local(config.base_model)
     plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
-    if tokenizer is None:  # a plan made earlier (checked then): load the tokenizer here, on this thread
-        tokenizer = _TokenizerCheck(config, base)
+    if tokenizer is None:  # a plan made earlier
+        tokenizer = _TokenizerCheck.loaded(base.folder)
     # the modes without prompts never tokenise: their merge runs while the check finishes
     words = tokenizer.result() if config.uses_prompts else None
     # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
