@@ -165,9 +165,9 @@ def test_a_folder_without_its_recipe_routes_given_text_and_says_how_in_each_fron
     folder = tmp_path / "no-recipe"
     shutil.copytree(moe, folder)
     (folder / CONFIG_FILENAME).unlink()
-    with pytest.raises(ConfigError, match=r"no prompts; pass prompts_by_expert or extra_texts to route your own"):
+    with pytest.raises(ConfigError, match=r"no prompts\. To see how text routes, pass prompts_by_expert or extra_texts\.$"):
         routing.routing_report(folder)
     assert main(["route", str(folder)]) == 2
-    assert "no prompts; add --text TEXT to route your own text" in capsys.readouterr().err
+    assert "no prompts. To see how text routes, add --text TEXT." in capsys.readouterr().err
     report = routing.routing_report(folder, extra_texts=["def f(x): return x"])
     assert report.groups[-1].startswith("text 1")

@@ -256,7 +256,7 @@ def routing_report(
         groups.append((f"text {i + 1}: {snippet[:24]}{'…' if len(snippet) > 24 else ''}", None, [text]))
     if not groups:
         text = Setting("text", ..., python="pass prompts_by_expert or extra_texts")  # the CLI: add --text TEXT
-        raise ConfigError(Text("Nothing to route: the recipe has no prompts; {text} to route your own text.", (text,)))
+        raise ConfigError(Text("Nothing to route: the recipe has no prompts. To see how text routes, {text}.", (text,)))
     seqs, owner = [], []
     for g, (_, _, texts) in enumerate(groups):
         for text in texts:
