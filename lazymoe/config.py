@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from .moe import arch as _arch
 from .errors import ConfigError, Setting, Text
 from .io.safetensors import NAME_TO_ST
+from .io.texts import expand_text_files
 from .router.modes import GATE_MODES, RANDOM_MODES
 
 # the names come from the gate-mode table (router/modes.py), the dtypes from the safetensors table
@@ -91,7 +92,8 @@ class ExpertConfig(_Strict):
     noise_scale: float | None = None
     residual_scale: float | None = None
     #: expert_classifier / trained: a few paragraphs of text of this expert's kind, to route on as well as
-    #: the text the expert writes from its prompts (lazymoe extension)
+    #: the text the expert writes from its prompts (lazymoe extension); an item that is one line ending in
+    #: .txt, .jsonl or .json is a file of such texts (``io.texts``)
     calibration_text: list[str] = []
     # lazymoe extensions read by `lazymoe eval` (evaluation.py), never by the merge
     #: texts of this expert's kind: a list, a text file (.txt: blank-line separated; .jsonl: "text"), or a Hub dataset
@@ -114,6 +116,11 @@ class ExpertConfig(_Strict):
         return value
 
     _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
+
+    def calibration_texts(self, where: str = "calibration_text") -> list[str]:
+        """``calibration_text`` with each item that names a text file replaced by the texts in it (read now:
+        ``ConfigError`` when a file is missing or holds no text)."""
+        return expand_text_files(self.calibration_text, where)
 
     @field_validator("positive_prompts", "negative_prompts", "calibration_text", mode="before")
     @classmethod
@@ -370,10 +377,6 @@ def validate_config(config: MoEConfig) -> MoEConfig:
             for j, prompt in enumerate(getattr(expert, field)):
                 if not prompt.strip():
                     raise ConfigError(f"{where}.{field}[{j}] is empty; remove it or write some text.")
-        for j, text in enumerate(expert.calibration_text):
-            if _FILE_NAME.fullmatch(text.strip()):  # the text itself is wanted: a file name would be routed on
-                raise ConfigError(f"{where}.calibration_text[{j}] is {text.strip()!r}, a file name: calibration_text "
-                                  "is the text itself (a list of paragraphs); paste the file's text there.")
     if config.uses_prompts:
         for i, expert in enumerate(config.experts):
             if not expert.positive_prompts:
@@ -396,10 +399,6 @@ def validate_config(config: MoEConfig) -> MoEConfig:
             (allow,)
         ))
     return config
-
-
-#: a calibration text that is only a file name (code.txt, ./docs/maths.md): read as text, it would be routed on
-_FILE_NAME = re.compile(r"\S+\.(txt|md|json|jsonl|csv|yaml|yml|py)", re.IGNORECASE)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

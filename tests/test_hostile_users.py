@@ -151,16 +151,17 @@ def test_a_config_file_with_any_name_is_read_as_a_file(recipe, tmp_path, monkeyp
                                  "text, a dict or a MoEConfig.")
 
 
-def test_calibration_text_that_is_a_file_name_is_refused(tiny_world):
-    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="expert_classifier")
-    cfg["experts"][1]["calibration_text"] = "docs/code.txt"
-    with pytest.raises(ConfigError) as caught:
-        lazymoe.make_plan(cfg, progress=False)
-    assert str(caught.value) == ("experts[1].calibration_text[0] is 'docs/code.txt', a file name: calibration_text is "
-                                 "the text itself (a list of paragraphs); paste the file's text there.")
-    cfg["experts"][1]["calibration_text"] = ["def f(x): return x  # see notes.txt for why"]
-    assert lazymoe.make_plan(cfg, progress=False).config.experts[1].calibration_text == \
-        cfg["experts"][1]["calibration_text"]
+def test_a_calibration_file_that_is_not_utf8_or_a_folder_is_one_line_at_plan(tiny_world, tmp_path, capsys):
+    latin1 = tmp_path / "code.txt"
+    latin1.write_bytes("def café(): pass\n".encode("latin-1"))
+    (tmp_path / "docs.txt").mkdir()
+    for item, why in [(latin1, "is not UTF-8 text (byte 0xe9 at position 7); save it as UTF-8."),
+                      (tmp_path / "docs.txt", "is a folder; give a file.")]:
+        cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="expert_classifier")
+        cfg["experts"][1]["calibration_text"] = [str(item)]
+        path = tmp_path / "moe.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        assert one_line_error(capsys, ["plan", str(path)]) == f"experts[1].calibration_text file {item} {why}"
 
 
 def test_a_base_without_tokenizer_files_is_named_at_plan(tiny_world, tmp_path, capsys):
@@ -294,7 +295,7 @@ def test_plan_with_an_output_dir_says_what_merge_would_refuse(tiny_world, recipe
 # --------------------------------------------------------------------------- the notebook form
 
 
-def test_a_calibration_text_edit_is_saved_at_once_and_its_problem_marked_on_it(tmp_path):
+def test_a_calibration_text_edit_is_saved_at_once_and_a_problem_marks_its_own_field(tmp_path):
     pytest.importorskip("ipywidgets")
     from lazymoe.notebook.ui import Builder
 
@@ -308,13 +309,11 @@ def test_a_calibration_text_edit_is_saved_at_once_and_its_problem_marked_on_it(t
         assert recipe["experts"][0]["calibration_text"] == ["A chat about the weather, then about the news.",
                                                             "A second paragraph."]
 
-        form.rows[1].calibration.value = "code.txt"
-        assert form.check() is None
-        message = ("experts[1].calibration_text[0] is 'code.txt', a file name: calibration_text is the text itself "
-                   "(a list of paragraphs); paste the file's text there.")
-        assert form.last_message == ("error", message)
-        assert form._marked == [form.rows[1].calibration]
-        assert "code.txt" in form.rows[1].error.value and form.rows[1].positive not in form._marked
+        # a message about an expert's calibration text, negative prompts or model marks that field
+        row = form.rows[1]
+        for field, widget in (("calibration_text", row.calibration), ("negative_prompts", row.negative),
+                              ("source_model", row.source), ("positive_prompts", row.positive)):
+            assert form._widget_named_in(f"experts[1].{field} is wrong") is widget
     finally:
         Builder._instances.clear()
 

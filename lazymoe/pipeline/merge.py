@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -46,6 +47,11 @@ def make_plan(
     progress: bool = True,
 ) -> planning.MergePlan:
     """Validate the config and the models (headers only) and return the plan. Reads no weights."""
+    return _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
+
+
+def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer: bool = True) -> planning.MergePlan:
+    """``make_plan``; ``tokenizer=False`` leaves the tokenizer check to the caller (``_TokenizerCheck``)."""
     config = load_config(config)
     max_shard_bytes = parse_bytes(max_shard_bytes)
     refs = config.model_refs()
@@ -78,9 +84,57 @@ def make_plan(
             "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
             "accurate than without low-disk mode."
         )
-    checks.check_tokenizer(config, models[config.base_model])
+    if config.gate_mode in WRITTEN_MODES:  # a calibration file that is missing or empty stops here, before any download
+        for i, expert in enumerate(config.experts):
+            expert.calibration_texts(f"experts[{i}].calibration_text")
+    elif any(e.calibration_text for e in config.experts):
+        warnings.append(f"calibration_text is read by gate modes {' and '.join(WRITTEN_MODES)} only; gate_mode "
+                        f"{config.gate_mode} does not use it.")
+    if tokenizer:
+        checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
                                low_disk=low_disk, output=output)
+
+
+class _TokenizerCheck:
+    """The base's tokenizer, loaded (and, for a fresh plan, checked: ``checks.check_tokenizer``) on a thread
+    of its own. Loading a tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as
+    copying a few GB): a merge from local folders copies its first tensors meanwhile, and waits for it
+    (``result``, which re-raises the check's error) before it tokenises, uploads or makes the output final,
+    so a bad tokenizer still leaves no output behind. A merge that downloads waits before fetching anything."""
+
+    def __init__(self, load) -> None:
+        self._tokenizer, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(load,), name="lazymoe-tokenizer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def checked(cls, config: MoEConfig, base) -> _TokenizerCheck:
+        return cls(lambda: checks.check_tokenizer(config, base))
+
+    @classmethod
+    def loaded(cls, folder: Path) -> _TokenizerCheck:
+        """A plan made earlier checked the tokenizer then: only load it."""
+        return cls(lambda: _load_tokenizer(folder))
+
+    def _run(self, load) -> None:
+        try:
+            self._tokenizer = load()
+        except BaseException as err:  # handed to the merge's own thread, raised there by result()
+            self._error = err
+
+    def result(self):
+        """The base's tokenizer, once the check has passed; the check's error otherwise."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._tokenizer
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer  # on the tokenizer's thread: the import is most of the cost
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
@@ -159,8 +213,13 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
         raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
+    tokenizer = None
     if plan is None:
-        plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
+        plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
+                          progress=progress, tokenizer=False)
+        tokenizer = _TokenizerCheck.checked(plan.config, plan.base)
+        if plan.download_bytes:  # nothing is fetched before every check has passed
+            tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
@@ -178,7 +237,8 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                 f"{human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some space "
                 "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
         try:
-            return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher)
+            return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher,
+                               tokenizer=tokenizer)
         finally:
             if pusher is not None:
                 pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
@@ -193,7 +253,7 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
-                pusher: StreamingPush | None) -> tuple[Path, PushResult | None]:
+                pusher: StreamingPush | None, tokenizer: _TokenizerCheck | None = None) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -206,20 +266,23 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     store = RangedWeights(plan.models, [Read(*r) for r in plan.reads()], whole=plan.whole_models,
                           release=release, window=plan.fetch_window, progress=progress)
     with store:
-        return _merge_with(store, target, plan, config, device=device, progress=progress, pusher=pusher)
+        return _merge_with(store, target, plan, config, device=device, progress=progress, pusher=pusher,
+                           tokenizer=tokenizer)
 
 
 def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *,
-                device, progress, pusher: StreamingPush | None) -> tuple[Path, PushResult | None]:
-    from transformers import AutoTokenizer
-
+                device, progress, pusher: StreamingPush | None,
+                tokenizer: _TokenizerCheck | None) -> tuple[Path, PushResult | None]:
     output_dir = target.path
     base = store.local(config.base_model)
     plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
-    tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
+    if tokenizer is None:  # a plan made earlier
+        tokenizer = _TokenizerCheck.loaded(base.folder)
+    # the modes without prompts never tokenise: their merge runs while the check finishes
+    words = tokenizer.result() if config.uses_prompts else None
     # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
     # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
-    gates = compute_gates(plan, tokenizer, device=device, progress=progress, resolve=store.resolve,
+    gates = compute_gates(plan, words, device=device, progress=progress, resolve=store.resolve,
                           upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
     store.done(ROUTER_STEP)
     logger.debug("router pass done")
@@ -233,9 +296,11 @@ def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.Merge
 
     tmp = target.work_folder()
     if pusher is not None:
+        tokenizer.result()  # nothing is uploaded before every check has passed
         pusher.start()
     try:
         write_shards(plan, gates, tmp, store, progress=progress, on_shard=pusher.add_shard if pusher else None)
+        tokenizer.result()  # a tokenizer that fails its check fails the merge before the output is final
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
         for name in ("generation_config.json", *TOKENIZER_FILES):
             src = base.folder / name
