@@ -338,3 +338,18 @@ def test_python_callers_may_give_model_folders_and_text_files_as_paths(tiny_worl
     assert recipe["base_model"] == str(tiny_world["base"])
     assert [e["source_model"] for e in recipe["experts"]] == [str(tiny_world["chat"]), str(tiny_world["code"])]
     assert recipe["experts"][0]["eval_texts"] == str(texts)
+
+
+def test_the_benchmarks_step_refuses_a_bad_limit_before_installing_anything(recipe, tmp_path, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    import lazymoe.notebook.ui as ui
+    from lazymoe.notebook.form import MoEForm
+
+    lazymoe.merge(recipe, tmp_path / "moe", progress=False)
+    shown = []
+    builder = ui.Builder(MoEForm(recipe.read_text() + "notebook: {model_name: moe}\n"), workdir=tmp_path,
+                         show=shown.append)
+    monkeypatch.setattr(ui, "install_lm_eval", lambda *a, **k: pytest.fail("lm-eval was installed first"))
+    with pytest.raises(ui.StepFailed):
+        builder.benchmarks(run=True, limit=0)
+    assert "LIMIT in step 6d must be at least 1 (documents per task)." in shown[-1].data
