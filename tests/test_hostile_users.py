@@ -353,3 +353,20 @@ def test_the_benchmarks_step_refuses_a_bad_limit_before_installing_anything(reci
     with pytest.raises(ui.StepFailed):
         builder.benchmarks(run=True, limit=0)
     assert "LIMIT in step 6d must be at least 1 (documents per task)." in shown[-1].data
+
+
+def test_finishing_a_stopped_swap_never_replaces_an_output_the_user_has_added_files_to(recipe, merged, tmp_path):
+    """A merge killed between "the new output is complete" and "the old one is moved aside" leaves NAME and
+    .NAME.lazymoe-new; the next merge finishes the swap, unless NAME has since got files of the user's own."""
+    other = lazymoe.merge(yaml.safe_load(recipe.read_text()) | {"seed": 8}, tmp_path / "other", progress=False)
+    new = tmp_path / ".moe.lazymoe-new"
+    os.replace(other, new)
+    (merged / "notes.md").write_text("added after the stop", encoding="utf-8")
+    before = snapshot(merged)
+    with outdir.OutputTarget(merged):  # what the next merge into it does first
+        pass
+    assert snapshot(merged) == before and (new / "config.json").is_file()
+    (merged / "notes.md").unlink()
+    with outdir.OutputTarget(merged):  # nothing of the user's in it now: the stopped swap is finished
+        pass
+    assert not new.exists() and (merged / "model.safetensors").read_bytes() != before["model.safetensors"]

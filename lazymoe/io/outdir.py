@@ -198,7 +198,8 @@ class OutputTarget:
             if not _present(self.final):
                 self._place(new)
                 logger.warning("restored %s: a merge finished it but was stopped before renaming it", self.final)
-            elif is_lazymoe_output(self.final, follow_links=False) and not old.exists():
+            elif is_lazymoe_output(self.final, follow_links=False) and not old.exists() and \
+                    not foreign_entries(self.final):  # files added since the stop are the user's: never replaced
                 os.replace(self.final, old)  # the stopped merge had approved replacing it
                 self._place(new)
                 logger.warning("finished replacing %s, which a stopped merge had built", self.final)
