@@ -370,3 +370,23 @@ def test_finishing_a_stopped_swap_never_replaces_an_output_the_user_has_added_fi
     with outdir.OutputTarget(merged):  # nothing of the user's in it now: the stopped swap is finished
         pass
     assert not new.exists() and (merged / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+# --------------------------------------------------------------------------- push
+
+
+def test_push_never_uploads_hidden_files(hub, merged, caplog):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    (merged / ".env").write_text("HF_TOKEN=hf_NotForTheHub0123456789", encoding="utf-8")
+    (merged / ".ipynb_checkpoints").mkdir()
+    (merged / ".ipynb_checkpoints" / "README-checkpoint.md").write_text("a Jupyter copy", encoding="utf-8")
+    before = snapshot(merged)
+    with caplog.at_level("WARNING", logger="lazymoe.publish.hub"):
+        assert main(["-q", "push", str(merged), "moe", "--token", ALICE_WRITE_TOKEN]) == 0
+    stored = hub.files("alice/moe")
+    assert not [name for name in stored if name.startswith(".") and name != ".gitattributes"]
+    shown = {name for name in before if not name.startswith(".")}
+    assert shown <= set(stored) and "config.json" in stored
+    assert "not uploading hidden files: .env, .ipynb_checkpoints/README-checkpoint.md" in caplog.text
+    assert snapshot(merged) == before

@@ -119,6 +119,22 @@ def _token_help(endpoint: str) -> Text:
 # ----------------------------------------------------------------------------- the folder
 
 
+#: never uploaded: hidden files and folders (.env, .ipynb_checkpoints/, .DS_Store) are the user's or their tools'
+HIDDEN_PATTERNS = (".*", "*/.*")
+
+
+def upload_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` a push uploads: every file but hidden ones (a name, or a folder on its path,
+    starting with a dot), which are logged as left out."""
+    files, hidden = [], []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            (hidden if any(part.startswith(".") for part in path.relative_to(folder).parts) else files).append(path)
+    if hidden:
+        logger.warning("not uploading hidden files: %s", ", ".join(p.relative_to(folder).as_posix() for p in hidden))
+    return files
+
+
 def check_model_folder(model_dir: str | Path) -> Path:
     """Refuse anything but a finished model folder: config.json plus every weight file, none truncated
     (or, for a GGUF repo, a folder of ``*.gguf`` files).
@@ -291,7 +307,8 @@ def push_to_hub(
 
     with _errors_as_hub_errors(found, endpoint, repo_id, stage="connect"):
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
-    sizes = [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
+    files = upload_files(folder)
+    sizes = [p.stat().st_size for p in files]
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
     with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
         if card is None:
@@ -299,14 +316,14 @@ def push_to_hub(
                 repo_id=repo_id,
                 folder_path=folder,
                 commit_message=commit_message or f"Upload {folder.name} with lazymoe",
+                ignore_patterns=list(HIDDEN_PATTERNS),
             )
         else:
             # the same single commit upload_folder makes, with the card's usage code naming this repo;
             # the local README.md is left as it is
             operations = [
                 CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                for p in sorted(folder.rglob("*"))
-                if p.is_file() and p.relative_to(folder).as_posix() != "README.md"
+                for p in files if p.relative_to(folder).as_posix() != "README.md"
             ]
             operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
             commit = api.create_commit(
@@ -373,8 +390,8 @@ class StreamingPush:
         shards = [self._done[name] for name in sorted(self._done)]
         operations = list(shards)
         operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                       for p in sorted(folder.rglob("*")) if p.is_file()
-                       and p.relative_to(folder).as_posix() not in {*self._done, "README.md"}]
+                       for p in upload_files(folder)
+                       if p.relative_to(folder).as_posix() not in {*self._done, "README.md"}]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
         repo_id = self.target.repo_id
         with _progress_bars(self.progress), self._errors("commit"):
