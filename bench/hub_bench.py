@@ -16,7 +16,9 @@ What it does, in one run:
      are fetched (ranges), each shard is uploaded while the next is written, one commit at the end;
    - ``mergekit``: download whole, ``mergekit-moe``, then ``HfApi.upload_folder``;
 3. measures wall time, bytes fetched and uploaded (the server's counters), peak disk used (the run's
-   folder sampled every 50 ms, allocated blocks) and peak RSS (each process's VmHWM, sampled);
+   folder sampled every 50 ms, allocated blocks) and peak RSS (each process's VmHWM, sampled), and the
+   transfer time: from the first request for weight bytes to the end of the commit, as the server saw them
+   (the wall time less the processes' start-up, planning and exit);
    checks the sequential and streamed uploads are byte-identical (README aside);
 4. prints the table, and the same arithmetic from the plan for the Beyonder recipe (4 x Mistral-7B).
 
@@ -203,6 +205,14 @@ def steps_for(kind: str, run_dir: Path, config: Path, repo: str, shard: str, mer
     raise SystemExit(f"unknown run {kind!r}")
 
 
+def transfer_seconds(server: HubServer) -> float:
+    """From the first request for weight bytes (not a header read) to the end of the last commit."""
+    weights = [r for r in server.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
+               and not (r.range or "").startswith(("bytes=0-7", "bytes=8-"))]
+    commits = server.requests_of("commit", status=200)
+    return max(c.finished for c in commits) - min(r.started for r in weights) if weights and commits else 0.0
+
+
 def remote_digest(server: HubServer, repo_id: str) -> dict[str, str]:
     return {p: hashlib.sha256(b.data).hexdigest() for p, b in server.files(repo_id).items()
             if p not in (".gitattributes", "README.md", "lazymoe_config.yml")}  # the recipe names folders or ids
@@ -339,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = steps_for(kind, run_dir, config, repo, args.shard, args.mergekit)
                 result = run_pipeline(kind, steps, run_dir, child_env(server, run_dir / "hf"))
                 result.update(bw=bw, down=server.downloaded_bytes, up=server.uploaded_bytes,
-                              commits=len(server.requests_of("commit", status=200)))
+                              commits=len(server.requests_of("commit", status=200)), transfer=transfer_seconds(server))
                 digests[(kind, bw)] = remote_digest(server, repo)
                 server.repos.pop(repo, None)  # the server keeps repos in memory
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -352,19 +362,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['needed'] / MB:.0f} MB and writes {out_mb:.0f} MB in {figures['shards']} shards of <= {args.shard}",
         "",
         "| MB/s | pipeline | wall s | fetched MB | fetched / needed | uploaded MB | commits | peak disk MB | "
-        "peak RSS MB | wall / max(fetch, upload) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MB | wall / max(fetch, upload) | transfer s | transfer / max(fetch, upload) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = max(figures["needed"], figures["output"]) / (r["bw"] * MB)
         lines.append(
             f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f} | {r['down'] / MB:.1f} | {r['down'] / figures['needed']:.3f} "
             f"| {r['up'] / MB:.1f} | {r['commits']} | {r['disk'] / MB:.0f} | {r['rss'] / MB:.0f} | "
-            f"{r['wall'] / floor:.2f} |")
+            f"{r['wall'] / floor:.2f} | {r['transfer']:.1f} | {r['transfer'] / floor:.2f} |")
     lines.append("")
     lines.append("fetched: body bytes the server sent (config, tokenizer and headers included); needed: the tensor "
                  "bytes the MoE reads (plan.download_bytes); max(fetch, upload): the needed bytes or the output, "
-                 "whichever is larger, at the bandwidth.")
+                 "whichever is larger, at the bandwidth; transfer: from the first request for weight bytes to the "
+                 "end of the commit, as the server saw them (wall less the processes' start-up, imports, planning "
+                 "and exit).")
     for bw in sorted({r["bw"] for r in rows}):
         if ("sequential", bw) in digests and ("streamed", bw) in digests:
             same = digests[("sequential", bw)] == digests[("streamed", bw)]
