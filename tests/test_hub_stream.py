@@ -377,3 +377,71 @@ def test_a_recorded_shard_the_hub_lacks_is_built_again(hub, published, tiny_worl
     assert sum(r.response_bytes for r in tensor_ranges(hub)) == source_bytes(plan, {lost})
     remote = remote_files(hub, "alice/tiny-moe")
     assert all(remote[p.name] == p.read_bytes() for p in expected.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the router pass beside the writer
+
+
+def test_shards_are_uploaded_while_the_router_pass_runs(hub, published, tiny_world, tmp_path, monkeypatch):
+    import threading
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline import merge as merging
+    from lazymoe.publish.hub import StreamingPush
+
+    uploaded, add = threading.Event(), StreamingPush.add_shard
+    compute, waited = merging.compute_gates, []
+
+    def spy(self, path):
+        add(self, path)
+        uploaded.set()
+
+    def slow_router_pass(*args, **kwargs):  # holds the routers until a shard has gone to the Hub
+        waited.append(uploaded.wait(timeout=60))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(StreamingPush, "add_shard", spy)
+    monkeypatch.setattr(merging, "compute_gates", slow_router_pass)
+    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    out, _ = merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", token=ALICE_WRITE_TOKEN,
+                                    max_shard_bytes="150KB", progress=False)
+    assert waited == [True], "a shard was written and handed to the uploader before the routers existed"
+    monkeypatch.undo()
+    assert raw_bytes(out) == raw_bytes(lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB",
+                                                     progress=False))
+
+
+def test_a_failing_router_pass_stops_the_merge_and_commits_nothing(hub, published, tiny_world, tmp_path,
+                                                                   monkeypatch):
+    import threading
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import ConfigError
+    from lazymoe.pipeline import merge as merging
+
+    def failing(*args, **kwargs):
+        raise ConfigError("experts[1]'s positive prompts have no token besides BOS; give it a few words.")
+
+    monkeypatch.setattr(merging, "compute_gates", failing)
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    with pytest.raises(ConfigError, match=r"^experts\[1\]'s positive prompts"):
+        merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,
+                               max_shard_bytes="150KB", progress=False)
+    assert hub.requests_of("commit") == [] and list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "lazymoe-router"]
+
+
+def test_a_fetch_failure_stops_the_router_pass_too(hub, published, tiny_world, tmp_path):
+    import threading
+
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    plan = lazymoe.make_plan(cfg, progress=False)
+    assert plan.router_overlaps
+    hub.fail("resolve", nth=4, times=None)
+    with pytest.raises(HubError, match=r"^Downloading model.*safetensors of lazyorg/tiny-\w+ failed"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, plan=plan)
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "lazymoe-router"], "the pass ended with the merge"
+    assert not [p for p in range_cache_dir().rglob("*.incomplete")]

@@ -251,10 +251,11 @@ class MergePlan:
     def disk_bytes(self) -> int:
         return self.output_bytes + self.peak_download_bytes + DISK_MARGIN_BYTES
 
-    def streamed_disk_bytes(self, shards_on_disk: int) -> int:
+    def streamed_disk_bytes(self, shards_on_disk: int | None = None) -> int:
         """Disk a merge needs that deletes each shard once uploaded, with at most ``shards_on_disk`` on disk
         (its downloads are deleted once written too)."""
         biggest = max((s.nbytes for s in self.shards), default=0)
+        shards_on_disk = STREAMED_SHARDS_ON_DISK if shards_on_disk is None else shards_on_disk
         return min(self.output_bytes, shards_on_disk * biggest) + self._released_peak() + DISK_MARGIN_BYTES
 
     def last_use(self) -> dict[str, int]:
@@ -472,6 +473,9 @@ def _cached(info: ModelInfo) -> bool:
 
 
 FETCH_WINDOW_MIN = 256 << 20
+#: a merge that deletes each shard once uploaded keeps at most this many on disk: one being written, one
+#: waiting, one uploading (``publish.hub.StreamingPush``'s two in flight plus the writer's)
+STREAMED_SHARDS_ON_DISK = 3
 
 
 def _whole_models(config: MoEConfig, models: dict[str, ModelInfo], low_disk: bool) -> frozenset[str]:

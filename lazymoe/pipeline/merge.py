@@ -28,6 +28,7 @@ from ..io.fetch import RangedWeights, Read
 from ..io.sources import TOKENIZER_FILES, ModelRef, describe
 from ..moe import checks
 from ..moe import plan as planning
+from ..moe.plan import STREAMED_SHARDS_ON_DISK
 from ..moe.writer import write_shards
 from ..options import MergeOptions
 from ..publish.card import plan_card, write_card
@@ -115,9 +116,6 @@ def merge(
     return _merge(config, output_dir, max_shard_bytes=max_shard_bytes, layout=layout, device=device,
                   low_disk=low_disk, overwrite=overwrite, progress=progress, plan=plan)[0]
 
-
-#: a streamed push keeps at most this many shards on disk: one being written, one waiting, one uploading
-STREAMED_SHARDS_ON_DISK = 3
 
 
 def merge_and_push(
