@@ -115,8 +115,8 @@ def fit(plan, label: str, runtime: Runtime, *, low_disk_switch: str = "--low-dis
             # the same plan in low-disk mode: only the downloads held at once change, not the output
             low = dataclasses.replace(plan, low_disk=True)
             detail += f". With {low_disk_switch} the disk needed is {human_bytes(low.disk_bytes)}"
-        detail += (f". Uploaded to the Hub while merging, each shard deleted once uploaded ({streamed_switch}): "
-                   f"{human_bytes(plan.streamed_disk_bytes())}")
+        detail += (f"{'; ' if not plan.low_disk else '. The disk needed is '}uploading each shard while merging "
+                   f"and deleting it ({streamed_switch}), {human_bytes(plan.streamed_disk_bytes())}")
     return Verdict(label, False, detail)
 
 
