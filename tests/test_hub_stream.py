@@ -445,3 +445,21 @@ def test_a_fetch_failure_stops_the_router_pass_too(hub, published, tiny_world, t
     assert list(tmp_path.iterdir()) == []
     assert not [t for t in threading.enumerate() if t.name == "lazymoe-router"], "the pass ended with the merge"
     assert not [p for p in range_cache_dir().rglob("*.incomplete")]
+
+
+@pytest.mark.parametrize("mode,low_disk", [("classifier", False), ("hidden_avg", True), ("cheap_embed", True)])
+def test_each_router_pass_beside_the_writer_gives_the_local_merges_bytes(hub, published, tiny_world, tmp_path, mode,
+                                                                         low_disk):
+    """classifier (not low-disk) fits on the MoE itself, reading every expert's MLPs as the writer does: two readers
+    on the same fetched tensors; hidden_avg reads the base layer by layer, cheap_embed the embeddings only. Each
+    shares one stream of fetches with the writer, fetches every tensor once, and gives a local merge's bytes."""
+    cfg, local = hub_and_local(tiny_world, gate_mode=mode, seed=3, router_continuation_tokens=0)
+    plan = lazymoe.make_plan(cfg, progress=False, low_disk=low_disk, max_shard_bytes="120KB")
+    assert plan.router_overlaps and len(plan.shards) > 3
+    out = lazymoe.merge(cfg, tmp_path / "hub", progress=False, plan=plan)
+    fetched = sum(r.response_bytes for r in tensor_ranges(hub))
+    assert fetched == plan.download_bytes, "every tensor fetched once, though two passes read some"
+    if low_disk:
+        assert [p for p in range_cache_dir().rglob("*") if p.is_file()] == [], "each deleted once both passed it"
+    expected = lazymoe.merge(local, tmp_path / "local", progress=False, low_disk=low_disk, max_shard_bytes="120KB")
+    assert raw_bytes(out) == raw_bytes(expected)

@@ -139,7 +139,9 @@ def merge_and_push(
     written, and one commit (shards, config, tokenizer, card naming ``repo``) lands once the last shard is
     up, so the repo never shows half a model. ``keep=False`` deletes each shard once uploaded: the disk then
     holds at most three shards (plus what the router pass and the fetch window need), and ``output_dir`` keeps
-    the small files only. A re-run after an interruption sends no shard the Hub already received.
+    the small files only. A re-run after an interruption sends no shard the Hub already received; with
+    ``keep=False`` it neither fetches their sources nor builds them, and reuses the recorded router rows
+    (``publish.resume``), so it converges to the same commit.
 
     The push target (token, permissions, name) is checked before anything is fetched or written.
     """
