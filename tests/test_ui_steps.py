@@ -209,7 +209,8 @@ def test_with_upload_ticked_the_merge_step_uploads_while_merging_in_one_commit(b
     assert len(handed) > 1 and len(hub.requests_of("commit", status=200)) == 1, "each shard went up as written"
     files = hub.files("alice/tiny-moe")
     assert set(handed) <= set(files) and all(files[n].data == (out / n).read_bytes() for n in handed)
-    assert builder.repo_id == "alice/tiny-moe" and f"Merged and uploaded to {hub.url}/alice/tiny-moe" in builder.screen.html()
+    assert builder.repo_id == "alice/tiny-moe"
+    assert f"Merged and uploaded to {hub.url}/alice/tiny-moe" in builder.screen.html()
     builder.route()  # later steps read the kept shards; the Upload step sends what they changed
     hub.reset_counters()
     pushed = builder.push()

@@ -56,7 +56,8 @@ class PushState:
             shards = {name: UploadedShard(str(e["sha256"]), int(e["size"]), base64.b64decode(e["sample"]))
                       for name, e in data.get("shards", {}).items()}
             gates = data.get("gates")
-            if gates is not None and not (isinstance(gates.get("shape"), list) and isinstance(gates.get("sha256"), str)):
+            if gates is not None and not (isinstance(gates.get("shape"), list)
+                                          and isinstance(gates.get("sha256"), str)):
                 gates = None
         except FileNotFoundError:
             return {"shards": {}, "gates": None}

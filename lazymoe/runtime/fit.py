@@ -36,7 +36,8 @@ def resource_needs(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (),
         disk_note = f"at {runtime.disk_path}; {streamed_disk_note(plan)}"
     else:
         downloads = getattr(plan, "peak_download_bytes", plan.download_bytes)  # low-disk mode keeps two models at most
-        disk_note = f"at {runtime.disk_path}; downloads {human_bytes(downloads)} + output {human_bytes(plan.output_bytes)}"
+        disk_note = (f"at {runtime.disk_path}; downloads {human_bytes(downloads)} + output "
+                     f"{human_bytes(plan.output_bytes)}")
         disk = plan.disk_bytes
     rows.append(Need("Disk: merge", disk, runtime.disk_free, disk <= runtime.disk_free, disk_note))
     if gguf:
