@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -56,8 +57,13 @@ def make_plan(
     max_shard_bytes = parse_bytes(max_shard_bytes)
     refs = config.model_refs()
     models = {}
-    for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
-        models[ref] = describe(ModelRef.parse(ref))
+    # a model's config and headers are a few small requests (latency, not bandwidth): read every model at once
+    with ThreadPoolExecutor(max_workers=min(8, len(refs)), thread_name_prefix="lazymoe-describe") as pool:
+        futures = [pool.submit(describe, ModelRef.parse(ref)) for ref in refs]
+        with tqdm(total=len(refs), desc="Reading model headers", disable=not progress or len(refs) < 2) as bar:
+            for ref, future in zip(refs, futures):
+                models[ref] = future.result()  # the first model's error first, as one after another would
+                bar.update()
     warnings = checks.check_models(config, models)
     output = checks.choose_output(config, models)
     base = models[config.base_model]
