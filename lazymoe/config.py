@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from .moe import arch as _arch
 from .errors import ConfigError, Setting, Text
 from .io.safetensors import NAME_TO_ST
+from .io.texts import expand_text_files
 from .router.modes import GATE_MODES, RANDOM_MODES
 
 # the names come from the gate-mode table (router/modes.py), the dtypes from the safetensors table
@@ -91,7 +92,8 @@ class ExpertConfig(_Strict):
     noise_scale: float | None = None
     residual_scale: float | None = None
     #: expert_classifier / trained: a few paragraphs of text of this expert's kind, to route on as well as
-    #: the text the expert writes from its prompts (lazymoe extension)
+    #: the text the expert writes from its prompts (lazymoe extension); an item that is one line ending in
+    #: .txt, .jsonl or .json is a file of such texts (``io.texts``)
     calibration_text: list[str] = []
     # lazymoe extensions read by `lazymoe eval` (evaluation.py), never by the merge
     #: texts of this expert's kind: a list, a text file (.txt: blank-line separated; .jsonl: "text"), or a Hub dataset
@@ -112,6 +114,11 @@ class ExpertConfig(_Strict):
         return value
 
     _numbers = field_validator("noise_scale", "residual_scale", mode="before")(lambda cls, v: _no_bool(v))
+
+    def calibration_texts(self, where: str = "calibration_text") -> list[str]:
+        """``calibration_text`` with each item that names a text file replaced by the texts in it (read now:
+        ``ConfigError`` when a file is missing or holds no text)."""
+        return expand_text_files(self.calibration_text, where)
 
     @field_validator("positive_prompts", "negative_prompts", "calibration_text", mode="before")
     @classmethod

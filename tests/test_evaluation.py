@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lazymoe
 from lazymoe.evaluate import skill as evaluation
+from lazymoe.io.texts import read_text_file
 from lazymoe.cli import main
 from lazymoe.errors import ConfigError
 from lazymoe.publish.eval_report import EVAL_JSON, SCHEMA, EvalReport, ExpertEval, gain_kept
@@ -200,14 +201,14 @@ def test_text_files(tmp_path):
     (tmp_path / "a.txt").write_text("first text\nstill first\n\n\nsecond text\n")
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n"two"\n')
     (tmp_path / "c.json").write_text('["x", "y"]')
-    assert evaluation.read_text_file(tmp_path / "a.txt") == ["first text\nstill first", "second text"]
-    assert evaluation.read_text_file(tmp_path / "b.jsonl") == ["one", "two"]
-    assert evaluation.read_text_file(tmp_path / "c.json") == ["x", "y"]
+    assert read_text_file(tmp_path / "a.txt") == ["first text\nstill first", "second text"]
+    assert read_text_file(tmp_path / "b.jsonl") == ["one", "two"]
+    assert read_text_file(tmp_path / "c.json") == ["x", "y"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl, line 2: not JSON"):
-        evaluation.read_text_file(tmp_path / "bad.jsonl")
+        read_text_file(tmp_path / "bad.jsonl")
     with pytest.raises(ConfigError, match="does not exist"):
-        evaluation.read_text_file(tmp_path / "missing.txt")
+        read_text_file(tmp_path / "missing.txt")
 
 
 def test_eval_texts_in_the_config_are_validated_and_kept_out_of_plain_recipes():

@@ -338,3 +338,32 @@ def test_a_truncated_source_is_named_with_what_to_do(tiny_world, tmp_path):
     with pytest.raises(ModelFileError, match="ended early .* Download the model again"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False, plan=plan)
     assert not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize("gate_mode", ["random", "hidden"])
+def test_a_bad_base_tokenizer_fails_a_local_merge_and_leaves_nothing(tiny_world, tmp_path, gate_mode):
+    # the tokenizer is checked on a thread while a merge without prompts copies (pipeline.merge._TokenizerCheck):
+    # its failure must still stop the merge with the plan's message, before the output is made final
+    from lazymoe.errors import ModelMismatchError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_world["base"], base)
+    (base / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cfg = moe_config(base, [tiny_world["chat"], tiny_world["code"]], gate_mode=gate_mode)
+    out = tmp_path / "moe"
+    with pytest.raises(ModelMismatchError, match=r"base_model \(.*\): its tokenizer cannot be loaded"):
+        lazymoe.merge(cfg, out, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no output, no work folder
+
+
+def test_a_merge_loads_the_base_tokenizer_once(tiny_world, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    loads = []
+    real = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)))
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
+    lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    assert loads == [str(tiny_world["base"])]

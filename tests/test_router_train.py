@@ -136,6 +136,34 @@ def test_calibration_text_is_validated_and_optional(tiny_world):
         load_config(cfg)
 
 
+def test_calibration_text_may_name_a_file_of_texts(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code.txt").write_text("def f(x):\n    return x\n\n\nclass A:\n    pass\n", encoding="utf-8")
+    (tmp_path / "code.jsonl").write_text('{"text": "import os"}\n"print(1)"\n', encoding="utf-8")
+    cfg = _cfg(tiny_world, "expert_classifier")
+    cfg["experts"][1]["calibration_text"] = ["code.txt", "for i in range(3): pass", str(tmp_path / "code.jsonl")]
+    plan = make_plan(cfg, progress=False)
+    assert plan.config.experts[1].calibration_texts() == [
+        "def f(x):\n    return x", "class A:\n    pass", "for i in range(3): pass", "import os", "print(1)"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_world["base"]))
+    written = router_train.expert_written(plan.config, tok, folder_of=lambda ref: plan.models[ref].folder,
+                                          device=torch.device("cpu"), dtype=torch.float32, seed=1, new_tokens=0,
+                                          samples=2, progress=False)
+    ones = [seq for seq, e in zip(written.seqs, written.expert.tolist()) if e == 1]
+    assert ones[-5:] == [tok(t)["input_ids"] for t in plan.config.experts[1].calibration_texts()]
+    assert plan.router_fit["tokens"] > make_plan(_cfg(tiny_world, "expert_classifier"), progress=False).router_fit["tokens"]
+
+    cfg["experts"][1]["calibration_text"] = ["missing.txt"]  # stops at planning, before any expert is read
+    with pytest.raises(ConfigError, match=r"experts\[1\]\.calibration_text file missing\.txt does not exist"):
+        make_plan(cfg, progress=False)
+    (tmp_path / "empty.json").write_text("[]", encoding="utf-8")
+    cfg["experts"][1]["calibration_text"] = ["empty.json"]
+    with pytest.raises(ConfigError, match=r"calibration_text file empty\.json holds no text"):
+        make_plan(cfg, progress=False)
+    cfg["experts"][1]["calibration_text"] = ["missing.txt"]  # a mode that never reads it: a warning, no error
+    assert any("does not use it" in w for w in make_plan({**cfg, "gate_mode": "hidden"}, progress=False).warnings)
+
+
 def test_plan_reports_fit_time_and_peak_memory_for_the_written_modes(tiny_world):
     from lazymoe.moe.report import plan_rows
 

@@ -154,3 +154,20 @@ def test_the_picture_is_drawn_to_be_read_at_its_own_size(moe, tmp_path):
 def test_a_dense_folder_is_refused_with_a_clear_message(tiny_world):
     with pytest.raises(ConfigError, match="not a MoE"):
         routing.routing_report(tiny_world["base"])
+
+
+def test_a_folder_without_its_recipe_routes_given_text_and_says_how_in_each_front_end(moe, tmp_path, capsys):
+    import shutil
+
+    from lazymoe.cli import main
+    from lazymoe.io.folder import CONFIG_FILENAME
+
+    folder = tmp_path / "no-recipe"
+    shutil.copytree(moe, folder)
+    (folder / CONFIG_FILENAME).unlink()
+    with pytest.raises(ConfigError, match=r"no prompts\. To see how text routes, pass prompts_by_expert or extra_texts\.$"):
+        routing.routing_report(folder)
+    assert main(["route", str(folder)]) == 2
+    assert "no prompts. To see how text routes, add --text TEXT." in capsys.readouterr().err
+    report = routing.routing_report(folder, extra_texts=["def f(x): return x"])
+    assert report.groups[-1].startswith("text 1")

@@ -35,6 +35,7 @@ from ..config import ExpertConfig, HubTexts, MoEConfig, load_config
 from ..errors import ConfigError, LazyMoEError, ModelNotFoundError, Setting, Text
 from ..io.folder import CONFIG_FILENAME, load_folder_tokenizer, read_folder_config, require_lazymoe_output
 from ..io.sources import METADATA_PATTERNS, ModelRef
+from ..io.texts import read_text_file
 from ..moe import arch
 from ..runtime.machine import probe
 from ..runtime.load import choose_loading, free_memory, load_merged, stored_dtype
@@ -67,40 +68,6 @@ class Texts:
     detail: str
     seqs: list[list[int]]
     starts: list[int]  # scored predictions: positions start .. len-2 (the token after each)
-
-
-def read_text_file(path: Path) -> list[str]:
-    """Texts from a file: ``.jsonl`` (one JSON object with ``text``, or one JSON string, a line), ``.json``
-    (a list of strings), anything else: plain text, texts separated by blank lines."""
-    if not path.is_file():
-        raise ConfigError(f"eval_texts file {path} does not exist; give a .txt, .jsonl or .json file, or a list.")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{path}, line {n}: not JSON; a .jsonl file holds one object with 'text' a line.") from None
-            text = item.get("text") if isinstance(item, dict) else item
-            if not isinstance(text, str):
-                raise ConfigError(f"{path}, line {n}: no 'text' string in it.")
-            out.append(text)
-    elif path.suffix == ".json":
-        try:
-            out = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON ({err}).") from None
-        if not isinstance(out, list) or not all(isinstance(t, str) for t in out):
-            raise ConfigError(f"{path} must hold a JSON list of strings.")
-    else:
-        out = [block.strip() for block in raw.replace("\r\n", "\n").split("\n\n")]
-    out = [t for t in out if t.strip()]
-    if not out:
-        raise ConfigError(f"eval_texts file {path} holds no text.")
-    return out
 
 
 def read_hub_texts(spec: HubTexts) -> list[str]:

@@ -1,4 +1,5 @@
-"""Reading models and writing files: safetensors at the byte level, model references, the output folder.
+"""Reading models and writing files: safetensors at the byte level, model references, the user's text files,
+the output folder.
 
 The bottom of the stack: imports nothing from lazymoe but ``errors``.
 """

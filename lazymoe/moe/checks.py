@@ -239,8 +239,9 @@ def _check_base_shapes(config: MoEConfig, base: ModelInfo, H: int) -> None:
             )
 
 
-def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
-    """The base tokenizer must not produce ids the embedding matrix does not have."""
+def check_tokenizer(config: MoEConfig, base: ModelInfo):
+    """The base tokenizer must load and must not produce ids the embedding matrix does not have; returns it
+    (the router pass tokenises the prompts with it)."""
     from transformers import AutoTokenizer
 
     vocab = base.tensors[arch.EMBED].shape[0]
@@ -268,3 +269,4 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo) -> None:
             f"base_model ({config.base_model}): the tokenizer has {len(tok)} tokens but the embedding only "
             f"{vocab} rows, so some token ids would crash the model. Use a base whose tokenizer matches its weights."
         )
+    return tok

@@ -33,7 +33,7 @@ EXPERT_HELP = {
                         "prompt)",
     "negative_prompts": "Optional, one per line: what this expert is not for",
     "calibration_text": "Optional, for gate modes expert_classifier and trained: a few paragraphs of text of this "
-                        "expert's kind (blank line between paragraphs)",
+                        "expert's kind (blank line between paragraphs), or the path of a .txt, .jsonl or .json file of them",
     "noise_scale": "Adds σ·N(0,1) noise to this expert's MLP weights; empty (none): the weights as they are",
     "residual_scale": "Multiplies this expert's down_proj; empty (none): down_proj as it is",
 }

@@ -28,7 +28,8 @@ FORM_FIELDS = {
 #: setting name -> the notebook cell parameter that sets it, and its step
 CELL_PARAMETERS = {"tasks": ("TASKS", "6d"), "limit": ("LIMIT", "6d")}
 #: settings the notebook has no field for, with what a notebook user does instead
-NOTEBOOK_PHRASES = {"outdir": "run the notebook from a folder on a larger disk"}
+NOTEBOOK_PHRASES = {"outdir": "run the notebook from a folder on a larger disk",
+                    "text": "write “Positive prompts” for the experts in the form and merge again"}
 #: settings the notebook always sets itself, so no message from a notebook step names them; their messages
 #: keep the Python words (a notebook user calling lazymoe from Python reads those)
 SET_BY_THE_NOTEBOOK = frozenset({"device", "layout", "model_name", "download", "base_repo_id", "include_path"})

@@ -53,6 +53,11 @@ def make_plan(
     progress: bool = True,
 ) -> planning.MergePlan:
     """Validate the config and the models (headers only) and return the plan. Reads no weights."""
+    return _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
+
+
+def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer: bool = True) -> planning.MergePlan:
+    """``make_plan``; ``tokenizer=False`` leaves the tokenizer check to the caller (``_TokenizerCheck``)."""
     config = load_config(config)
     max_shard_bytes = parse_bytes(max_shard_bytes)
     refs = config.model_refs()
@@ -90,9 +95,57 @@ def make_plan(
             "of the experts' (no expert is downloaded yet when routers are fitted); routing is a few points less "
             "accurate than without low-disk mode."
         )
-    checks.check_tokenizer(config, models[config.base_model])
+    if config.gate_mode in WRITTEN_MODES:  # a calibration file that is missing or empty stops here, before any download
+        for i, expert in enumerate(config.experts):
+            expert.calibration_texts(f"experts[{i}].calibration_text")
+    elif any(e.calibration_text for e in config.experts):
+        warnings.append(f"calibration_text is read by gate modes {' and '.join(WRITTEN_MODES)} only; gate_mode "
+                        f"{config.gate_mode} does not use it.")
+    if tokenizer:
+        checks.check_tokenizer(config, models[config.base_model])
     return planning.build_plan(config, models, max_shard_bytes=max_shard_bytes, layout=layout, warnings=warnings,
                                low_disk=low_disk, output=output)
+
+
+class _TokenizerCheck:
+    """The base's tokenizer, loaded (and, for a fresh plan, checked: ``checks.check_tokenizer``) on a thread
+    of its own. Loading a tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as
+    copying a few GB): a merge from local folders copies its first tensors meanwhile, and waits for it
+    (``result``, which re-raises the check's error) before it tokenises, uploads or makes the output final,
+    so a bad tokenizer still leaves no output behind. A merge that downloads waits before fetching anything."""
+
+    def __init__(self, load) -> None:
+        self._tokenizer, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(load,), name="lazymoe-tokenizer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def checked(cls, config: MoEConfig, base) -> _TokenizerCheck:
+        return cls(lambda: checks.check_tokenizer(config, base))
+
+    @classmethod
+    def loaded(cls, folder: Path) -> _TokenizerCheck:
+        """A plan made earlier checked the tokenizer then: only load it."""
+        return cls(lambda: _load_tokenizer(folder))
+
+    def _run(self, load) -> None:
+        try:
+            self._tokenizer = load()
+        except BaseException as err:  # handed to the merge's own thread, raised there by result()
+            self._error = err
+
+    def result(self):
+        """The base's tokenizer, once the check has passed; the check's error otherwise."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._tokenizer
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer  # on the tokenizer's thread: the import is most of the cost
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
@@ -162,8 +215,13 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
         raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
+    tokenizer = None
     if plan is None:
-        plan = make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk, progress=progress)
+        plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
+                          progress=progress, tokenizer=False)
+        tokenizer = _TokenizerCheck.checked(plan.config, plan.base)
+        if plan.download_bytes:  # nothing is fetched before every check has passed
+            tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
@@ -181,7 +239,8 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                 f"{human_bytes(DISK_MARGIN_BYTES)} margin) but only {human_bytes(free)} is free. Free some space "
                 "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
         try:
-            return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher)
+            return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher,
+                               tokenizer=tokenizer)
         finally:
             if pusher is not None:
                 pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
@@ -196,7 +255,7 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
-                pusher: StreamingPush | None) -> tuple[Path, PushResult | None]:
+                pusher: StreamingPush | None, tokenizer: _TokenizerCheck | None = None) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -208,6 +267,8 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # low-disk mode, or when the shards themselves are deleted once uploaded)
     skip, saved = frozenset(), None
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
+        if tokenizer is not None:
+            tokenizer.result()  # nothing is uploaded before every check has passed
         pusher.start(PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint()))
         saved = _saved_gates(pusher.state, plan)
         if not pusher.keep:  # kept shards must be on disk: only a --no-keep push can leave some unbuilt
@@ -220,7 +281,7 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     router = _RouterPass(threaded=plan.router_overlaps and saved is None, saved=saved)
     try:
         return _merge_with(store, router, target, plan, config, device=device, progress=progress, pusher=pusher,
-                           skip=skip)
+                           skip=skip, tokenizer=tokenizer)
     finally:
         router.stop()  # a failure or Ctrl-C: the pass stops at its next tensor (closing the store wakes it)
         store.close()
@@ -301,20 +362,22 @@ def _saved_gates(state: PushState, plan: planning.MergePlan):
 
 def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget, plan: planning.MergePlan,
                 config: MoEConfig, *, device, progress, pusher: StreamingPush | None,
-                skip: frozenset[str] = frozenset()) -> tuple[Path, PushResult | None]:
-    from transformers import AutoTokenizer
-
+                skip: frozenset[str] = frozenset(),
+                tokenizer: _TokenizerCheck | None = None) -> tuple[Path, PushResult | None]:
     output_dir = target.path
     resolve = router.guard(store.resolve)
     # overlapping: each base tensor is located when the pass reaches it, so it waits for one layer at a time
     base = store.local(config.base_model, wait=not router.threaded, resolve=resolve)
-    tokenizer = AutoTokenizer.from_pretrained(str(base.folder))
+    if tokenizer is None:  # a plan made earlier
+        tokenizer = _TokenizerCheck.loaded(base.folder)
     router_plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
 
     def router_pass():
+        # the modes without prompts never tokenise: their pass runs while the check finishes
+        words = tokenizer.result() if config.uses_prompts else None
         # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
         # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
-        gates = compute_gates(router_plan, tokenizer, device=device, progress=progress, resolve=resolve,
+        gates = compute_gates(router_plan, words, device=device, progress=progress, resolve=resolve,
                               upstream="base" if plan.low_disk else "moe",
                               folder_of=lambda ref: store.local(ref).folder)
         store.router_done()
@@ -344,6 +407,7 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
         write_shards(plan, gates, tmp, store, progress=progress, on_shard=pusher.add_shard if pusher else None,
                      check=router.check, skip=skip)
         gates()  # the pass is over (and its warning in the card) before anything is committed
+        tokenizer.result()  # a tokenizer that fails its check fails the merge before the output is final
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
         for name in ("generation_config.json", *TOKENIZER_FILES):
             src = base.folder / name

@@ -34,7 +34,7 @@ def calibration_tokens(config) -> int:
     total = 0
     for spec in config.experts:
         total += len(spec.positive_prompts) * SAMPLES_PER_PROMPT * (8 + new)
-        total += sum(len(t) for t in spec.calibration_text) // 4
+        total += sum(len(t) for t in spec.calibration_texts()) // 4
     return total
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, Setting, Text
 from ..io.folder import load_folder_tokenizer, read_folder_config, read_folder_recipe
 from ..io.safetensors import TensorInfo, read_tensor
 from ..io.sources import ModelRef, describe
@@ -255,7 +255,8 @@ def routing_report(
         snippet = " ".join(text.split())
         groups.append((f"text {i + 1}: {snippet[:24]}{'…' if len(snippet) > 24 else ''}", None, [text]))
     if not groups:
-        raise ConfigError("Nothing to route: the recipe has no prompts; pass prompts_by_expert or extra_texts.")
+        text = Setting("text", ..., python="pass prompts_by_expert or extra_texts")  # the CLI: add --text TEXT
+        raise ConfigError(Text("Nothing to route: the recipe has no prompts. To see how text routes, {text}.", (text,)))
     seqs, owner = [], []
     for g, (_, _, texts) in enumerate(groups):
         for text in texts:

@@ -93,7 +93,7 @@ def expert_written(config, tokenizer, *, folder_of, device: torch.device, dtype:
             expert.append(e)
             positive.append(True)
             index.append(j // samples)
-        for j, text in enumerate(spec.calibration_text):  # the user's own text: a fold of its own each
+        for j, text in enumerate(spec.calibration_texts()):  # the user's own text: a fold of its own each
             seqs.append(list(tokenizer(text)["input_ids"]))
             expert.append(e)
             positive.append(True)
@@ -207,7 +207,7 @@ def train_routers(moe: StreamedMoE, W0: torch.Tensor, keep: torch.Tensor, lm_hea
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        bar.set_postfix(lm=f"{float(lm):.3f}", refresh=False)
+        bar.set_postfix(lm=f"{history[-1]:.3f}", refresh=False)
     return best, history
 
 
