@@ -463,3 +463,26 @@ def test_each_router_pass_beside_the_writer_gives_the_local_merges_bytes(hub, pu
         assert [p for p in range_cache_dir().rglob("*") if p.is_file()] == [], "each deleted once both passed it"
     expected = lazymoe.merge(local, tmp_path / "local", progress=False, low_disk=low_disk, max_shard_bytes="120KB")
     assert raw_bytes(out) == raw_bytes(expected)
+
+
+def test_ctrl_c_while_writing_ends_the_router_pass_and_leaves_nothing(hub, published, tiny_world, tmp_path,
+                                                                      monkeypatch):
+    import threading
+
+    from lazymoe.moe import writer
+
+    copy, calls = writer.copy_bytes, []
+
+    def interrupted(info, dst):  # the user presses Ctrl-C while the third tensor is copied
+        calls.append(info)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        copy(info, dst)
+
+    monkeypatch.setattr(writer, "copy_bytes", interrupted)
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, low_disk=True, max_shard_bytes="150KB")
+    assert list(tmp_path.iterdir()) == [], "nothing half-written is left"
+    assert not [t for t in threading.enumerate() if t.name in ("lazymoe-router", "lazymoe-fetch-feeder")]
+    assert not [p for p in range_cache_dir().rglob("*") if p.is_file()], "low-disk: no fetched range is kept"
