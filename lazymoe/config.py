@@ -104,6 +104,8 @@ class ExpertConfig(_Strict):
     @field_validator("eval_texts", "eval_questions", mode="before")
     @classmethod
     def _no_blank_texts(cls, value: Any) -> Any:
+        if isinstance(value, os.PathLike):  # eval_texts=Path("code.txt") from Python
+            value = os.fspath(value)
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty: give a list of texts, a text file or a Hub dataset")
         if isinstance(value, list):
@@ -135,6 +137,8 @@ class ExpertConfig(_Strict):
         if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
             model = value["model"]
             value = model.get("path") if isinstance(model, dict) else model
+        if isinstance(value, os.PathLike):  # Python callers pass Path objects for local folders
+            value = os.fspath(value)
         if isinstance(value, str):
             value = value.strip()
             if not value:
@@ -417,6 +421,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long to be a path: YAML text, then
+        return False
+
+
 def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
     """Load a config from a YAML file path, a YAML string, a dict or a config object."""
     if isinstance(source, (MoEConfig, dict)):
@@ -427,7 +438,8 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         )
     text: str
     path = Path(source)
-    if isinstance(source, os.PathLike) or ("\n" not in str(source) and path.suffix in (".yml", ".yaml")):
+    one_line = "\n" not in str(source)
+    if isinstance(source, os.PathLike) or (one_line and (path.suffix.lower() in (".yml", ".yaml") or _is_file(path))):
         try:
             is_file, is_dir, exists = path.is_file(), path.is_dir(), path.exists()
         except OSError as err:  # a name too long for the filesystem, a link loop
@@ -447,7 +459,7 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         except OSError as err:
             raise ConfigError(f"Config file {path} cannot be read ({err.strerror}).") from None
     else:
-        text = str(source)
+        text = source
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:
@@ -457,6 +469,10 @@ def load_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"The config is not valid YAML{where}: {problem}.") from None
+    if isinstance(data, str) and one_line and text is source:  # a file name that is not there, not YAML text
+        shown = text if len(text) <= 200 else text[:200] + "…"
+        raise ConfigError(f"Config file {shown} does not exist; give the path of a YAML file, YAML text, a dict or a "
+                          "MoEConfig.")
     if isinstance(data, dict) and isinstance(data.get("notebook"), dict):
         # a notebook preset or a recipe saved by the notebook form: its notebook: block holds the form's
         # settings (model name, upload, GGUF), not MoE config, so the CLI and Python take the file as it is

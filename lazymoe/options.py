@@ -31,8 +31,9 @@ DEFAULT_BENCHMARK_LIMIT = 100
 #: the merged model's licence on its card and the Hub when neither the recipe nor the caller names one
 DEFAULT_LICENSE = "apache-2.0"
 
-#: a Hub repo id: ``name`` or ``namespace/name``, each part a letter or digit then letters, digits, ``-_.``
-_PART = rf"[A-Za-z0-9][\w.-]{{0,{MAX_HUB_NAME_CHARS - 1}}}"
+#: a Hub repo id: ``name`` or ``namespace/name``, each part a letter or digit then letters, digits, ``-_.``, not
+#: ending in ``-`` or ``.`` (the Hub's rule: huggingface_hub.utils.validate_repo_id)
+_PART = rf"[A-Za-z0-9](?:[\w.-]{{0,{MAX_HUB_NAME_CHARS - 2}}}\w)?"
 _REPO_ID = re.compile(rf"^(?:{_PART}/)?{_PART}$")
 _SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -44,7 +45,8 @@ def repo_name_problem(name: str) -> str | None:
         return "the name is empty"
     if name.count("/") > 1 or not _REPO_ID.match(name) or "--" in name or ".." in name or name.endswith(".git"):
         return (f"{name!r} is not a valid repo name: use letters, digits, '-', '_' and '.' (no spaces, no '--' or "
-                f"'..', not ending in .git), at most {MAX_HUB_NAME_CHARS} characters a part, optionally as namespace/name")
+                f"'..', not ending in '-', '.' or .git), at most {MAX_HUB_NAME_CHARS} characters a part, optionally as "
+                "namespace/name")
     return None
 
 

@@ -68,6 +68,15 @@ def cli_words(command: str | None = None) -> Words:
     return words
 
 
+#: what Ctrl-C leaves, said after "interrupted" for the commands that write something whole or not at all
+_INTERRUPTED = {
+    "merge": ": no output folder was left behind",
+    "push": ": nothing was committed to the Hub; run the same command again to resume the upload",
+    "publish": ": each upload is one commit, so the Hub shows nothing half-done; run the same command again to finish",
+    "gguf": ": no half-written GGUF file was kept",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.words = cli_words(args.command)  # a handler that prints a message naming a setting words it so
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no output folder was left behind", file=sys.stderr)
+        print(f"interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
     except OSError as err:
         # the system refused a path the user gave (a name too long, a loop of links): one line, as for a bad

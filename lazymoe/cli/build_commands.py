@@ -63,8 +63,8 @@ def add(sub) -> None:
 
 
 #: the merge options each command takes (flags, defaults and help come from options.MergeOptions)
-_PLAN_OPTIONS = ("max_shard_bytes", "layout", "low_disk")
-_MERGE_OPTIONS = (*_PLAN_OPTIONS, "device", "overwrite")
+_PLAN_OPTIONS = ("max_shard_bytes", "layout", "low_disk", "overwrite")  # overwrite: with --output-dir
+_MERGE_OPTIONS = (*_PLAN_OPTIONS, "device")
 
 
 def _add_merge_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
@@ -96,7 +96,7 @@ def cmd_plan(args) -> int:
     from ..moe.report import format_plan
     from ..runtime.fit import fit_verdicts
     from ..runtime.machine import probe
-    from ..pipeline.merge import make_plan
+    from ..pipeline.merge import check_output_dir, make_plan
     from ..pipeline.preflight import NotReadyError, blocking, check_ahead, check_gguf_disk, format_checks
 
     config = _load(args)  # a broken recipe first: it is the cheapest thing to check
@@ -113,6 +113,8 @@ def cmd_plan(args) -> int:
         if ahead:
             print(format_checks(ahead, getattr(args, "words", python_words)), file=sys.stderr)
         raise
+    if args.output_dir:  # what the merge would refuse about its folder, said now
+        check_output_dir(args.output_dir, plan, overwrite=options.overwrite)
     if quants is not None:
         ahead.append(check_gguf_disk(plan, quants, disk))
     print(format_plan(plan))

@@ -66,8 +66,8 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..evaluate.benchmarks import parse_tasks, run_benchmarks, write_benchmarks
-    from ..evaluate.questions import answer_questions, read_questions, write_answers
+    from ..evaluate.benchmarks import check_benchmarks, parse_tasks, run_benchmarks, write_benchmarks
+    from ..evaluate.questions import answer_questions, check_questions, read_questions, write_answers
     from ..evaluate.skill import write_evaluation
     from ..publish.card import detected_extras, rerender_card
     from ..publish.eval_report import EVAL_IMAGE, EVAL_JSON, benchmark_table
@@ -81,6 +81,11 @@ def cmd_eval(args) -> int:
     tasks = parse_tasks(args.tasks) if args.tasks else None
     if args.skip_retention and questions is None and tasks is None:
         raise ConfigError("--skip-retention leaves nothing to do without --questions FILE or --tasks.")
+    # every later step's options are checked now, not after minutes of measuring skills
+    if questions is not None:
+        check_questions(folder, questions, compare=args.compare, max_new_tokens=args.max_new_tokens)
+    if tasks is not None:
+        check_benchmarks(tasks, limit=args.limit, compare=args.benchmark_compare, include_path=args.include_path)
     if not args.skip_retention:
         report = write_evaluation(folder, texts=texts, max_texts=args.max_texts, max_tokens=args.max_tokens,
                                   generate_tokens=args.generate_tokens, download=args.download,

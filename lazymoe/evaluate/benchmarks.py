@@ -86,12 +86,11 @@ def _run_one(folder: Path, tasks: list[str], *, limit: int | None, batch_size: i
     return {task: _metrics(results["results"][task]) for task in tasks if task in results["results"]}, None
 
 
-def run_benchmarks(model_dir: str | os.PathLike, tasks: str | list[str] | None = None, *,
-                   limit: int | None = DEFAULT_LIMIT, compare: str | tuple[str, ...] = "moe",
-                   include_path: str | os.PathLike | None = None, batch_size: int = 8, download: bool = False,
-                   release: bool = False) -> dict[str, Any]:
-    """Run ``tasks`` on the merged model (and, per ``compare``, the base and each expert); returns the results."""
-    folder = require_lazymoe_output(model_dir)
+def check_benchmark_options(tasks: str | list[str] | None = None, *, limit: int | None = DEFAULT_LIMIT,
+                            compare: str | tuple[str, ...] = "moe", include_path: str | os.PathLike | None = None
+                            ) -> tuple[list[str], list[str]]:
+    """The options :func:`check_benchmarks` can judge without lm_eval (before installing it): task names,
+    limit, the models to compare, the include folder."""
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise ConfigError(Text(f"{_LIMIT.placeholder} must be at least 1 (documents per task).", (_LIMIT,)))
@@ -102,13 +101,33 @@ def run_benchmarks(model_dir: str | os.PathLike, tasks: str | list[str] | None =
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(Text(f"{_INCLUDE.placeholder} {include_path} is not a folder of lm_eval task YAML files.",
                                (_INCLUDE,)))
-    lm_eval, _, TaskManager = import_lm_eval()
+    return names, which
+
+
+def check_benchmarks(tasks: str | list[str] | None = None, *, limit: int | None = DEFAULT_LIMIT,
+                     compare: str | tuple[str, ...] = "moe", include_path: str | os.PathLike | None = None
+                     ) -> tuple[list[str], list[str], Any]:
+    """What :func:`run_benchmarks` checks before any model runs (a front end calls it before other long steps):
+    the task names, the models to compare and lm_eval's task manager, or a one-line error."""
+    names, which = check_benchmark_options(tasks, limit=limit, compare=compare, include_path=include_path)
+    _, _, TaskManager = import_lm_eval()
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         include = Setting("include_path", ...)
         raise ConfigError(Text(f"lm_eval has no task {unknown[0]!r}; see `lm_eval --tasks list`, or "
                                f"{include.placeholder} (a folder with your own task YAML).", (include,)))
+    return names, which, manager
+
+
+def run_benchmarks(model_dir: str | os.PathLike, tasks: str | list[str] | None = None, *,
+                   limit: int | None = DEFAULT_LIMIT, compare: str | tuple[str, ...] = "moe",
+                   include_path: str | os.PathLike | None = None, batch_size: int = 8, download: bool = False,
+                   release: bool = False) -> dict[str, Any]:
+    """Run ``tasks`` on the merged model (and, per ``compare``, the base and each expert); returns the results."""
+    folder = require_lazymoe_output(model_dir)
+    names, which, manager = check_benchmarks(tasks, limit=limit, compare=compare, include_path=include_path)
+    lm_eval, _, _ = import_lm_eval()
     recipe = load_config(folder / CONFIG_FILENAME)
     labels = expert_labels([e.source_model for e in recipe.experts])
     models: list[tuple[str, str]] = [("MoE", "")]

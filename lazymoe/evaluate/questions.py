@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..publish.render import md_escape
-from ..io.folder import CONFIG_FILENAME, require_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, read_user_text, require_lazymoe_output
 from ..config import MoEConfig, load_config
 from ..options import DEFAULT_ANSWER_TOKENS
 from ..errors import ConfigError, LazyMoEError
@@ -47,9 +47,9 @@ class Question:
 def read_questions(path: str | os.PathLike) -> list[Question]:
     """Questions from a file (see the module docstring for the formats)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"Question file {path} does not exist.")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_user_text(path, "Question file")
     if path.suffix in (".yaml", ".yml", ".json"):
         try:
             data = yaml.safe_load(raw)  # JSON is YAML
@@ -150,13 +150,11 @@ def _answer_all(folder: Path, prompts: list[str], *, max_new_tokens: int, seed: 
     return out, None
 
 
-def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | None = None, *,
-                     compare: str | tuple[str, ...] = "moe", max_new_tokens: int = DEFAULT_ANSWER_TOKENS, seed: int | None = None,
-                     download: bool = False, release: bool = False) -> dict[str, Any]:
-    """Answer ``questions`` (default: the recipe's ``eval_questions``) with the MoE and the models in ``compare``.
-
-    Source models come from their folders or the local cache; ``download`` fetches missing ones and ``release``
-    deletes what it fetched once that model has answered (see :class:`~lazymoe.evaluate.skill.Sources`)."""
+def check_questions(model_dir: str | os.PathLike, questions: list[Question] | None = None, *,
+                    compare: str | tuple[str, ...] = "moe", max_new_tokens: int = DEFAULT_ANSWER_TOKENS
+                    ) -> tuple[MoEConfig, list[Question], tuple[str, ...], list[int | None]]:
+    """What :func:`answer_questions` checks before any model loads (a front end calls it before other long
+    steps): the recipe, the questions, the models to compare and each question's expert, or ConfigError."""
     folder = require_lazymoe_output(model_dir)
     recipe = load_config(folder / CONFIG_FILENAME)
     questions = list(questions) if questions is not None else questions_from_config(recipe)
@@ -167,7 +165,20 @@ def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | N
         raise ConfigError("max_new_tokens must be at least 1.")
     which = _compare(compare)
     labels = expert_labels([e.source_model for e in recipe.experts])
-    tags = [_resolve(q, labels) for q in questions]
+    return recipe, questions, which, [_resolve(q, labels) for q in questions]
+
+
+def answer_questions(model_dir: str | os.PathLike, questions: list[Question] | None = None, *,
+                     compare: str | tuple[str, ...] = "moe", max_new_tokens: int = DEFAULT_ANSWER_TOKENS, seed: int | None = None,
+                     download: bool = False, release: bool = False) -> dict[str, Any]:
+    """Answer ``questions`` (default: the recipe's ``eval_questions``) with the MoE and the models in ``compare``.
+
+    Source models come from their folders or the local cache; ``download`` fetches missing ones and ``release``
+    deletes what it fetched once that model has answered (see :class:`~lazymoe.evaluate.skill.Sources`)."""
+    recipe, questions, which, tags = check_questions(model_dir, questions, compare=compare,
+                                                     max_new_tokens=max_new_tokens)
+    folder = Path(model_dir)
+    labels = expert_labels([e.source_model for e in recipe.experts])
     seed = (recipe.seed or 0) if seed is None else seed
     prompts = [q.text for q in questions]
     models: list[tuple[str, str]] = [("MoE", "")]

@@ -178,7 +178,15 @@ def convert_to_gguf(
     n_params = _model_params(model_dir)
     name = name or model_dir.resolve().name
     out = Path(outdir) if outdir is not None else model_dir.resolve().parent / f"{name}-GGUF"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        where = Setting("outdir", ...)
+        raise GGUFError(Text(f"{out} is a file, not a folder: {where.placeholder} (a folder for the GGUF files).",
+                             (where,))) from None
+    except OSError as err:
+        raise GGUFError(f"Cannot create the GGUF folder {out} ({err.strerror or err}); choose a folder you can "
+                        "write to.") from None
     if (model_dir / CONFIG_FILENAME).is_file() and not (out / CONFIG_FILENAME).exists():
         shutil.copy2(model_dir / CONFIG_FILENAME, out / CONFIG_FILENAME)  # lets `lazymoe chat` find the prompts
 

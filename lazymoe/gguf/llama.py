@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..config import load_config
-from ..errors import GGUFError
+from ..errors import GGUFError, Setting, Text
 from ..io.folder import CONFIG_FILENAME
 from ..optional import install_hint
 
 INSTALL_HINT = install_hint("llama_cpp")
+#: the lengths a chat is given (each front end words them: max_tokens=, --max-tokens)
+_MAX_TOKENS, _N_CTX = Setting("max_tokens", ..., noun=True), Setting("n_ctx", ...)
 
 
 def import_llama_cpp() -> Any:
@@ -85,6 +87,27 @@ def open_gguf(path: str | os.PathLike, *, n_gpu_layers: int = -1, n_threads: int
         llm.close()
 
 
+def _check_lengths(max_tokens: int, n_ctx: int) -> None:
+    """Refuse lengths llama.cpp cannot work with, before the file is loaded."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise GGUFError(Text(f"{_MAX_TOKENS.placeholder} is {max_tokens!r}: an answer needs at least 1 token.",
+                             (_MAX_TOKENS,)))
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+        raise GGUFError(Text(f"n_ctx is {n_ctx!r}: {_N_CTX.placeholder} with a context length in tokens (0: the "
+                             "model's own).", (_N_CTX,)))
+
+
+def _answer(llm: Any, messages: list[dict[str, str]], n_ctx: int, **options: Any) -> str:
+    """One reply; a conversation or prompt too long for the context is one GGUFError saying what to raise."""
+    try:
+        out = llm.create_chat_completion(messages=messages, **options)
+    except (ValueError, RuntimeError) as err:  # llama-cpp-python's "exceed context window", a failed decode
+        size = n_ctx or llm.n_ctx()
+        raise GGUFError(Text(f"llama.cpp could not answer within a {size}-token context ({err}); "
+                             f"{_N_CTX.placeholder} larger than {size}, or give a shorter prompt.", (_N_CTX,))) from None
+    return out["choices"][0]["message"]["content"] or ""
+
+
 def chat(gguf_path: str | os.PathLike, prompts: Sequence[str] | str, *, n_gpu_layers: int = -1,
          n_threads: int | None = None, max_tokens: int = 128, temperature: float = 0.0, n_ctx: int = 2048,
          seed: int = 0, system: str | None = None) -> list[str]:
@@ -93,14 +116,13 @@ def chat(gguf_path: str | os.PathLike, prompts: Sequence[str] | str, *, n_gpu_la
         prompts = [prompts]
     if not prompts:
         raise GGUFError("chat needs at least one prompt.")
+    _check_lengths(max_tokens, n_ctx)
     replies = []
     with open_gguf(gguf_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx, seed=seed) as llm:
         for prompt in prompts:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                             seed=seed)
-            replies.append(out["choices"][0]["message"]["content"] or "")
+            replies.append(_answer(llm, messages, n_ctx, max_tokens=max_tokens, temperature=temperature, seed=seed))
     return replies
 
 
@@ -109,6 +131,7 @@ def chat_loop(gguf_path: str | os.PathLike, *, read=input, write=print, max_toke
               seed: int = 0) -> int:
     """A conversation in the terminal: each line read is one user turn, answered with the whole conversation
     so far as context; an empty line, ``exit`` or end of input stops. Returns the number of turns."""
+    _check_lengths(max_tokens, n_ctx)
     messages: list[dict[str, str]] = []
     with open_gguf(gguf_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads, n_ctx=n_ctx, seed=seed) as llm:
         write(f"Chatting with {Path(gguf_path).name}: type a message, an empty line or 'exit' to stop.")
@@ -120,9 +143,7 @@ def chat_loop(gguf_path: str | os.PathLike, *, read=input, write=print, max_toke
             if not text or text.lower() in ("exit", "quit"):
                 break
             messages.append({"role": "user", "content": text})
-            out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                             seed=seed)
-            reply = (out["choices"][0]["message"]["content"] or "").strip()
+            reply = _answer(llm, messages, n_ctx, max_tokens=max_tokens, temperature=temperature, seed=seed).strip()
             messages.append({"role": "assistant", "content": reply})
             write(f"model> {reply}")
     return len(messages) // 2

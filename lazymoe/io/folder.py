@@ -6,6 +6,7 @@ writes both last-but-one, just before the folder is renamed into place, so a fol
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -13,10 +14,34 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ModelFormatError, ModelNotFoundError
+from ..errors import ConfigError, ModelFormatError, ModelNotFoundError
 
 #: what the merged folder calls the recipe that built it (written by merge, read by card, gguf and the notebook)
 CONFIG_FILENAME = "lazymoe_config.yml"
+CARD_FILENAME = "README.md"
+#: a model's tokenizer files: read from the base, copied byte for byte into the merged folder
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+#: what the later stages add to a merged folder: `lazymoe route`, then `lazymoe eval` (skills, answers, lm-eval)
+ROUTING_IMAGE = "routing.png"
+EVAL_JSON = "eval.json"
+EVAL_IMAGE = "eval.png"
+ANSWERS_MD = "answers.md"
+ANSWERS_JSON = "answers.json"
+BENCHMARKS_JSON = "benchmarks.json"
+#: every file a lazymoe output folder may hold (shell patterns); anything else in it is the user's own
+OUTPUT_FILES = ("config.json", "generation_config.json", CONFIG_FILENAME, CARD_FILENAME, "model*.safetensors",
+                "model.safetensors.index.json", *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,
+                ANSWERS_JSON, BENCHMARKS_JSON, ".*.tmp-*")
 
 
 def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -> bool:
@@ -28,6 +53,18 @@ def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -
     if not follow_links and folder.is_symlink():
         return False
     return folder.is_dir() and (folder / CONFIG_FILENAME).is_file() and (folder / "config.json").is_file()
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """What a lazymoe output folder holds that no lazymoe step writes (the user's notes, a subfolder...),
+    sorted, folders with a trailing ``/``: replacing the folder would delete them."""
+    found = []
+    for entry in Path(folder).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            found.append(entry.name + "/")
+        elif not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in OUTPUT_FILES):
+            found.append(entry.name)
+    return sorted(found)
 
 
 def require_lazymoe_output(folder: str | os.PathLike) -> Path:
@@ -102,6 +139,20 @@ def missing_weights(folder: Path) -> list[str]:
         return [] if (Path(folder) / "model.safetensors").is_file() else ["model.safetensors"]
     names = read_json(index, index.name, folder).get("weight_map", {})
     return sorted({n for n in names.values() if isinstance(n, str) and not (Path(folder) / n).is_file()})
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """The text of a file the user named (``what`` says which, e.g. "Question file"), or ConfigError saying
+    why it cannot be read: not UTF-8 (where), a folder, no permission."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at position "
+                          f"{err.start}); save it as UTF-8.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder; give a file.") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read ({err.strerror or err}).") from None
 
 
 def free_disk_bytes(path: str | os.PathLike) -> int:

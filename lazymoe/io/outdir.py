@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .folder import is_lazymoe_output
+from .folder import foreign_entries, is_lazymoe_output
 from ..errors import (InsufficientResourcesError, OutputBusyError, OutputExistsError, OutputNotWritableError, Setting,
                       Text)
 
@@ -198,7 +198,8 @@ class OutputTarget:
             if not _present(self.final):
                 self._place(new)
                 logger.warning("restored %s: a merge finished it but was stopped before renaming it", self.final)
-            elif is_lazymoe_output(self.final, follow_links=False) and not old.exists():
+            elif is_lazymoe_output(self.final, follow_links=False) and not old.exists() and \
+                    not foreign_entries(self.final):  # files added since the stop are the user's: never replaced
                 os.replace(self.final, old)  # the stopped merge had approved replacing it
                 self._place(new)
                 logger.warning("finished replacing %s, which a stopped merge had built", self.final)
@@ -245,8 +246,20 @@ class OutputTarget:
                 hint = (Text(f"{replace.placeholder} to replace it", (replace,)) if ours else
                         "it was not made by lazymoe, so it is never replaced; choose an empty or new folder")
                 raise OutputExistsError(Text.join([f"{out} already exists and is not empty: ", hint, "."]))
+            self._refuse_foreign(out)
             self._approved = _identity(out)
         self._approved_set = True
+
+    @staticmethod
+    def _refuse_foreign(out: Path) -> None:
+        """An earlier output is replaced whole: refuse when the user keeps files of their own in it."""
+        mine = foreign_entries(out)
+        if mine:
+            more = f" and {len(mine) - 5} more" if len(mine) > 5 else ""
+            raise OutputExistsError(
+                f"{out} holds files that are not part of a merged model ({', '.join(mine[:5])}{more}); replacing the folder would "
+                "delete them. Move them out of it, or merge into another folder."
+            )
 
     def work_folder(self) -> Path:
         """A fresh hidden folder to assemble the output in (deleted on failure)."""
@@ -276,6 +289,10 @@ class OutputTarget:
                 f"The finished merge is in {new}: move it where you want it."
             )
         if now is not None:
+            try:
+                self._refuse_foreign(out)  # files added to it while the merge ran are the user's too
+            except OutputExistsError as err:
+                raise OutputExistsError(f"{err} The finished merge is in {new}.") from None
             _step("aside")
             os.replace(out, old)
         elif out.is_dir():

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 
 from ..errors import ModelFormatError, ModelNotFoundError
-from .folder import read_json
+from .folder import TOKENIZER_FILES, read_json
 from .hub_ids import MAX_HUB_NAME_CHARS
 from .ranges import remote_tensors
 from .safetensors import TensorInfo, scan_file
@@ -35,17 +35,6 @@ _REVISION = re.compile(r"^(?!.*\.\.)(?!.*@\{)(?!.*//)(?![/.])[A-Za-z0-9._/+-]{1,
 #: config.json fields the planner reads as positive integers, when present
 _CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-)
 METADATA_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES, "*.safetensors.index.json"]
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from .folder import read_user_text
 
 #: the endings that make a one-line ``calibration_text`` item a file to read rather than text to route on
 TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -21,13 +22,10 @@ def names_text_file(item: str) -> bool:
 
 def read_text_file(path: Path, field: str = "eval_texts") -> list[str]:
     """The texts in ``path``; ``ConfigError`` naming ``field`` when it is missing, malformed or empty."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{field} file {path} does not exist; give a .txt, .jsonl or .json file, or a list "
                           "of texts.")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{field} file {path} is not UTF-8 text; save it as UTF-8.") from None
+    raw = read_user_text(path, f"{field} file")  # not UTF-8 (where), a folder, unreadable: one line each
     if path.suffix.lower() == ".jsonl":
         out = []
         for n, line in enumerate(raw.splitlines(), 1):

@@ -25,18 +25,21 @@ TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 def check_token(value: str, source: str | Text) -> str:
     """``value`` if it can be a token; else HubError naming ``source`` and the fault, never the value."""
-    if _PRINTABLE.match(value):
+    quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\"`"
+    if _PRINTABLE.match(value) and not quoted:
         return value
-    if any(c in "\r\n" for c in value):
-        what = "a line break (pasted along with it?)"
+    if quoted:
+        what = "is in quote marks (copied with them?)"
+    elif any(c in "\r\n" for c in value):
+        what = "contains a line break (pasted along with it?)"
     elif any(c.isspace() for c in value):
-        what = "a space or tab"
+        what = "contains a space or tab"
     elif any(ord(c) < 32 or ord(c) == 127 for c in value):
-        what = "a control character"
+        what = "contains a control character"
     else:
-        what = "a character that is not plain ASCII"
+        what = "contains a character that is not plain ASCII"
     raise HubError(Text.join([
-        "The token from ", source, f" contains {what}, so it is not a Hugging Face token (those are letters and "
+        "The token from ", source, f" {what}, so it is not a Hugging Face token (those are letters and "
         "digits after hf_). Copy it again from https://huggingface.co/settings/tokens and paste only the token."]))
 
 

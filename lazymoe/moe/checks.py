@@ -9,7 +9,7 @@ from . import arch
 from ..config import MoEConfig
 from ..errors import ModelFormatError, ModelMismatchError
 from ..io.safetensors import ST_DTYPES, ST_TO_NAME
-from ..io.sources import ModelInfo
+from ..io.sources import TOKENIZER_FILES, ModelInfo
 from ..tokens import router_token_ids
 
 
@@ -245,6 +245,11 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo):
     from transformers import AutoTokenizer
 
     vocab = base.tensors[arch.EMBED].shape[0]
+    if base.folder is not None and not any((base.folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelMismatchError(
+            f"base_model ({config.base_model}) has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...). "
+            "The MoE reuses the base tokenizer: add the tokenizer files of the model it was fine-tuned from."
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(base.folder))
     except Exception as err:

@@ -415,8 +415,9 @@ class MoEForm:
         expert = re.search(r"experts\[(\d+)\]", message)
         if expert and int(expert.group(1)) < len(self.rows):
             row = self.rows[int(expert.group(1))]
-            return row.noise if "noise_scale" in message else row.residual if "residual_scale" in message \
-                else row.positive
+            fields = (("noise_scale", row.noise), ("residual_scale", row.residual), ("negative_prompts", row.negative),
+                      ("calibration_text", row.calibration), ("source_model", row.source))
+            return next((widget for key, widget in fields if key in message), row.positive)
         for key, widget in (("experts_per_token", self.experts_per_token), ("license", self.license),
                             ("gate_mode", self.gate_mode), ("dtype", self.dtype), ("seed", self.seed),
                             ("base_model", self.base_model)):

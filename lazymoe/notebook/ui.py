@@ -42,7 +42,7 @@ from ..pipeline.preflight import blocking, check_ahead
 from ..pipeline.release import ReleaseResult, release
 from ..pipeline.route import write_routing_picture
 from ..publish.card import ROUTING_IMAGE, detected_extras, rerender_card
-from ..evaluate.benchmarks import run_benchmarks, write_benchmarks
+from ..evaluate.benchmarks import check_benchmark_options, run_benchmarks, write_benchmarks
 from ..evaluate.questions import Question, answer_questions, questions_from_config, write_answers
 from ..evaluate.skill import write_evaluation
 from ..publish.eval_report import EVAL_IMAGE, benchmark_table
@@ -489,6 +489,7 @@ class Builder:
             return None
 
         folder = self._require_model()
+        check_benchmark_options(tasks, limit=limit, compare=compare)  # a bad LIMIT says so before the install
         install_lm_eval(probe(folder), self._notice)
         result = run_benchmarks(folder, tasks, limit=limit, compare=compare, download=True,
                                 release=self.form.settings().low_disk)

@@ -150,7 +150,7 @@ class ExpertRow:
     @property
     def inputs(self) -> tuple[widgets.Widget, ...]:
         """The widgets whose edits change the recipe."""
-        return (self.source, self.positive, self.negative, self.noise, self.residual)
+        return (self.source, self.positive, self.negative, self.calibration, self.noise, self.residual)
 
     def values(self, i: int, *, strict: bool = True) -> dict:
         """This expert as a config mapping; ``strict=False`` leaves out a number that does not parse yet."""

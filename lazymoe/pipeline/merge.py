@@ -159,6 +159,14 @@ def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
             )
 
 
+def check_output_dir(output_dir: str | os.PathLike, plan: planning.MergePlan, *, overwrite: bool = False) -> None:
+    """What :func:`merge` would refuse about ``output_dir`` (an input's folder, a link, a file, a folder lazymoe
+    did not make or that holds the user's own files, an earlier output without ``overwrite``), checked now
+    without locking or creating anything: ``lazymoe plan --output-dir``."""
+    _check_overlap(Path(output_dir), plan)
+    OutputTarget(output_dir).approve(overwrite)
+
+
 def merge(
     config: MoEConfig | dict | str | os.PathLike,
     output_dir: str | os.PathLike,

@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EvalFileError, Setting, Text
+from ..io.folder import ANSWERS_JSON, ANSWERS_MD, BENCHMARKS_JSON, EVAL_IMAGE, EVAL_JSON
 
 SCHEMA = "lazymoe-eval/1"
-EVAL_JSON = "eval.json"
-EVAL_IMAGE = "eval.png"
-#: your own questions answered side by side (questions.py): Markdown for reading and the card, JSON for tools
-ANSWERS_MD = "answers.md"
-ANSWERS_JSON = "answers.json"
+#: your own questions answered side by side (questions.py): answers.md for reading and the card, .json for tools
 ANSWERS_SCHEMA = "lazymoe-answers/1"
 #: lm-evaluation-harness results (benchmarks.py)
-BENCHMARKS_JSON = "benchmarks.json"
 BENCHMARKS_SCHEMA = "lazymoe-benchmarks/1"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 #: gains below this (nats per token) count as none: float noise between equal models is ~1e-6

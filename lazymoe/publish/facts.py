@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..config import MoEConfig, license_id, load_config
 from ..errors import CardError, ModelNotFoundError
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import CARD_FILENAME, CONFIG_FILENAME, ROUTING_IMAGE
 from ..io.outdir import final_name
 from ..io.sources import ModelRef, describe, read_model_config
 from ..moe import arch
@@ -23,8 +23,6 @@ from ..options import DEFAULT_LICENSE
 if TYPE_CHECKING:  # the plan is only read here; moe/ never imports publish/
     from ..moe.plan import MergePlan
 
-CARD_FILENAME = "README.md"
-ROUTING_IMAGE = "routing.png"  # written by `lazymoe route` into the model folder
 BASE_TAGS = ("moe", "frankenmoe", "merge", "lazymoe")
 TAGS = (*BASE_TAGS, "mixtral")  # a Mixtral model's tags; other outputs end with their model type instead
 GGUF_TAGS = ("gguf", "llama-cpp", *TAGS)

@@ -252,6 +252,9 @@ def routing_report(
     tokenizer = load_folder_tokenizer(folder)
     groups: list[tuple[str, int | None, list[str]]] = [(experts[e], e, prompts[e]) for e in range(E) if prompts[e]]
     for i, text in enumerate(extra_texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"Text {i + 1} to route is {'blank' if isinstance(text, str) else repr(text)}: give "
+                              "some text (a sentence of the kind an expert should take).")
         snippet = " ".join(text.split())
         groups.append((f"text {i + 1}: {snippet[:24]}{'…' if len(snippet) > 24 else ''}", None, [text]))
     if not groups:

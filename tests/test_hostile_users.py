@@ -1,0 +1,372 @@
+"""A hostile but realistic user, third round: what still broke across the CLI, Python and the library's checks.
+
+Each test is one finding: the input, then exactly what the user gets (the one line, the exit status) and what
+is left on disk. The CLI runs in-process (``cli.main``), so a traceback fails the test as an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import moe_config
+
+import lazymoe
+from lazymoe.cli import main
+from lazymoe.errors import ConfigError, GGUFError, OutputExistsError
+from lazymoe.io import outdir
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0].removeprefix("error: ")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def recipe(tiny_world, tmp_path) -> Path:
+    """A two-expert recipe that merges in a second (random gates: no router pass)."""
+    path = tmp_path / "moe.yaml"
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=7)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def merged(recipe, tmp_path) -> Path:
+    return lazymoe.merge(recipe, tmp_path / "moe", progress=False)
+
+
+# --------------------------------------------------------------------------- --overwrite never deletes the user's files
+
+
+def test_overwrite_refuses_an_output_holding_files_of_the_users_own(recipe, merged, tmp_path, capsys):
+    (merged / "routing.png").write_bytes(b"a picture lazymoe route drew")  # lazymoe's own: may be replaced
+    (merged / "my notes.txt").write_text("what I tried", encoding="utf-8")
+    (merged / "runs").mkdir()
+    (merged / "runs" / "log.txt").write_text("mine", encoding="utf-8")
+    before = snapshot(merged)
+
+    line = one_line_error(capsys, ["merge", str(recipe), str(merged), "--overwrite"])
+    assert line == (f"{merged} holds files that are not part of a merged model (my notes.txt, runs/); replacing the "
+                    "folder would delete them. Move them out of it, or merge into another folder.")
+    assert snapshot(merged) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "moe.yaml"]  # no work folder left beside it
+
+    (merged / "my notes.txt").unlink()
+    shutil.rmtree(merged / "runs")
+    assert main(["-q", "merge", str(recipe), str(merged), "--overwrite"]) == 0
+    assert not (merged / "routing.png").exists()  # the new output replaced the old one whole
+
+
+def test_a_file_put_into_the_output_while_the_merge_runs_is_kept(recipe, merged, tmp_path, monkeypatch):
+    def add_a_file(step: str) -> None:
+        if step == "complete":  # the new output is finished, the old one not yet moved aside
+            (merged / "draft.md").write_text("written meanwhile", encoding="utf-8")
+
+    monkeypatch.setattr(outdir, "on_step", add_a_file)
+    with pytest.raises(OutputExistsError) as caught:
+        lazymoe.merge(recipe, merged, overwrite=True, progress=False)
+    new = tmp_path / ".moe.lazymoe-new"
+    assert str(caught.value) == (f"{merged} holds files that are not part of a merged model (draft.md); replacing the "
+                                 "folder would delete them. Move them out of it, or merge into another folder. "
+                                 f"The finished merge is in {new}.")
+    assert (merged / "draft.md").read_text(encoding="utf-8") == "written meanwhile"
+    assert (merged / "config.json").is_file() and (new / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- eval: every option checked first
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--compare", "moe,nobody"], "compare 'nobody': choose from moe, base, experts (e.g. moe,base,experts)."),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1."),
+    (["--tasks", "arc_easy", "--limit", "0"], "your --limit argument must be at least 1 (documents per task)."),
+    (["--tasks", "arc_easy", "--benchmark-compare", "all"], "compare 'all': choose from moe, base, experts"),
+])
+def test_eval_refuses_a_bad_later_option_before_measuring_anything(merged, tmp_path, capsys, monkeypatch, extra,
+                                                                     message):
+    import lazymoe.evaluate.skill as skill
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the skills were measured before the bad option was refused")
+
+    monkeypatch.setattr(skill, "write_evaluation", measured)
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What is 2 + 2?\n", encoding="utf-8")
+    line = one_line_error(capsys, ["eval", str(merged), "--questions", str(questions), *extra])
+    assert line.startswith(message), line
+    assert not (merged / "eval.json").exists()
+
+
+def test_eval_without_lm_eval_says_so_before_measuring_anything(merged, capsys, monkeypatch):
+    import importlib.util
+
+    import lazymoe.evaluate.skill as skill
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-evaluation-harness is installed here")
+    monkeypatch.setattr(skill, "write_evaluation", lambda *a, **k: pytest.fail("measured before the check"))
+    line = one_line_error(capsys, ["eval", str(merged), "--tasks", "arc_easy"])
+    assert line.startswith("lm-evaluation-harness is not installed")
+
+
+@pytest.mark.parametrize("option", ["--texts", "--questions"])
+def test_eval_files_that_are_not_utf8_text_or_are_folders_are_one_line(merged, tmp_path, capsys, option):
+    what = "eval_texts file" if option == "--texts" else "Question file"
+    latin1 = tmp_path / "notes.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for path, why in [(latin1, "is not UTF-8 text (byte 0xe9 at position 3); save it as UTF-8."),
+                      (folder, "is a folder; give a file.")]:
+        value = f"0={path}" if option == "--texts" else str(path)
+        assert one_line_error(capsys, ["eval", str(merged), option, value, "--generate-tokens", "0"]) == \
+            f"{what} {path} {why}"
+    assert not (merged / "eval.json").exists()
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_a_config_file_with_any_name_is_read_as_a_file(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("recipe.txt", "recipe", "recipe.YAML"):
+        shutil.copy(recipe, tmp_path / name)
+        plan = lazymoe.make_plan(name, progress=False)  # a str, as `lazymoe.make_plan("my-recipe")` is written
+        assert plan.config.num_experts == 2 and plan.config.seed == 7
+    with pytest.raises(ConfigError) as caught:
+        lazymoe.make_plan("missing-recipe.txt", progress=False)
+    assert str(caught.value) == ("Config file missing-recipe.txt does not exist; give the path of a YAML file, YAML "
+                                 "text, a dict or a MoEConfig.")
+
+
+def test_a_calibration_file_that_is_not_utf8_or_a_folder_is_one_line_at_plan(tiny_world, tmp_path, capsys):
+    latin1 = tmp_path / "code.txt"
+    latin1.write_bytes("def café(): pass\n".encode("latin-1"))
+    (tmp_path / "docs.txt").mkdir()
+    for item, why in [(latin1, "is not UTF-8 text (byte 0xe9 at position 7); save it as UTF-8."),
+                      (tmp_path / "docs.txt", "is a folder; give a file.")]:
+        cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="expert_classifier")
+        cfg["experts"][1]["calibration_text"] = [str(item)]
+        path = tmp_path / "moe.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        assert one_line_error(capsys, ["plan", str(path)]) == f"experts[1].calibration_text file {item} {why}"
+
+
+def test_a_base_without_tokenizer_files_is_named_at_plan(tiny_world, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_world["base"], base)
+    for name in os.listdir(base):
+        if name.startswith(("tokenizer", "special_tokens")):
+            (base / name).unlink()
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(moe_config(base, [tiny_world["chat"], tiny_world["code"]], gate_mode="random")))
+    assert one_line_error(capsys, ["plan", str(path)]) == (
+        f"base_model ({base}) has no tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+        "tokenizer.model, ...). The MoE reuses the base tokenizer: add the tokenizer files of the model it was "
+        "fine-tuned from.")
+
+
+# --------------------------------------------------------------------------- route, gguf, chat
+
+
+def test_route_refuses_an_empty_text(merged, capsys):
+    pytest.importorskip("matplotlib")
+    line = one_line_error(capsys, ["route", str(merged), "--text", "code", "--text", "  "])
+    assert line == "Text 2 to route is blank: give some text (a sentence of the kind an expert should take)."
+    assert not (merged / "routing.png").exists()
+
+
+def test_gguf_into_a_file_is_one_line(merged, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine", encoding="utf-8")
+    line = one_line_error(capsys, ["gguf", str(merged), "--quant", "none", "--outdir", str(target)])
+    assert line == f"{target} is a file, not a folder: add --outdir OUTDIR (a folder for the GGUF files)."
+    assert target.read_text(encoding="utf-8") == "mine"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-tokens", "0"], "your --max-tokens argument is 0: an answer needs at least 1 token."),
+    (["--max-tokens", "-1", "-i"], "your --max-tokens argument is -1: an answer needs at least 1 token."),
+    (["--n-ctx", "-5"], "n_ctx is -5: add --n-ctx N_CTX with a context length in tokens (0: the model's own)."),
+])
+def test_chat_refuses_lengths_llama_cpp_cannot_use_before_loading(tmp_path, capsys, argv, message):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # never loaded: the lengths are refused first
+    assert one_line_error(capsys, ["chat", str(gguf), "--prompt", "hi", *argv]) == message
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(merged, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from lazymoe.gguf.convert import convert_to_gguf
+    from lazymoe.gguf.llama import chat
+
+    (path,) = convert_to_gguf(merged, tmp_path / "gguf", outtype="f16", quants="none", threads=1, progress=False)
+    with pytest.raises(GGUFError) as caught:
+        chat(path, "word " * 400, n_ctx=64, max_tokens=4, n_threads=1)
+    message = str(caught.value)
+    assert message.startswith("llama.cpp could not answer within a 64-token context (") and "\n" not in message
+    assert message.endswith("; pass n_ctx=... larger than 64, or give a shorter prompt.")
+
+
+# --------------------------------------------------------------------------- Hub repo names
+
+
+@pytest.mark.parametrize("name", ["moe-", "moe.", "me/moe.", "me./moe", "moe_", "m", "moe-1.5", "a_b/c-d.e"])
+def test_the_repo_name_rule_is_the_hubs_at_the_edges(name):
+    """A name the Hub refuses must be refused at plan time, not after the merge when the upload starts."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from lazymoe.options import repo_name_problem
+
+    try:
+        validate_repo_id(name if "/" in name else f"me/{name}")
+        hub_ok = True
+    except HFValidationError:
+        hub_ok = False
+    assert (repo_name_problem(name) is None) is hub_ok
+
+
+def test_merge_push_to_a_name_ending_in_a_dot_is_refused_before_any_work(recipe, tmp_path, capsys):
+    line = one_line_error(capsys, ["merge", str(recipe), str(tmp_path / "out"), "--push", "MyMoE."])
+    assert line == ("Cannot push to 'MyMoE.': 'MyMoE.' is not a valid repo name: use letters, digits, '-', '_' and '.' "
+                    "(no spaces, no '--' or '..', not ending in '-', '.' or .git), at most 96 characters a part, "
+                    "optionally as namespace/name.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe.yaml"]
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    ("push", "interrupted: nothing was committed to the Hub; run the same command again to resume the upload"),
+    ("card", "interrupted"),
+])
+def test_ctrl_c_says_what_it_left_for_the_command_that_ran(merged, capsys, monkeypatch, command, said):
+    """Ctrl-C in a push used to say "no output folder was left behind", which is about merges."""
+    import lazymoe.publish.card as card
+    import lazymoe.publish.hub as hub
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "push_to_hub", interrupted)
+    monkeypatch.setattr(card, "build_card", interrupted)
+    argv = ["push", str(merged), "me/moe"] if command == "push" else ["card", str(merged)]
+    assert main(["-q", *argv]) == 130
+    assert capsys.readouterr().err == said + "\n"
+
+
+# --------------------------------------------------------------------------- plan --output-dir
+
+
+def test_plan_with_an_output_dir_says_what_merge_would_refuse(tiny_world, recipe, merged, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("mine", encoding="utf-8")
+    cases = [
+        (tmp_path / "notes.txt", [], f"{tmp_path / 'notes.txt'} exists and is a file; choose another output folder."),
+        (tiny_world["chat"], [], f"The output folder {tiny_world['chat']} overlaps the input model "
+                                 f"{tiny_world['chat']}; choose a separate folder (inputs are never modified)."),
+        (tmp_path / "mine", ["--overwrite"], f"{tmp_path / 'mine'} already exists and is not empty: it was not made "
+                                             "by lazymoe, so it is never replaced; choose an empty or new folder."),
+        (merged, [], f"{merged} already exists and is not empty: add --overwrite to replace it."),
+    ]
+    for out, extra, message in cases:
+        assert one_line_error(capsys, ["plan", str(recipe), "--output-dir", str(out), *extra]) == message
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out, extra in [(merged, ["--overwrite"]), (tmp_path / "new", [])]:
+        assert main(["-q", "plan", str(recipe), "--output-dir", str(out), *extra]) == 0
+        assert "No problems found" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # plan creates nothing, not even a lock
+
+
+# --------------------------------------------------------------------------- the notebook form
+
+
+def test_a_calibration_text_edit_is_saved_at_once_and_a_problem_marks_its_own_field(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from lazymoe.notebook.ui import Builder
+
+    preset = (Path(__file__).resolve().parent.parent / "notebooks" / "presets" / "demo-tiny.yaml").read_text()
+    Builder._instances.clear()
+    try:
+        form = Builder.from_preset(preset, save_to=tmp_path, show=lambda _: None).form
+        saved = tmp_path / "LazyMoE-Demo-4x.lazymoe.yaml"
+        form.rows[0].calibration.value = "A chat about the weather, then about the news.\n\nA second paragraph."
+        recipe = yaml.safe_load(saved.read_text(encoding="utf-8"))  # saved by this edit alone
+        assert recipe["experts"][0]["calibration_text"] == ["A chat about the weather, then about the news.",
+                                                            "A second paragraph."]
+
+        # a message about an expert's calibration text, negative prompts or model marks that field
+        row = form.rows[1]
+        for field, widget in (("calibration_text", row.calibration), ("negative_prompts", row.negative),
+                              ("source_model", row.source), ("positive_prompts", row.positive)):
+            assert form._widget_named_in(f"experts[1].{field} is wrong") is widget
+    finally:
+        Builder._instances.clear()
+
+
+@pytest.mark.parametrize("quote", ["'", '"', "`"])
+def test_a_token_pasted_with_its_quotes_is_named_before_the_hub_is_asked(merged, capsys, quote):
+    line = one_line_error(capsys, ["push", str(merged), "moe", "--token", f"{quote}hf_abcdefghijklmnopqrstuvwxyz{quote}"])
+    assert line == ("The token from your --token argument is in quote marks (copied with them?), so it is not a Hugging "
+                    "Face token (those are letters and digits after hf_). Copy it again from "
+                    "https://huggingface.co/settings/tokens and paste only the token.")
+
+
+def test_python_callers_may_give_model_folders_and_text_files_as_paths(tiny_world, tmp_path):
+    texts = tmp_path / "chat.txt"
+    texts.write_text("Hello there, how are you today?\n", encoding="utf-8")
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=1)
+    cfg["base_model"] = Path(tiny_world["base"])  # pathlib objects, as a Python user writes them
+    cfg["experts"][0].update(source_model=Path(tiny_world["chat"]), eval_texts=texts)
+    cfg["experts"][1]["source_model"] = {"model": {"path": Path(tiny_world["code"])}}  # mergekit's long form
+    out = lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    recipe = yaml.safe_load((out / "lazymoe_config.yml").read_text(encoding="utf-8"))
+    assert recipe["base_model"] == str(tiny_world["base"])
+    assert [e["source_model"] for e in recipe["experts"]] == [str(tiny_world["chat"]), str(tiny_world["code"])]
+    assert recipe["experts"][0]["eval_texts"] == str(texts)
+
+
+def test_the_benchmarks_step_refuses_a_bad_limit_before_installing_anything(recipe, tmp_path, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    import lazymoe.notebook.ui as ui
+    from lazymoe.notebook.form import MoEForm
+
+    lazymoe.merge(recipe, tmp_path / "moe", progress=False)
+    shown = []
+    builder = ui.Builder(MoEForm(recipe.read_text() + "notebook: {model_name: moe}\n"), workdir=tmp_path,
+                         show=shown.append)
+    monkeypatch.setattr(ui, "install_lm_eval", lambda *a, **k: pytest.fail("lm-eval was installed first"))
+    with pytest.raises(ui.StepFailed):
+        builder.benchmarks(run=True, limit=0)
+    assert "LIMIT in step 6d must be at least 1 (documents per task)." in shown[-1].data
+
+
+def test_finishing_a_stopped_swap_never_replaces_an_output_the_user_has_added_files_to(recipe, merged, tmp_path):
+    """A merge killed between "the new output is complete" and "the old one is moved aside" leaves NAME and
+    .NAME.lazymoe-new; the next merge finishes the swap, unless NAME has since got files of the user's own."""
+    other = lazymoe.merge(yaml.safe_load(recipe.read_text()) | {"seed": 8}, tmp_path / "other", progress=False)
+    new = tmp_path / ".moe.lazymoe-new"
+    os.replace(other, new)
+    (merged / "notes.md").write_text("added after the stop", encoding="utf-8")
+    before = snapshot(merged)
+    with outdir.OutputTarget(merged):  # what the next merge into it does first
+        pass
+    assert snapshot(merged) == before and (new / "config.json").is_file()
+    (merged / "notes.md").unlink()
+    with outdir.OutputTarget(merged):  # nothing of the user's in it now: the stopped swap is finished
+        pass
+    assert not new.exists() and (merged / "model.safetensors").read_bytes() != before["model.safetensors"]
