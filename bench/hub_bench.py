@@ -15,8 +15,13 @@ What it does, in one run:
    - ``streamed``: ``lazymoe merge --push REPO --no-keep`` from the Hub ids: only the tensors the MoE reads
      are fetched (ranges), each shard is uploaded while the next is written, one commit at the end;
    - ``mergekit``: download whole, ``mergekit-moe``, then ``HfApi.upload_folder``;
+   - ``resume`` (not run by default): the streamed merge with the network going down during the eighth
+     shard's upload, then the same command again, measured: it fetches only what the shards the Hub lacks
+     are made of, runs no router pass (its rows were recorded) and sends only those shards;
 3. measures wall time, bytes fetched and uploaded (the server's counters), peak disk used (the run's
-   folder sampled every 50 ms, allocated blocks) and peak RSS (each process's VmHWM, sampled);
+   folder sampled every 50 ms, allocated blocks) and peak RSS (each process's VmHWM, sampled), and the
+   transfer time: from the first request for weight bytes to the end of the commit, as the server saw them
+   (the wall time less the processes' start-up, planning and exit);
    checks the sequential and streamed uploads are byte-identical (README aside);
 4. prints the table, and the same arithmetic from the plan for the Beyonder recipe (4 x Mistral-7B).
 
@@ -47,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from hubserver import ALICE_WRITE_TOKEN, HubServer, add_test_accounts  # noqa: E402
 
 MB = 1_000_000
+RESUME_FAILS_AT = 8  # the resume run's first attempt loses the network during this LFS upload
 SAMPLE_S = 0.05
 DEFAULT_MERGEKIT = Path("/work/cache/mkvenv-hub/bin/mergekit-moe")
 
@@ -142,8 +148,8 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
-    """Run ``cmd``; returns its stdout and its peak RSS in bytes. Exits the bench on failure.
+def run_child(cmd: list[str], env: dict[str, str], *, may_fail: bool = False) -> tuple[str, int]:
+    """Run ``cmd``; returns its stdout and its peak RSS in bytes. Exits the bench on failure (unless ``may_fail``).
 
     Peak RSS is the kernel's high-water mark of the process after its exec (VmHWM), sampled until it exits:
     ``wait4``'s ru_maxrss would also count the forked copy of this bench, which holds the Hub server."""
@@ -159,7 +165,7 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
         time.sleep(0.02)
     for r in readers:
         r.join()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not may_fail:
         sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{out_box.get('err', '')[-3000:]}")
     return out_box.get("out", ""), peak
 
@@ -194,13 +200,21 @@ def steps_for(kind: str, run_dir: Path, config: Path, repo: str, shard: str, mer
         return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
                 [py, "-c", LAZYMOE_LOCAL, str(local_cfg), str(out), shard],
                 [py, "-c", PUSH, str(out), repo]]
-    if kind == "streamed":
+    if kind in ("streamed", "resume"):
         return [[py, "-c", STREAMED, str(config), str(out), shard, repo]]
     if kind == "mergekit":
         return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
                 [str(mergekit), str(local_cfg), str(out), "--quiet"],
                 [py, "-c", UPLOAD_FOLDER, str(out), repo]]
     raise SystemExit(f"unknown run {kind!r}")
+
+
+def transfer_seconds(server: HubServer) -> float:
+    """From the first request for weight bytes (not a header read) to the end of the last commit."""
+    weights = [r for r in server.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
+               and not (r.range or "").startswith(("bytes=0-7", "bytes=8-"))]
+    commits = server.requests_of("commit", status=200)
+    return max(c.finished for c in commits) - min(r.started for r in weights) if weights and commits else 0.0
 
 
 def remote_digest(server: HubServer, repo_id: str) -> dict[str, str]:
@@ -334,12 +348,20 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = runs_root / f"{kind}-{bw:g}"
                 run_dir.mkdir()
                 repo = f"alice/bench-{kind}-{bw:g}"
+                steps = steps_for(kind, run_dir, config, repo, args.shard, args.mergekit)
+                if kind == "resume":  # the interrupted first run, not measured
+                    server.fail("lfs-upload", nth=RESUME_FAILS_AT, times=None)
+                    print(f"interrupting a streamed run at {bw:g} MB/s ...", flush=True)
+                    run_child(steps[0], child_env(server, run_dir / "hf"), may_fail=True)
+                    server.clear_failures()
+                    held = len({r.path for r in server.requests_of("lfs-upload", status=200)})
                 server.reset_counters()
                 print(f"running {kind} at {bw:g} MB/s ...", flush=True)
-                steps = steps_for(kind, run_dir, config, repo, args.shard, args.mergekit)
                 result = run_pipeline(kind, steps, run_dir, child_env(server, run_dir / "hf"))
                 result.update(bw=bw, down=server.downloaded_bytes, up=server.uploaded_bytes,
-                              commits=len(server.requests_of("commit", status=200)))
+                              commits=len(server.requests_of("commit", status=200)), transfer=transfer_seconds(server))
+                if kind == "resume":
+                    result["held"] = held
                 digests[(kind, bw)] = remote_digest(server, repo)
                 server.repos.pop(repo, None)  # the server keeps repos in memory
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -352,24 +374,33 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['needed'] / MB:.0f} MB and writes {out_mb:.0f} MB in {figures['shards']} shards of <= {args.shard}",
         "",
         "| MB/s | pipeline | wall s | fetched MB | fetched / needed | uploaded MB | commits | peak disk MB | "
-        "peak RSS MB | wall / max(fetch, upload) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MB | wall / max(fetch, upload) | transfer s | transfer / max(fetch, upload) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         floor = max(figures["needed"], figures["output"]) / (r["bw"] * MB)
         lines.append(
             f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f} | {r['down'] / MB:.1f} | {r['down'] / figures['needed']:.3f} "
             f"| {r['up'] / MB:.1f} | {r['commits']} | {r['disk'] / MB:.0f} | {r['rss'] / MB:.0f} | "
-            f"{r['wall'] / floor:.2f} |")
+            f"{r['wall'] / floor:.2f} | {r['transfer']:.1f} | {r['transfer'] / floor:.2f} |")
     lines.append("")
     lines.append("fetched: body bytes the server sent (config, tokenizer and headers included); needed: the tensor "
                  "bytes the MoE reads (plan.download_bytes); max(fetch, upload): the needed bytes or the output, "
-                 "whichever is larger, at the bandwidth.")
+                 "whichever is larger, at the bandwidth; transfer: from the first request for weight bytes to the "
+                 "end of the commit, as the server saw them (wall less the processes' start-up, imports, planning "
+                 "and exit).")
     for bw in sorted({r["bw"] for r in rows}):
-        if ("sequential", bw) in digests and ("streamed", bw) in digests:
-            same = digests[("sequential", bw)] == digests[("streamed", bw)]
-            lines.append(f"- {bw:g} MB/s: streamed upload {'byte-identical to' if same else 'DIFFERS from'} "
-                         "the sequential one (README and the saved recipe aside)")
+        for kind in ("streamed", "resume"):
+            if ("sequential", bw) in digests and (kind, bw) in digests:
+                same = digests[("sequential", bw)] == digests[(kind, bw)]
+                lines.append(f"- {bw:g} MB/s: {kind} upload {'byte-identical to' if same else 'DIFFERS from'} "
+                             "the sequential one (README and the saved recipe aside)")
+    for r in rows:
+        if r["name"] == "resume":
+            lines.append(f"- {r['bw']:g} MB/s, resume: the interrupted run had sent {r['held']} of "
+                         f"{figures['shards']} shards; the re-run fetched {r['down'] / MB:.1f} MB and uploaded "
+                         f"{r['up'] / MB:.1f} MB (of the {figures['needed'] / MB:.0f} MB the MoE reads and the "
+                         f"{out_mb:.0f} MB it writes), with one commit")
     lines += [""] + beyonder_arithmetic()
     text = "\n".join(lines)
     print("\n" + text)

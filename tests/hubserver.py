@@ -168,6 +168,8 @@ class RecordedRequest:
     kind: RequestKind
     status: int | None = None  # None: the server dropped the connection without answering
     response_bytes: int = 0  # body bytes sent back
+    started: float = 0.0  # time.monotonic() when the request arrived
+    finished: float = 0.0  # ... when its answer was sent (bandwidth limit included)
 
     @property
     def range(self) -> str | None:
@@ -821,13 +823,14 @@ class _HubHandler(BaseHTTPRequestHandler):
         pass  # the recorded requests are the log; stderr noise would bury test output
 
     def _serve(self, method: str) -> None:
+        started = time.monotonic()
         url = urlsplit(self.path)
         segments = [unquote(s) for s in url.path.split("/")[1:]]
         query = parse_qs(url.query, keep_blank_values=True)
         headers = {k.lower(): v for k, v in self.headers.items()}
         body = self._read_body()
         kind, params = _route(method, segments)
-        record = RecordedRequest(method, url.path, query, headers, len(body), kind)
+        record = RecordedRequest(method, url.path, query, headers, len(body), kind, started=started)
         if kind in ("lfs-upload", "commit"):
             with self.hub._lock:
                 self.hub.uploaded_bytes += len(body)
@@ -856,6 +859,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 with self.hub._lock:
                     self.hub.downloaded_bytes += len(response.body)
         self._send(response, head_only=method == "HEAD", throttle=self.hub._down if kind == "resolve" else None)
+        record.finished = time.monotonic()
 
     def _identity(self, headers: dict[str, str]) -> TokenInfo | None:
         auth = headers.get("authorization")

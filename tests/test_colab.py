@@ -179,7 +179,7 @@ def test_an_8x7b_fits_free_colab_only_when_each_shard_is_uploaded_and_deleted(mo
     assert plan.disk_bytes > disk and low.disk_bytes > disk  # 186.9 GB and 109.3 GB: merging to disk cannot fit
     streamed = plan.streamed_disk_bytes(merge.STREAMED_SHARDS_ON_DISK)
     assert round(streamed / 1e9, 1) == 21.8 and streamed < disk / 4
-    assert plan.peak_ram_bytes < FREE_COLAB.ram_available / 8
+    assert round(plan.peak_ram_bytes / 1e9, 1) == 2.1 < FREE_COLAB.ram_available / 6e9  # router pass + writer at once
 
 
 def test_cli_plan_gives_the_verdict_for_free_colab_and_for_this_runtime(beyonder_on_the_hub, monkeypatch, capsys):
@@ -234,4 +234,5 @@ def test_notebook_plan_shows_the_free_colab_verdict_beside_this_runtimes(beyonde
     free, mine = _verdicts_shown(shown[-1].data)
     assert free.startswith("Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): fits (Disk: merge 96.7 GB of 100.0 GB;")
     assert mine == ("This runtime (Colab): does NOT fit (Disk: merge needs 96.7 GB, has 80.0 GB). "
-                    "With Low-disk mode (Advanced) the disk needed is 64.2 GB")
+                    "With Low-disk mode (Advanced) the disk needed is 64.2 GB; uploading each shard while merging "
+                    "and deleting it (tick Upload), 21.8 GB")

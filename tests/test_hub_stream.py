@@ -3,6 +3,7 @@ tests/hubserver.py (which counts the bytes it sends and receives)."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -270,3 +271,218 @@ def test_cli_merge_push(hub, published, tiny_world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{hub.url}/alice/tiny-cli" in printed and "in one commit" in printed and ALICE_WRITE_TOKEN not in printed
     assert len(hub.requests_of("commit")) == 1 and "model.safetensors.index.json" in hub.files("alice/tiny-cli")
+
+
+# ----------------------------------------------------------------------------- resume without refetching
+
+
+def shard_names_by_oid(folder: Path) -> dict[str, str]:
+    return {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in folder.glob("*.safetensors")}
+
+
+def source_bytes(plan, shard_names) -> int:
+    """The distinct source tensor bytes the shards ``shard_names`` are made of."""
+    sources = {(p.model, p.source.name): p.source.nbytes for s in plan.shards if s.filename in shard_names
+               for t in s.tensors for p in t.pieces if p.model is not None}
+    return sum(sources.values())
+
+
+def test_a_no_keep_rerun_fetches_and_builds_only_the_shards_the_hub_lacks(hub, published, tiny_world, tmp_path):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline.merge import merge_and_push
+    from lazymoe.publish.resume import push_state_dir
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="random", seed=5)
+    push = dict(keep=False, token=ALICE_WRITE_TOKEN, max_shard_bytes="150KB", progress=False)
+    expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
+    name_of = shard_names_by_oid(expected)
+    hub.fail("lfs-upload", nth=4, times=None)  # the network goes down during the fourth shard's upload
+    with pytest.raises(HubError, match="nothing was committed"):
+        merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
+    uploaded = {name_of[r.path.rsplit("/", 1)[-1]] for r in hub.requests_of("lfs-upload", status=200)}
+    assert len(uploaded) == 3 and list(push_state_dir().rglob("*.json")), "what the Hub received is recorded"
+
+    hub.clear_failures()
+    hub.reset_counters()
+    out, pushed = merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
+    plan = lazymoe.make_plan(cfg, max_shard_bytes="150KB", progress=False)
+    missing = {s.filename for s in plan.shards} - uploaded
+    fetched = sum(r.response_bytes for r in tensor_ranges(hub))
+    assert fetched == source_bytes(plan, missing) < source_bytes(plan, {s.filename for s in plan.shards}), \
+        "only the sources of the shards the Hub lacks are fetched"
+    sent = {r.path.rsplit("/", 1)[-1] for r in hub.requests_of("lfs-upload")}
+    assert {name_of[oid] for oid in sent if oid in name_of} == missing, "and only they are built and sent"
+    assert len(hub.requests_of("commit", status=200)) == 1
+    remote = remote_files(hub, "alice/tiny-moe")
+    recipe = ("README.md", "lazymoe_config.yml")
+    assert {n: remote[n] for n in remote if n not in recipe} == {
+        p.name: p.read_bytes() for p in expected.iterdir() if p.name not in recipe}, "the same model as one run"
+    assert [p for p in push_state_dir().rglob("*") if p.is_file()] == [], "the record goes with the commit"
+
+
+def test_a_rerun_after_a_failed_commit_fetches_nothing_and_runs_no_router_pass(hub, published, tiny_world,
+                                                                                 tmp_path, monkeypatch):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline import merge as merging
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    push = dict(keep=False, token=ALICE_WRITE_TOKEN, max_shard_bytes="150KB", progress=False)
+    expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
+    hub.fail("commit", nth=1, times=None)
+    with pytest.raises(HubError, match="nothing was committed"):
+        merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
+    first = {r.path.rsplit("/", 1)[-1] for r in hub.requests_of("lfs-upload", status=200)}
+
+    hub.clear_failures()
+    hub.reset_counters()
+
+    def no_router_pass(*args, **kwargs):
+        raise AssertionError("the router rows were recorded: no router pass runs again")
+
+    monkeypatch.setattr(merging, "compute_gates", no_router_pass)
+    merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
+    assert tensor_ranges(hub) == [] and hub.requests_of("lfs-upload") == [], "no weight fetched, no shard sent"
+    assert len(hub.requests_of("commit", status=200)) == 1
+    assert set(shard_names_by_oid(expected)) <= first  # the routers' shard, rebuilt from the rows, is the same
+    remote = remote_files(hub, "alice/tiny-moe")
+    assert all(remote[p.name] == p.read_bytes() for p in expected.glob("*.safetensors"))
+
+
+def test_a_recorded_shard_the_hub_lacks_is_built_again(hub, published, tiny_world, tmp_path):
+    import json
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline.merge import merge_and_push
+    from lazymoe.publish.resume import push_state_dir
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="random", seed=6)
+    push = dict(keep=False, token=ALICE_WRITE_TOKEN, max_shard_bytes="150KB", progress=False)
+    hub.fail("commit", nth=1, times=None)
+    with pytest.raises(HubError):
+        merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
+    (record,) = push_state_dir().rglob("*.json")
+    data = json.loads(record.read_text())
+    lost = sorted(data["shards"])[1]
+    data["shards"][lost]["sha256"] = "0" * 64  # as if the Hub had lost it (or the record were wrong)
+    record.write_text(json.dumps(data))
+
+    hub.clear_failures()
+    hub.reset_counters()
+    merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
+    expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
+    plan = lazymoe.make_plan(cfg, max_shard_bytes="150KB", progress=False)
+    assert sum(r.response_bytes for r in tensor_ranges(hub)) == source_bytes(plan, {lost})
+    remote = remote_files(hub, "alice/tiny-moe")
+    assert all(remote[p.name] == p.read_bytes() for p in expected.glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the router pass beside the writer
+
+
+def test_shards_are_uploaded_while_the_router_pass_runs(hub, published, tiny_world, tmp_path, monkeypatch):
+    import threading
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.pipeline import merge as merging
+    from lazymoe.publish.hub import StreamingPush
+
+    uploaded, add = threading.Event(), StreamingPush.add_shard
+    compute, waited = merging.compute_gates, []
+
+    def spy(self, path):
+        add(self, path)
+        uploaded.set()
+
+    def slow_router_pass(*args, **kwargs):  # holds the routers until a shard has gone to the Hub
+        waited.append(uploaded.wait(timeout=60))
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(StreamingPush, "add_shard", spy)
+    monkeypatch.setattr(merging, "compute_gates", slow_router_pass)
+    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    out, _ = merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", token=ALICE_WRITE_TOKEN,
+                                    max_shard_bytes="150KB", progress=False)
+    assert waited == [True], "a shard was written and handed to the uploader before the routers existed"
+    monkeypatch.undo()
+    assert raw_bytes(out) == raw_bytes(lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB",
+                                                     progress=False))
+
+
+def test_a_failing_router_pass_stops_the_merge_and_commits_nothing(hub, published, tiny_world, tmp_path,
+                                                                   monkeypatch):
+    import threading
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import ConfigError
+    from lazymoe.pipeline import merge as merging
+
+    def failing(*args, **kwargs):
+        raise ConfigError("experts[1]'s positive prompts have no token besides BOS; give it a few words.")
+
+    monkeypatch.setattr(merging, "compute_gates", failing)
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    with pytest.raises(ConfigError, match=r"^experts\[1\]'s positive prompts"):
+        merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,
+                               max_shard_bytes="150KB", progress=False)
+    assert hub.requests_of("commit") == [] and list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "lazymoe-router"]
+
+
+def test_a_fetch_failure_stops_the_router_pass_too(hub, published, tiny_world, tmp_path):
+    import threading
+
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    plan = lazymoe.make_plan(cfg, progress=False)
+    assert plan.router_overlaps
+    hub.fail("resolve", nth=4, times=None)
+    with pytest.raises(HubError, match=r"^Downloading model.*safetensors of lazyorg/tiny-\w+ failed"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, plan=plan)
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "lazymoe-router"], "the pass ended with the merge"
+    assert not [p for p in range_cache_dir().rglob("*.incomplete")]
+
+
+@pytest.mark.parametrize("mode,low_disk", [("classifier", False), ("hidden_avg", True), ("cheap_embed", True)])
+def test_each_router_pass_beside_the_writer_gives_the_local_merges_bytes(hub, published, tiny_world, tmp_path, mode,
+                                                                         low_disk):
+    """classifier (not low-disk) fits on the MoE itself, reading every expert's MLPs as the writer does: two readers
+    on the same fetched tensors; hidden_avg reads the base layer by layer, cheap_embed the embeddings only. Each
+    shares one stream of fetches with the writer, fetches every tensor once, and gives a local merge's bytes."""
+    cfg, local = hub_and_local(tiny_world, gate_mode=mode, seed=3, router_continuation_tokens=0)
+    plan = lazymoe.make_plan(cfg, progress=False, low_disk=low_disk, max_shard_bytes="120KB")
+    assert plan.router_overlaps and len(plan.shards) > 3
+    out = lazymoe.merge(cfg, tmp_path / "hub", progress=False, plan=plan)
+    fetched = sum(r.response_bytes for r in tensor_ranges(hub))
+    assert fetched == plan.download_bytes, "every tensor fetched once, though two passes read some"
+    if low_disk:
+        assert [p for p in range_cache_dir().rglob("*") if p.is_file()] == [], "each deleted once both passed it"
+    expected = lazymoe.merge(local, tmp_path / "local", progress=False, low_disk=low_disk, max_shard_bytes="120KB")
+    assert raw_bytes(out) == raw_bytes(expected)
+
+
+def test_ctrl_c_while_writing_ends_the_router_pass_and_leaves_nothing(hub, published, tiny_world, tmp_path,
+                                                                      monkeypatch):
+    import threading
+
+    from lazymoe.moe import writer
+
+    copy, calls = writer.copy_bytes, []
+
+    def interrupted(info, dst):  # the user presses Ctrl-C while the third tensor is copied
+        calls.append(info)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        copy(info, dst)
+
+    monkeypatch.setattr(writer, "copy_bytes", interrupted)
+    cfg, _ = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False, low_disk=True, max_shard_bytes="150KB")
+    assert list(tmp_path.iterdir()) == [], "nothing half-written is left"
+    assert not [t for t in threading.enumerate() if t.name in ("lazymoe-router", "lazymoe-fetch-feeder")]
+    assert not [p for p in range_cache_dir().rglob("*") if p.is_file()], "low-disk: no fetched range is kept"

@@ -89,13 +89,20 @@ def test_four_mistral_7b_experts_top2(tmp_path):
     assert round(p.total_params / 1e9, 1) == 24.2
     assert round(p.active_params / 1e9, 1) == 12.9
     assert p.dtype == "bfloat16" and p.output_bytes == 2 * p.total_params
-    assert len(p.shards) == 10 and all(s.nbytes <= 5e9 for s in p.shards)
+    assert len(p.shards) == 11 and all(s.nbytes <= 5e9 for s in p.shards)
+    # the routers (what the router pass computes) in a small last shard of their own, after every weight
+    *weights, routers = p.shards
+    assert [t.name for t in routers.tensors] == [f"model.layers.{n}.block_sparse_moe.gate.weight" for n in range(32)]
+    assert routers.nbytes == 32 * 4 * 4096 * 2 and all(t.gate_layer is None for s in weights for t in s.tensors)
+    assert [t for s in p.shards for t in s.tensors] == p.tensors, "the write order is the shards' order"
     assert p.out_config["sliding_window"] == 4096 and p.out_config["num_local_experts"] == 4
     assert p.read_bytes == p.output_bytes - 32 * 4 * 4096 * 2  # everything but the routers is read once
     # the hidden pass streams the base: bf16 embeddings + one decoder layer, not the 14.5 GB model
     layer0 = sum(_numel(s) for n, s in llama_shapes(MISTRAL_7B).items() if n.startswith("model.layers.0."))
     assert p.router_pass_bytes == 2 * (32000 * 4096 + layer0) < 1.2e9
-    assert p.peak_ram_bytes < 2e9
+    # the router pass runs while the shards are written: its layer and the writer's three embedding-sized
+    # tensors (one read, its float32 copy, the cast) are in memory at once
+    assert p.router_overlaps and p.peak_ram_bytes == p.router_pass_bytes + 3 * 2 * 32000 * 4096 + 600e6 < 2.2e9
 
 
 def test_parse_bytes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import weakref
 
@@ -191,6 +192,54 @@ def test_push_uploads_with_the_typed_token_and_never_shows_it(builder, hub):
     assert {"config.json", "lazymoe_config.yml", "model.safetensors"} <= set(files)
     assert ALICE_WRITE_TOKEN not in builder.screen.html()
     assert ALICE_WRITE_TOKEN not in json.dumps(builder.form.widget.get_state(), default=str)
+
+
+def test_with_upload_ticked_the_merge_step_uploads_while_merging_in_one_commit(builder, hub, monkeypatch):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.publish.hub import StreamingPush
+
+    handed = []
+    add = StreamingPush.add_shard
+    monkeypatch.setattr(StreamingPush, "add_shard", lambda self, path: (handed.append(path.name), add(self, path)))
+    builder.form.upload.value = True
+    builder.form.token_box.value = ALICE_WRITE_TOKEN
+    builder.form.max_shard.value = "200KB"
+    out = builder.merge()
+    assert len(handed) > 1 and len(hub.requests_of("commit", status=200)) == 1, "each shard went up as written"
+    files = hub.files("alice/tiny-moe")
+    assert set(handed) <= set(files) and all(files[n].data == (out / n).read_bytes() for n in handed)
+    assert builder.repo_id == "alice/tiny-moe"
+    assert f"Merged and uploaded to {hub.url}/alice/tiny-moe" in builder.screen.html()
+    builder.route()  # later steps read the kept shards; the Upload step sends what they changed
+    hub.reset_counters()
+    pushed = builder.push()
+    assert pushed.repo_id == "alice/tiny-moe" and "routing.png" in hub.files("alice/tiny-moe")
+    sent = {r.path.rsplit("/", 1)[-1] for r in hub.requests_of("lfs-upload")}
+    assert not sent & {hashlib.sha256((out / n).read_bytes()).hexdigest() for n in handed}, "no shard is sent again"
+    assert ALICE_WRITE_TOKEN not in builder.screen.html()
+
+
+def test_where_the_disk_cannot_hold_the_output_an_upload_keeps_no_shard(builder, hub, monkeypatch, tmp_path):
+    import dataclasses
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.runtime.machine import probe
+
+    builder.form.upload.value = True
+    builder.form.token_box.value = ALICE_WRITE_TOKEN
+    builder.form.max_shard.value = "100KB"
+    plan = builder.plan()
+    small = dataclasses.replace(probe(tmp_path), disk_free=plan.streamed_disk_bytes() + 1)  # < plan.disk_bytes
+    monkeypatch.setattr(ui, "probe", lambda path=".": small)
+    builder.plan()
+    shown = builder.screen.html()
+    assert "uploads each shard as it is written and deletes it" in shown and "fits, each shard deleted" in shown
+    out = builder.merge()
+    assert list(out.glob("*.safetensors")) == [] and "each shard was deleted once uploaded" in builder.screen.html()
+    assert builder.route() is None and "on the Hub only" in builder.screen.html(), "skipped, and Run all goes on"
+    assert builder.push() is builder.pushed and len(hub.requests_of("commit", status=200)) == 1
 
 
 def test_push_without_any_token_says_how_to_get_one(builder, hub):

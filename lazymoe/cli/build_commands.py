@@ -43,7 +43,8 @@ def add(sub) -> None:
     hub.add_argument("--push", metavar="REPO", default=None,
                      help="upload each shard to REPO ('name' or 'namespace/name') as soon as it is written, then make "
                           "one commit with everything: the repo never shows half a model. Re-run after an "
-                          "interruption: shards the Hub already received are not sent again")
+                          "interruption: shards the Hub already received are not sent again (with --no-keep, "
+                          "neither fetched nor built again)")
     hub.add_argument("--no-keep", dest="keep", action="store_false",
                      help="with --push: delete each shard once uploaded (disk: about three shards instead of the "
                           "whole model; OUTPUT_DIR keeps config, tokenizer and card)")

@@ -4,8 +4,10 @@
 a Hub model it groups tensors that lie next to each other in one weight file and are read together (the same
 step group: the router pass, or one output shard) into a *chunk*, and fetches chunks in reading order with a
 pool of threads, big chunks as several ranges at once (``io.ranges``), at most ``window`` bytes ahead of
-the reader. Each chunk lands in a file of the range cache (``$HF_HOME/lazymoe/ranges/REPO/COMMIT/``),
-written under a temporary name and renamed when complete, so a later merge reuses it instead of fetching
+the writer. Two readers may share one stream of fetches: the writer (``done(step)`` as it passes each output
+tensor) and the router pass, running in a thread of its own (``router_done()`` when it ends); a chunk is kept
+until both have passed it. Each chunk lands in a file of the range cache
+(``$HF_HOME/lazymoe/ranges/REPO/COMMIT/``), written under a temporary name and renamed when complete, so a later merge reuses it instead of fetching
 again. With ``release`` every chunk is deleted once its last reader has passed: disk stays near ``window``.
 
 Weight files already complete in the Hugging Face cache, and local folders, are read where they are:
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,12 +35,15 @@ from .sources import ModelInfo, WeightStore
 
 logger = logging.getLogger(__name__)
 
-#: adjacent tensors are fetched as one chunk up to this size; one range request moves at most PART bytes
+#: adjacent tensors are fetched as one chunk up to this size; one range request moves at most PART bytes.
+#: Parts are fetched in reading order by WORKERS threads sharing one link: small parts keep the bytes needed
+#: next arriving first (a part gets 1/WORKERS of the link), large enough that a request's latency is small
+#: beside its transfer.
 CHUNK_MAX = 64 << 20
-PART = 16 << 20
+PART = 4 << 20
 #: requests in flight
 WORKERS = 8
-#: the step of reads that happen before any output tensor is written (the router pass)
+#: the step of the router pass's reads when they happen before any output tensor is written
 ROUTER_STEP = -1
 
 
@@ -49,13 +54,15 @@ def range_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Read:
-    """One tensor a merge reads: from model ``ref``, first at ``step`` (an output tensor's index, or
-    ``ROUTER_STEP``), in ``group`` (tensors of one group may share a chunk)."""
+    """One tensor a merge reads: from model ``ref``, at ``step`` (an output tensor's index, or
+    ``ROUTER_STEP``), in ``group`` (tensors of one group may share a chunk); ``router``: the router pass reads
+    it (its chunk is kept until ``router_done``), else the writer."""
 
     ref: str
     name: str
     step: int
     group: int
+    router: bool = False
 
 
 @dataclass
@@ -69,13 +76,15 @@ class _Chunk:
     path: Path
     names: list[str] = field(default_factory=list)
     first: int = 0
-    last: int = 0
+    last: int = 0  # once the writer passes this step, the chunk leaves the window
+    router: bool = False  # the router pass reads it: kept (on disk) until router_done
     submitted: bool = False
     cached: bool = False  # found complete in the range cache: nothing to fetch
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     parts_left: int = 0
-    released: bool = False
+    passed: bool = False  # out of the window: the writer is past it
+    released: bool = False  # no reader left (deleted with ``release``)
 
     @property
     def size(self) -> int:
@@ -89,10 +98,13 @@ def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path
     in the Hugging Face cache are left out."""
     first: dict[tuple[str, str], Read] = {}
     last: dict[tuple[str, str], int] = {}
+    router: set[tuple[str, str]] = set()
     for read in reads:
         key = (read.ref, read.name)
         first.setdefault(key, read)
         last[key] = max(last.get(key, read.step), read.step)
+        if read.router:
+            router.add(key)
     by_file: dict[tuple[str, Path], list[TensorInfo]] = {}
     for (ref, name) in first:
         info = models[ref]
@@ -118,6 +130,7 @@ def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path
             current.end = t.offset + t.nbytes
             current.first = min(current.first, read.step)
             current.last = max(current.last, last[(ref, t.name)])
+            current.router = current.router or (ref, t.name) in router
     for c in chunks:
         c.path = c.path / f"{c.filename}.{c.start}-{c.end}"
     chunks.sort(key=lambda c: (c.first, c.ref, c.filename, c.start))
@@ -130,7 +143,8 @@ class RangedWeights:
     fetched by ranges ahead of the reader; see the module docstring.
 
     ``reads`` lists every tensor the merge will read, in order; a tensor not listed is fetched when asked.
-    ``done(step)`` tells that every read of ``step`` (an output tensor's index) is over. Models in ``whole``
+    ``done(step)`` tells that every read of ``step`` (an output tensor's index) is over, ``router_done()``
+    that the router pass is. Both may come from different threads (``resolve`` too). Models in ``whole``
     are downloaded as whole files instead (``WeightStore``), for a router pass that loads them as models.
     """
 
@@ -147,13 +161,14 @@ class RangedWeights:
         self._chunks, self._holder = plan_chunks(self.models, self._reads, self.cache, frozenset(whole))
         self._router_names: dict[str, list[str]] = {}
         for read in self._reads:
-            if read.step == ROUTER_STEP:
+            if read.router:
                 self._router_names.setdefault(read.ref, []).append(read.name)
         self._lock = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazymoe-fetch")
         self._ahead = 0  # bytes fetched (or being fetched) whose last reader has not passed
         self._closed = False
         self._step = ROUTER_STEP - 1  # the last step done
+        self._router_finished = not any(r.router for r in self._reads)
         #: bytes received from the Hub, and the range requests that carried them
         self.fetched_bytes = 0
         self.requests = 0
@@ -173,14 +188,18 @@ class RangedWeights:
         """Bytes of the Hub models' tensors that this merge reads and are not on disk yet."""
         return sum(c.size for c in self._chunks if not c.cached)
 
-    def local(self, ref: str) -> ModelInfo:
-        """``ref``'s info with the tensors the router pass reads (``ROUTER_STEP``) on local disk."""
+    def local(self, ref: str, *, wait: bool = True, resolve=None) -> ModelInfo:
+        """``ref``'s info with the tensors the router pass reads on local disk. ``wait=False``: each is
+        located when first looked up (through ``resolve``, default ``self.resolve``), so a pass that reads a
+        layer at a time waits for that layer only."""
         info = self.models[ref]
         if ref in self._whole_last:
             return self._whole.local(ref)
         if info.ref.repo_id is None:
             return info
         names = self._router_names.get(ref, [])
+        if not wait:
+            return replace(info, tensors=_Located(names, lambda name: (resolve or self.resolve)(ref, name)))
         return replace(info, tensors={name: self.resolve(ref, name) for name in names})
 
     def resolve(self, ref: str, name: str) -> TensorInfo:
@@ -209,16 +228,21 @@ class RangedWeights:
         return 0
 
     def done(self, step: int) -> None:
-        """Every read of ``step`` is over: release the chunks (and whole models) no later step reads."""
+        """The writer's reads of ``step`` are over: release the chunks (and whole models) no later step and
+        no running router pass reads."""
         for ref, last in self._whole_last.items():
             if last == step:
                 self._whole.release(ref)
         with self._lock:
             self._step = step
-            for c in self._chunks:
-                if c.submitted and not c.released and c.last <= step and c.done.is_set():
-                    self._release(c)
-            self._lock.notify_all()
+            self._sweep()
+
+    def router_done(self) -> None:
+        """The router pass is over: release what only it kept."""
+        with self._lock:
+            self._router_finished = True
+            self._step = max(self._step, ROUTER_STEP)
+            self._sweep()
 
     def close(self) -> None:
         """Stop fetching; delete partial chunks (and, with ``release``, every chunk)."""
@@ -243,29 +267,37 @@ class RangedWeights:
     def _unplanned(self, ref: str, tensor: TensorInfo) -> _Chunk:
         info = self.models[ref]
         where = self.cache / info.ref.repo_id.replace("/", "--") / info.commit
-        chunk = _Chunk(ref, info.ref.repo_id, info.commit, tensor.file.name, tensor.offset,
-                       tensor.offset + tensor.nbytes, where / f"{tensor.file.name}.{tensor.offset}-"
-                       f"{tensor.offset + tensor.nbytes}", names=[tensor.name], first=self._step, last=1 << 62)
-        with self._lock:
+        with self._lock:  # two readers may ask for the same tensor at once: one chunk
+            chunk = self._holder.get((ref, tensor.name))
+            if chunk is not None:
+                return chunk
+            chunk = _Chunk(ref, info.ref.repo_id, info.commit, tensor.file.name, tensor.offset,
+                           tensor.offset + tensor.nbytes, where / f"{tensor.file.name}.{tensor.offset}-"
+                           f"{tensor.offset + tensor.nbytes}", names=[tensor.name], first=self._step, last=1 << 62)
             self._chunks.append(chunk)
             self._holder[(ref, tensor.name)] = chunk
-        if chunk.path.is_file() and chunk.path.stat().st_size == chunk.size:
-            chunk.cached = chunk.submitted = True
-            chunk.done.set()
+            if chunk.path.is_file() and chunk.path.stat().st_size == chunk.size:
+                chunk.cached = chunk.submitted = True
+                chunk.done.set()
         return chunk
 
     def _want(self, chunk: _Chunk) -> None:
         with self._lock:
             if not chunk.submitted:
+                if self._closed:  # a reader still running after close (the router pass): it stops here
+                    raise HubError("the download was stopped")
                 self._submit(chunk)
 
     def _feed(self) -> None:
-        """Submit chunks in reading order, keeping at most ``window`` bytes ahead of the reader. The router
-        pass's chunks come first and alone: nothing is written (so nothing uploaded) before that pass ends,
-        so they get the whole bandwidth."""
+        """Submit chunks in reading order, keeping at most ``window`` bytes ahead of the writer. A router pass
+        that runs before the writer has its chunks first and alone: nothing is written (so nothing uploaded)
+        before it ends, so they get the whole bandwidth."""
         router = [c for c in self._chunks if c.first == ROUTER_STEP]
-        for chunk in router:
-            self._want(chunk)
+        try:
+            for chunk in router:
+                self._want(chunk)
+        except HubError:
+            return  # closed
         for chunk in router:
             while not chunk.done.wait(0.1):
                 if self._closed:
@@ -328,18 +360,29 @@ class RangedWeights:
             chunk.done.set()
             self._lock.notify_all()
 
-    def _finish(self, chunk: _Chunk, partial: Path) -> None:
+    def _finish(self, chunk: _Chunk, partial: Path) -> None:  # holding the lock
         os.replace(partial, chunk.path)
         chunk.done.set()
-        if chunk.last <= self._step:
-            self._release(chunk)
+        self._sweep_one(chunk)
 
-    def _release(self, chunk: _Chunk) -> None:  # holding the lock
-        chunk.released = True
-        if not chunk.cached:
-            self._ahead -= chunk.size
-        if self.release_enabled and not chunk.cached:
-            _unlink(chunk.path)
+    def _sweep(self) -> None:  # holding the lock
+        for c in self._chunks:
+            self._sweep_one(c)
+        self._lock.notify_all()
+
+    def _sweep_one(self, chunk: _Chunk) -> None:  # holding the lock
+        """Out of the window once the writer is past it; released (deleted with ``release``) once the router
+        pass is over too, if it reads it."""
+        if not chunk.submitted or not chunk.done.is_set() or chunk.released:
+            return
+        if not chunk.passed and chunk.last <= self._step:
+            chunk.passed = True
+            if not chunk.cached:
+                self._ahead -= chunk.size
+        if chunk.passed and (self._router_finished or not chunk.router):
+            chunk.released = True
+            if self.release_enabled and not chunk.cached:
+                _unlink(chunk.path)
 
     def _error(self, chunk: _Chunk) -> HubError:
         err = chunk.error
@@ -349,6 +392,26 @@ class RangedWeights:
             f"Downloading {chunk.filename} of {chunk.repo_id} failed ({type(err).__name__}: {cause}). Check the "
             f"network, then run the merge again.{kept}"
         )
+
+
+class _Located(Mapping):
+    """A model's tensors by name, each located (fetched if need be) when first looked up."""
+
+    def __init__(self, names: list[str], locate):
+        self._names, self._locate, self._found = list(dict.fromkeys(names)), locate, {}
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        if name not in self._found:
+            if name not in self._names:
+                raise KeyError(name)
+            self._found[name] = self._locate(name)
+        return self._found[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _unlink(path: Path) -> None:

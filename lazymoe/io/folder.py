@@ -131,6 +131,16 @@ def load_folder_tokenizer(folder: Path):
                                "or merge again.") from None
 
 
+def missing_weights(folder: Path) -> list[str]:
+    """The weight files a merged folder's index names that are not in it: a merge that uploaded each shard and
+    deleted it (``merge --push --no-keep``) leaves the small files only."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.is_file():
+        return [] if (Path(folder) / "model.safetensors").is_file() else ["model.safetensors"]
+    names = read_json(index, index.name, folder).get("weight_map", {})
+    return sorted({n for n in names.values() if isinstance(n, str) and not (Path(folder) / n).is_file()})
+
+
 def read_user_text(path: Path, what: str) -> str:
     """The text of a file the user named (``what`` says which, e.g. "Question file"), or ConfigError saying
     why it cannot be read: not UTF-8 (where), a folder, no permission."""

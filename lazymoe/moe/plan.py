@@ -6,9 +6,12 @@ previews, what the checks run against, and what the writer executes byte for byt
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 
+from .._version import __version__
 from ..config import MoEConfig
 from ..errors import ConfigError
 from ..io.fetch import ROUTER_STEP
@@ -152,9 +155,11 @@ class MergePlan:
 
     @property
     def peak_ram_bytes(self) -> int:
-        """Streaming holds at most one tensor (plus its dtype-converted copy); the router pass its own share."""
-        biggest = max(t.nbytes for t in self.tensors)
-        return max(3 * biggest, self.router_pass_bytes) + 600 * 1000**2  # + interpreter, torch, transformers
+        """Streaming holds at most one tensor (plus its dtype-converted copy); the router pass its own share,
+        at the same time when it overlaps the writer (``router_overlaps``)."""
+        writer, router = 3 * max(t.nbytes for t in self.tensors), self.router_pass_bytes
+        both = writer + router if self.router_overlaps else max(writer, router)
+        return both + 600 * 1000**2  # + interpreter, torch, transformers
 
     @property
     def whole_models(self) -> frozenset[str]:
@@ -167,20 +172,62 @@ class MergePlan:
         """How far ahead of the writer ranged fetching runs, in bytes: one shard (at least 256 MiB)."""
         return max(self.max_shard_bytes, FETCH_WINDOW_MIN)
 
+    @property
+    def router_overlaps(self) -> bool:
+        """Whether the router pass runs while the shards are written. It reads the base (or the MoE being
+        built) layer by layer, as the writer does, and only the last shard holds what it computes (the
+        routers), so every other shard is written, and uploaded, meanwhile. Modes whose router pass first loads
+        a whole model (the base continuing the prompts, experts writing calibration text) run it before the
+        writer instead: the whole model is downloaded before anything else."""
+        return not self.whole_models
+
     def router_reads(self) -> list[tuple[str, str]]:
-        """(model, tensor) the router pass reads before any output tensor is written, in reading order."""
+        """(model, tensor) the router pass reads, in reading order."""
         return _router_reads(self.config, self.models, self.num_layers, self.low_disk, self.tensors)
 
-    def reads(self) -> list[tuple[str, str, int, int]]:
-        """Every (model, tensor, step, group) the merge reads, in order: the router pass (step and group
-        ``ROUTER_STEP``), then each output tensor's sources (step: its index; group: its shard's)."""
-        out = [(ref, name, ROUTER_STEP, ROUTER_STEP) for ref, name in self.router_reads()]
-        index = 0
+    def reads(self, *, skip_shards: frozenset[int] = frozenset(), router: bool = True
+              ) -> list[tuple[str, str, int, int, bool]]:
+        """Every (model, tensor, step, group, router) the merge reads, in fetch order. The writer's: step is the
+        output tensor's index, group its shard's, router False. The router pass's (router True): when it
+        overlaps the writer (``router_overlaps``), step and group are those of the first output tensor of the
+        same layer, so each layer of the base arrives with the shards that write that layer and both passes
+        keep pace on one stream of fetches; otherwise ``ROUTER_STEP``, before any output tensor.
+        ``skip_shards`` (shard indexes) and ``router=False`` leave out what a resumed push needs no more."""
+        writer, index = [], 0
+        first_of_layer: dict[int | None, tuple[int, int]] = {}
         for s, shard in enumerate(self.shards):
             for t in shard.tensors:
-                out.extend((p.model, p.source.name, index, s) for p in t.pieces if p.model is not None)
+                if t.computed is None:
+                    first_of_layer.setdefault(arch.layer_of(t.name), (index, s))
+                if s not in skip_shards:
+                    writer.extend((p.model, p.source.name, index, s, False) for p in t.pieces if p.model is not None)
                 index += 1
-        return out
+        reads = []
+        for ref, name in (self.router_reads() if router else ()):
+            step, group = (first_of_layer.get(arch.layer_of(name), (0, 0)) if self.router_overlaps
+                           else (ROUTER_STEP, ROUTER_STEP))
+            reads.append((ref, name, step, group, True))
+        return sorted(reads + writer, key=lambda r: r[2])  # stable: a layer's router reads come first
+
+    def fingerprint(self) -> str:
+        """What the output's bytes depend on, hashed: lazymoe's version, the recipe (with its seed), each
+        model's commit (a local folder: its weight files' sizes and times), and every shard's tensors and
+        sources. A resumed push trusts what an interrupted one recorded only under the same fingerprint."""
+        def source(info: ModelInfo):
+            if info.commit is not None:
+                return info.commit
+            files = sorted({t.file for t in info.tensors.values()})
+            return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+        facts = {
+            "lazymoe": __version__,
+            "recipe": self.config.to_yaml(),
+            "models": {ref: source(info) for ref, info in sorted(self.models.items())},
+            "shards": [[s.filename, [[t.name, t.dtype, list(t.shape), t.computed,
+                                      [[p.model, p.source and p.source.name] for p in t.pieces]]
+                                     for t in s.tensors]] for s in self.shards],
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
     @property
     def peak_download_bytes(self) -> int:
@@ -204,10 +251,11 @@ class MergePlan:
     def disk_bytes(self) -> int:
         return self.output_bytes + self.peak_download_bytes + DISK_MARGIN_BYTES
 
-    def streamed_disk_bytes(self, shards_on_disk: int) -> int:
+    def streamed_disk_bytes(self, shards_on_disk: int | None = None) -> int:
         """Disk a merge needs that deletes each shard once uploaded, with at most ``shards_on_disk`` on disk
         (its downloads are deleted once written too)."""
         biggest = max((s.nbytes for s in self.shards), default=0)
+        shards_on_disk = STREAMED_SHARDS_ON_DISK if shards_on_disk is None else shards_on_disk
         return min(self.output_bytes, shards_on_disk * biggest) + self._released_peak() + DISK_MARGIN_BYTES
 
     def last_use(self) -> dict[str, int]:
@@ -255,15 +303,23 @@ def _out_dtype(config: MoEConfig, base: ModelInfo) -> str:
     return ST_TO_NAME.get(base.tensors[arch.EMBED].dtype, "float32")
 
 
-def _assign_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[Shard]:
+def _assign_shards(weights: list[OutTensor], routers: list[OutTensor], max_shard_bytes: int) -> list[Shard]:
+    """Weights in write order, cut at ``max_shard_bytes``; then the routers, in a small shard of their own
+    (with the weights when everything fits in one shard). No shard but the last needs the router pass: each
+    can be written and uploaded while it runs, and a resumed push can skip it whatever device computed the
+    routers."""
     groups: list[list[OutTensor]] = [[]]
     size = 0
-    for t in tensors:
+    for t in weights:
         if groups[-1] and size + t.nbytes > max_shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append(t)
         size += t.nbytes
+    if routers:
+        if len(groups) > 1 or size + sum(t.nbytes for t in routers) > max_shard_bytes:
+            groups.append([])
+        groups[-1].extend(routers)
     n = len(groups)
     if n == 1:
         return [Shard("model.safetensors", groups[0])]
@@ -282,9 +338,10 @@ def build_plan(
 ) -> MergePlan:
     """Every output tensor in write order.
 
-    The default order is layer by layer. ``low_disk`` writes the base's tensors first and then the experts
-    grouped by source model, so each downloaded expert can be deleted as soon as it is written: a 4x7B
-    merge then needs disk for the output plus the base's tensors and one shard of fetched ones.
+    The default order is layer by layer, the routers last (in the last shard). ``low_disk`` writes the base's
+    tensors first and then the experts grouped by source model, so each downloaded expert can be deleted as
+    soon as it is written: a 4x7B merge then needs disk for the output plus the base's tensors and one shard
+    of fetched ones.
     """
     if layout not in arch.LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(arch.LAYOUTS)}, got {layout!r}.")
@@ -376,6 +433,10 @@ def build_plan(
             for layer in range(L):
                 tensors.extend(shared_block(layer))
 
+    # what the router pass computes goes last (see _assign_shards); the rest keeps its order
+    routers = [t for t in tensors if t.gate_layer is not None]
+    weights = [t for t in tensors if t.gate_layer is None]
+    tensors = weights + routers
     total = sum(t.numel for t in tensors)
     expert_params = arch.expert_params(H, I, L)
     active = total - (E - config.experts_per_token) * expert_params
@@ -396,7 +457,7 @@ def build_plan(
         output_reason=out_reason,
         dtype=dtype,
         tensors=tensors,
-        shards=_assign_shards(tensors, max_shard_bytes),
+        shards=_assign_shards(weights, routers, max_shard_bytes),
         total_params=total,
         active_params=active,
         expert_params=expert_params,
@@ -412,6 +473,9 @@ def _cached(info: ModelInfo) -> bool:
 
 
 FETCH_WINDOW_MIN = 256 << 20
+#: a merge that deletes each shard once uploaded keeps at most this many on disk: one being written, one
+#: waiting, one uploading (``publish.hub.StreamingPush``'s two in flight plus the writer's)
+STREAMED_SHARDS_ON_DISK = 3
 
 
 def _whole_models(config: MoEConfig, models: dict[str, ModelInfo], low_disk: bool) -> frozenset[str]:

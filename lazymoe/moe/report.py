@@ -27,7 +27,9 @@ def plan_rows(plan: MergePlan) -> list[tuple[str, str]]:
         ("RAM needed (peak)", human_bytes(plan.peak_ram_bytes)),
     ]
     if plan.router_pass_bytes:
-        rows.append(("Router pass", f"{human_bytes(plan.router_pass_bytes)} of GPU memory (or RAM on CPU)"))
+        when = ("while the shards are written" if plan.router_overlaps
+                else "before the shards are written: it loads a whole model first")
+        rows.append(("Router pass", f"{human_bytes(plan.router_pass_bytes)} of GPU memory (or RAM on CPU), {when}"))
     if plan.router_fit:
         fit = plan.router_fit
         rows.append(("Router fit time", f"about {human_duration(fit['gpu_seconds'])} with a GPU, "

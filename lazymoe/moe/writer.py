@@ -21,10 +21,14 @@ from .transforms import expert_weight, leaves_unchanged
 
 
 class _Transforms:
-    def __init__(self, plan: MergePlan, gates: torch.Tensor, store: WeightStore):
+    def __init__(self, plan: MergePlan, gates, store: WeightStore):
         self.plan = plan
-        self.gates = gates
+        self._gates = gates
         self.store = store
+
+    @property
+    def gates(self) -> torch.Tensor:
+        return self._gates() if callable(self._gates) else self._gates
 
     def source(self, piece: Piece) -> TensorInfo:
         return self.store.resolve(piece.model, piece.source.name)
@@ -49,13 +53,17 @@ class _Transforms:
                              dtype=dtype)
 
 
-def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: WeightStore, *,
-                 progress: bool = True, on_shard=None) -> None:
+def write_shards(plan: MergePlan, gates, folder: Path, store: WeightStore, *,
+                 progress: bool = True, on_shard=None, check=None, skip: frozenset[str] = frozenset()) -> None:
     """Write every shard of ``plan`` (and the index when there are several) into ``folder``.
 
+    ``gates`` is the router rows (``router.gates.compute_gates``), or a function that waits for them: it is
+    called only when the last shard (the routers') is written, so a router pass may still run until then.
     ``store`` makes source weights local on first use (``WeightStore``, or ``io.fetch.RangedWeights``) and
     hears when each output tensor is done (``done(index)``) and when a model's last tensor is (``release``).
-    ``on_shard(path)`` is called with each shard once it is complete (an upload starts there).
+    ``on_shard(path)`` is called with each shard once it is complete (an upload starts there); ``check()``
+    before each tensor (it raises to stop the writer: the router pass failed). Shards named in ``skip`` are
+    not written (a resumed push: the Hub holds them); the index still lists them.
     """
     tx = _Transforms(plan, gates, store)
     last_use = {}
@@ -66,11 +74,21 @@ def write_shards(plan: MergePlan, gates: torch.Tensor, folder: Path, store: Weig
                desc="Writing shards", disable=not progress)
     try:
         for shard in plan.shards:
+            if shard.filename in skip:
+                for _ in shard.tensors:
+                    store.done(index)
+                    for ref in last_use.get(index, ()):
+                        store.release(ref)
+                    index += 1
+                bar.total -= shard.nbytes
+                continue
             header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in shard.tensors])
             path = folder / shard.filename
             with open(path, "wb", buffering=0) as f:
                 write_all(f, header)
                 for t in shard.tensors:
+                    if check is not None:
+                        check()
                     start = f.tell()
                     for piece in t.pieces:
                         if tx.is_copy(t, piece):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import worded
 from ..moe.report import plan_rows
-from ..runtime.fit import Need, Verdict, fit_verdicts, resource_needs, shortages
+from ..runtime.fit import Need, Verdict, fit_verdicts, resource_needs, shortages, streamed_disk_note, streams
 from ..runtime.machine import Runtime
 from ..units import human_bytes
 from .words import form_words
@@ -80,6 +80,9 @@ def checks_html(checks) -> str:
 
 #: how the form turns low-disk mode on (the CLI's ``--low-disk``)
 LOW_DISK_SWITCH = "Low-disk mode (Advanced)"
+#: ... and the streamed push (the CLI's ``--push REPO --no-keep``): with Upload ticked, a merge keeps no shard
+#: where the disk cannot hold the output (``runtime.fit.streams``)
+STREAMED_SWITCH = "tick Upload"
 
 
 def fits_html(verdicts: list[Verdict]) -> str:
@@ -88,9 +91,10 @@ def fits_html(verdicts: list[Verdict]) -> str:
     return f'<div class="lazymoe-fits"><b>Fits?</b>{lines}</div>'
 
 
-def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahead=()) -> str:
+def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahead=(), upload: bool = False) -> str:
     """The plan as the notebook shows it: facts, the experts, resources against this runtime, what the
-    ticked later steps need (``ahead``: preflight checks), warnings."""
+    ticked later steps need (``ahead``: preflight checks), warnings. ``upload``: Upload is ticked, so the merge
+    uploads as it writes (keeping no shard where the disk is short)."""
     covered = ("Disk needed", "RAM needed (peak)", "Router pass")  # the resource table below shows these
     parts = [table_html([r for r in plan_rows(plan) if r[0] not in covered], css_class="lazymoe-plan")]
     experts = [(f"experts[{i}]", e.source_model, "; ".join(e.positive_prompts) or "–", "; ".join(e.negative_prompts) or "–")
@@ -101,13 +105,21 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahea
                         "; ".join(e.negative_prompts) or "–"))
     header = ("#", "Expert", "Positive prompts", "Negative prompts")
     parts.append(table_html(experts, header, css_class="lazymoe-experts"))
-    needs = resource_needs(plan, runtime, gguf_quants=gguf_quants)
+    streamed = streams(plan, runtime, upload)
+    needs = resource_needs(plan, runtime, gguf_quants=gguf_quants, streamed=streamed)
     parts.append(needs_html(needs))
-    parts.append(fits_html(fit_verdicts(plan, runtime, low_disk_switch=LOW_DISK_SWITCH)))
+    parts.append(fits_html(fit_verdicts(plan, runtime, low_disk_switch=LOW_DISK_SWITCH, streamed_switch=STREAMED_SWITCH,
+                                        upload=upload)))
+    if streamed:
+        parts.append(notice_html(
+            f"This disk cannot hold the {human_bytes(plan.output_bytes)} output, so the Merge step uploads each shard "
+            f"as it is written and deletes it ({human_bytes(plan.streamed_disk_bytes())}: {streamed_disk_note(plan)}). "
+            "The model then exists on the Hub only: routing, trying, evaluating and GGUF, which read it here, are "
+            "skipped.", "warn"))
     short = shortages(needs)
     for n in short:
         parts.append(error_html(f"{n.what}: needs {human_bytes(n.needed)} but this runtime has "
-                                f"{human_bytes(n.have or 0)}. " + _advice(n, runtime, getattr(plan, "low_disk", True))))
+                                f"{human_bytes(n.have or 0)}. " + _advice(n, runtime, plan, streamed)))
     parts.append(checks_html(ahead))
     for warning in plan.warnings:
         parts.append(notice_html(warning, "warn"))
@@ -119,10 +131,16 @@ def plan_html(plan, runtime: Runtime, *, gguf_quants: tuple[str, ...] = (), ahea
     return "".join(parts)
 
 
-def _advice(need: Need, runtime: Runtime, low_disk: bool) -> str:
+def _advice(need: Need, runtime: Runtime, plan, streamed: bool) -> str:
     if need.what.startswith("Disk"):
         where = "a Colab Pro runtime or a machine with a bigger disk" if runtime.in_colab else "another disk"
-        first = "" if low_disk else f"Tick {LOW_DISK_SWITCH}, which deletes each fetched tensor once it is written. "
+        first = ""
+        if not streamed and plan.streamed_disk_bytes() <= runtime.disk_free:
+            first = (f"Tick Upload: the merge then uploads each shard as it is written and deletes it, which needs "
+                     f"{human_bytes(plan.streamed_disk_bytes())} ({streamed_disk_note(plan)}); the model is then on "
+                     "the Hub only, and the steps that read it here are skipped. ")
+        elif not getattr(plan, "low_disk", True):
+            first = f"Tick {LOW_DISK_SWITCH}, which deletes each fetched tensor once it is written. "
         return f"{first}Free some space, use {where}, or untick GGUF if it is on."
     if need.what.startswith("RAM"):
         return "Use a runtime with more memory (Colab: High-RAM), or fewer/smaller models."

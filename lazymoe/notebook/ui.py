@@ -35,7 +35,7 @@ from ..gguf.files import preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
 from ..gguf.llama import expert_prompts
-from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output, missing_weights
 from ..options import DEFAULT_ANSWER_TOKENS, NotebookSettings
 from ..pipeline import merge as merging
 from ..pipeline.preflight import blocking, check_ahead
@@ -53,7 +53,7 @@ from .form import MoEForm
 from .recipe import DRIVE_MOUNT, RecipeFile, locate, recipe_folder, restore, saved_when
 from .recipe import dump as dump_recipe
 from ..colab import in_colab
-from ..runtime.fit import resource_needs, shortages
+from ..runtime.fit import resource_needs, shortages, streams
 from ..runtime.install import install_llama_cpp, install_lm_eval
 from ..runtime.load import choose_loading, free_memory, load_merged, routing_and_generation, stored_dtype
 from ..runtime.machine import probe
@@ -146,6 +146,10 @@ def close_failed_bars(bars) -> None:
             container.layout.display = "none"
 
 
+class _Skipped(Exception):
+    """A step that cannot run here and says why (an info line; *Run all* goes on)."""
+
+
 def _step(title: str):
     """Run a step: our errors become one red line plus :class:`StepFailed`; anything else propagates."""
 
@@ -155,6 +159,9 @@ def _step(title: str):
             with _bars_started() as bars:
                 try:
                     return method(self, *args, **kwargs)
+                except _Skipped as skipped:
+                    self._notice(str(skipped), "info")
+                    return None
                 except StepFailed:
                     close_failed_bars(bars)
                     raise
@@ -181,6 +188,7 @@ class Builder:
         self._plan_key: tuple | None = None
         self.model_dir: Path | None = None
         self.repo_id: str | None = None  # namespace/name once uploaded
+        self.pushed: PushResult | None = None  # the upload the Merge step made while merging
         self.gguf_files: list[Path] = []
         self.recipe_file: RecipeFile | None = None  # where the form's edits are saved (from_preset's save_to)
         form.on_build(self._build_from_button)
@@ -282,12 +290,17 @@ class Builder:
         self._show(_html(notice_html(text, kind)))
 
     def _require_model(self) -> Path:
-        """The finished model the form's name points at (merged now or in an earlier session)."""
+        """The finished model the form's name points at (merged now or in an earlier session), its weights on
+        this disk (a step that reads them is skipped, with a note, when they went to the Hub only)."""
         folder = self.output_dir
         if not is_lazymoe_output(folder):
             raise LazyMoEError(f"There is no merged model at {folder} yet: run the Merge step first.")
         if folder != self.model_dir:  # another model than the last one: its GGUF files and repo are unknown
-            self.model_dir, self.gguf_files, self.repo_id = folder, [], None
+            self.model_dir, self.gguf_files, self.repo_id, self.pushed = folder, [], None, None
+        missing = missing_weights(folder) if self.pushed is not None else []
+        if missing:
+            raise _Skipped(f"The merged weights are on the Hub only ({self.pushed.url}): each shard was deleted once "
+                           f"uploaded, as this disk cannot hold them all. This step reads them here, so it is skipped.")
         return folder
 
     def _key(self, config: MoEConfig, settings: NotebookSettings) -> tuple:
@@ -316,8 +329,9 @@ class Builder:
             raise
         self._plan, self._plan_key = plan, self._key(config, settings)
         quants = settings.quants if settings.gguf else ()
-        self._show(_html(plan_html(plan, runtime, gguf_quants=quants, ahead=ahead)))
-        short = shortages(resource_needs(plan, runtime, gguf_quants=quants))
+        self._show(_html(plan_html(plan, runtime, gguf_quants=quants, ahead=ahead, upload=settings.upload)))
+        short = shortages(resource_needs(plan, runtime, gguf_quants=quants,
+                                         streamed=streams(plan, runtime, settings.upload)))
         problems = [f"{n.what}: too little" for n in short] + [f"{c.step}: {worded(c.message, form_words)}"
                                                                for c in blocking(ahead)]
         if problems:
@@ -337,21 +351,39 @@ class Builder:
 
     @_step("Merge")
     def merge(self) -> Path:
-        """Build the MoE into ``workdir/<model name>``; progress bars show each phase."""
+        """Build the MoE into ``workdir/<model name>``; progress bars show each phase. With Upload ticked, each
+        shard goes to the Hub while the next is written and one commit lands at the end (the Upload step then
+        sends only what later steps add); where this disk cannot hold the output, each shard is deleted once
+        uploaded (``runtime.fit.streams``)."""
         config, settings = self.values()
         fresh = self._plan is not None and self._plan_key == self._key(config, settings)
+        runtime = probe(self.output_dir.parent)
         if not fresh:  # Plan was skipped or made for other values: the later steps' needs still come first
-            ahead = self._check_ahead(settings, probe(self.output_dir.parent))
+            ahead = self._check_ahead(settings, runtime)
             if blocking(ahead):
                 self._show(_html(checks_html(ahead)))
                 raise StepFailed("Merge", "; ".join(f"{c.step}: {worded(c.message, form_words)}"
                                                     for c in blocking(ahead)))
-        out = merging.merge(config, self.output_dir, max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
-                    overwrite=settings.overwrite, progress=True, plan=self._plan if fresh else None)
-        self.model_dir, self.gguf_files, self.repo_id = out, [], None
+        options = dict(max_shard_bytes=settings.max_shard_bytes, low_disk=settings.low_disk,
+                       overwrite=settings.overwrite, progress=True)
+        if not settings.upload:
+            out = merging.merge(config, self.output_dir, plan=self._plan if fresh else None, **options)
+            self.model_dir, self.gguf_files, self.repo_id, self.pushed = out, [], None, None
+            done = f"Merged model written to {out}"
+        else:
+            plan = self._plan if fresh else merging.make_plan(config, max_shard_bytes=settings.max_shard_bytes,
+                                                              low_disk=settings.low_disk)
+            keep = not streams(plan, runtime, upload=True)
+            out, pushed = merging.merge_and_push(config, self.output_dir, settings.model_name, keep=keep,
+                                                 private=settings.private, token=self.form.token,
+                                                 colab_secret=settings.hf_secret or "HF_TOKEN", plan=plan, **options)
+            self.model_dir, self.gguf_files, self.repo_id, self.pushed = out, [], pushed.repo_id, pushed
+            done = (f"Merged and uploaded to {pushed.url} in one commit" + (
+                f"; {out} holds the small files only (each shard was deleted once uploaded)" if not keep else
+                f", and written to {out}"))
         files = sorted(p for p in out.iterdir() if p.is_file())
         rows = [(p.name, human_bytes(p.stat().st_size)) for p in files]
-        self._show(_html(notice_html(f"Merged model written to {out}", "ok") + table_html(rows, ("File", "Size"))))
+        self._show(_html(notice_html(done, "ok") + table_html(rows, ("File", "Size"))))
         return out
 
     @_step("Routing")
@@ -495,11 +527,16 @@ class Builder:
 
     @_step("Upload")
     def push(self) -> PushResult | None:
-        """Upload the merged model (only when ticked). push_to_hub renders the card with the repo's id."""
+        """Upload the merged model (only when ticked). push_to_hub renders the card with the repo's id. After a
+        Merge step that uploaded while merging, only what changed since (the card, the routing picture) is
+        sent: the Hub already holds every shard (the client skips them by hash)."""
         settings = self.form.settings()
         if not settings.upload:
             self._notice("Upload is off: tick “Upload to the Hugging Face Hub” in the form to publish the model.")
             return None
+        if self.pushed is not None and missing_weights(self.output_dir):
+            self._notice(f"Uploaded while merging: {self.pushed.url} (the weights are on the Hub only).", "ok")
+            return self.pushed
         return self._release(settings, repo=settings.model_name).model
 
     # ------------------------------------------------------------------ 7-8. GGUF

@@ -1,7 +1,9 @@
-"""config -> plan -> gates -> stream -> finished folder. The one entry point every front end calls.
+"""config -> plan -> gates and shards -> finished folder. The one entry point every front end calls.
 
-The output is assembled in a hidden sibling folder and renamed into place only when complete, so an
-interrupted or failed merge never leaves something that looks like a model; inputs are only read.
+The router pass runs in a thread of its own while the writer writes every shard but the last (which holds
+the routers), where the gate mode allows it (``MergePlan.router_overlaps``). The output is assembled in a
+hidden sibling folder and renamed into place only when complete, so an interrupted or failed merge never
+leaves something that looks like a model; inputs are only read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,14 +25,16 @@ from ..config import MoEConfig, load_config
 from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, Setting, Text, WriteError
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
-from ..io.fetch import ROUTER_STEP, RangedWeights, Read
+from ..io.fetch import RangedWeights, Read
 from ..io.sources import TOKENIZER_FILES, ModelRef, describe
 from ..moe import checks
 from ..moe import plan as planning
+from ..moe.plan import STREAMED_SHARDS_ON_DISK
 from ..moe.writer import write_shards
 from ..options import MergeOptions
 from ..publish.card import plan_card, write_card
 from ..publish.hub import PushResult, StreamingPush, check_push_target
+from ..publish.resume import PushState
 from ..router.device import pick_device
 from ..router.gates import compute_gates, degenerate_layers
 from ..router.modes import FITTED_MODES, HIDDEN_MODES, WRITTEN_MODES
@@ -56,8 +62,13 @@ def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer
     max_shard_bytes = parse_bytes(max_shard_bytes)
     refs = config.model_refs()
     models = {}
-    for ref in tqdm(refs, desc="Reading model headers", disable=not progress or len(refs) < 2):
-        models[ref] = describe(ModelRef.parse(ref))
+    # a model's config and headers are a few small requests (latency, not bandwidth): read every model at once
+    with ThreadPoolExecutor(max_workers=min(8, len(refs)), thread_name_prefix="lazymoe-describe") as pool:
+        futures = [pool.submit(describe, ModelRef.parse(ref)) for ref in refs]
+        with tqdm(total=len(refs), desc="Reading model headers", disable=not progress or len(refs) < 2) as bar:
+            for ref, future in zip(refs, futures):
+                models[ref] = future.result()  # the first model's error first, as one after another would
+                bar.update()
     warnings = checks.check_models(config, models)
     output = checks.choose_output(config, models)
     base = models[config.base_model]
@@ -173,9 +184,6 @@ def merge(
                   low_disk=low_disk, overwrite=overwrite, progress=progress, plan=plan)[0]
 
 
-#: a streamed push keeps at most this many shards on disk: one being written, one waiting, one uploading
-STREAMED_SHARDS_ON_DISK = 3
-
 
 def merge_and_push(
     config: MoEConfig | dict | str | os.PathLike,
@@ -198,7 +206,9 @@ def merge_and_push(
     written, and one commit (shards, config, tokenizer, card naming ``repo``) lands once the last shard is
     up, so the repo never shows half a model. ``keep=False`` deletes each shard once uploaded: the disk then
     holds at most three shards (plus what the router pass and the fetch window need), and ``output_dir`` keeps
-    the small files only. A re-run after an interruption sends no shard the Hub already received.
+    the small files only. A re-run after an interruption sends no shard the Hub already received; with
+    ``keep=False`` it neither fetches their sources nor builds them, and reuses the recorded router rows
+    (``publish.resume``), so it converges to the same commit.
 
     The push target (token, permissions, name) is checked before anything is fetched or written.
     """
@@ -259,47 +269,152 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     for w in plan.warnings:
         logger.warning(w)
 
-    # Hub weights: the tensors the merge reads are fetched by ranges ahead of their reader (the router
-    # pass's first), models the router pass loads whole as whole files; local folders are read in place
-    # (deleted once written in low-disk mode, or when the shards themselves are deleted once uploaded)
+    # Hub weights: the tensors the merge reads are fetched by ranges ahead of their readers (the writer
+    # and the router pass, on one stream in layer order; a router pass that runs first, first), models the
+    # router pass loads whole as whole files; local folders are read in place (deleted once written in
+    # low-disk mode, or when the shards themselves are deleted once uploaded)
+    skip, saved = frozenset(), None
+    if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
+        if tokenizer is not None:
+            tokenizer.result()  # nothing is uploaded before every check has passed
+        pusher.start(PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint()))
+        saved = _saved_gates(pusher.state, plan)
+        if not pusher.keep:  # kept shards must be on disk: only a --no-keep push can leave some unbuilt
+            skip = pusher.resume([s.filename for s in plan.shards[:-1]])  # the routers' shard is always built
+    reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
+                       router=saved is None)
     release = plan.low_disk or (pusher is not None and not pusher.keep)
-    store = RangedWeights(plan.models, [Read(*r) for r in plan.reads()], whole=plan.whole_models,
+    store = RangedWeights(plan.models, [Read(*r) for r in reads], whole=plan.whole_models,
                           release=release, window=plan.fetch_window, progress=progress)
-    with store:
-        return _merge_with(store, target, plan, config, device=device, progress=progress, pusher=pusher,
-                           tokenizer=tokenizer)
+    router = _RouterPass(threaded=plan.router_overlaps and saved is None, saved=saved)
+    try:
+        return _merge_with(store, router, target, plan, config, device=device, progress=progress, pusher=pusher,
+                           skip=skip, tokenizer=tokenizer)
+    finally:
+        router.stop()  # a failure or Ctrl-C: the pass stops at its next tensor (closing the store wakes it)
+        store.close()
+        router.join()
 
 
-def _merge_with(store: RangedWeights, target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *,
-                device, progress, pusher: StreamingPush | None,
-                tokenizer: _TokenizerCheck | None) -> tuple[Path, PushResult | None]:
+class _RouterPass:
+    """The router pass (``compute_gates``), in a thread of its own when it overlaps the writer, else run at
+    once. ``gates()`` waits for its rows and raises its error; ``check()`` raises its error as soon as it
+    fails (the writer stops there); after ``stop()`` its next tensor lookup raises, so ``join()`` returns
+    soon after a failed or interrupted merge, and nothing of it runs once the merge is over."""
+
+    def __init__(self, *, threaded: bool, saved=None):
+        self.threaded = threaded
+        self.saved = saved  # rows an interrupted push recorded: no pass at all
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._gates = None
+        self._error: BaseException | None = None
+
+    def guard(self, resolve: Callable) -> Callable:
+        """``resolve`` for the pass: refuses once the merge stops."""
+        def guarded(ref: str, name: str):
+            if self._stopping.is_set():
+                raise _Stopped()
+            return resolve(ref, name)
+        return guarded
+
+    def start(self, run: Callable) -> None:
+        if self.saved is not None:
+            self._gates = self.saved
+            return
+        if not self.threaded:
+            self._gates = run()
+            return
+        self._thread = threading.Thread(target=self._main, args=(run,), name="lazymoe-router", daemon=True)
+        self._thread.start()
+
+    def _main(self, run: Callable) -> None:
+        try:
+            self._gates = run()
+        except BaseException as err:  # noqa: BLE001 - raised in the merge's thread by check() / gates()
+            self._error = err
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def gates(self):
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.2)  # a timeout keeps Ctrl-C working while we wait
+        self.check()
+        return self._gates
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _Stopped(Exception):
+    """The merge stopped while the router pass ran (never shown: the merge's own error is)."""
+
+
+def _saved_gates(state: PushState, plan: planning.MergePlan):
+    """The router rows an interrupted push of this very merge recorded, or None."""
+    import torch
+
+    found = state.gates()
+    shape = (plan.num_layers, plan.gate_rows, int(plan.out_config["hidden_size"]))
+    if found is None or found[1] != shape:
+        return None
+    logger.info("Resuming: the router rows come from the interrupted run (no router pass)")
+    return torch.frombuffer(bytearray(found[0]), dtype=torch.float32).reshape(shape)
+
+
+def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget, plan: planning.MergePlan,
+                config: MoEConfig, *, device, progress, pusher: StreamingPush | None,
+                skip: frozenset[str] = frozenset(),
+                tokenizer: _TokenizerCheck | None = None) -> tuple[Path, PushResult | None]:
     output_dir = target.path
-    base = store.local(config.base_model)
-    plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
+    resolve = router.guard(store.resolve)
+    # overlapping: each base tensor is located when the pass reaches it, so it waits for one layer at a time
+    base = store.local(config.base_model, wait=not router.threaded, resolve=resolve)
     if tokenizer is None:  # a plan made earlier
         tokenizer = _TokenizerCheck.loaded(base.folder)
-    # the modes without prompts never tokenise: their merge runs while the check finishes
-    words = tokenizer.result() if config.uses_prompts else None
-    # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
-    # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
-    gates = compute_gates(plan, words, device=device, progress=progress, resolve=store.resolve,
-                          upstream="base" if plan.low_disk else "moe", folder_of=lambda ref: store.local(ref).folder)
-    store.done(ROUTER_STEP)
-    logger.debug("router pass done")
-    degenerate = degenerate_layers(gates[:, : config.num_experts])
-    if degenerate:
-        plan.warnings.append(
-            f"Router rows are nearly parallel in {len(degenerate)} of {plan.num_layers} layers "
-            f"(first: {degenerate[0]}): your prompts may be too similar, and some experts will get little traffic."
-        )
-        logger.warning(plan.warnings[-1])
+    router_plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
+
+    def router_pass():
+        # the modes without prompts never tokenise: their pass runs while the check finishes
+        words = tokenizer.result() if config.uses_prompts else None
+        # fitted modes run the experts' MLPs while fitting; in low-disk mode no expert is local yet, so they
+        # fit on the base's MLP outputs upstream instead (an approximation that needs no expert weights)
+        gates = compute_gates(router_plan, words, device=device, progress=progress, resolve=resolve,
+                              upstream="base" if plan.low_disk else "moe",
+                              folder_of=lambda ref: store.local(ref).folder)
+        store.router_done()
+        if pusher is not None:  # a re-run after an interruption needs no router pass
+            pusher.state.save_gates(gates.float().contiguous().numpy().tobytes(), tuple(gates.shape))
+        logger.debug("router pass done")
+        return gates
+
+    done: list = []
+
+    def gates():  # the writer asks when it reaches the routers' shard
+        if not done:
+            rows = router.gates()
+            degenerate = degenerate_layers(rows[:, : config.num_experts])
+            if degenerate:
+                plan.warnings.append(
+                    f"Router rows are nearly parallel in {len(degenerate)} of {plan.num_layers} layers (first: "
+                    f"{degenerate[0]}): your prompts may be too similar, and some experts will get little traffic."
+                )
+                logger.warning(plan.warnings[-1])
+            done.append(rows)
+        return done[0]
 
     tmp = target.work_folder()
-    if pusher is not None:
-        tokenizer.result()  # nothing is uploaded before every check has passed
-        pusher.start()
+    router.start(router_pass)
     try:
-        write_shards(plan, gates, tmp, store, progress=progress, on_shard=pusher.add_shard if pusher else None)
+        write_shards(plan, gates, tmp, store, progress=progress, on_shard=pusher.add_shard if pusher else None,
+                     check=router.check, skip=skip)
+        gates()  # the pass is over (and its warning in the card) before anything is committed
         tokenizer.result()  # a tokenizer that fails its check fails the merge before the output is final
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
         for name in ("generation_config.json", *TOKENIZER_FILES):

@@ -8,6 +8,7 @@ The token is never printed, logged or written anywhere; every failure a user can
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.lfs import UploadInfo
 from huggingface_hub.utils import (
     HFValidationError,
     are_progress_bars_disabled,
@@ -38,6 +40,7 @@ from ..io.safetensors import read_header
 from ..options import repo_name_problem
 from .card import build_card, detected_extras
 from .gguf_card import build_gguf_card
+from .resume import PushState, UploadedShard
 from ..io.token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
 logger = logging.getLogger(__name__)
@@ -348,7 +351,9 @@ class StreamingPush:
     yet uploaded, so at most ``in_flight`` + the one being written are on disk. With ``keep=False`` each shard
     is deleted once uploaded. ``finish`` commits the shards with the folder's other files and the card, so the
     repo shows the whole model or none of it. A shard the Hub already holds (same sha256, from an interrupted
-    run) is not sent again: the Hub's LFS batch answer asks for no upload.
+    run) is not sent again: the Hub's LFS batch answer asks for no upload. With a ``PushState`` (``start``),
+    each uploaded shard is recorded, and ``resume`` finds the recorded shards the Hub holds, which then need
+    not even be built again.
     """
 
     def __init__(self, target: PushTarget, *, private: bool = False, keep: bool = True, in_flight: int = 2,
@@ -364,9 +369,12 @@ class StreamingPush:
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._count = threads
+        self.state: PushState | None = None
 
-    def start(self) -> str:
-        """Create the repo (if needed) and start the upload threads; returns the repo's URL."""
+    def start(self, state: PushState | None = None) -> str:
+        """Create the repo (if needed) and start the upload threads; returns the repo's URL. ``state`` records
+        each shard once uploaded (for ``resume`` after an interruption) and is cleared by ``finish``."""
+        self.state = state
         with self._errors("connect"):
             url = str(self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True))
         self._threads = [threading.Thread(target=self._run, name=f"lazymoe-upload-{i}", daemon=True)
@@ -374,6 +382,37 @@ class StreamingPush:
         for thread in self._threads:
             thread.start()
         return url
+
+    def resume(self, names: list[str]) -> frozenset[str]:
+        """Of the shards ``names``, those an interrupted run recorded (``state``) and the Hub still holds: the
+        commit will name them as they are, so they need neither building nor uploading. The Hub is asked for
+        each recorded sha256 and size; a shard it lacks is left to be built again."""
+        recorded = self.state.shards if self.state is not None else {}
+        found = []
+        for name in names:
+            if name not in recorded:
+                continue
+            shard = recorded[name]
+            op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+            op.upload_info = UploadInfo(sha256=bytes.fromhex(shard.sha256), size=shard.size, sample=shard.sample)
+            op.path_or_fileobj = _NotHere()  # read only if the Hub asks for the bytes, i.e. lacks them
+            try:
+                with _progress_bars(False):
+                    self.target._api.preupload_lfs_files(self.target.repo_id, additions=[op])
+            except Exception as err:  # noqa: BLE001 - the Hub lacks it (built again), or a real failure
+                if any(isinstance(e, _NotOnHub) for e in _causes(err)):
+                    logger.info("%s was recorded as uploaded but the Hub lacks it: it is built again", name)
+                    continue
+                with self._errors("connect"):
+                    raise
+            if getattr(op, "_upload_mode", None) != "lfs":  # only large files are committed by their hash
+                continue
+            with self._lock:
+                self._done[name] = op
+            found.append(name)
+        if found:
+            logger.info("Resuming: %d shard(s) already on the Hub are neither fetched nor built again", len(found))
+        return frozenset(found)
 
     def add_shard(self, path: Path) -> None:
         """Hand over a finished shard (waits while ``in_flight`` are not uploaded yet); raises the upload's error."""
@@ -399,6 +438,8 @@ class StreamingPush:
                                                     commit_message=commit_message)
         total = sum(op.upload_info.size for op in operations)
         logger.info("Pushed %d files (%.1f MB) to %s in one commit", len(operations), total / 1e6, self.target.url)
+        if self.state is not None:
+            self.state.clear()
         return PushResult(repo_id=repo_id, url=self.target.url, private=self.private, files=len(operations),
                           bytes=total, commit_url=getattr(commit, "commit_url", None))
 
@@ -439,6 +480,9 @@ class StreamingPush:
             api.preupload_lfs_files(repo_id, additions=[op])
         with self._lock:
             self._done[path.name] = op
+        if self.state is not None and getattr(op, "_upload_mode", None) == "lfs":
+            info = op.upload_info
+            self.state.record(path.name, UploadedShard(info.sha256.hex(), info.size, info.sample))
         logger.debug("uploaded %s", path.name)
         if not self.keep:
             path.unlink(missing_ok=True)
@@ -452,6 +496,32 @@ class StreamingPush:
     def _errors(self, stage: str) -> Iterator[None]:
         with _errors_as_hub_errors(self.target._token, self.target.endpoint, self.target.repo_id, stage=stage):
             yield
+
+
+class _NotOnHub(Exception):
+    """A recorded shard the Hub asked to receive: it does not hold it after all."""
+
+
+class _NotHere(io.BufferedIOBase):
+    """The content of a shard that is not on this disk: reading it means the Hub lacks it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise _NotOnHub()
+
+    def readinto(self, buffer) -> int:
+        raise _NotOnHub()
 
 
 def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:

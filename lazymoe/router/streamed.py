@@ -79,9 +79,10 @@ class StreamedBase:
     def _load_layer(self, index: int) -> torch.nn.Module:
         layer = self.inner.layers[index]
         prefix = arch.layer_prefix(index)
+        # names first, then each tensor: ``base.tensors`` may locate (fetch) a tensor when it is looked up
         state = {
-            name[len(prefix):]: read_tensor(info).to(self.device, self.dtype)
-            for name, info in self.base.tensors.items()
+            name[len(prefix):]: read_tensor(self.base.tensors[name]).to(self.device, self.dtype)
+            for name in self.base.tensors
             if name.startswith(prefix) and not arch.IGNORED_RE.match(name)
         }
         # assign: the layer takes these tensors as its weights (no second copy of the layer in memory)
