@@ -61,3 +61,17 @@ def build_qwen_tokenizer(out_dir):
     out = Path(out_dir)
     tok.save_pretrained(out)
     return out
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI (quiet) on ``argv``; it must exit 2 with one ``error: ...`` line and no traceback. The
+    message, without ``error: ``."""
+    from lazymoe.cli import main
+
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0].removeprefix("error: ")

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import one_line_error
+
 import lazymoe
 from lazymoe.io import outdir
 from lazymoe.cli import main
@@ -52,14 +54,6 @@ def make_C(D: Path, tmp_path: Path, damage=None, **overrides) -> Path:
     return path
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    code = main(["-q", *argv])
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def assert_nothing_finished(folder: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import moe_config
+from helpers import moe_config, one_line_error
 
 import lazymoe
 from lazymoe.cli import main
@@ -20,13 +20,6 @@ from lazymoe.errors import ConfigError, GGUFError, OutputExistsError
 from lazymoe.io import outdir
 
 
-def one_line_error(capsys, argv: list[str]) -> str:
-    code = main(["-q", *argv])
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0].removeprefix("error: ")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
