@@ -383,3 +383,32 @@ def test_push_never_uploads_hidden_files(hub, merged, caplog):
     assert shown <= set(stored) and "config.json" in stored
     assert "not uploading hidden files: .env, .ipynb_checkpoints/README-checkpoint.md" in caplog.text
     assert snapshot(merged) == before
+
+
+def test_a_card_edited_by_hand_is_never_replaced_by_a_later_step(tiny_world, tmp_path, capsys, caplog):
+    from lazymoe.io.folder import CARD_RECORD, foreign_entries
+    from lazymoe.publish.card import card_edited, rerender_card
+    from lazymoe.publish.hub import _card_for_repo
+
+    out = lazymoe.merge(moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random",
+                                   seed=1), tmp_path / "moe", progress=False)
+    card = out / "README.md"
+    assert (out / CARD_RECORD).is_file() and not card_edited(out) and foreign_entries(out) == []
+    assert rerender_card(out) == card  # lazymoe's own card: updated freely
+    assert _card_for_repo(out, "me/moe") is not None
+
+    edited = card.read_text(encoding="utf-8") + "\n## My notes\nTrained on my own data.\n"
+    card.write_text(edited, encoding="utf-8")
+    assert card_edited(out)
+    with caplog.at_level("WARNING"):
+        assert rerender_card(out, routing_image=None) is None  # what route / eval / publish do
+    assert card.read_text(encoding="utf-8") == edited
+    assert "was edited since lazymoe wrote it, so it is left as it is" in caplog.text
+    assert _card_for_repo(out, "me/moe") is None  # a push uploads the user's card as it is
+    line = one_line_error(capsys, ["card", str(out)])
+    assert line == (f"{card} was edited since lazymoe wrote it; add --overwrite to replace it with lazymoe's card "
+                    "(print it instead with --stdout).")
+    assert card.read_text(encoding="utf-8") == edited
+    assert main(["-q", "card", str(out), "--stdout"]) == 0 and "My notes" not in capsys.readouterr().out
+    assert main(["-q", "card", str(out), "--overwrite"]) == 0
+    assert "My notes" not in card.read_text(encoding="utf-8") and not card_edited(out)

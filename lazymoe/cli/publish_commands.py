@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import ConfigError, GGUFError
+from ..errors import ConfigError, GGUFError, OutputExistsError, Setting, Text
 from ..gguf.files import find_gguf_files
 from ..gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
 from ..io.folder import CONFIG_FILENAME, write_text_atomic
@@ -38,11 +38,13 @@ def _add_card(sub) -> None:
     p.add_argument("--gguf-of", metavar="MERGED_REPO",
                    help="write the card of the GGUF repo in DIR, quantised from MERGED_REPO")
     p.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a README.md that was edited by hand since lazymoe wrote it")
     p.set_defaults(func=cmd_card)
 
 
 def cmd_card(args) -> int:
-    from ..publish.card import CARD_FILENAME, build_card
+    from ..publish.card import CARD_FILENAME, build_card, card_edited, write_card_text
     from ..publish.gguf_card import build_gguf_card
 
     folder = Path(args.model_dir)
@@ -54,8 +56,15 @@ def cmd_card(args) -> int:
                           gguf_repo=args.gguf_repo, gguf_files=args.gguf_dir, routing_image=args.routing_image)
     if args.stdout:
         print(text, end="")
-    else:
+    elif args.gguf_of:
         print(f"Wrote {write_text_atomic(folder / CARD_FILENAME, text)}")
+    else:
+        if card_edited(folder) and not args.overwrite:
+            replace = Setting("overwrite", True)
+            raise OutputExistsError(Text(
+                f"{folder / CARD_FILENAME} was edited since lazymoe wrote it; {replace.placeholder} to replace it "
+                "with lazymoe's card (print it instead with --stdout).", (replace,)))
+        print(f"Wrote {write_card_text(folder, text)}")
     return 0
 
 

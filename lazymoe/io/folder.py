@@ -38,10 +38,13 @@ EVAL_IMAGE = "eval.png"
 ANSWERS_MD = "answers.md"
 ANSWERS_JSON = "answers.json"
 BENCHMARKS_JSON = "benchmarks.json"
+#: the sha256 of the README.md lazymoe last wrote (publish.card): a README.md that no longer matches it was
+#: edited by hand, and lazymoe leaves it alone. Hidden, so a push never uploads it.
+CARD_RECORD = ".lazymoe-card.sha256"
 #: every file a lazymoe output folder may hold (shell patterns); anything else in it is the user's own
 OUTPUT_FILES = ("config.json", "generation_config.json", CONFIG_FILENAME, CARD_FILENAME, "model*.safetensors",
                 "model.safetensors.index.json", *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,
-                ANSWERS_JSON, BENCHMARKS_JSON, ".*.tmp-*")
+                ANSWERS_JSON, BENCHMARKS_JSON, CARD_RECORD, ".*.tmp-*")
 
 
 def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -> bool:

@@ -41,7 +41,7 @@ from ..pipeline import merge as merging
 from ..pipeline.preflight import blocking, check_ahead
 from ..pipeline.release import ReleaseResult, release
 from ..pipeline.route import write_routing_picture
-from ..publish.card import ROUTING_IMAGE, detected_extras, rerender_card
+from ..publish.card import CARD_FILENAME, ROUTING_IMAGE, detected_extras, rerender_card
 from ..evaluate.benchmarks import check_benchmark_options, run_benchmarks, write_benchmarks
 from ..evaluate.questions import Question, answer_questions, questions_from_config, write_answers
 from ..evaluate.skill import write_evaluation
@@ -505,7 +505,9 @@ class Builder:
 
     def _card(self, folder: Path, **options) -> None:
         """Re-render the local model card with what is known now (repo ids, GGUF files, evaluations)."""
-        rerender_card(folder, **{k: v for k, v in options.items() if v})
+        if rerender_card(folder, **{k: v for k, v in options.items() if v}) is None:
+            self._notice(f"{folder / CARD_FILENAME} was edited by hand, so it is kept as it is: it does not show "
+                         "what this step adds.", "warn")
 
     def _release(self, settings: NotebookSettings, **options) -> ReleaseResult:
         """The library's publishing step with the form's Hub settings; shows each part as it finishes."""

@@ -13,6 +13,8 @@ safetensors headers.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +24,7 @@ from urllib.parse import quote
 from ..config import MoEConfig
 from ..errors import CardError, Setting, Text
 from ..gguf.files import GGUFFile, find_gguf_files
-from ..io.folder import CONFIG_FILENAME, write_text_atomic
+from ..io.folder import CARD_RECORD, CONFIG_FILENAME, write_text_atomic
 from ..moe import arch
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
 from ..units import human_params
@@ -51,11 +53,13 @@ from .facts import (
 from .gguf_card import default_quant, gguf_rows
 from .render import render_card
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # the plan is only read here; moe/ never imports publish/
     from ..moe.plan import MergePlan
 
-__all__ = ["CARD_FILENAME", "ROUTING_IMAGE", "ModelFacts", "build_card", "card_data", "detected_extras",
-           "rerender_card", "write_card"]
+__all__ = ["CARD_FILENAME", "ROUTING_IMAGE", "ModelFacts", "build_card", "card_data", "card_edited", "detected_extras",
+           "rerender_card", "write_card", "write_card_text"]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -249,7 +253,36 @@ def write_card(
     folder = Path(folder)
     text = plan_card(plan, folder, model_name=model_name, license=license, repo_id=repo_id, gguf_repo=gguf_repo,
                      gguf_files=gguf_files, routing_image=routing_image)
-    return write_text_atomic(folder / CARD_FILENAME, text)
+    return write_card_text(folder, text)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_card_text(folder: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as ``folder/README.md`` and record its hash, so a later edit by hand is recognised."""
+    folder = Path(folder)
+    path = write_text_atomic(folder / CARD_FILENAME, text)
+    write_text_atomic(folder / CARD_RECORD, _sha256(path.read_bytes()) + "\n")
+    return path
+
+
+def card_edited(folder: str | os.PathLike) -> bool:
+    """Whether ``folder/README.md`` was changed since lazymoe wrote it. A folder without the record (made by a
+    lazymoe before it kept one) counts as unedited; a missing README.md too (there is nothing to lose)."""
+    folder = Path(folder)
+    try:
+        card = (folder / CARD_FILENAME).read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        recorded = (folder / CARD_RECORD).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
+    return recorded != _sha256(card)
 
 
 def plan_card(plan: MergePlan, folder: str | os.PathLike, *, gguf_files=None, routing_image=None, **options: Any) -> str:
@@ -294,6 +327,15 @@ def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:
     return extras
 
 
-def rerender_card(model_dir: str | os.PathLike, **options: Any) -> Path:
-    """Rewrite ``model_dir/README.md`` from the folder alone (same options as :func:`build_card`)."""
-    return write_text_atomic(Path(model_dir) / CARD_FILENAME, build_card(model_dir, **options))
+def rerender_card(model_dir: str | os.PathLike, *, replace_edited: bool = False, **options: Any) -> Path | None:
+    """Rewrite ``model_dir/README.md`` from the folder alone (same options as :func:`build_card`). A card
+    edited by hand since lazymoe wrote it is left as it is (None, and a warning saying how to replace it)
+    unless ``replace_edited``: ``route``, ``eval`` and ``publish`` update the card as a side effect, and
+    must not throw away the user's words."""
+    folder = Path(model_dir)
+    if not replace_edited and card_edited(folder):
+        logger.warning("%s was edited since lazymoe wrote it, so it is left as it is (without this step's "
+                       "update); `lazymoe card %s --overwrite` replaces it with lazymoe's card.",
+                       folder / CARD_FILENAME, folder)
+        return None
+    return write_card_text(folder, build_card(folder, **options))

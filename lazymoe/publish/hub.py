@@ -38,7 +38,7 @@ from ..gguf.files import find_gguf_files
 from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
-from .card import build_card, detected_extras
+from .card import build_card, card_edited, detected_extras
 from .gguf_card import build_gguf_card
 from .resume import PushState, UploadedShard
 from ..io.token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
@@ -537,7 +537,7 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
                     (_BASE_REPO,)))
             base_repo_id = repo_id[: -len("-GGUF")]
         return build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id)
-    if not is_lazymoe_output(folder):
+    if not is_lazymoe_output(folder) or card_edited(folder):  # a card edited by hand is uploaded as it is
         return None
     extras = detected_extras(folder)  # routing picture; NAME-GGUF files, linked to the NAME-GGUF repo
     gguf_repo = f"{repo_id}-GGUF" if "gguf_files" in extras else None
