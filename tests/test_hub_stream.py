@@ -174,12 +174,13 @@ def test_merge_push_uploads_each_shard_while_merging_and_commits_once(hub, publi
     # at most two shards are handed over and not yet on the Hub: shard k-2 is there when shard k is handed over
     assert all(done >= k - 1 for k, (_, done) in enumerate(recorded_shards))
     (commit,) = hub.requests_of("commit")
-    assert commit.status == 200 and pushed.repo_id == "alice/tiny-moe" and pushed.files == len(list(out.iterdir()))
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]  # hidden files (the card's record) stay local
+    assert commit.status == 200 and pushed.repo_id == "alice/tiny-moe" and pushed.files == len(visible)
     lfs = hub.requests_of("lfs-upload")
-    large = [p for p in out.iterdir() if hub.upload_mode(p.name, p.stat().st_size) == "lfs"]  # + tokenizer.model
+    large = [p for p in visible if hub.upload_mode(p.name, p.stat().st_size) == "lfs"]  # + tokenizer.model
     assert len(lfs) == len(large) > shards and hub.requests.index(lfs[-1]) < hub.requests.index(commit)
     remote = remote_files(hub, "alice/tiny-moe")
-    local_files = {p.name: p.read_bytes() for p in out.iterdir()}
+    local_files = {p.name: p.read_bytes() for p in visible}
     assert set(remote) == set(local_files)
     assert all(remote[n] == local_files[n] for n in local_files if n != "README.md")
     assert "alice/tiny-moe" in remote["README.md"].decode() and "your-username" in local_files["README.md"].decode()
@@ -219,7 +220,7 @@ def test_no_keep_deletes_each_shard_once_uploaded_and_bounds_the_disk(hub, publi
     remote = remote_files(hub, "alice/tiny-moe")
     recipe = ("README.md", "lazymoe_config.yml")  # they name the models as given: Hub ids here, folders there
     assert {n: remote[n] for n in remote if n not in recipe} == {
-        p.name: p.read_bytes() for p in expected.iterdir() if p.name not in recipe}
+        p.name: p.read_bytes() for p in expected.iterdir() if p.name not in recipe and not p.name.startswith(".")}
     assert len(hub.requests_of("commit")) == 1
     assert not [p for p in range_cache_dir().rglob("*") if p.is_file()], "fetched ranges are deleted as written"
 
@@ -252,7 +253,8 @@ def test_an_upload_failure_commits_nothing_and_a_rerun_sends_only_the_missing_sh
     large = [p for p in out.iterdir() if hub.upload_mode(p.name, p.stat().st_size) == "lfs"]  # + tokenizer.model
     assert len(again) + len(received) == len(large)
     remote = remote_files(hub, "alice/tiny-moe")
-    assert all(remote[p.name] == p.read_bytes() for p in out.iterdir() if p.name != "README.md")
+    assert all(remote[p.name] == p.read_bytes() for p in out.iterdir()
+               if p.name != "README.md" and not p.name.startswith("."))  # hidden files (the card's record) stay local
 
 
 def test_cli_merge_push(hub, published, tiny_world, tmp_path, capsys):
@@ -317,7 +319,7 @@ def test_a_no_keep_rerun_fetches_and_builds_only_the_shards_the_hub_lacks(hub, p
     remote = remote_files(hub, "alice/tiny-moe")
     recipe = ("README.md", "lazymoe_config.yml")
     assert {n: remote[n] for n in remote if n not in recipe} == {
-        p.name: p.read_bytes() for p in expected.iterdir() if p.name not in recipe}, "the same model as one run"
+        p.name: p.read_bytes() for p in expected.iterdir() if p.name not in recipe and not p.name.startswith(".")}, "the same model as one run"
     assert [p for p in push_state_dir().rglob("*") if p.is_file()] == [], "the record goes with the commit"
 
 
