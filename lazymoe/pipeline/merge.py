@@ -57,7 +57,7 @@ def make_plan(
 
 
 def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer: bool = True) -> planning.MergePlan:
-    """``make_plan``; ``tokenizer=False`` leaves the tokenizer check to the caller (``_TokenizerCheck``)."""
+    """``make_plan``; ``tokenizer=False`` leaves the tokenizer check to the caller (``_tokenizer_checked``)."""
     config = load_config(config)
     max_shard_bytes = parse_bytes(max_shard_bytes)
     refs = config.model_refs()
@@ -107,39 +107,44 @@ def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer
                                low_disk=low_disk, output=output)
 
 
-class _TokenizerCheck:
-    """The base's tokenizer, loaded (and, for a fresh plan, checked: ``checks.check_tokenizer``) on a thread
-    of its own. Loading a tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as
-    copying a few GB): a merge from local folders copies its first tensors meanwhile, and waits for it
-    (``result``, which re-raises the check's error) before it tokenises, uploads or makes the output final,
-    so a bad tokenizer still leaves no output behind. A merge that downloads waits before fetching anything."""
+class _OnThread:
+    """``run()`` on a daemon thread of its own. ``result()`` waits for it (Ctrl-C still works) and returns its
+    value or raises its error in the caller's thread; ``error`` is that error as soon as it happens."""
 
-    def __init__(self, load) -> None:
-        self._tokenizer, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(load,), name="lazymoe-tokenizer", daemon=True)
+    def __init__(self, run: Callable, name: str) -> None:
+        self.value, self.error = None, None
+        self._thread = threading.Thread(target=self._main, args=(run,), name=name, daemon=True)
         self._thread.start()
 
-    @classmethod
-    def checked(cls, config: MoEConfig, base) -> _TokenizerCheck:
-        return cls(lambda: checks.check_tokenizer(config, base))
-
-    @classmethod
-    def loaded(cls, folder: Path) -> _TokenizerCheck:
-        """A plan made earlier checked the tokenizer then: only load it."""
-        return cls(lambda: _load_tokenizer(folder))
-
-    def _run(self, load) -> None:
+    def _main(self, run: Callable) -> None:
         try:
-            self._tokenizer = load()
-        except BaseException as err:  # handed to the merge's own thread, raised there by result()
-            self._error = err
+            self.value = run()
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread by result()
+            self.error = err
 
     def result(self):
-        """The base's tokenizer, once the check has passed; the check's error otherwise."""
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # a timeout keeps Ctrl-C working while we wait
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def join(self) -> None:
         self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._tokenizer
+
+
+def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
+    """The base's tokenizer, checked (``checks.check_tokenizer``) and loaded on a thread of its own. Loading a
+    tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB): a
+    merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
+    re-raises the check's error) before it tokenises, uploads or makes the output final, so a bad tokenizer
+    still leaves no output behind. A merge that downloads waits before fetching anything."""
+    return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
+
+
+def _tokenizer_loaded(folder: Path) -> _OnThread:
+    """A plan made earlier checked the tokenizer then: only load it, on its own thread."""
+    return _OnThread(lambda: _load_tokenizer(folder), "lazymoe-tokenizer")
 
 
 def _load_tokenizer(folder: Path):
@@ -227,7 +232,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if plan is None:
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
-        tokenizer = _TokenizerCheck.checked(plan.config, plan.base)
+        tokenizer = _tokenizer_checked(plan.config, plan.base)
         if plan.download_bytes:  # nothing is fetched before every check has passed
             tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
@@ -263,7 +268,7 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
-                pusher: StreamingPush | None, tokenizer: _TokenizerCheck | None = None) -> tuple[Path, PushResult | None]:
+                pusher: StreamingPush | None, tokenizer: _OnThread | None = None) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -306,9 +311,8 @@ class _RouterPass:
         self.threaded = threaded
         self.saved = saved  # rows an interrupted push recorded: no pass at all
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._task: _OnThread | None = None
         self._gates = None
-        self._error: BaseException | None = None
 
     def guard(self, resolve: Callable) -> Callable:
         """``resolve`` for the pass: refuses once the merge stops."""
@@ -321,35 +325,24 @@ class _RouterPass:
     def start(self, run: Callable) -> None:
         if self.saved is not None:
             self._gates = self.saved
-            return
-        if not self.threaded:
+        elif not self.threaded:
             self._gates = run()
-            return
-        self._thread = threading.Thread(target=self._main, args=(run,), name="lazymoe-router", daemon=True)
-        self._thread.start()
-
-    def _main(self, run: Callable) -> None:
-        try:
-            self._gates = run()
-        except BaseException as err:  # noqa: BLE001 - raised in the merge's thread by check() / gates()
-            self._error = err
+        else:
+            self._task = _OnThread(run, "lazymoe-router")
 
     def check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._task is not None and self._task.error is not None:
+            raise self._task.error
 
     def gates(self):
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(0.2)  # a timeout keeps Ctrl-C working while we wait
-        self.check()
-        return self._gates
+        return self._task.result() if self._task is not None else self._gates
 
     def stop(self) -> None:
         self._stopping.set()
 
     def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        if self._task is not None:
+            self._task.join()
 
 
 class _Stopped(Exception):
@@ -371,13 +364,13 @@ def _saved_gates(state: PushState, plan: planning.MergePlan):
 def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget, plan: planning.MergePlan,
                 config: MoEConfig, *, device, progress, pusher: StreamingPush | None,
                 skip: frozenset[str] = frozenset(),
-                tokenizer: _TokenizerCheck | None = None) -> tuple[Path, PushResult | None]:
+                tokenizer: _OnThread | None = None) -> tuple[Path, PushResult | None]:
     output_dir = target.path
     resolve = router.guard(store.resolve)
     # overlapping: each base tensor is located when the pass reaches it, so it waits for one layer at a time
     base = store.local(config.base_model, wait=not router.threaded, resolve=resolve)
     if tokenizer is None:  # a plan made earlier
-        tokenizer = _TokenizerCheck.loaded(base.folder)
+        tokenizer = _tokenizer_loaded(base.folder)
     router_plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
 
     def router_pass():
