@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import zlib
 
-import torch
-
 from ..config import MoEConfig
+from ..lazy import torch
 
 
 def leaves_unchanged(config: MoEConfig, expert: int, *, is_residual: bool) -> bool:

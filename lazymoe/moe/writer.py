@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import ModelFileError
 from ..io.safetensors import build_header, copy_bytes, read_tensor, tensor_bytes_view, torch_dtype, write_all
 from ..io.sources import TensorInfo, WeightStore
+from ..lazy import torch
 from .plan import MergePlan, OutTensor, Piece
 from .transforms import expert_weight, leaves_unchanged
 

@@ -7,8 +7,7 @@ folder); a test checks the router logits against transformers' own Mixtral.
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from ..moe.arch import SHARED_GATE_CONSTANT
 
 SINGULAR_CONDITION = 5.0  # gate_condition above this: some experts are hard to tell apart (mergekit warns at 5 too)

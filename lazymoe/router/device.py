@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import ConfigError, Setting, Text
+from ..lazy import torch
 
 
 #: what the device messages name (each front end words it: device=, --device)

@@ -4,11 +4,11 @@ MoE being built. The regression maths first, then the driver that streams the Mo
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..io.safetensors import read_tensor
+from ..lazy import no_grad, torch
 from ..moe import arch
 from ..moe.transforms import expert_weight
 from .block import constant_shared_gate, moe_mlp, shared_mlp
@@ -144,7 +144,7 @@ def fit_layer(mode: str, X, y, groups, Xn, yn, num_experts: int) -> torch.Tensor
     return fit_classifier(X, y, groups, Xn, yn, num_experts)[0]
 
 
-@torch.no_grad()
+@no_grad
 def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True,
                  resolve=None, upstream: str = "moe", prompts: PromptSet | None = None,
                  fit_mode: str | None = None) -> torch.Tensor:
@@ -227,10 +227,11 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
     return torch.stack(rows)  # (L, E, H)
 
 
-def load_router_model(folder, *, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+def load_router_model(folder, *, device: torch.device, dtype: torch.dtype | None = None):
     """The whole base, loaded straight onto ``device``: a 7B base in bfloat16 (14.5 GB) fits a T4's memory
     but not a free Colab's 12.7 GB of RAM, so it must never be staged on the CPU first."""
     from transformers import AutoModelForCausalLM
 
+    dtype = torch.bfloat16 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map={"": str(device)})
     return model.eval()

@@ -35,10 +35,9 @@ tokens deep inside a text of their expert's kind, as they will at inference.
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import ConfigError
 from ..io.safetensors import read_tensor
+from ..lazy import torch
 from ..moe import arch
 from .block import SINGULAR_CONDITION, constant_shared_gate, gate_condition
 from .device import pick_device

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..config import MoEConfig
+from ..lazy import no_grad, torch
 from ..tokens import router_token_ids
 
 
@@ -67,7 +66,7 @@ def prompt_set(tokenizer, config: MoEConfig) -> PromptSet:
 DEFAULT_CONTINUATION_TOKENS = 48
 
 
-@torch.no_grad()
+@no_grad
 def continue_prompts(model, tokenizer, prompts: PromptSet, *, new_tokens: int, seed: int,
                      batch_size: int = 16) -> PromptSet:
     """Extend every positive prompt with ``new_tokens`` tokens sampled from ``model`` (the base).

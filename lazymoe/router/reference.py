@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..config import MoEConfig
+from ..lazy import torch
 from .prompts import tokenize_prompts
 from .streamed import StreamedBase
 
@@ -44,7 +43,7 @@ def cheap_embed_gates(embed: torch.Tensor, tokenizer, config: MoEConfig, num_lay
 
 
 def hidden_gates(base, tokenizer, config: MoEConfig, *, device: torch.device, progress: bool = True,
-                 dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """The reference ``hidden``/``hidden_avg`` rows, from one layer-streamed pass of the base.
 
     Each expert's positive prompts form one left-padded batch and its negatives another, exactly as the

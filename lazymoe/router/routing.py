@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ModelNotFoundError, Setting, Text
 from ..io.folder import load_folder_tokenizer, read_folder_config, read_folder_recipe
 from ..io.safetensors import TensorInfo, read_tensor
 from ..io.sources import ModelRef, describe
+from ..lazy import no_grad, torch
 from ..moe import arch
 from .block import SINGULAR_CONDITION, gate_condition, moe_mlp, shared_mlp
 from .device import pick_device
@@ -120,7 +120,7 @@ class _Weights:
         return self.get(self.names.shared_gate(layer))[0], parts
 
 
-@torch.no_grad()
+@no_grad
 def stream_router_logits(model_dir: str | os.PathLike, seqs: list[list[int]], *, device: str | None = None,
                          progress: bool = False) -> list[torch.Tensor]:
     """Run token sequences through a merged Mixtral folder one layer at a time.

@@ -17,16 +17,16 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..io.safetensors import read_tensor
 from ..io.sources import ModelInfo
+from ..lazy import no_grad, torch
 from ..moe import arch
 from .prompts import right_padded
 
 #: a reduction of one layer's input, (B, T, H) and the attention mask (B, T) -> anything
-Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Reducer = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def _meta_model(config, dtype: torch.dtype):
@@ -63,12 +63,12 @@ def _causal_mask(inner, embeds: torch.Tensor, attention_mask: torch.Tensor, posi
 class StreamedBase:
     """Run batches through the base model's first ``num_layers`` decoder layers, layer by layer."""
 
-    def __init__(self, base: ModelInfo, *, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, base: ModelInfo, *, device: torch.device, dtype: torch.dtype | None = None):
         from transformers import AutoConfig
 
         self.base = base
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = torch.bfloat16 if dtype is None else dtype  # None: bfloat16
         config = AutoConfig.from_pretrained(str(base.folder))
         self.inner = _meta_model(config, dtype).model
         self.num_layers = int(config.num_hidden_layers)
@@ -89,7 +89,7 @@ class StreamedBase:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 
-    @torch.no_grad()
+    @no_grad
     def collect(
         self,
         batches: list[dict[str, torch.Tensor]],
@@ -182,7 +182,7 @@ class LayerStack:
         module.load_state_dict({n: get(f"{prefix}.{n}") for n in names}, strict=True, assign=True)
         return module
 
-    @torch.no_grad()
+    @no_grad
     def mlp_input(self, layer: int, get) -> torch.Tensor:
         """Add layer ``layer``'s attention to the residual stream; return what its MLP (and router) reads."""
         mod, p = self.inner.layers[layer], arch.layer_prefix(layer).rstrip(".")
@@ -200,7 +200,7 @@ class LayerStack:
     def add_mlp_output(self, out: torch.Tensor) -> None:
         self.h = self.h + out
 
-    @torch.no_grad()
+    @no_grad
     def final_norm(self, get) -> torch.Tensor:
         """The residual stream after the model's final norm: what ``lm_head`` reads (after the last layer)."""
         norm = self._load(self.inner.norm, "model.norm", get)

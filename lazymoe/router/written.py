@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..io.safetensors import read_tensor
+from ..lazy import no_grad, torch
 from ..moe import arch
 from ..moe.transforms import expert_weight
 from ..tokens import router_token_ids
@@ -48,7 +48,7 @@ BALANCE = 0.01
 # ------------------------------------------------------------------------------------ calibration text
 
 
-@torch.no_grad()
+@no_grad
 def expert_written(config, tokenizer, *, folder_of, device: torch.device, dtype: torch.dtype, seed: int,
                    new_tokens: int = WRITTEN_TOKENS, samples: int = SAMPLES_PER_PROMPT, progress: bool = True):
     """The calibration set: each expert's continuations of its own prompts, plus its ``calibration_text``.
