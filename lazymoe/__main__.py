@@ -1,7 +1,5 @@
 """``python -m lazymoe``: the command line (see ``cli``)."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

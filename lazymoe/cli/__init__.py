@@ -10,10 +10,12 @@ a single readable line and exit status 2. Each handler imports the module it dri
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import logging
 import os
 import sys
+import threading
 import traceback
 
 from .._version import __version__
@@ -75,6 +77,27 @@ _INTERRUPTED = {
     "publish": ": each upload is one commit, so the Hub shows nothing half-done; run the same command again to finish",
     "gguf": ": no half-written GGUF file was kept",
 }
+
+
+def run() -> None:
+    """The ``lazymoe`` command (and ``python -m lazymoe``): :func:`main`, then :func:`exit_now`."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """End the process once the work is done, without the interpreter's teardown of every module and object:
+    once torch and transformers are loaded, that teardown alone takes about a second. Exit handlers still
+    run first (logging is flushed, temporary folders go) and the standard streams are flushed. If a thread
+    that the interpreter would wait for is still running, exit the usual way, which waits for it."""
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said there
+            pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

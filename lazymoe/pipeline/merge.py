@@ -235,8 +235,8 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                           progress=progress, tokenizer=False)
         tokenizer = _tokenizer_checked(plan.config, plan.base)  # runs while the first weights are fetched or copied
     config = plan.config.with_seed(from_recipe=pusher is not None)
-    if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
-        pick_device(device)  # a bad --device fails now, not after the downloads
+    if device not in (None, "auto") and config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
+        pick_device(device)  # a bad --device fails now, not after the downloads (auto cannot fail: no torch yet)
     _check_overlap(output_dir, plan)
     with OutputTarget(output_dir) as target:  # locked from here: no other merge can write this folder
         target.approve(overwrite)
@@ -277,13 +277,14 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # and the router pass, on one stream in layer order; a router pass that runs first, first), models the
     # router pass loads whole as whole files; local folders are read in place (deleted once written in
     # low-disk mode, or when the shards themselves are deleted once uploaded)
-    skip, saved, state, started = frozenset(), None, None, False
+    skip, saved = frozenset(), None
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
         state = PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint())
         saved = _saved_gates(state, plan)
+        # nothing touches the Hub repo before every check has passed: the tokenizer check may still run while
+        # the first weights are fetched and the first shard is written
+        pusher.start(state, after=tokenizer.result if tokenizer is not None else None)
         if not pusher.keep and state.shards:  # kept shards must be on disk: only a --no-keep push can skip some
-            _start_push(pusher, state, tokenizer)  # the Hub says which recorded shards it holds
-            started = True
             skip = pusher.resume([s.filename for s in plan.shards[:-1]])  # the routers' shard is always built
     reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
                        router=saved is None)
@@ -292,23 +293,12 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
                           release=release, window=plan.fetch_window, progress=progress)
     router = _RouterPass(threaded=plan.router_overlaps and saved is None, saved=saved)
     try:
-        if pusher is not None and not started:
-            _start_push(pusher, state, tokenizer)  # meanwhile the first weights are being fetched
         return _merge_with(store, router, target, plan, config, device=device, progress=progress, pusher=pusher,
                            skip=skip, tokenizer=tokenizer)
     finally:
         router.stop()  # a failure or Ctrl-C: the pass stops at its next tensor (closing the store wakes it)
         store.close()
         router.join()
-
-
-def _start_push(pusher: StreamingPush, state: PushState, tokenizer: _OnThread | None) -> None:
-    """Create the repo and start the upload threads, once every check has passed: a merge that fails its
-    checks may have fetched a few seconds of weights (into the range cache, kept for the next run) but it
-    never touches the Hub repo."""
-    if tokenizer is not None:
-        tokenizer.result()
-    pusher.start(state)
 
 
 class _RouterPass:
@@ -361,12 +351,12 @@ class _Stopped(Exception):
 
 def _saved_gates(state: PushState, plan: planning.MergePlan):
     """The router rows an interrupted push of this very merge recorded, or None."""
-    import torch
-
     found = state.gates()
     shape = (plan.num_layers, plan.gate_rows, int(plan.out_config["hidden_size"]))
     if found is None or found[1] != shape:
         return None
+    import torch  # only now: a first run fetches while the router thread loads torch
+
     logger.info("Resuming: the router rows come from the interrupted run (no router pass)")
     return torch.frombuffer(bytearray(found[0]), dtype=torch.float32).reshape(shape)
 

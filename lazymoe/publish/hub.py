@@ -15,7 +15,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,23 +370,39 @@ class StreamingPush:
         self._threads: list[threading.Thread] = []
         self._count = threads
         self.state: PushState | None = None
+        self._ready: Callable[[], object] | None = None  # what start(after=...) waits for before touching the Hub
+        self._started = False
 
-    def start(self, state: PushState | None = None) -> str:
-        """Create the repo (if needed) and start the upload threads; returns the repo's URL. ``state`` records
-        each shard once uploaded (for ``resume`` after an interruption) and is cleared by ``finish``."""
+    def start(self, state: PushState | None = None, *, after: Callable[[], object] | None = None) -> None:
+        """Create the repo (if needed) and start the upload threads. ``state`` records each shard once uploaded
+        (for ``resume`` after an interruption) and is cleared by ``finish``. With ``after`` (a check that
+        raises, or returns once passed), nothing happens on the Hub yet: the first shard handed over, ``resume``
+        or ``finish`` calls ``after()`` first, so the merge writes its first shard while a check still runs and
+        a merge that fails the check never creates the repo."""
         self.state = state
+        self._ready = after
+        if after is None:
+            self._start_now()
+
+    def _start_now(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            if self._ready is not None:
+                self._ready()
+            self._started = True
         with self._errors("connect"):
-            url = str(self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True))
+            self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True)
         self._threads = [threading.Thread(target=self._run, name=f"lazymoe-upload-{i}", daemon=True)
                          for i in range(self._count)]
         for thread in self._threads:
             thread.start()
-        return url
 
     def resume(self, names: list[str]) -> frozenset[str]:
         """Of the shards ``names``, those an interrupted run recorded (``state``) and the Hub still holds: the
         commit will name them as they are, so they need neither building nor uploading. The Hub is asked for
         each recorded sha256 and size; a shard it lacks is left to be built again."""
+        self._start_now()
         recorded = self.state.shards if self.state is not None else {}
         found = []
         for name in names:
@@ -417,6 +433,7 @@ class StreamingPush:
     def add_shard(self, path: Path) -> None:
         """Hand over a finished shard (waits while ``in_flight`` are not uploaded yet); raises the upload's error."""
         logger.debug("shard %s written", path.name)
+        self._start_now()
         while not self._slots.acquire(timeout=0.2):
             self._raise_if_failed()
         self._raise_if_failed()
@@ -424,6 +441,7 @@ class StreamingPush:
 
     def finish(self, folder: Path, card: str, *, commit_message: str) -> PushResult:
         """Wait for the uploads, then commit every shard, the other files of ``folder`` and ``card``."""
+        self._start_now()
         self._stop()
         self._raise_if_failed()
         shards = [self._done[name] for name in sorted(self._done)]
