@@ -56,7 +56,8 @@ def add(sub) -> None:
     p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="work folder: inputs/ (the tiny models, demo.yaml) "
                                                               "and merged/ (the MoE) are written here")
-    p.add_argument("--overwrite", action="store_true", help="rebuild a demo made earlier in OUTPUT_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a demo made earlier in OUTPUT_DIR (only the files it wrote; never files of yours)")
     p.set_defaults(func=cmd_demo)
 
     _add_route(sub)
@@ -165,7 +166,8 @@ def cmd_demo(args) -> int:
         raise OutputExistsError(f"{merged} already holds a merged demo from an earlier run. Run `lazymoe demo "
                                 f"{work} --overwrite` to rebuild it (its {gguf_dir.name} folder goes too), or give "
                                 "another folder.")
-    config_path = build_demo(work / "inputs", gate_mode=RECOMMENDED_GATE_MODE)  # as the notebook demo's preset
+    config_path = build_demo(work / "inputs", overwrite=args.overwrite,  # the demo's own files only, never the user's
+                             gate_mode=RECOMMENDED_GATE_MODE)  # as the notebook demo's preset
     print(f"Built tiny local experts and {config_path}")
     out = merge(config_path, merged, overwrite=True, progress=not args.quiet)
     if gguf_dir.is_dir() and all(p.suffix in (".gguf", ".md") for p in gguf_dir.iterdir()):
