@@ -560,3 +560,26 @@ def test_a_demo_rebuild_replaces_only_the_files_the_demo_wrote(tmp_path):
     build_demo(inputs, overwrite=True, num_experts=2)
     assert recipe.read_text(encoding="utf-8") == original
     assert json.loads((inputs / DEMO_RECORD).read_text(encoding="utf-8"))["files"].keys() == recorded.keys()
+
+
+def test_a_demo_rebuild_removes_the_stale_gguf_files_and_nothing_else(merged, recipe, tmp_path, monkeypatch, capsys):
+    """The GGUF files of the replaced demo model are stale (`lazymoe gguf` would even reuse them); they used to be
+    kept whenever the folder held the recipe copy `lazymoe gguf` puts there, i.e. always."""
+    import lazymoe.demo as demo
+    import lazymoe.pipeline.merge as merging
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(demo, "build_demo", lambda folder, **options: recipe)  # the tiny merge stands in for both
+    monkeypatch.setattr(merging, "merge", lambda config, out, **options: Path(shutil.copytree(merged, out,
+                                                                                              dirs_exist_ok=True)))
+    gguf_dir = work / "merged-GGUF"
+    gguf_dir.mkdir(parents=True)
+    for name in ("merged.F16.gguf", "merged.Q8_0.gguf", "lazymoe_config.yml", "notes.md"):
+        (gguf_dir / name).write_text(name, encoding="utf-8")
+    assert main(["-q", "demo", str(work)]) == 0
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["notes.md"]  # the user's note stays
+    (gguf_dir / "notes.md").unlink()
+    (gguf_dir / "merged.Q8_0.gguf").write_text("stale", encoding="utf-8")
+    assert main(["-q", "demo", str(work), "--overwrite"]) == 0
+    assert not gguf_dir.exists()
+    capsys.readouterr()
