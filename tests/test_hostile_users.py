@@ -583,3 +583,21 @@ def test_a_demo_rebuild_removes_the_stale_gguf_files_and_nothing_else(merged, re
     assert main(["-q", "demo", str(work), "--overwrite"]) == 0
     assert not gguf_dir.exists()
     capsys.readouterr()
+
+
+def test_the_notebook_evaluate_step_refuses_a_negative_count_in_one_red_line(merged, recipe, tmp_path):
+    pytest.importorskip("ipywidgets")
+    from lazymoe.notebook.form import MoEForm
+    from lazymoe.notebook.ui import Builder, StepFailed
+
+    text = yaml.safe_dump({**yaml.safe_load(recipe.read_text(encoding="utf-8")), "notebook": {"model_name": "moe"}})
+    shown = []
+    builder = Builder(MoEForm(text), workdir=tmp_path, show=shown.append)
+    assert builder.output_dir == merged
+    before = snapshot(merged)
+    with pytest.raises(StepFailed) as caught:
+        builder.evaluate(generate_tokens=-1)
+    message = "your generate_tokens= argument is -1; it must be a whole number, 0 or more (0 writes no texts)."
+    assert str(caught.value) == f"Evaluate: {message}"
+    assert message in str(shown[-1].data) and "Traceback" not in str(shown)
+    assert snapshot(merged) == before
