@@ -10,8 +10,8 @@ What it does, in one run:
    tokenizer) and publishes them on a local Hub-compatible server that the real huggingface_hub client
    talks to; the server counts every byte it sends and receives and paces both directions at a bandwidth;
 2. for each bandwidth, runs each pipeline in fresh processes with an empty Hugging Face cache:
-   - ``sequential``: today's path: download the four repos whole (``snapshot_download``), ``lazymoe merge``
-     from those folders, then ``push_to_hub`` (one ``create_commit`` of the folder);
+   - ``sequential``: the path before streaming: download the four repos whole (``snapshot_download``),
+     ``lazymoe merge`` from those folders, then ``lazymoe push`` (one commit of the folder);
    - ``streamed``: ``lazymoe merge --push REPO --no-keep`` from the Hub ids: only the tensors the MoE reads
      are fetched (ranges), each shard is uploaded while the next is written, one commit at the end;
    - ``mergekit``: download whole, ``mergekit-moe``, then ``HfApi.upload_folder``;
@@ -70,25 +70,6 @@ cfg["base_model"] = local[cfg["base_model"]]
 for e in cfg["experts"]:
     e["source_model"] = local[e["source_model"]]
 open(sys.argv[2], "w").write(yaml.safe_dump(cfg))
-"""
-
-LAZYMOE_LOCAL = r"""
-import sys, lazymoe
-lazymoe.merge(sys.argv[1], sys.argv[2], max_shard_bytes=sys.argv[3], progress=False)
-"""
-
-PUSH = r"""
-import sys
-from lazymoe.publish.hub import push_to_hub
-push_to_hub(sys.argv[1], sys.argv[2], progress=False)
-"""
-
-STREAMED = r"""
-import json, sys
-from lazymoe.pipeline.merge import make_plan, merge_and_push
-plan = make_plan(sys.argv[1], max_shard_bytes=sys.argv[3], progress=False)
-merge_and_push(sys.argv[1], sys.argv[2], sys.argv[4], keep=False, plan=plan, progress=False)
-print(json.dumps({"needed": plan.download_bytes, "output": plan.output_bytes}))
 """
 
 UPLOAD_FOLDER = r"""
@@ -196,12 +177,13 @@ def child_env(server: HubServer, hf_home: Path) -> dict[str, str]:
 def steps_for(kind: str, run_dir: Path, config: Path, repo: str, shard: str, mergekit: Path) -> list[list[str]]:
     py = sys.executable
     local_cfg, out = run_dir / "local.yaml", run_dir / "out"
+    lazymoe = [py, "-m", "lazymoe", "-q"]  # the commands a user types
     if kind == "sequential":
         return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
-                [py, "-c", LAZYMOE_LOCAL, str(local_cfg), str(out), shard],
-                [py, "-c", PUSH, str(out), repo]]
+                [*lazymoe, "merge", str(local_cfg), str(out), "--max-shard-size", shard],
+                [*lazymoe, "push", str(out), repo]]
     if kind in ("streamed", "resume"):
-        return [[py, "-c", STREAMED, str(config), str(out), shard, repo]]
+        return [[*lazymoe, "merge", str(config), str(out), "--push", repo, "--no-keep", "--max-shard-size", shard]]
     if kind == "mergekit":
         return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
                 [str(mergekit), str(local_cfg), str(out), "--quiet"],

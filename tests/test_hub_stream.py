@@ -435,6 +435,40 @@ def test_a_failing_router_pass_stops_the_merge_and_commits_nothing(hub, publishe
     assert not [t for t in threading.enumerate() if t.name == "lazymoe-router"]
 
 
+def test_weights_are_fetched_while_the_tokenizer_is_checked_and_a_failed_check_touches_no_repo(
+        hub, published, tiny_world, tmp_path, monkeypatch):
+    """Loading the base tokenizer (transformers' import, seconds) no longer holds back the first fetch; the
+    repo is created and shards are uploaded only once the check has passed, so a bad tokenizer stops the
+    merge with its own error, leaves nothing on disk and nothing on the Hub."""
+    import threading
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import ModelMismatchError
+    from lazymoe.moe import checks
+    from lazymoe.pipeline import merge as merging
+
+    fetched_meanwhile = []
+
+    def slow_bad_tokenizer(config, base):
+        deadline = time.monotonic() + 60
+        while not tensor_ranges(hub) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fetched_meanwhile.append(bool(tensor_ranges(hub)))
+        raise ModelMismatchError(f"base_model ({config.base_model}): its tokenizer cannot be loaded (OSError: x).")
+
+    monkeypatch.setattr(checks, "check_tokenizer", slow_bad_tokenizer)
+    cfg, _ = hub_and_local(tiny_world, gate_mode="random", seed=1)
+    with pytest.raises(ModelMismatchError, match=r"^base_model \(lazyorg/tiny-base\): its tokenizer cannot be loaded"):
+        merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,
+                               max_shard_bytes="150KB", progress=False)
+    assert fetched_meanwhile == [True], "the first weights were fetched while the tokenizer was checked"
+    assert "alice/tiny-moe" not in hub.repos, "no repo is created for a merge that fails its checks"
+    assert hub.requests_of("lfs-upload") == [] and hub.requests_of("commit") == []
+    assert list(tmp_path.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name in ("lazymoe-router", "lazymoe-tokenizer")]
+
+
 def test_a_fetch_failure_stops_the_router_pass_too(hub, published, tiny_world, tmp_path):
     import threading
 

@@ -137,8 +137,9 @@ def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     """The base's tokenizer, checked (``checks.check_tokenizer``) and loaded on a thread of its own. Loading a
     tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB): a
     merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
-    re-raises the check's error) before it tokenises, uploads or makes the output final, so a bad tokenizer
-    still leaves no output behind. A merge that downloads waits before fetching anything."""
+    re-raises the check's error) before it tokenises, touches the Hub repo or makes the output final, so a
+    bad tokenizer still leaves no output behind; the writer stops at its next tensor once the check fails. A
+    merge from the Hub fetches meanwhile: a few seconds of weights, kept in the range cache for the next run."""
     return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
 
 
@@ -232,9 +233,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if plan is None:
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
-        tokenizer = _tokenizer_checked(plan.config, plan.base)
-        if plan.download_bytes:  # nothing is fetched before every check has passed
-            tokenizer.result()
+        tokenizer = _tokenizer_checked(plan.config, plan.base)  # runs while the first weights are fetched or copied
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads
@@ -278,13 +277,13 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # and the router pass, on one stream in layer order; a router pass that runs first, first), models the
     # router pass loads whole as whole files; local folders are read in place (deleted once written in
     # low-disk mode, or when the shards themselves are deleted once uploaded)
-    skip, saved = frozenset(), None
+    skip, saved, state, started = frozenset(), None, None, False
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
-        if tokenizer is not None:
-            tokenizer.result()  # nothing is uploaded before every check has passed
-        pusher.start(PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint()))
-        saved = _saved_gates(pusher.state, plan)
-        if not pusher.keep:  # kept shards must be on disk: only a --no-keep push can leave some unbuilt
+        state = PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint())
+        saved = _saved_gates(state, plan)
+        if not pusher.keep and state.shards:  # kept shards must be on disk: only a --no-keep push can skip some
+            _start_push(pusher, state, tokenizer)  # the Hub says which recorded shards it holds
+            started = True
             skip = pusher.resume([s.filename for s in plan.shards[:-1]])  # the routers' shard is always built
     reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
                        router=saved is None)
@@ -293,12 +292,23 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
                           release=release, window=plan.fetch_window, progress=progress)
     router = _RouterPass(threaded=plan.router_overlaps and saved is None, saved=saved)
     try:
+        if pusher is not None and not started:
+            _start_push(pusher, state, tokenizer)  # meanwhile the first weights are being fetched
         return _merge_with(store, router, target, plan, config, device=device, progress=progress, pusher=pusher,
                            skip=skip, tokenizer=tokenizer)
     finally:
         router.stop()  # a failure or Ctrl-C: the pass stops at its next tensor (closing the store wakes it)
         store.close()
         router.join()
+
+
+def _start_push(pusher: StreamingPush, state: PushState, tokenizer: _OnThread | None) -> None:
+    """Create the repo and start the upload threads, once every check has passed: a merge that fails its
+    checks may have fetched a few seconds of weights (into the range cache, kept for the next run) but it
+    never touches the Hub repo."""
+    if tokenizer is not None:
+        tokenizer.result()
+    pusher.start(state)
 
 
 class _RouterPass:
@@ -402,11 +412,16 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
             done.append(rows)
         return done[0]
 
+    def check():  # before each tensor: a failed router pass or tokenizer check stops the writer there
+        router.check()
+        if tokenizer.error is not None:
+            raise tokenizer.error
+
     tmp = target.work_folder()
     router.start(router_pass)
     try:
         write_shards(plan, gates, tmp, store, progress=progress, on_shard=pusher.add_shard if pusher else None,
-                     check=router.check, skip=skip)
+                     check=check, skip=skip)
         gates()  # the pass is over (and its warning in the card) before anything is committed
         tokenizer.result()  # a tokenizer that fails its check fails the merge before the output is final
         (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
