@@ -12,8 +12,10 @@ import os
 import random as _random
 import re
 import reprlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -64,6 +66,30 @@ def _no_bool(value: Any) -> Any:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's signature, with every field as a keyword
+        # Built from Python (``MoEConfig(base_model=..., experts=[...])``, ``model_validate``, an assignment):
+        # the one-line ConfigError that load_config gives for the same data, in the same words.
+        def __init__(self, /, **data: Any) -> None:
+            _check_shape(type(self), data)
+            with _one_line_errors():
+                super().__init__(**data)
+
+        # pydantic calls a model's own __init__ to build it inside another (an expert inside a config), where a
+        # ConfigError would be wrapped and lose the expert's place; this marker (pydantic's, as on BaseModel and
+        # RootModel) says ours only validates, so pydantic builds the parts itself and places their errors
+        __init__.__pydantic_base_init__ = True
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            with _one_line_errors():
+                super().__setattr__(name, value)
+
+        @classmethod
+        def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(obj, dict):
+                _check_shape(cls, obj)
+            with _one_line_errors():
+                return super().model_validate(obj, *args, **kwargs)
 
 
 class HubTexts(_Strict):
@@ -305,14 +331,21 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_config(data: Any) -> MoEConfig:
-    """Validate a mapping (parsed YAML, form values) into a :class:`MoEConfig`, or raise :class:`ConfigError`."""
-    if isinstance(data, MoEConfig):
-        return validate_config(data)
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"A MoE config must be a mapping with base_model and experts, got {type(data).__name__}."
-        )
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """pydantic's multi-line ValidationError as one ConfigError naming the first problem and its fix."""
+    try:
+        yield
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def _check_shape(model: type[BaseModel], data: dict[Any, Any]) -> None:
+    """What pydantic would word badly, worded first: unknown keys (with the nearest known one), experts that
+    are not a list of mappings. An ExpertConfig already built is taken as it is."""
+    if model is not MoEConfig:
+        _check_keys(data, tuple(model.model_fields), f"the {model.__name__}")
+        return
     _check_keys(data, _TOP_KEYS, "the config")
     experts = data.get("experts")
     if experts is None:
@@ -323,14 +356,23 @@ def parse_config(data: Any) -> MoEConfig:
         raise ConfigError("shared_experts must be a list of mappings like experts (at most one, for a Qwen MoE output).")
     for key in ("experts", "shared_experts"):
         for i, expert in enumerate(data.get(key) or []):
+            if isinstance(expert, ExpertConfig):
+                continue
             if not isinstance(expert, dict):
                 raise ConfigError(f"{key}[{i}] must be a mapping with source_model and positive_prompts.")
             _check_keys(expert, _EXPERT_KEYS, f"{key}[{i}]")
-    try:
-        config = MoEConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
-    return validate_config(config)
+
+
+def parse_config(data: Any) -> MoEConfig:
+    """Validate a mapping (parsed YAML, form values) into a :class:`MoEConfig`, or raise :class:`ConfigError`."""
+    if isinstance(data, MoEConfig):
+        return validate_config(data)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"A MoE config must be a mapping with base_model and experts, got {type(data).__name__}."
+        )
+    _check_shape(MoEConfig, data)  # here too: a YAML key that is not a string cannot be a keyword argument
+    return validate_config(MoEConfig(**data))
 
 
 def validate_config(config: MoEConfig) -> MoEConfig:

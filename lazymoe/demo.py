@@ -11,6 +11,7 @@ rather than through ``save_pretrained`` because transformers 5 neither reads a `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -24,7 +25,8 @@ from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
-from .errors import DemoError
+from .errors import DemoError, OutputExistsError, Setting, Text
+from .io.folder import write_text_atomic
 from .io.safetensors import NAME_TO_ST
 from .moe import arch
 from .moe.arch import FAMILIES, FAMILY_ATTENTION_EXTRAS
@@ -362,9 +364,66 @@ def _check_saved_names(out: Path, config: Any) -> None:
                         f"{sorted(expected - names)[:5]}, extra {sorted(names - expected)[:5]}.")
 
 
+#: what build_demo wrote, file by file (sha256 of each, by path inside the folder): a rebuild replaces exactly those
+#: files, unchanged, and never one the user added or edited. Hidden, like the card's record.
+DEMO_RECORD = ".lazymoe-demo.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _demo_files(out: Path) -> dict[str, Path]:
+    """Every file under ``out`` but the record, by its path inside ``out``."""
+    return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*"))
+            if (p.is_file() or p.is_symlink()) and p.name != DEMO_RECORD}
+
+
+def _read_record(out: Path) -> dict[str, str] | None:
+    try:
+        record = json.loads((out / DEMO_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = record.get("files") if isinstance(record, dict) else None
+    return files if isinstance(files, dict) else None
+
+
+def _clear_earlier_demo(out: Path, overwrite: bool) -> None:
+    """Before anything is written: refuse a folder holding anything but a demo built earlier (``overwrite``: that
+    demo's own files, unchanged), then delete that demo's files so the new one never mixes with them."""
+    if not out.is_dir() or not any(out.iterdir()):
+        if out.exists() and not out.is_dir():
+            raise DemoError(f"{out} is a file; give the demo a folder.")
+        return
+    record = _read_record(out)
+    if record is None:
+        raise OutputExistsError(f"{out} already exists and is not empty, and holds no record of a demo lazymoe built "
+                                f"there ({DEMO_RECORD}), so nothing in it is replaced: give the demo another folder, "
+                                "or empty this one.")
+    if not overwrite:
+        replace = Setting("overwrite", True)
+        raise OutputExistsError(Text(f"{out} holds a demo built earlier: {replace.placeholder} to rebuild it (only "
+                                     "the files the demo wrote are replaced), or give another folder.", (replace,)))
+    files = _demo_files(out)
+    theirs = [name for name, path in files.items() if path.is_symlink() or record.get(name) != _sha256(path)]
+    if theirs:
+        more = f" and {len(theirs) - 5} more" if len(theirs) > 5 else ""
+        raise OutputExistsError(f"{out} holds files the demo did not write, or that were changed since "
+                                f"({', '.join(theirs[:5])}{more}); rebuilding could replace them. Move them out of "
+                                "it, or give the demo another folder.")
+    (out / DEMO_RECORD).unlink()  # first: a rebuild stopped midway leaves no record claiming files it did not write
+    for path in files.values():
+        path.unlink()
+
+
 def build_demo(
     out_dir: str | os.PathLike,
     *,
+    overwrite: bool = False,
     num_experts: int = 4,
     experts_per_token: int = 2,
     gate_mode: str = "hidden",
@@ -376,10 +435,14 @@ def build_demo(
 
     Layout: ``out_dir/{tokenizer,base,chat,code,math,stories}`` and ``out_dir/demo.yaml`` (returned).
     Expert names beyond the four classic domains are ``expert5``, ``expert6``, ...
+
+    ``out_dir`` must be new or empty; with ``overwrite``, it may hold a demo built earlier, whose own files (as
+    it recorded them, unchanged) are replaced. Anything else in it is refused, never overwritten.
     """
     if num_experts < 1:
         raise DemoError(f"num_experts={num_experts}: a MoE needs at least one expert.")
     out = Path(out_dir).resolve()
+    _clear_earlier_demo(out, overwrite)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -408,4 +471,6 @@ def build_demo(
     path = out / "demo.yaml"
     path.write_text("# Tiny offline frankenMoE built by lazymoe.demo\n" + yaml.safe_dump(config, sort_keys=False),
                     encoding="utf-8")
+    files = {name: _sha256(file) for name, file in _demo_files(out).items()}
+    write_text_atomic(out / DEMO_RECORD, json.dumps({"files": files}, indent=1) + "\n")
     return path

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, Setting, Text
 from .gguf.quants import DEFAULT_QUANTS, QUANT_TYPES
 from .io.hub_ids import MAX_HUB_NAME_CHARS
 from .moe.arch import Layout
@@ -28,6 +28,14 @@ DEFAULT_ANSWER_TOKENS = 96
 #: lazymoe eval --tasks default: lm-evaluation-harness tasks, and documents per task
 DEFAULT_BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande")
 DEFAULT_BENCHMARK_LIMIT = 100
+#: counts each front end passes on as they are (``lazymoe eval --generate-tokens``, ``lazymoe gguf --threads``,
+#: ``lazymoe chat --threads``, the same keywords in Python; the notebook keeps their defaults): the setting as a
+#: message names it, the least value allowed, and what that value does
+COUNT_FLOORS = {setting.name: (setting, least, effect) for setting, least, effect in (
+    (Setting("generate_tokens", ..., noun=True), 0, "writes no texts"),
+    (Setting("threads", ..., noun=True), 0, "uses every core, the default"),
+    (Setting("n_threads", ..., noun=True), 0, "uses half the cores, the default"),
+)}
 #: the merged model's licence on its card and the Hub when neither the recipe nor the caller names one
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -48,6 +56,16 @@ def repo_name_problem(name: str) -> str | None:
                 f"'..', not ending in '-', '.' or .git), at most {MAX_HUB_NAME_CHARS} characters a part, optionally as "
                 "namespace/name")
     return None
+
+
+def check_count(name: str, value: Any) -> None:
+    """Refuse a count option ``name`` (a key of :data:`COUNT_FLOORS`) that is not None (its default) nor a whole
+    number from its floor up, naming the option as each front end spells it (``--threads``, ``threads=``)."""
+    given, least, effect = COUNT_FLOORS[name]
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        return
+    raise ConfigError(Text(f"{given.placeholder} is {value!r}; it must be a whole number, {least} or more ({least} "
+                           f"{effect}).", (given,)))
 
 
 def _cli(flag: str, **extra: Any) -> dict[str, Any]:

@@ -125,3 +125,46 @@ def test_license_is_a_hub_license_id():
     assert load_config(cfg(license="Apache-2.0")).license == "apache-2.0"
     with pytest.raises(ConfigError, match="license: is not a Hub license id; use one like apache-2.0"):
         load_config(cfg(license="my license!"))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (cfg(gate_mode="hiden"), "gate_mode: 'hiden' is not allowed; use one of hidden, hidden_last, hidden_avg, cheap_embed, "
+                             "random, uniform_random, centroid, classifier, expert_classifier, trained. Did you mean "
+                             "'hidden'?"),
+    (cfg(gate_mod="hidden"), "Unknown key 'gate_mod' in the config. Did you mean 'gate_mode'?"),
+    (cfg(experts=[{"source_model": "a/b", "positive_promts": ["x"]}, {"source_model": "c/d"}]),
+     "Unknown key 'positive_promts' in experts[0]. Did you mean 'positive_prompts'?"),
+    (cfg(experts=[{"source_model": "a/b", "noise_scale": True}, {"source_model": "c/d"}]),
+     "experts[0].noise_scale: must be a number, not true/false (got True)."),
+    ({"experts": []}, "base_model is required but missing from the config."),
+    (cfg(experts="a/b"), "experts must be a list of mappings, each with source_model and positive_prompts."),
+    (cfg(seed=-1), "seed: must be a whole number from 0 to 2**63-1 (9223372036854775807) (got -1)."),
+])
+def test_a_config_built_in_python_gets_the_one_line_error_load_config_gives(data, message):
+    with pytest.raises(ConfigError) as loaded:
+        load_config(data)
+    with pytest.raises(ConfigError) as built:
+        MoEConfig(**data)
+    with pytest.raises(ConfigError) as validated:
+        MoEConfig.model_validate(data)
+    assert str(built.value) == str(validated.value) == str(loaded.value) == message
+
+
+def test_python_built_configs_and_experts_are_checked_in_the_same_words():
+    from lazymoe.config import ExpertConfig
+
+    # a config that is well-typed but not valid yet (one expert) can be built and completed; using it refuses it
+    one = MoEConfig(base_model="a/b", experts=[ExpertConfig(source_model="c/d", positive_prompts=["x"])])
+    with pytest.raises(ConfigError, match=r"^A MoE needs at least 2 experts; this config has 1\."):
+        load_config(one)
+    with pytest.raises(ConfigError) as assigned:
+        one.gate_mode = "hiden"
+    assert str(assigned.value).startswith("gate_mode: 'hiden' is not allowed; use one of hidden,")
+    with pytest.raises(ConfigError) as expert:
+        ExpertConfig(source_model="c/d", noise=0.01)
+    assert str(expert.value) == "Unknown key 'noise' in the ExpertConfig. Did you mean 'noise_scale'?"
+    with pytest.raises(ConfigError) as empty:
+        ExpertConfig(source_model=" ")
+    assert str(empty.value) == ("source_model: is empty: give a Hub id (org/name), org/name@revision or a local folder "
+                                "(got ' ').")
+    assert one.gate_mode == "hidden" and one.experts[0].noise_scale is None  # a refused change changes nothing

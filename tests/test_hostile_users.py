@@ -6,6 +6,7 @@ is left on disk. The CLI runs in-process (``cli.main``), so a traceback fails th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -412,3 +413,191 @@ def test_a_card_edited_by_hand_is_never_replaced_by_a_later_step(tiny_world, tmp
     assert main(["-q", "card", str(out), "--stdout"]) == 0 and "My notes" not in capsys.readouterr().out
     assert main(["-q", "card", str(out), "--overwrite"]) == 0
     assert "My notes" not in card.read_text(encoding="utf-8") and not card_edited(out)
+
+
+# --------------------------------------------------------------------------- counts below their floor
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "{merged}", "--generate-tokens", "-1"],
+     "your --generate-tokens argument is -1; it must be a whole number, 0 or more (0 writes no texts)."),
+    (["gguf", "{merged}", "--threads", "-2"],
+     "your --threads argument is -2; it must be a whole number, 0 or more (0 uses every core, the default)."),
+    (["chat", "{gguf}", "--prompt", "hi", "--threads", "-1"],
+     "your --threads argument is -1; it must be a whole number, 0 or more (0 uses half the cores, the default)."),
+])
+def test_a_negative_count_is_refused_naming_its_flag_and_range(merged, tmp_path, capsys, argv, message):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # never loaded: the count is refused first
+    before = snapshot(merged)
+    assert one_line_error(capsys, [a.format(merged=merged, gguf=gguf) for a in argv]) == message
+    assert snapshot(merged) == before  # no eval.json, no card change
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "moe", "moe.yaml"]  # no moe-GGUF folder
+
+
+def test_python_callers_get_the_same_count_check_in_their_words(merged, tmp_path):
+    from lazymoe.evaluate.skill import evaluate
+    from lazymoe.gguf.convert import convert_to_gguf, quantize_gguf
+    from lazymoe.gguf.llama import chat
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    for call, message in [
+        (lambda: evaluate(merged, generate_tokens=-1),
+         "your generate_tokens= argument is -1; it must be a whole number, 0 or more (0 writes no texts)."),
+        (lambda: convert_to_gguf(merged, threads=-2, progress=False),
+         "your threads= argument is -2; it must be a whole number, 0 or more (0 uses every core, the default)."),
+        (lambda: quantize_gguf(gguf, tmp_path / "m.Q8_0.gguf", "Q8_0", threads=True),
+         "your threads= argument is True; it must be a whole number, 0 or more (0 uses every core, the default)."),
+        (lambda: chat(gguf, "hi", n_threads=-1),
+         "your n_threads= argument is -1; it must be a whole number, 0 or more (0 uses half the cores, the default)."),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            call()
+        assert str(caught.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "moe", "moe.yaml"]
+
+
+# --------------------------------------------------------------------------- GGUF files stay out of model folders
+
+
+@pytest.mark.parametrize("inside", ["", "gguf"])
+def test_gguf_files_are_never_written_into_the_model_folder(merged, tmp_path, capsys, inside):
+    """A push uploads every file of a model folder, and a merged folder holding anything but a merged model is
+    refused by merge --overwrite: GGUF files inside it would go up with the model and pin the folder."""
+    outdir = merged / inside if inside else merged
+    before = snapshot(merged)
+    line = one_line_error(capsys, ["gguf", str(merged), "--quant", "Q8_0", "--outdir", str(outdir)])
+    assert line == (f"your --outdir argument {outdir} is inside the model folder {merged}: a push of that folder would "
+                    f"upload the GGUF files with the model. Leave it out to write them to {tmp_path / 'moe-GGUF'}, or "
+                    "give a folder outside any model folder.")
+    assert snapshot(merged) == before and not (merged / "gguf").exists()
+    assert not (tmp_path / "moe-GGUF").exists()
+
+
+def test_gguf_files_are_never_written_into_another_model_folder(merged, tiny_world, tmp_path):
+    from lazymoe.gguf.convert import convert_to_gguf
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_world["base"], other)
+    before = snapshot(other)
+    with pytest.raises(GGUFError) as caught:
+        convert_to_gguf(merged, other, quants="Q8_0", progress=False)
+    assert str(caught.value) == (f"your outdir= argument {other} is a model folder (it holds config.json): a push of "
+                                 "that folder would upload the GGUF files with the model. Leave it out to write them "
+                                 f"to {tmp_path / 'moe-GGUF'}, or give a folder outside any model folder.")
+    assert snapshot(other) == before
+
+
+# --------------------------------------------------------------------------- push --gguf-of
+
+
+def test_push_gguf_of_a_folder_without_gguf_files_stops_before_the_hub(hub, merged, tmp_path, capsys):
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import HubError
+    from lazymoe.publish.hub import push_to_hub
+
+    empty = tmp_path / "gguf"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no gguf here", encoding="utf-8")
+    push = ["push", "--token", ALICE_WRITE_TOKEN, "--gguf-of", "alice/moe"]
+    assert one_line_error(capsys, [*push, str(merged), "moe-GGUF"]) == (
+        f"{merged} is a model folder, not a folder of GGUF files, so your --gguf-of argument (alice/moe) has nothing "
+        f"to describe: make its GGUF files with `lazymoe gguf {merged}` (into {tmp_path / 'moe-GGUF'}) and push that "
+        "folder, or push this one as a model without your --gguf-of argument.")
+    assert one_line_error(capsys, [*push, str(empty), "moe-GGUF"]) == (
+        f"{empty} holds no .gguf files, so there is nothing to push as the GGUF files of alice/moe: make them with "
+        f"`lazymoe gguf MODEL_DIR --outdir {empty}` and push again.")
+    with pytest.raises(HubError) as caught:
+        push_to_hub(merged, "moe-GGUF", token=ALICE_WRITE_TOKEN, base_repo_id="alice/moe", progress=False)
+    assert "so your base_repo_id= argument (alice/moe) has nothing to describe" in str(caught.value)
+    assert hub.requests == []  # the Hub was never asked anything
+
+
+# --------------------------------------------------------------------------- the demo's folder
+
+
+def test_the_demo_never_overwrites_an_inputs_folder_it_did_not_write(tmp_path, capsys):
+    inputs = tmp_path / "work" / "inputs"
+    (inputs / "base").mkdir(parents=True)
+    (inputs / "demo.yaml").write_text("my own recipe", encoding="utf-8")
+    (inputs / "base" / "config.json").write_text('{"mine": true}', encoding="utf-8")
+    before = snapshot(inputs)
+    for extra in ([], ["--overwrite"]):
+        assert one_line_error(capsys, ["demo", str(tmp_path / "work"), *extra]) == (
+            f"{inputs} already exists and is not empty, and holds no record of a demo lazymoe built there "
+            "(.lazymoe-demo.json), so nothing in it is replaced: give the demo another folder, or empty this one.")
+    assert snapshot(inputs) == before
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["inputs"]
+
+
+def test_a_demo_rebuild_replaces_only_the_files_the_demo_wrote(tmp_path):
+    from lazymoe.demo import DEMO_RECORD, build_demo
+
+    inputs = tmp_path / "inputs"
+    recipe = build_demo(inputs, num_experts=2)
+    recorded = json.loads((inputs / DEMO_RECORD).read_text(encoding="utf-8"))["files"]
+    assert "demo.yaml" in recorded and "base/model.safetensors" in recorded and "tokenizer/tokenizer.model" in recorded
+    with pytest.raises(OutputExistsError) as caught:
+        build_demo(inputs, num_experts=2)
+    assert str(caught.value) == (f"{inputs} holds a demo built earlier: pass overwrite=True to rebuild it (only the "
+                                 "files the demo wrote are replaced), or give another folder.")
+
+    original = recipe.read_text(encoding="utf-8")
+    recipe.write_text(original + "# my note\n", encoding="utf-8")  # an edit is the user's
+    (inputs / "chat" / "notes.txt").write_text("mine", encoding="utf-8")
+    before = snapshot(inputs)
+    with pytest.raises(OutputExistsError) as caught:
+        build_demo(inputs, overwrite=True, num_experts=2)
+    assert str(caught.value) == (f"{inputs} holds files the demo did not write, or that were changed since "
+                                 "(chat/notes.txt, demo.yaml); rebuilding could replace them. Move them out of it, or "
+                                 "give the demo another folder.")
+    assert snapshot(inputs) == before
+
+    recipe.write_text(original, encoding="utf-8")
+    (inputs / "chat" / "notes.txt").unlink()
+    build_demo(inputs, overwrite=True, num_experts=2)
+    assert recipe.read_text(encoding="utf-8") == original
+    assert json.loads((inputs / DEMO_RECORD).read_text(encoding="utf-8"))["files"].keys() == recorded.keys()
+
+
+def test_a_demo_rebuild_removes_the_stale_gguf_files_and_nothing_else(merged, recipe, tmp_path, monkeypatch, capsys):
+    """The GGUF files of the replaced demo model are stale (`lazymoe gguf` would even reuse them); they used to be
+    kept whenever the folder held the recipe copy `lazymoe gguf` puts there, i.e. always."""
+    import lazymoe.demo as demo
+    import lazymoe.pipeline.merge as merging
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(demo, "build_demo", lambda folder, **options: recipe)  # the tiny merge stands in for both
+    monkeypatch.setattr(merging, "merge", lambda config, out, **options: Path(shutil.copytree(merged, out,
+                                                                                              dirs_exist_ok=True)))
+    gguf_dir = work / "merged-GGUF"
+    gguf_dir.mkdir(parents=True)
+    for name in ("merged.F16.gguf", "merged.Q8_0.gguf", "lazymoe_config.yml", "notes.md"):
+        (gguf_dir / name).write_text(name, encoding="utf-8")
+    assert main(["-q", "demo", str(work)]) == 0
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["notes.md"]  # the user's note stays
+    (gguf_dir / "notes.md").unlink()
+    (gguf_dir / "merged.Q8_0.gguf").write_text("stale", encoding="utf-8")
+    assert main(["-q", "demo", str(work), "--overwrite"]) == 0
+    assert not gguf_dir.exists()
+    capsys.readouterr()
+
+
+def test_the_notebook_evaluate_step_refuses_a_negative_count_in_one_red_line(merged, recipe, tmp_path):
+    pytest.importorskip("ipywidgets")
+    from lazymoe.notebook.form import MoEForm
+    from lazymoe.notebook.ui import Builder, StepFailed
+
+    text = yaml.safe_dump({**yaml.safe_load(recipe.read_text(encoding="utf-8")), "notebook": {"model_name": "moe"}})
+    shown = []
+    builder = Builder(MoEForm(text), workdir=tmp_path, show=shown.append)
+    assert builder.output_dir == merged
+    before = snapshot(merged)
+    with pytest.raises(StepFailed) as caught:
+        builder.evaluate(generate_tokens=-1)
+    message = "your generate_tokens= argument is -1; it must be a whole number, 0 or more (0 writes no texts)."
+    assert str(caught.value) == f"Evaluate: {message}"
+    assert message in str(shown[-1].data) and "Traceback" not in str(shown)
+    assert snapshot(merged) == before

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from ..config import load_config
 from ..errors import ConfigError, LazyMoEError, OutputExistsError, python_words
+from ..gguf.files import gguf_dir_of
 from ..gguf.quants import DEFAULT_QUANTS, parse_quants
+from ..io.folder import CONFIG_FILENAME
 from ..options import MergeOptions, cli_fields, validated
 from ..router.modes import RECOMMENDED_GATE_MODE
 
@@ -56,7 +58,8 @@ def add(sub) -> None:
     p = sub.add_parser("demo", help="build tiny local experts and merge them offline (under a minute)")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="work folder: inputs/ (the tiny models, demo.yaml) "
                                                               "and merged/ (the MoE) are written here")
-    p.add_argument("--overwrite", action="store_true", help="rebuild a demo made earlier in OUTPUT_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a demo made earlier in OUTPUT_DIR (only the files it wrote; never files of yours)")
     p.set_defaults(func=cmd_demo)
 
     _add_route(sub)
@@ -160,16 +163,23 @@ def cmd_demo(args) -> int:
     from ..pipeline.merge import merge
 
     work = Path(args.output_dir)
-    merged, gguf_dir = work / "merged", work / "merged-GGUF"
+    merged = work / "merged"
+    gguf_dir = gguf_dir_of(merged)
     if merged.exists() and not args.overwrite:
         raise OutputExistsError(f"{merged} already holds a merged demo from an earlier run. Run `lazymoe demo "
-                                f"{work} --overwrite` to rebuild it (its {gguf_dir.name} folder goes too), or give "
-                                "another folder.")
-    config_path = build_demo(work / "inputs", gate_mode=RECOMMENDED_GATE_MODE)  # as the notebook demo's preset
+                                f"{work} --overwrite` to rebuild it (the GGUF files made from it in {gguf_dir.name} "
+                                "go too), or give another folder.")
+    config_path = build_demo(work / "inputs", overwrite=args.overwrite,  # the demo's own files only, never the user's
+                             gate_mode=RECOMMENDED_GATE_MODE)  # as the notebook demo's preset
     print(f"Built tiny local experts and {config_path}")
     out = merge(config_path, merged, overwrite=True, progress=not args.quiet)
-    if gguf_dir.is_dir() and all(p.suffix in (".gguf", ".md") for p in gguf_dir.iterdir()):
-        shutil.rmtree(gguf_dir)  # GGUF files of the model just replaced: stale, and its card would say otherwise
+    if gguf_dir.is_dir():
+        # the GGUF files of the model just replaced are stale (and `lazymoe gguf` would reuse them): the files that
+        # step wrote go, and the folder with them when nothing else (a card, files of the user's) is left in it
+        for path in [*gguf_dir.glob(f"{out.name}.*.gguf"), gguf_dir / CONFIG_FILENAME]:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            gguf_dir.rmdir()
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok("def add(a, b):", return_tensors="pt")

@@ -12,6 +12,7 @@ from ..options import (
     DEFAULT_EVAL_GENERATE_TOKENS,
     DEFAULT_EVAL_MAX_TEXTS,
     DEFAULT_EVAL_MAX_TOKENS,
+    check_count,
 )
 
 
@@ -73,6 +74,7 @@ def cmd_eval(args) -> int:
     from ..publish.eval_report import EVAL_IMAGE, EVAL_JSON, benchmark_table
 
     folder = Path(args.model_dir)
+    check_count("generate_tokens", args.generate_tokens)
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{folder} has no config.json; give the folder lazymoe merge wrote.")
     texts = _parse_texts_option(args.texts)

@@ -165,7 +165,7 @@ def _add_chat(sub) -> None:
                                     "(default: beside the GGUF file or its parent)")
     p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--threads", dest="n_threads", type=int, help="CPU threads (default: half the cores)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=cmd_chat)
 
@@ -185,7 +185,7 @@ def cmd_chat(args) -> int:
 
     gguf_file = Path(args.gguf_file)
     if getattr(args, "interactive", False):  # a Namespace built in code may not have it
-        chat_loop(gguf_file, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, max_tokens=args.max_tokens,
+        chat_loop(gguf_file, n_gpu_layers=args.n_gpu_layers, n_threads=args.n_threads, max_tokens=args.max_tokens,
                   n_ctx=args.n_ctx)
         return 0
     if args.prompt:
@@ -196,7 +196,7 @@ def cmd_chat(args) -> int:
             raise GGUFError(f"no --prompt given and no {CONFIG_FILENAME} beside {gguf_file} to build one prompt per "
                             "expert from; pass --prompt TEXT or --config PATH.")
         labelled = expert_prompts(config)
-    replies = chat(gguf_file, [p for _, p in labelled], n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+    replies = chat(gguf_file, [p for _, p in labelled], n_gpu_layers=args.n_gpu_layers, n_threads=args.n_threads,
                    max_tokens=args.max_tokens, n_ctx=args.n_ctx)
     for (expert, prompt), reply in zip(labelled, replies):
         print(f"--- {'expert ' + expert + ': ' if expert else ''}{prompt}\n{reply.strip()}\n")

@@ -39,7 +39,7 @@ from ..io.texts import read_text_file
 from ..moe import arch
 from ..runtime.machine import probe
 from ..runtime.load import choose_loading, free_memory, load_merged, stored_dtype
-from ..options import DEFAULT_EVAL_GENERATE_TOKENS, DEFAULT_EVAL_MAX_TEXTS, DEFAULT_EVAL_MAX_TOKENS
+from ..options import DEFAULT_EVAL_GENERATE_TOKENS, DEFAULT_EVAL_MAX_TEXTS, DEFAULT_EVAL_MAX_TOKENS, check_count
 from ..publish.card import detected_extras, rerender_card
 from ..publish.eval_report import EVAL_IMAGE, EvalReport, ExpertEval, plot_eval
 from ..router.block import moe_mlp, shared_mlp
@@ -361,6 +361,7 @@ def evaluate(
     the rows' notes, with the reason.
     """
     start = time.perf_counter()
+    check_count("generate_tokens", generate_tokens)
     folder = require_lazymoe_output(model_dir)
     cfg = read_folder_config(folder)
     output = next((o for o in arch.OUTPUTS.values() if o.model_type == cfg.get("model_type")), None)

@@ -25,6 +25,7 @@ from ..errors import GGUFError, InsufficientResourcesError, Setting, Text
 from ..io.folder import CONFIG_FILENAME, free_disk_bytes
 from ..io.safetensors import scan_file
 from ..moe import arch
+from ..options import check_count
 from ..units import human_bytes
 from .converter import (
     CLASSIC_LAYOUT,
@@ -37,6 +38,7 @@ from .converter import (
 )
 from ..io.outdir import DISK_MARGIN_BYTES
 from .llama import capture_llama_log, import_llama_cpp
+from .files import gguf_dir_of
 from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants
 
 log = logging.getLogger("lazymoe.gguf")
@@ -100,6 +102,21 @@ def _model_params(model_dir: Path) -> int:
     return total
 
 
+def _check_outdir(model_dir: Path, out: Path, default: Path) -> None:
+    """GGUF files go beside a model, never into a model folder: a push of that folder uploads every file in it (the
+    GGUF files would go up with the model) and a merged folder holding them no longer holds only a merged model
+    (``io.folder.OUTPUT_FILES``), so a later ``overwrite`` refuses to replace it."""
+    model, target = model_dir.resolve(), out.resolve()
+    inside = target == model or model in target.parents
+    if not inside and not (target / "config.json").is_file():
+        return
+    where = f"inside the model folder {model_dir}" if inside else "a model folder (it holds config.json)"
+    given = Setting("outdir", ..., noun=True)
+    raise GGUFError(Text(
+        f"{given.placeholder} {out} is {where}: a push of that folder would upload the GGUF files with the model. "
+        f"Leave it out to write them to {default}, or give a folder outside any model folder.", (given,)))
+
+
 def _check_disk(folder: Path, need: int, what: str) -> None:
     free = free_disk_bytes(folder)
     if free < need + DISK_MARGIN_BYTES:
@@ -121,6 +138,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, *,
     Writes ``dst`` atomically (a ``.partial`` name until the quantiser returns 0) and reports which tensors
     fell back to another type.
     """
+    check_count("threads", threads)
     (quant,) = parse_quants([quant])
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -165,6 +183,7 @@ def convert_to_gguf(
     reused unless ``overwrite``. Returns the paths, the unquantised file first. Tensors that had to take
     another type are logged as warnings (use :func:`quantize_gguf` to get them as data).
     """
+    check_count("threads", threads)
     model_dir = Path(model_dir)
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
@@ -173,11 +192,13 @@ def convert_to_gguf(
     if quant_list and outtype == "q8_0":
         raise GGUFError("quantisations are made from the f16, bf16 or f32 file: with outtype q8_0, request no further "
                         "quantisation (or keep outtype f16 and add Q8_0 to the quantisations).")
+    name = name or model_dir.resolve().name
+    default = gguf_dir_of(model_dir, name)
+    out = Path(outdir) if outdir is not None else default
+    _check_outdir(model_dir, out, default)
     if quant_list:
         import_llama_cpp()  # fail now, not after a long conversion
     n_params = _model_params(model_dir)
-    name = name or model_dir.resolve().name
-    out = Path(outdir) if outdir is not None else model_dir.resolve().parent / f"{name}-GGUF"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

@@ -24,6 +24,13 @@ class GGUFFile:
         return quant_of(self.name)
 
 
+def gguf_dir_of(model_dir: str | os.PathLike, name: str | None = None) -> Path:
+    """Where ``lazymoe gguf`` writes a model's GGUF files unless told otherwise: ``NAME-GGUF`` beside the model
+    folder (``NAME``: the folder's name)."""
+    model = Path(model_dir).resolve()
+    return model.parent / f"{name or model.name}-GGUF"
+
+
 def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:
     """GGUF files from a folder (every ``*.gguf`` in it) or a list of paths, smallest first."""
     if isinstance(source, (str, os.PathLike)):

@@ -16,6 +16,7 @@ from ..config import load_config
 from ..errors import GGUFError, Setting, Text
 from ..io.folder import CONFIG_FILENAME
 from ..optional import install_hint
+from ..options import check_count
 
 INSTALL_HINT = install_hint("llama_cpp")
 #: the lengths a chat is given (each front end words them: max_tokens=, --max-tokens)
@@ -65,6 +66,7 @@ def open_gguf(path: str | os.PathLike, *, n_gpu_layers: int = -1, n_threads: int
 
     A file that does not load raises GGUFError with llama.cpp's own explanation, not just "failed to load".
     """
+    check_count("n_threads", n_threads)
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("*.gguf"))

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import yaml
-from pydantic import ValidationError
 
 from ..config import DTYPES, MoEConfig, parse_config
 from ..errors import ConfigError, LazyMoEError, worded
@@ -525,7 +524,7 @@ class MoEForm:
             problem = worded(err, form_words)
             try:  # right types, wrong combination (e.g. one expert): load it so it can be fixed in the form
                 config = MoEConfig.model_validate(preset.config)
-            except (ValidationError, TypeError):
+            except ConfigError:
                 self.show_error(f"Nothing was loaded: {problem}")
                 return False
         try:  # a preset resets every setting; a pasted block changes only what it names

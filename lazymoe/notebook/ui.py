@@ -87,7 +87,7 @@ def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], N
         show(_html(notice_html(f"The demo models are already in {folder}/: {', '.join(parts)}.", "ok")))
         return folder
     try:
-        demo.build_demo(folder)
+        demo.build_demo(folder, overwrite=True)  # the step rebuilds its own files only; anything else is refused
     except LazyMoEError as err:
         show(_html(error_html(worded(err, form_words))))
         raise StepFailed("Build the demo models", str(err)) from None

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from ..config import MoEConfig
 from ..errors import CardError, Setting, Text
-from ..gguf.files import GGUFFile, find_gguf_files
+from ..gguf.files import GGUFFile, find_gguf_files, gguf_dir_of
 from ..io.folder import CARD_RECORD, CONFIG_FILENAME, write_text_atomic
 from ..moe import arch
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
@@ -321,7 +321,7 @@ def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     if (folder / ROUTING_IMAGE).is_file():
         extras["routing_image"] = ROUTING_IMAGE
-    gguf_dir = folder.parent / f"{folder.name}-GGUF"
+    gguf_dir = gguf_dir_of(folder)
     if gguf_dir.is_dir() and any(gguf_dir.glob("*.gguf")):
         extras["gguf_files"] = gguf_dir
     return extras

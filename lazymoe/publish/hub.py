@@ -34,7 +34,7 @@ from huggingface_hub.utils import (
 
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
-from ..gguf.files import find_gguf_files
+from ..gguf.files import find_gguf_files, gguf_dir_of
 from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
@@ -303,6 +303,7 @@ def push_to_hub(
     silently exposed), then uploads every file. Re-running after an interruption resumes: the Hub keeps
     what it received and only the rest is sent. The local folder is only read. Returns where it went.
     """
+    _check_gguf_of(Path(model_dir).expanduser(), base_repo_id)
     folder = check_model_folder(model_dir)
     target = check_push_target(repo, private=private, token=token, colab_secret=colab_secret)
     api, found, endpoint, repo_id = target._api, target._token, target.endpoint, target.repo_id
@@ -540,6 +541,22 @@ class _NotHere(io.BufferedIOBase):
 
     def readinto(self, buffer) -> int:
         raise _NotOnHub()
+
+
+def _check_gguf_of(folder: Path, base_repo_id: str | None) -> None:
+    """``base_repo_id`` names the merged model that a folder of GGUF files quantises: refuse it for any other
+    folder before anything is uploaded, rather than ignore it and push the folder as whatever it is."""
+    if base_repo_id is None or not folder.is_dir():
+        return
+    given = Setting("base_repo_id", ..., noun=True)
+    if (folder / "config.json").is_file():
+        raise HubError(Text(
+            f"{folder} is a model folder, not a folder of GGUF files, so {given.placeholder} ({base_repo_id}) has "
+            f"nothing to describe: make its GGUF files with `lazymoe gguf {folder}` (into {gguf_dir_of(folder)}) and "
+            f"push that folder, or push this one as a model without {given.placeholder}.", (given,)))
+    if not any(folder.glob("*.gguf")):
+        raise HubError(f"{folder} holds no .gguf files, so there is nothing to push as the GGUF files of "
+                       f"{base_repo_id}: make them with `lazymoe gguf MODEL_DIR --outdir {folder}` and push again.")
 
 
 def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:
