@@ -175,3 +175,11 @@ class ModelFormatError(LazyMoEError, ValueError):
 
 class EvalFileError(LazyMoEError, ValueError):
     """An ``eval.json`` or ``benchmarks.json`` that this version of lazymoe cannot read."""
+
+
+class WeightsOnHubError(ModelNotFoundError):
+    """A merged folder whose weights went to the Hub only (``merge --push --no-keep``); ``url``: the repo's page."""
+
+    def __init__(self, message: str | Text = "", *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url

@@ -6,6 +6,7 @@ missing tokenizer; a 300-character path or a mount point as the output folder fa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,3 +109,25 @@ def test_chat_on_a_folder_names_the_gguf_files_in_it(tmp_path):
     (tmp_path / "m-Q8_0.gguf").write_bytes(b"GGUF")
     result = cli("chat", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 2 and "is a folder, not a GGUF file" in result.stderr and "m-Q8_0.gguf" in result.stderr
+
+
+def test_a_merged_folder_whose_shards_were_deleted_by_hand_is_one_line_in_every_step(merged, tmp_path, capsys):
+    """No record says the weights went to the Hub (merge --push --no-keep writes one): every step that reads them
+    says which files are missing and to merge again, instead of "the download is incomplete" or a traceback."""
+    from helpers import one_line_error
+
+    from lazymoe.runtime.load import LoadChoice, load_merged
+
+    folder = damaged_copy(merged, tmp_path, lambda f: [p.unlink() for p in f.glob("*.safetensors")])
+    index = folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+    told = (f"{folder} lacks its weight files ({shown}): they were deleted or never copied here. Merge again "
+            "(add --overwrite to replace this folder).")
+    for argv in (["route", str(folder)], ["eval", str(folder)], ["gguf", str(folder)], ["card", str(folder)],
+                 ["push", str(folder), "someone/moe"], ["publish", str(folder), "--gguf"]):
+        assert one_line_error(capsys, argv) == told, argv
+    with pytest.raises(LazyMoEError) as caught:
+        load_merged(folder, LoadChoice("cpu", "test"))
+    assert str(caught.value) == told.replace("add --overwrite", "pass overwrite=True")

@@ -164,6 +164,7 @@ def test_merge_push_uploads_each_shard_while_merging_and_commits_once(hub, publi
                                                                        recorded_shards):
     from hubserver import ALICE_WRITE_TOKEN
 
+    from lazymoe.io.folder import HUB_RECORD
     from lazymoe.pipeline.merge import merge_and_push
 
     cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
@@ -184,6 +185,7 @@ def test_merge_push_uploads_each_shard_while_merging_and_commits_once(hub, publi
     assert set(remote) == set(local_files)
     assert all(remote[n] == local_files[n] for n in local_files if n != "README.md")
     assert "alice/tiny-moe" in remote["README.md"].decode() and "your-username" in local_files["README.md"].decode()
+    assert not (out / HUB_RECORD).exists(), "the shards are kept here: no record of a Hub-only output"
     expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
     assert raw_bytes(out) == raw_bytes(expected)
 
@@ -273,6 +275,78 @@ def test_cli_merge_push(hub, published, tiny_world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{hub.url}/alice/tiny-cli" in printed and "in one commit" in printed and ALICE_WRITE_TOKEN not in printed
     assert len(hub.requests_of("commit")) == 1 and "model.safetensors.index.json" in hub.files("alice/tiny-cli")
+
+
+def test_a_no_keep_merge_records_where_its_weights_went_and_each_step_names_that_repo(hub, published, tiny_world,
+                                                                                     tmp_path, capsys):
+    """After the session that merged it (a new shell, a restarted kernel), a folder whose shards went to the Hub only
+    still says where they are: every step that reads the weights names the repo in one line."""
+    import json
+    import shutil
+
+    import yaml
+    from helpers import one_line_error
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import WeightsOnHubError
+    from lazymoe.evaluate.questions import answer_questions
+    from lazymoe.evaluate.skill import write_evaluation
+    from lazymoe.gguf.convert import convert_to_gguf
+    from lazymoe.io.folder import HUB_RECORD, HubCopy, foreign_entries, read_hub_record, require_weights
+    from lazymoe.pipeline.release import release
+    from lazymoe.pipeline.route import write_routing_picture
+    from lazymoe.publish.hub import push_to_hub
+    from lazymoe.runtime.load import LoadChoice, load_merged
+
+    cfg, local = hub_and_local(tiny_world, gate_mode="random", seed=6)
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "tiny-moe"
+    assert main_quiet(["merge", str(tmp_path / "moe.yaml"), str(out), "--push", "tiny-moe", "--no-keep", "--token",
+                       ALICE_WRITE_TOKEN, "--max-shard-size", "150KB"]) == 0
+    capsys.readouterr()
+    commit = hub.repos["alice/tiny-moe"].branches["main"]
+    assert shard_count(out) == 0 and read_hub_record(out) == HubCopy("alice/tiny-moe", hub.url, commit)
+    assert json.loads((out / HUB_RECORD).read_text()) == {"repo_id": "alice/tiny-moe", "endpoint": hub.url,
+                                                          "commit": commit}
+    assert HUB_RECORD not in hub.files("alice/tiny-moe") and foreign_entries(out) == []
+    url = f"{hub.url}/alice/tiny-moe"
+    told = (f"{out} holds the small files only: its weights were uploaded to {url} and deleted here as each shard "
+            f"went up, and this step reads them from this disk. Download the model (`hf download alice/tiny-moe "
+            f"--local-dir {out}-full`) and give that folder instead, or run this where a full copy is.")
+    for argv in (["route", str(out)], ["eval", str(out)], ["gguf", str(out)], ["card", str(out)],
+                 ["push", str(out), "tiny-copy", "--token", ALICE_WRITE_TOKEN],
+                 ["publish", str(out), "tiny-copy", "--token", ALICE_WRITE_TOKEN], ["publish", str(out), "--gguf"]):
+        assert one_line_error(capsys, argv) == told, argv
+    choice = LoadChoice("cpu", "test")
+    for step in (lambda: write_routing_picture(out, progress=False), lambda: write_evaluation(out, progress=False),
+                 lambda: answer_questions(out), lambda: convert_to_gguf(out, progress=False),
+                 lambda: push_to_hub(out, "tiny-copy", token=ALICE_WRITE_TOKEN), lambda: load_merged(out, choice),
+                 lambda: release(out, gguf=True, progress=False)):
+        with pytest.raises(WeightsOnHubError) as caught:
+            step()
+        assert str(caught.value) == told and caught.value.url == url
+    assert set(hub.repos) >= {"alice/tiny-moe"} and "alice/tiny-copy" not in hub.repos, "nothing was pushed"
+
+    full = tmp_path / "tiny-moe-full"  # what `hf download` gives: the shards back beside the small files
+    shutil.copytree(out, full)
+    for name, blob in hub.files("alice/tiny-moe").items():
+        if name.endswith(".safetensors"):
+            (full / name).write_bytes(blob.data)
+    require_weights(full)  # a full copy: every step reads it
+    assert main_quiet(["push", str(full), "tiny-copy", "--token", ALICE_WRITE_TOKEN]) == 0
+    assert HUB_RECORD not in hub.files("alice/tiny-copy"), "the record is hidden: never uploaded"
+    assert shard_count(full) == len([n for n in hub.files("alice/tiny-copy") if n.endswith(".safetensors")]) > 1
+
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(local))
+    assert main_quiet(["merge", str(tmp_path / "local.yaml"), str(out), "--overwrite", "--max-shard-size",
+                       "150KB"]) == 0, capsys.readouterr().err
+    assert shard_count(out) > 1 and not (out / HUB_RECORD).exists(), "the Hub-only output is replaced whole"
+
+
+def main_quiet(argv: list[str]) -> int:
+    from lazymoe.cli import main
+
+    return main(["-q", *argv])
 
 
 # ----------------------------------------------------------------------------- resume without refetching

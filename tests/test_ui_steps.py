@@ -37,7 +37,7 @@ def builder(tiny_world, tmp_path):
     preset = yaml.safe_dump({**config, "license": "mit", "notebook": {"model_name": "tiny-moe"}})
     screen = Screen()
     b = Builder(MoEForm(preset), workdir=tmp_path, show=screen.append)
-    b.screen = screen
+    b.screen, b.preset = screen, preset
     return b
 
 
@@ -240,6 +240,53 @@ def test_where_the_disk_cannot_hold_the_output_an_upload_keeps_no_shard(builder,
     assert list(out.glob("*.safetensors")) == [] and "each shard was deleted once uploaded" in builder.screen.html()
     assert builder.route() is None and "on the Hub only" in builder.screen.html(), "skipped, and Run all goes on"
     assert builder.push() is builder.pushed and len(hub.requests_of("commit", status=200)) == 1
+
+
+def test_after_a_kernel_restart_the_steps_that_read_hub_only_weights_are_skipped_naming_the_repo(
+        builder, hub, monkeypatch, tmp_path):
+    import dataclasses
+
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.runtime.machine import probe
+
+    def tick(b):
+        b.form.upload.value = b.form.gguf.value = True
+        b.form.token_box.value = ALICE_WRITE_TOKEN
+        b.form.max_shard.value = "100KB"
+
+    tick(builder)
+    plan = builder.plan()
+    small = dataclasses.replace(probe(tmp_path), disk_free=plan.streamed_disk_bytes() + 1)  # < plan.disk_bytes
+    monkeypatch.setattr(ui, "probe", lambda path=".": small)
+    out = builder.merge()
+    assert list(out.glob("*.safetensors")) == []
+
+    Builder._instances.clear()  # a new kernel: nothing of the session that merged is left but the folder
+    screen = Screen()
+    again = Builder(MoEForm(builder.preset), workdir=tmp_path, show=screen.append)
+    tick(again)
+    url = f"{hub.url}/alice/tiny-moe"
+    note = (f"The merged weights are on the Hub only ({url}): each shard was deleted once uploaded, as this disk "
+            "cannot hold them all. This step reads them here, so it is skipped.")
+    for step in (again.route, again.try_model, again.evaluate, again.ask, again.gguf, again.chat):
+        screen.clear()
+        assert step() is None and note in screen.html() and "lazymoe-error" not in screen.html(), step.__name__
+    screen.clear()
+    assert again.push() is None and f"Uploaded while merging: {url} (the weights are on the Hub only)." in screen.html()
+    assert again.repo_id == "alice/tiny-moe" and len(hub.requests_of("commit", status=200)) == 1, "nothing sent again"
+
+
+def test_a_merged_folder_whose_shards_were_deleted_by_hand_is_one_red_line_in_each_step(builder, tmp_path):
+    out = builder.merge()
+    for shard in out.glob("*.safetensors"):
+        shard.unlink()
+    for step in (builder.route, builder.try_model, builder.evaluate):
+        builder.screen.clear()
+        with pytest.raises(StepFailed):
+            step()
+        assert f"{out} lacks its weight files (model" in builder.screen.html() and "Merge again (tick" in \
+            builder.screen.html(), step.__name__
 
 
 def test_push_without_any_token_says_how_to_get_one(builder, hub):

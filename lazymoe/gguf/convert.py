@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from ..errors import GGUFError, InsufficientResourcesError, Setting, Text
-from ..io.folder import CONFIG_FILENAME, free_disk_bytes
+from ..io.folder import CONFIG_FILENAME, free_disk_bytes, require_weights
 from ..io.safetensors import scan_file
 from ..moe import arch
 from ..options import check_count
@@ -185,6 +185,7 @@ def convert_to_gguf(
     """
     check_count("threads", threads)
     model_dir = Path(model_dir)
+    require_weights(model_dir)  # a merged folder whose shards went to the Hub says where they are
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise GGUFError(f"unknown outtype {outtype!r}; choose from {', '.join(OUTTYPES)}.")

@@ -10,11 +10,12 @@ import fnmatch
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError, ModelFormatError, ModelNotFoundError
+from ..errors import ConfigError, ModelFormatError, ModelNotFoundError, Setting, Text, WeightsOnHubError
 
 #: what the merged folder calls the recipe that built it (written by merge, read by card, gguf and the notebook)
 CONFIG_FILENAME = "lazymoe_config.yml"
@@ -41,10 +42,14 @@ BENCHMARKS_JSON = "benchmarks.json"
 #: the sha256 of the README.md lazymoe last wrote (publish.card): a README.md that no longer matches it was
 #: edited by hand, and lazymoe leaves it alone. Hidden, so a push never uploads it.
 CARD_RECORD = ".lazymoe-card.sha256"
+#: where the weights of a merge that uploaded each shard and deleted it (``merge --push --no-keep``) went: the
+#: repo, its Hub and the commit (:class:`HubCopy`, JSON), written once that commit landed. Hidden, so a push never
+#: uploads it; it marks no folder as complete: the steps that read the weights name that repo instead of failing.
+HUB_RECORD = ".lazymoe-hub.json"
 #: every file a lazymoe output folder may hold (shell patterns); anything else in it is the user's own
 OUTPUT_FILES = ("config.json", "generation_config.json", CONFIG_FILENAME, CARD_FILENAME, "model*.safetensors",
                 "model.safetensors.index.json", *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,
-                ANSWERS_JSON, BENCHMARKS_JSON, CARD_RECORD, ".*.tmp-*")
+                ANSWERS_JSON, BENCHMARKS_JSON, CARD_RECORD, HUB_RECORD, ".*.tmp-*")
 
 
 def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -> bool:
@@ -71,12 +76,71 @@ def foreign_entries(folder: str | os.PathLike) -> list[str]:
 
 
 def require_lazymoe_output(folder: str | os.PathLike) -> Path:
-    """``folder`` as a Path if a finished merge wrote it, else :class:`ModelNotFoundError` saying what to give."""
+    """``folder`` as a Path if a finished merge wrote it and its weights are here, else :class:`ModelNotFoundError`
+    saying what to give (see :func:`require_weights`)."""
     folder = Path(folder)
     if not is_lazymoe_output(folder):
         raise ModelNotFoundError(f"{folder} has no config.json and {CONFIG_FILENAME}; give the folder lazymoe merge "
                                  "wrote.")
+    require_weights(folder)
     return folder
+
+
+@dataclass(frozen=True)
+class HubCopy:
+    """The Hub repo that holds a merged folder's weights (:data:`HUB_RECORD`)."""
+
+    repo_id: str  # namespace/name
+    endpoint: str  # the Hub it is on, e.g. https://huggingface.co
+    commit: str | None = None  # the commit that uploaded them
+
+    @property
+    def url(self) -> str:
+        return f"{self.endpoint}/{self.repo_id}"
+
+
+def write_hub_record(folder: Path, copy: HubCopy) -> Path:
+    """Record in ``folder`` that its weights are in ``copy`` (call once the commit holding them landed)."""
+    data = {"repo_id": copy.repo_id, "endpoint": copy.endpoint, "commit": copy.commit}
+    return write_text_atomic(Path(folder) / HUB_RECORD, json.dumps(data, indent=1) + "\n")
+
+
+def read_hub_record(folder: Path) -> HubCopy | None:
+    """Where ``folder``'s weights were uploaded to (:func:`write_hub_record`), or None: no record, or one that
+    cannot be read (then nothing is known about a Hub copy)."""
+    try:
+        data = json.loads((Path(folder) / HUB_RECORD).read_text(encoding="utf-8"))
+        copy = HubCopy(data["repo_id"], data["endpoint"], data.get("commit"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    texts = (copy.repo_id, copy.endpoint, copy.commit or "-")
+    return copy if all(isinstance(t, str) and t and t.isprintable() for t in texts) else None
+
+
+def require_weights(folder: str | os.PathLike) -> None:
+    """Every step that reads a merged folder's weights calls this first. A lazymoe output whose weight files are
+    not all here is refused in one line: :class:`WeightsOnHubError` naming the repo that holds them when
+    ``merge --push --no-keep`` recorded one (:data:`HUB_RECORD`), else ModelNotFoundError naming what is missing.
+    Any other folder passes (the caller checks what it needs of it)."""
+    folder = Path(folder)
+    if not is_lazymoe_output(folder):
+        return
+    missing = missing_weights(folder)
+    if not missing:
+        return
+    copy = read_hub_record(folder)
+    if copy is not None:
+        local = folder.with_name(f"{folder.name}-full") if folder.name else Path("model-full")
+        raise WeightsOnHubError(
+            f"{folder} holds the small files only: its weights were uploaded to {copy.url} and deleted here as each "
+            f"shard went up, and this step reads them from this disk. Download the model (`hf download {copy.repo_id} "
+            f"--local-dir {local}`) and give that folder instead, or run this where a full copy is.",
+            url=copy.url)
+    shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")
+    replace = Setting("overwrite", True)
+    raise ModelNotFoundError(Text(
+        f"{folder} lacks its weight files ({shown}): they were deleted or never copied here. Merge again "
+        f"({replace.placeholder} to replace this folder).", (replace,)))
 
 
 def read_json(path: Path, what: str, ref: object) -> dict:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 
 from ..errors import ModelFormatError, ModelNotFoundError
-from .folder import TOKENIZER_FILES, read_json
+from .folder import TOKENIZER_FILES, read_json, require_weights
 from .hub_ids import MAX_HUB_NAME_CHARS
 from .ranges import remote_tensors
 from .safetensors import TensorInfo, scan_file
@@ -196,6 +196,7 @@ def describe(ref: ModelRef) -> ModelInfo:
         if not cfg.is_file():
             raise ModelNotFoundError(f"{ref}: no config.json in {ref.local_path}; is this a Hugging Face model folder?")
         config = read_model_config(cfg, ref)
+        require_weights(ref.local_path)  # a merged folder whose shards went to the Hub says where they are
         tensors = _scan_local(ref.local_path, ref)
         return ModelInfo(ref, config, tensors, ref.local_path, sum(t.nbytes for t in tensors.values()))
 

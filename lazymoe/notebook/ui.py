@@ -30,12 +30,12 @@ from tqdm.std import tqdm as std_tqdm
 from .. import demo
 from .._version import __version__
 from ..config import MoEConfig, load_config
-from ..errors import LazyMoEError, OutputNotWritableError, StepFailed, worded
+from ..errors import LazyMoEError, OutputNotWritableError, StepFailed, WeightsOnHubError, worded
 from ..gguf.files import preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
 from ..gguf.llama import expert_prompts
-from ..io.folder import CONFIG_FILENAME, is_lazymoe_output, missing_weights
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output, missing_weights, read_hub_record, require_weights
 from ..options import DEFAULT_ANSWER_TOKENS, NotebookSettings
 from ..pipeline import merge as merging
 from ..pipeline.preflight import blocking, check_ahead
@@ -291,16 +291,20 @@ class Builder:
 
     def _require_model(self) -> Path:
         """The finished model the form's name points at (merged now or in an earlier session), its weights on
-        this disk (a step that reads them is skipped, with a note, when they went to the Hub only)."""
+        this disk (a step that reads them is skipped, with a note, when they went to the Hub only: the merge
+        recorded where in the folder, so this holds after a kernel restart too)."""
         folder = self.output_dir
         if not is_lazymoe_output(folder):
             raise LazyMoEError(f"There is no merged model at {folder} yet: run the Merge step first.")
         if folder != self.model_dir:  # another model than the last one: its GGUF files and repo are unknown
-            self.model_dir, self.gguf_files, self.repo_id, self.pushed = folder, [], None, None
-        missing = missing_weights(folder) if self.pushed is not None else []
-        if missing:
-            raise _Skipped(f"The merged weights are on the Hub only ({self.pushed.url}): each shard was deleted once "
-                           f"uploaded, as this disk cannot hold them all. This step reads them here, so it is skipped.")
+            copy = read_hub_record(folder)  # a merge in an earlier session that uploaded it
+            self.model_dir, self.gguf_files, self.pushed = folder, [], None
+            self.repo_id = copy.repo_id if copy is not None else None
+        try:
+            require_weights(folder)
+        except WeightsOnHubError as err:
+            raise _Skipped(f"The merged weights are on the Hub only ({err.url}): each shard was deleted once "
+                           f"uploaded, as this disk cannot hold them all. This step reads them here, so it is skipped.") from None
         return folder
 
     def _key(self, config: MoEConfig, settings: NotebookSettings) -> tuple:
@@ -536,8 +540,10 @@ class Builder:
         if not settings.upload:
             self._notice("Upload is off: tick “Upload to the Hugging Face Hub” in the form to publish the model.")
             return None
-        if self.pushed is not None and missing_weights(self.output_dir):
-            self._notice(f"Uploaded while merging: {self.pushed.url} (the weights are on the Hub only).", "ok")
+        copy = read_hub_record(self.output_dir)
+        if copy is not None and missing_weights(self.output_dir):  # the Merge step uploaded it (this session or not)
+            self.repo_id = copy.repo_id
+            self._notice(f"Uploaded while merging: {copy.url} (the weights are on the Hub only).", "ok")
             return self.pushed
         return self._release(settings, repo=settings.model_name).model
 

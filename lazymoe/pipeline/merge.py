@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import MoEConfig, load_config
 from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, Setting, Text, WriteError
-from ..io.folder import CONFIG_FILENAME, free_disk_bytes
+from ..io.folder import CONFIG_FILENAME, HubCopy, free_disk_bytes, write_hub_record
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
 from ..io.fetch import RangedWeights, Read
 from ..io.sources import TOKENIZER_FILES, ModelRef, describe
@@ -431,6 +431,8 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
     if pusher is not None:  # the one commit, before the folder is final: a failed commit leaves no output to --overwrite
         card = plan_card(plan, tmp, model_name=output_dir.name, repo_id=pusher.target.repo_id)
         pushed = pusher.finish(tmp, card, commit_message=f"Upload {output_dir.name} with lazymoe")
+        if not pusher.keep:  # the commit landed: the folder says where its weights are (after the upload: never sent)
+            write_hub_record(tmp, HubCopy(pushed.repo_id, pusher.target.endpoint, pushed.commit))
     target.commit()
     if pusher is not None and not pusher.keep:
         logger.info("Wrote %s without its shards: the weights are on the Hub only (%s)", output_dir, pushed.url)

@@ -35,7 +35,7 @@ from huggingface_hub.utils import (
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files, gguf_dir_of
-from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
+from ..io.folder import CONFIG_FILENAME, is_lazymoe_output, require_weights
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
 from .card import build_card, card_edited, detected_extras
@@ -59,6 +59,7 @@ class PushResult:
     files: int  # files in the uploaded folder
     bytes: int
     commit_url: str | None = None
+    commit: str | None = None  # the commit's hash
 
 
 #: the settings the Hub messages name (each front end words them: token=, --token, the form's token box)
@@ -147,6 +148,7 @@ def check_model_folder(model_dir: str | Path) -> Path:
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():
         raise HubError(f"Nothing to push: {folder} is not a folder. Give the folder a merge wrote.")
+    require_weights(folder)  # a merged folder whose shards went to the Hub (or were deleted) says so
     unfinished = f"{folder} is not a finished model folder"
     config = folder / "config.json"
     ggufs = sorted(folder.glob("*.gguf"))
@@ -337,7 +339,7 @@ def push_to_hub(
             )
     logger.info("Pushed %s to %s", folder, url)
     return PushResult(repo_id=repo_id, url=url, private=private, files=len(sizes), bytes=sum(sizes),
-                      commit_url=getattr(commit, "commit_url", None))
+                      commit_url=getattr(commit, "commit_url", None), commit=getattr(commit, "oid", None))
 
 
 # ----------------------------------------------------------------------------- streamed push
@@ -460,7 +462,8 @@ class StreamingPush:
         if self.state is not None:
             self.state.clear()
         return PushResult(repo_id=repo_id, url=self.target.url, private=self.private, files=len(operations),
-                          bytes=total, commit_url=getattr(commit, "commit_url", None))
+                          bytes=total, commit_url=getattr(commit, "commit_url", None),
+                          commit=getattr(commit, "oid", None))
 
     def abort(self) -> None:
         """Stop uploading (a failed merge): nothing is committed."""

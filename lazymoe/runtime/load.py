@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io.folder import load_folder_tokenizer, read_folder_config
+from ..io.folder import load_folder_tokenizer, read_folder_config, require_weights
 from ..io.safetensors import NAME_TO_ST, dtype_bytes
 from ..moe.arch import config_dtype
 from ..units import human_bytes
@@ -55,6 +55,7 @@ def choose_loading(size: int, runtime: Runtime, *, dtype: str = "bfloat16",
 
 
 def load_merged(folder: Path, choice: LoadChoice):
+    require_weights(folder)  # before torch: a folder whose shards went to the Hub says where they are
     import torch
     from transformers import AutoModelForCausalLM
 
