@@ -125,7 +125,10 @@ def require_weights(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if not is_lazymoe_output(folder):
         return
-    missing = missing_weights(folder)
+    try:
+        missing = missing_weights(folder)
+    except ModelFormatError:  # a damaged index: each caller names it in its own words
+        return
     if not missing:
         return
     copy = read_hub_record(folder)
@@ -204,8 +207,13 @@ def missing_weights(folder: Path) -> list[str]:
     index = Path(folder) / "model.safetensors.index.json"
     if not index.is_file():
         return [] if (Path(folder) / "model.safetensors").is_file() else ["model.safetensors"]
-    names = read_json(index, index.name, folder).get("weight_map", {})
-    return sorted({n for n in names.values() if isinstance(n, str) and not (Path(folder) / n).is_file()})
+    names = read_json(index, index.name, folder).get("weight_map")
+    if not isinstance(names, dict):
+        return []  # not an index: whoever reads it says so
+    # a name of a file elsewhere than in the folder is not ours to report: whoever reads the index refuses it
+    plain = {n for n in names.values() if isinstance(n, str) and n == Path(n).name and "\\" not in n
+             and n not in ("", ".", "..") and n.isprintable()}
+    return sorted(n for n in plain if not (Path(folder) / n).is_file())
 
 
 def read_user_text(path: Path, what: str) -> str:
