@@ -522,3 +522,30 @@ def test_ctrl_c_while_writing_ends_the_router_pass_and_leaves_nothing(hub, publi
     assert list(tmp_path.iterdir()) == [], "nothing half-written is left"
     assert not [t for t in threading.enumerate() if t.name in ("lazymoe-router", "lazymoe-fetch-feeder")]
     assert not [p for p in range_cache_dir().rglob("*") if p.is_file()], "low-disk: no fetched range is kept"
+
+
+def test_records_of_merges_never_finished_are_swept_after_a_week(tmp_path):
+    import os
+
+    from lazymoe.publish.resume import RECORD_MAX_AGE_S, PushState, UploadedShard
+
+    root = tmp_path / "pushes"
+    old = PushState("https://hub.example", "alice/abandoned", "a" * 16, root=root)
+    old.record("model-00001-of-00002.safetensors", UploadedShard("0" * 64, 10, b"x"))
+    old.save_gates(b"\0" * 16, (1, 1, 4))
+    recent = PushState("https://hub.example", "alice/recent", "b" * 16, root=root)
+    recent.record("model-00001-of-00002.safetensors", UploadedShard("1" * 64, 10, b"y"))
+    mine = PushState("https://hub.example", "alice/mine", "c" * 16, root=root)
+    mine.record("model-00001-of-00002.safetensors", UploadedShard("2" * 64, 10, b"z"))
+    stale = __import__("time").time() - RECORD_MAX_AGE_S - 60
+    for path in (old.path, old.gates_path, mine.path):
+        os.utime(path, (stale, stale))
+    unrelated = root / "notes.txt"
+    unrelated.write_text("not a record")
+
+    again = PushState("https://hub.example", "alice/mine", "c" * 16, root=root)  # the next streamed push of "mine"
+
+    assert not old.path.exists() and not old.gates_path.exists() and not old.path.parent.exists(), "swept, folder too"
+    assert recent.path.exists(), "a record written within the week stays"
+    assert again.shards == mine.shards and mine.path.exists(), "the push's own record is never swept"
+    assert unrelated.exists(), "only records are touched"
