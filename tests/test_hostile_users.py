@@ -489,6 +489,21 @@ def test_gguf_files_are_never_written_into_another_model_folder(merged, tiny_wor
     assert snapshot(other) == before
 
 
+def test_gguf_files_are_never_written_into_a_folder_inside_another_model_folder(merged, tiny_world, tmp_path):
+    from lazymoe.gguf.convert import convert_to_gguf
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_world["base"], other)
+    before = snapshot(other)
+    with pytest.raises(GGUFError) as caught:
+        convert_to_gguf(merged, other / "gguf" / "q8", quants="Q8_0", progress=False)
+    assert str(caught.value) == (f"your outdir= argument {other / 'gguf' / 'q8'} is inside the model folder "
+                                 f"{other.resolve()}: a push of that folder would upload the GGUF files with the "
+                                 f"model. Leave it out to write them to {tmp_path / 'moe-GGUF'}, or give a folder "
+                                 "outside any model folder.")
+    assert snapshot(other) == before and not (other / "gguf").exists()
+
+
 # --------------------------------------------------------------------------- push --gguf-of
 
 
