@@ -597,6 +597,22 @@ def test_a_demo_rebuild_removes_the_stale_gguf_files_and_nothing_else(merged, re
     (gguf_dir / "merged.Q8_0.gguf").write_text("stale", encoding="utf-8")
     assert main(["-q", "demo", str(work), "--overwrite"]) == 0
     assert not gguf_dir.exists()
+
+    # the GGUF card `publish` wrote goes with them; once edited by hand it is the user's, and keeps the folder
+    from lazymoe.publish.gguf_card import write_gguf_card
+
+    for edit in (False, True):
+        gguf_dir.mkdir()
+        (gguf_dir / "merged.Q8_0.gguf").write_bytes(b"GGUF" + bytes(64))
+        card = write_gguf_card(gguf_dir, base_repo_id="alice/merged")
+        if edit:
+            card.write_text("my own card\n", encoding="utf-8")
+        assert main(["-q", "demo", str(work), "--overwrite"]) == 0
+        if edit:
+            assert sorted(p.name for p in gguf_dir.iterdir()) == [".lazymoe-card.sha256", "README.md"]
+            assert card.read_text(encoding="utf-8") == "my own card\n"
+        else:
+            assert not gguf_dir.exists()
     capsys.readouterr()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import ConfigError, GGUFError, OutputExistsError, Setting, Text
 from ..gguf.files import find_gguf_files
 from ..gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
-from ..io.folder import CONFIG_FILENAME, write_text_atomic
+from ..io.folder import CONFIG_FILENAME
 from ..options import DEFAULT_LICENSE
 
 
@@ -56,15 +56,13 @@ def cmd_card(args) -> int:
                           gguf_repo=args.gguf_repo, gguf_files=args.gguf_dir, routing_image=args.routing_image)
     if args.stdout:
         print(text, end="")
-    elif args.gguf_of:
-        print(f"Wrote {write_text_atomic(folder / CARD_FILENAME, text)}")
-    else:
-        if card_edited(folder) and not args.overwrite:
-            replace = Setting("overwrite", True)
-            raise OutputExistsError(Text(
-                f"{folder / CARD_FILENAME} was edited since lazymoe wrote it; {replace.placeholder} to replace it "
-                "with lazymoe's card (print it instead with --stdout).", (replace,)))
-        print(f"Wrote {write_card_text(folder, text)}")
+        return 0
+    if card_edited(folder) and not args.overwrite:  # a merged model's card or a NAME-GGUF folder's alike
+        replace = Setting("overwrite", True)
+        raise OutputExistsError(Text(
+            f"{folder / CARD_FILENAME} was edited since lazymoe wrote it; {replace.placeholder} to replace it "
+            "with lazymoe's card (print it instead with --stdout).", (replace,)))
+    print(f"Wrote {write_card_text(folder, text)}")
     return 0
 
 
