@@ -323,13 +323,17 @@ def test_a_no_keep_rerun_fetches_and_builds_only_the_shards_the_hub_lacks(hub, p
     assert [p for p in push_state_dir().rglob("*") if p.is_file()] == [], "the record goes with the commit"
 
 
+@pytest.mark.parametrize("mode", ["hidden", "classifier"])
 def test_a_rerun_after_a_failed_commit_fetches_nothing_and_runs_no_router_pass(hub, published, tiny_world,
-                                                                                 tmp_path, monkeypatch):
+                                                                                 tmp_path, monkeypatch, mode):
+    """hidden reads the base layer by layer; classifier first loads the whole base (it continues the prompts),
+    so its first run downloads the base's weight files whole: the re-run, with the rows recorded, needs none."""
     from hubserver import ALICE_WRITE_TOKEN
 
     from lazymoe.pipeline import merge as merging
 
-    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    cfg, local = hub_and_local(tiny_world, gate_mode=mode, seed=1)
+    assert bool(lazymoe.make_plan(cfg, progress=False).whole_models) == (mode == "classifier")
     push = dict(keep=False, token=ALICE_WRITE_TOKEN, max_shard_bytes="150KB", progress=False)
     expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
     hub.fail("commit", nth=1, times=None)
@@ -346,6 +350,9 @@ def test_a_rerun_after_a_failed_commit_fetches_nothing_and_runs_no_router_pass(h
     monkeypatch.setattr(merging, "compute_gates", no_router_pass)
     merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
     assert tensor_ranges(hub) == [] and hub.requests_of("lfs-upload") == [], "no weight fetched, no shard sent"
+    whole = [r for r in hub.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
+             and not r.range]
+    assert whole == [], "no weight file downloaded whole either"
     assert len(hub.requests_of("commit", status=200)) == 1
     assert set(shard_names_by_oid(expected)) <= first  # the routers' shard, rebuilt from the rows, is the same
     remote = remote_files(hub, "alice/tiny-moe")
