@@ -153,7 +153,7 @@ def _add_gguf(sub) -> None:
 
 def _add_chat(sub) -> None:
     p = sub.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default, or "
-                                    "a conversation with -i)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    "a conversation with -i)", formatter_class=_DefaultsShown)
     p.add_argument("gguf_file", metavar="GGUF_FILE", help="a .gguf file written by `lazymoe gguf`")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="a conversation: type messages, the model answers with the conversation so far")
@@ -163,9 +163,16 @@ def _add_chat(sub) -> None:
                                     "(default: beside the GGUF file or its parent)")
     p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", dest="n_threads", type=int, help="CPU threads (default: half the cores)")
+    p.add_argument("--threads", dest="n_threads", type=int, metavar="N", help="CPU threads (default: half the cores)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=cmd_chat)
+
+
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, except where there is none to show (its help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def cmd_gguf(args) -> int:
