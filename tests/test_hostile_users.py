@@ -489,6 +489,21 @@ def test_gguf_files_are_never_written_into_another_model_folder(merged, tiny_wor
     assert snapshot(other) == before
 
 
+def test_gguf_files_are_never_written_into_a_folder_inside_another_model_folder(merged, tiny_world, tmp_path):
+    from lazymoe.gguf.convert import convert_to_gguf
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_world["base"], other)
+    before = snapshot(other)
+    with pytest.raises(GGUFError) as caught:
+        convert_to_gguf(merged, other / "gguf" / "q8", quants="Q8_0", progress=False)
+    assert str(caught.value) == (f"your outdir= argument {other / 'gguf' / 'q8'} is inside the model folder "
+                                 f"{other.resolve()}: a push of that folder would upload the GGUF files with the "
+                                 f"model. Leave it out to write them to {tmp_path / 'moe-GGUF'}, or give a folder "
+                                 "outside any model folder.")
+    assert snapshot(other) == before and not (other / "gguf").exists()
+
+
 # --------------------------------------------------------------------------- push --gguf-of
 
 
@@ -582,6 +597,22 @@ def test_a_demo_rebuild_removes_the_stale_gguf_files_and_nothing_else(merged, re
     (gguf_dir / "merged.Q8_0.gguf").write_text("stale", encoding="utf-8")
     assert main(["-q", "demo", str(work), "--overwrite"]) == 0
     assert not gguf_dir.exists()
+
+    # the GGUF card `publish` wrote goes with them; once edited by hand it is the user's, and keeps the folder
+    from lazymoe.publish.gguf_card import write_gguf_card
+
+    for edit in (False, True):
+        gguf_dir.mkdir()
+        (gguf_dir / "merged.Q8_0.gguf").write_bytes(b"GGUF" + bytes(64))
+        card = write_gguf_card(gguf_dir, base_repo_id="alice/merged")
+        if edit:
+            card.write_text("my own card\n", encoding="utf-8")
+        assert main(["-q", "demo", str(work), "--overwrite"]) == 0
+        if edit:
+            assert sorted(p.name for p in gguf_dir.iterdir()) == [".lazymoe-card.sha256", "README.md"]
+            assert card.read_text(encoding="utf-8") == "my own card\n"
+        else:
+            assert not gguf_dir.exists()
     capsys.readouterr()
 
 

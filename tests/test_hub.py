@@ -333,6 +333,42 @@ def test_a_gguf_folder_can_be_pushed_but_not_a_fake_one(hub, tmp_path):
         check_model_folder(folder)
 
 
+def test_a_gguf_card_edited_by_hand_is_kept_by_publish_card_and_push(hub, tmp_path, capsys, caplog):
+    """The NAME-GGUF folder's card gets the same protection as a merged model's: lazymoe records what it wrote,
+    and once the user edits it, publish leaves it (with a warning), `card --gguf-of` refuses without
+    --overwrite, and a push uploads it as it is."""
+    from helpers import one_line_error
+
+    from lazymoe.cli import main
+    from lazymoe.io.folder import CARD_RECORD, card_edited
+    from lazymoe.publish.gguf_card import write_gguf_card
+
+    folder = tmp_path / "tiny-moe-GGUF"
+    folder.mkdir()
+    (folder / "tiny-moe.Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    written = write_gguf_card(folder, base_repo_id="alice/tiny-moe", repo_id="alice/tiny-moe-GGUF")
+    assert written == folder / "README.md" and (folder / CARD_RECORD).is_file() and not card_edited(folder)
+
+    mine = written.read_text(encoding="utf-8").replace("# ", "# My notes on this model\n\n# ", 1)
+    written.write_text(mine, encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        assert write_gguf_card(folder, base_repo_id="alice/tiny-moe") is None
+    assert written.read_text(encoding="utf-8") == mine
+    assert "was edited since lazymoe wrote it, so it is left as it is" in caplog.text
+
+    message = one_line_error(capsys, ["card", str(folder), "--gguf-of", "alice/tiny-moe"])
+    assert message == (f"{written} was edited since lazymoe wrote it; add --overwrite to replace it with lazymoe's "
+                       "card (print it instead with --stdout).")
+    assert written.read_text(encoding="utf-8") == mine
+
+    push_to_hub(folder, "tiny-moe-GGUF", token=ALICE_WRITE_TOKEN, progress=False)
+    remote = hub.files("alice/tiny-moe-GGUF")
+    assert remote["README.md"].data.decode() == mine and CARD_RECORD not in remote
+
+    assert main(["-q", "card", str(folder), "--gguf-of", "alice/tiny-moe", "--overwrite"]) == 0
+    assert "My notes" not in written.read_text(encoding="utf-8") and not card_edited(folder)
+
+
 def test_a_path_that_is_not_a_folder_is_refused(tmp_path):
     with pytest.raises(HubError, match="is not a folder"):
         check_model_folder(tmp_path / "nowhere")

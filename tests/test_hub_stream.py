@@ -397,13 +397,17 @@ def test_a_no_keep_rerun_fetches_and_builds_only_the_shards_the_hub_lacks(hub, p
     assert [p for p in push_state_dir().rglob("*") if p.is_file()] == [], "the record goes with the commit"
 
 
+@pytest.mark.parametrize("mode", ["hidden", "classifier"])
 def test_a_rerun_after_a_failed_commit_fetches_nothing_and_runs_no_router_pass(hub, published, tiny_world,
-                                                                                 tmp_path, monkeypatch):
+                                                                                 tmp_path, monkeypatch, mode):
+    """hidden reads the base layer by layer; classifier first loads the whole base (it continues the prompts),
+    so its first run downloads the base's weight files whole: the re-run, with the rows recorded, needs none."""
     from hubserver import ALICE_WRITE_TOKEN
 
     from lazymoe.pipeline import merge as merging
 
-    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    cfg, local = hub_and_local(tiny_world, gate_mode=mode, seed=1)
+    assert bool(lazymoe.make_plan(cfg, progress=False).whole_models) == (mode == "classifier")
     push = dict(keep=False, token=ALICE_WRITE_TOKEN, max_shard_bytes="150KB", progress=False)
     expected = lazymoe.merge(local, tmp_path / "local", max_shard_bytes="150KB", progress=False)
     hub.fail("commit", nth=1, times=None)
@@ -420,6 +424,9 @@ def test_a_rerun_after_a_failed_commit_fetches_nothing_and_runs_no_router_pass(h
     monkeypatch.setattr(merging, "compute_gates", no_router_pass)
     merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", **push)
     assert tensor_ranges(hub) == [] and hub.requests_of("lfs-upload") == [], "no weight fetched, no shard sent"
+    whole = [r for r in hub.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
+             and not r.range]
+    assert whole == [], "no weight file downloaded whole either"
     assert len(hub.requests_of("commit", status=200)) == 1
     assert set(shard_names_by_oid(expected)) <= first  # the routers' shard, rebuilt from the rows, is the same
     remote = remote_files(hub, "alice/tiny-moe")
@@ -596,3 +603,30 @@ def test_ctrl_c_while_writing_ends_the_router_pass_and_leaves_nothing(hub, publi
     assert list(tmp_path.iterdir()) == [], "nothing half-written is left"
     assert not [t for t in threading.enumerate() if t.name in ("lazymoe-router", "lazymoe-fetch-feeder")]
     assert not [p for p in range_cache_dir().rglob("*") if p.is_file()], "low-disk: no fetched range is kept"
+
+
+def test_records_of_merges_never_finished_are_swept_after_a_week(tmp_path):
+    import os
+
+    from lazymoe.publish.resume import RECORD_MAX_AGE_S, PushState, UploadedShard
+
+    root = tmp_path / "pushes"
+    old = PushState("https://hub.example", "alice/abandoned", "a" * 16, root=root)
+    old.record("model-00001-of-00002.safetensors", UploadedShard("0" * 64, 10, b"x"))
+    old.save_gates(b"\0" * 16, (1, 1, 4))
+    recent = PushState("https://hub.example", "alice/recent", "b" * 16, root=root)
+    recent.record("model-00001-of-00002.safetensors", UploadedShard("1" * 64, 10, b"y"))
+    mine = PushState("https://hub.example", "alice/mine", "c" * 16, root=root)
+    mine.record("model-00001-of-00002.safetensors", UploadedShard("2" * 64, 10, b"z"))
+    stale = __import__("time").time() - RECORD_MAX_AGE_S - 60
+    for path in (old.path, old.gates_path, mine.path):
+        os.utime(path, (stale, stale))
+    unrelated = root / "notes.txt"
+    unrelated.write_text("not a record")
+
+    again = PushState("https://hub.example", "alice/mine", "c" * 16, root=root)  # the next streamed push of "mine"
+
+    assert not old.path.exists() and not old.gates_path.exists() and not old.path.parent.exists(), "swept, folder too"
+    assert recent.path.exists(), "a record written within the week stays"
+    assert again.shards == mine.shards and mine.path.exists(), "the push's own record is never swept"
+    assert unrelated.exists(), "only records are touched"

@@ -12,7 +12,7 @@ from ..config import load_config
 from ..errors import ConfigError, LazyMoEError, OutputExistsError, python_words
 from ..gguf.files import gguf_dir_of
 from ..gguf.quants import DEFAULT_QUANTS, parse_quants
-from ..io.folder import CONFIG_FILENAME
+from ..io.folder import CARD_FILENAME, CARD_RECORD, CONFIG_FILENAME, card_edited
 from ..options import MergeOptions, cli_fields, validated
 from ..router.modes import RECOMMENDED_GATE_MODE
 
@@ -175,8 +175,12 @@ def cmd_demo(args) -> int:
     out = merge(config_path, merged, overwrite=True, progress=not args.quiet)
     if gguf_dir.is_dir():
         # the GGUF files of the model just replaced are stale (and `lazymoe gguf` would reuse them): the files that
-        # step wrote go, and the folder with them when nothing else (a card, files of the user's) is left in it
-        for path in [*gguf_dir.glob(f"{out.name}.*.gguf"), gguf_dir / CONFIG_FILENAME]:
+        # step wrote go (and the card publish wrote, unless edited by hand), and the folder with them when nothing
+        # else (an edited card, files of the user's) is left in it
+        stale = [*gguf_dir.glob(f"{out.name}.*.gguf"), gguf_dir / CONFIG_FILENAME]
+        if not card_edited(gguf_dir):
+            stale += [gguf_dir / CARD_FILENAME, gguf_dir / CARD_RECORD]
+        for path in stale:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             gguf_dir.rmdir()

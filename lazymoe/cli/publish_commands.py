@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import ConfigError, GGUFError, OutputExistsError, Setting, Text
 from ..gguf.files import find_gguf_files
 from ..gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
-from ..io.folder import CONFIG_FILENAME, write_text_atomic
+from ..io.folder import CONFIG_FILENAME
 from ..options import DEFAULT_LICENSE
 
 
@@ -56,15 +56,13 @@ def cmd_card(args) -> int:
                           gguf_repo=args.gguf_repo, gguf_files=args.gguf_dir, routing_image=args.routing_image)
     if args.stdout:
         print(text, end="")
-    elif args.gguf_of:
-        print(f"Wrote {write_text_atomic(folder / CARD_FILENAME, text)}")
-    else:
-        if card_edited(folder) and not args.overwrite:
-            replace = Setting("overwrite", True)
-            raise OutputExistsError(Text(
-                f"{folder / CARD_FILENAME} was edited since lazymoe wrote it; {replace.placeholder} to replace it "
-                "with lazymoe's card (print it instead with --stdout).", (replace,)))
-        print(f"Wrote {write_card_text(folder, text)}")
+        return 0
+    if card_edited(folder) and not args.overwrite:  # a merged model's card or a NAME-GGUF folder's alike
+        replace = Setting("overwrite", True)
+        raise OutputExistsError(Text(
+            f"{folder / CARD_FILENAME} was edited since lazymoe wrote it; {replace.placeholder} to replace it "
+            "with lazymoe's card (print it instead with --stdout).", (replace,)))
+    print(f"Wrote {write_card_text(folder, text)}")
     return 0
 
 
@@ -155,7 +153,7 @@ def _add_gguf(sub) -> None:
 
 def _add_chat(sub) -> None:
     p = sub.add_parser("chat", help="answer prompts with a GGUF file (one per expert by default, or "
-                                    "a conversation with -i)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    "a conversation with -i)", formatter_class=_DefaultsShown)
     p.add_argument("gguf_file", metavar="GGUF_FILE", help="a .gguf file written by `lazymoe gguf`")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="a conversation: type messages, the model answers with the conversation so far")
@@ -165,9 +163,16 @@ def _add_chat(sub) -> None:
                                     "(default: beside the GGUF file or its parent)")
     p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", dest="n_threads", type=int, help="CPU threads (default: half the cores)")
+    p.add_argument("--threads", dest="n_threads", type=int, metavar="N", help="CPU threads (default: half the cores)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=cmd_chat)
+
+
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, except where there is none to show (its help says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def cmd_gguf(args) -> int:

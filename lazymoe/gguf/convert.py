@@ -108,13 +108,28 @@ def _check_outdir(model_dir: Path, out: Path, default: Path) -> None:
     (``io.folder.OUTPUT_FILES``), so a later ``overwrite`` refuses to replace it."""
     model, target = model_dir.resolve(), out.resolve()
     inside = target == model or model in target.parents
-    if not inside and not (target / "config.json").is_file():
+    holder = None if inside else _model_folder_above(target)  # another model's folder, or a folder inside one
+    if not inside and holder is None and not (target / "config.json").is_file():
         return
-    where = f"inside the model folder {model_dir}" if inside else "a model folder (it holds config.json)"
+    if inside:
+        where = f"inside the model folder {model_dir}"
+    elif holder is None or holder == target:
+        where = "a model folder (it holds config.json)"
+    else:
+        where = f"inside the model folder {holder}"
     given = Setting("outdir", ..., noun=True)
     raise GGUFError(Text(
         f"{given.placeholder} {out} is {where}: a push of that folder would upload the GGUF files with the model. "
         f"Leave it out to write them to {default}, or give a folder outside any model folder.", (given,)))
+
+
+def _model_folder_above(path: Path) -> Path | None:
+    """The nearest of ``path`` and its parents that holds a model (config.json and its weights), or None."""
+    for folder in (path, *path.parents):
+        if (folder / "config.json").is_file() and (
+                (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))):
+            return folder
+    return None
 
 
 def _check_disk(folder: Path, need: int, what: str) -> None:

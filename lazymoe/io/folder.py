@@ -7,6 +7,7 @@ writes both last-but-one, just before the folder is renamed into place, so a fol
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -50,6 +51,31 @@ HUB_RECORD = ".lazymoe-hub.json"
 OUTPUT_FILES = ("config.json", "generation_config.json", CONFIG_FILENAME, CARD_FILENAME, "model*.safetensors",
                 "model.safetensors.index.json", *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,
                 ANSWERS_JSON, BENCHMARKS_JSON, CARD_RECORD, HUB_RECORD, ".*.tmp-*")
+
+
+def write_card_text(folder: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as ``folder/README.md`` and record its hash, so a later edit by hand is recognised."""
+    folder = Path(folder)
+    path = write_text_atomic(folder / CARD_FILENAME, text)
+    write_text_atomic(folder / CARD_RECORD, hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+    return path
+
+
+def card_edited(folder: str | os.PathLike) -> bool:
+    """Whether ``folder/README.md`` was changed since lazymoe wrote it. A folder without the record (made by a
+    lazymoe before it kept one) counts as unedited; a missing README.md too (there is nothing to lose)."""
+    folder = Path(folder)
+    try:
+        card = (folder / CARD_FILENAME).read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        recorded = (folder / CARD_RECORD).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
+    return recorded != hashlib.sha256(card).hexdigest()
 
 
 def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -> bool:

@@ -289,7 +289,8 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
                        router=saved is None)
     release = plan.low_disk or (pusher is not None and not pusher.keep)
-    store = RangedWeights(plan.models, [Read(*r) for r in reads], whole=plan.whole_models,
+    whole = plan.whole_models if saved is None else frozenset()  # recorded rows: no pass loads a whole model
+    store = RangedWeights(plan.models, [Read(*r) for r in reads], whole=whole,
                           release=release, window=plan.fetch_window, progress=progress)
     router = _RouterPass(threaded=plan.router_overlaps and saved is None, saved=saved)
     try:

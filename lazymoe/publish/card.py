@@ -13,7 +13,6 @@ safetensors headers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable
@@ -24,7 +23,7 @@ from urllib.parse import quote
 from ..config import MoEConfig
 from ..errors import CardError, Setting, Text
 from ..gguf.files import GGUFFile, find_gguf_files, gguf_dir_of
-from ..io.folder import CARD_RECORD, CONFIG_FILENAME, write_text_atomic
+from ..io.folder import CONFIG_FILENAME, card_edited, write_card_text
 from ..moe import arch
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
 from ..units import human_params
@@ -254,35 +253,6 @@ def write_card(
     text = plan_card(plan, folder, model_name=model_name, license=license, repo_id=repo_id, gguf_repo=gguf_repo,
                      gguf_files=gguf_files, routing_image=routing_image)
     return write_card_text(folder, text)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_card_text(folder: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` as ``folder/README.md`` and record its hash, so a later edit by hand is recognised."""
-    folder = Path(folder)
-    path = write_text_atomic(folder / CARD_FILENAME, text)
-    write_text_atomic(folder / CARD_RECORD, _sha256(path.read_bytes()) + "\n")
-    return path
-
-
-def card_edited(folder: str | os.PathLike) -> bool:
-    """Whether ``folder/README.md`` was changed since lazymoe wrote it. A folder without the record (made by a
-    lazymoe before it kept one) counts as unedited; a missing README.md too (there is nothing to lose)."""
-    folder = Path(folder)
-    try:
-        card = (folder / CARD_FILENAME).read_bytes()
-    except FileNotFoundError:
-        return False
-    try:
-        recorded = (folder / CARD_RECORD).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return False
-    except (OSError, UnicodeDecodeError):
-        return True
-    return recorded != _sha256(card)
 
 
 def plan_card(plan: MergePlan, folder: str | os.PathLike, *, gguf_files=None, routing_image=None, **options: Any) -> str:

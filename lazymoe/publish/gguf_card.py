@@ -3,6 +3,7 @@ quant a reader should pick)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,10 +13,12 @@ from ..errors import CardError
 from ..gguf.files import GGUFFile, find_gguf_files
 from ..gguf.quants import BY_NAME as QUANTS_BY_NAME
 from ..gguf.quants import PREFERENCE as QUANT_PREFERENCE
-from ..io.folder import write_text_atomic
+from ..io.folder import card_edited, write_card_text
 from ..units import human_bytes
 from .facts import CARD_FILENAME, EXAMPLE_PROMPT, GGUF_TAGS, HUB_URL, check_repo_id, resolve_license
 from .render import render_gguf_card
+
+logger = logging.getLogger(__name__)
 
 
 def gguf_rows(files: list[GGUFFile]) -> list[dict[str, Any]]:
@@ -91,8 +94,17 @@ def write_gguf_card(
     repo_id: str | None = None,
     model_name: str | None = None,
     license: str | None = None,
-) -> Path:
-    """Write ``gguf_dir/README.md`` listing its ``*.gguf`` files as quantisations of ``base_repo_id``."""
-    text = build_gguf_card(find_gguf_files(gguf_dir), base_repo_id=base_repo_id, repo_id=repo_id,
+    replace_edited: bool = False,
+) -> Path | None:
+    """Write ``gguf_dir/README.md`` listing its ``*.gguf`` files as quantisations of ``base_repo_id``, and record
+    its hash as a merged model's card does. A card edited by hand since lazymoe wrote it is left as it is (None,
+    and a warning) unless ``replace_edited``: ``publish`` writes this card as a side effect."""
+    folder = Path(gguf_dir)
+    if not replace_edited and card_edited(folder):
+        logger.warning("%s was edited since lazymoe wrote it, so it is left as it is (the push uploads it as it "
+                       "is); `lazymoe card %s --gguf-of %s --overwrite` replaces it with lazymoe's card.",
+                       folder / CARD_FILENAME, folder, base_repo_id)
+        return None
+    text = build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id,
                            model_name=model_name, license=license)
-    return write_text_atomic(Path(gguf_dir) / CARD_FILENAME, text)
+    return write_card_text(folder, text)

@@ -574,6 +574,8 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
                     f"(e.g. {repo_id}-GGUF), or {_BASE_REPO.placeholder} to name the merged model's repo.",
                     (_BASE_REPO,)))
             base_repo_id = repo_id[: -len("-GGUF")]
+        if card_edited(folder):  # a card edited by hand is uploaded as it is
+            return None
         return build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id)
     if not is_lazymoe_output(folder) or card_edited(folder):  # a card edited by hand is uploaded as it is
         return None

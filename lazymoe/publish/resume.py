@@ -6,7 +6,9 @@ sha256, size and first bytes: all a commit needs of a large file) and, once comp
 everything the output's bytes depend on, so a later run of the same merge may trust the record; even so a
 recorded shard counts only once the Hub confirms it holds those bytes (it stores large files by their
 sha256), and the routers' shard is always rebuilt (from the recorded rows). The record goes once the commit
-lands. Nothing here is in the output folder: an interrupted merge still leaves nothing that looks finished.
+lands; the records of merges never finished go once untouched for ``RECORD_MAX_AGE_S`` (any later streamed
+push sweeps them). Nothing here is in the output folder: an interrupted merge still leaves nothing that
+looks finished.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +28,42 @@ from huggingface_hub import constants
 logger = logging.getLogger(__name__)
 
 
+#: a record of a merge never finished that nobody wrote to for this long is deleted: a week is longer than any
+#: merge, and the Hub may have dropped large files that no commit names by then anyway
+RECORD_MAX_AGE_S = 7 * 24 * 3600
+
+
 def push_state_dir() -> Path:
     """Where push records are kept: beside the Hugging Face cache (``HF_HOME``), read at call time."""
     return Path(constants.HF_HOME) / "lazymoe" / "pushes"
+
+
+def sweep_stale_records(root: Path, *, keep: frozenset[Path] = frozenset(), now: float | None = None) -> int:
+    """Delete the records (``*.json``, ``*.gates`` and their temporary files) under ``root`` last written more than ``RECORD_MAX_AGE_S``
+    ago, except ``keep``, and the folders that leaves empty; returns how many files went. A file that vanishes
+    or cannot be deleted meanwhile (another push sweeping, a read-only cache) is left to the next sweep."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in sorted(root.glob("*/*/*")):
+        is_record = path.suffix in (".json", ".gates") or ".tmp-" in path.name  # or one a crash left half-written
+        if path in keep or not is_record or not path.is_file():
+            continue
+        try:
+            if now - path.stat().st_mtime > RECORD_MAX_AGE_S:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    folders = [p for p in root.glob("*/*") if p.is_dir()] + [p for p in root.glob("*") if p.is_dir()]
+    for folder in folders:  # repos first, then endpoints
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            continue
+    if removed:
+        logger.info("Deleted %d push record(s) of merges untouched for over %d days", removed,
+                    RECORD_MAX_AGE_S // 86400)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -48,6 +84,7 @@ class PushState:
         self.path = folder / f"{fingerprint}.json"
         self.gates_path = folder / f"{fingerprint}.gates"
         self._lock = threading.Lock()
+        sweep_stale_records(root or push_state_dir(), keep=frozenset({self.path, self.gates_path}))
         self._data = self._load()
 
     def _load(self) -> dict:
