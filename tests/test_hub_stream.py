@@ -550,6 +550,27 @@ def test_weights_are_fetched_while_the_tokenizer_is_checked_and_a_failed_check_t
     assert not [t for t in threading.enumerate() if t.name in ("lazymoe-router", "lazymoe-tokenizer")]
 
 
+def test_no_model_is_downloaded_whole_before_the_tokenizer_check_has_passed(hub, published, tiny_world, tmp_path,
+                                                                            monkeypatch):
+    """classifier loads the whole base (gigabytes at 7B): unlike ranges, that download waits for the check."""
+    from lazymoe.errors import ModelMismatchError
+    from lazymoe.moe import checks
+
+    def slow_bad_tokenizer(config, base):
+        time.sleep(0.5)
+        raise ModelMismatchError(f"base_model ({config.base_model}): its tokenizer cannot be loaded (OSError: x).")
+
+    cfg, _ = hub_and_local(tiny_world, gate_mode="classifier", seed=1)
+    assert lazymoe.make_plan(cfg, progress=False).whole_models
+    monkeypatch.setattr(checks, "check_tokenizer", slow_bad_tokenizer)
+    hub.reset_counters()
+    with pytest.raises(ModelMismatchError, match="its tokenizer cannot be loaded"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    whole = [r for r in hub.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
+             and not r.range]
+    assert whole == [] and tensor_ranges(hub) == [] and list(tmp_path.iterdir()) == []
+
+
 def test_a_fetch_failure_stops_the_router_pass_too(hub, published, tiny_world, tmp_path):
     import threading
 

@@ -139,7 +139,8 @@ def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
     re-raises the check's error) before it tokenises, touches the Hub repo or makes the output final, so a
     bad tokenizer still leaves no output behind; the writer stops at its next tensor once the check fails. A
-    merge from the Hub fetches meanwhile: a few seconds of weights, kept in the range cache for the next run."""
+    merge from the Hub fetches ranges meanwhile (a few seconds of weights, kept in the range cache for the next
+    run), but downloads no model whole before the check has passed."""
     return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
 
 
@@ -234,6 +235,8 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
         tokenizer = _tokenizer_checked(plan.config, plan.base)  # runs while the first weights are fetched or copied
+        if plan.download_bytes and plan.whole_models:  # but models downloaded whole (GBs) wait for every check
+            tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if device not in (None, "auto") and config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads (auto cannot fail: no torch yet)
