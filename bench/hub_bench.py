@@ -250,7 +250,7 @@ def recipe_arithmetic(config, title: str) -> list[str]:
     from lazymoe.moe import checks
     from lazymoe.moe.plan import build_plan
     from lazymoe.options import DEFAULT_MAX_SHARD_BYTES
-    from lazymoe.pipeline.merge import STREAMED_SHARDS_ON_DISK
+    from lazymoe.moe.plan import STREAMED_SHARDS_ON_DISK
 
     models = {ref: _mistral_7b_on_the_hub(ref) for ref in config.model_refs()}
     output = checks.choose_output(config, models)
@@ -267,7 +267,7 @@ def recipe_arithmetic(config, title: str) -> list[str]:
         f"- peak disk, download then merge (before this change): {gb(whole + plan.output_bytes)}; "
         f"lazymoe merge now: {gb(plan.disk_bytes)} (output + fetched ranges, kept for the next run); "
         f"--low-disk: {gb(low.disk_bytes)}",
-        f"- peak disk, merge --push --no-keep: at most {gb(plan.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK))} "
+        f"- peak disk, merge --push --no-keep: at most {gb(plan.streamed_disk_bytes())} "
         f"({STREAMED_SHARDS_ON_DISK} shards + what the router pass reads of the base, each deleted once written, "
         f"+ one fetch window of {gb(plan.fetch_window)})",
     ]

@@ -177,7 +177,7 @@ def test_an_8x7b_fits_free_colab_only_when_each_shard_is_uploaded_and_deleted(mo
     disk = FREE_COLAB.disk_free
     assert round(plan.output_bytes / 1e9, 1) == 93.4 and plan.download_bytes == plan.output_bytes - 32 * 8 * 4096 * 2
     assert plan.disk_bytes > disk and low.disk_bytes > disk  # 186.9 GB and 109.3 GB: merging to disk cannot fit
-    streamed = plan.streamed_disk_bytes(merge.STREAMED_SHARDS_ON_DISK)
+    streamed = plan.streamed_disk_bytes()
     assert round(streamed / 1e9, 1) == 21.8 and streamed < disk / 4
     assert round(plan.peak_ram_bytes / 1e9, 1) == 2.1 < FREE_COLAB.ram_available / 6e9  # router pass + writer at once
 

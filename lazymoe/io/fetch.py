@@ -7,8 +7,9 @@ pool of threads, big chunks as several ranges at once (``io.ranges``), at most `
 the writer. Two readers may share one stream of fetches: the writer (``done(step)`` as it passes each output
 tensor) and the router pass, running in a thread of its own (``router_done()`` when it ends); a chunk is kept
 until both have passed it. Each chunk lands in a file of the range cache
-(``$HF_HOME/lazymoe/ranges/REPO/COMMIT/``), written under a temporary name and renamed when complete, so a later merge reuses it instead of fetching
-again. With ``release`` every chunk is deleted once its last reader has passed: disk stays near ``window``.
+(``$HF_HOME/lazymoe/ranges/REPO/COMMIT/``), written under a temporary name and renamed when complete, so a
+later merge reuses it instead of fetching again. With ``release`` every chunk is deleted once its last
+reader has passed: disk stays near ``window``.
 
 Weight files already complete in the Hugging Face cache, and local folders, are read where they are:
 nothing is downloaded or stored twice.

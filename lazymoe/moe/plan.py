@@ -251,12 +251,11 @@ class MergePlan:
     def disk_bytes(self) -> int:
         return self.output_bytes + self.peak_download_bytes + DISK_MARGIN_BYTES
 
-    def streamed_disk_bytes(self, shards_on_disk: int | None = None) -> int:
-        """Disk a merge needs that deletes each shard once uploaded, with at most ``shards_on_disk`` on disk
-        (its downloads are deleted once written too)."""
+    def streamed_disk_bytes(self) -> int:
+        """Disk a merge needs that deletes each shard once uploaded, with at most ``STREAMED_SHARDS_ON_DISK`` on
+        disk (its downloads are deleted once written too)."""
         biggest = max((s.nbytes for s in self.shards), default=0)
-        shards_on_disk = STREAMED_SHARDS_ON_DISK if shards_on_disk is None else shards_on_disk
-        return min(self.output_bytes, shards_on_disk * biggest) + self._released_peak() + DISK_MARGIN_BYTES
+        return min(self.output_bytes, STREAMED_SHARDS_ON_DISK * biggest) + self._released_peak() + DISK_MARGIN_BYTES
 
     def last_use(self) -> dict[str, int]:
         """For each model, the index (in write order) of the last output tensor that reads it."""

@@ -245,7 +245,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
         target.approve(overwrite)
         free = free_disk_bytes(target.parent)
         streamed = pusher is not None and not pusher.keep
-        disk = plan.streamed_disk_bytes(STREAMED_SHARDS_ON_DISK) if streamed else plan.disk_bytes
+        disk = plan.streamed_disk_bytes() if streamed else plan.disk_bytes
         if free < disk:
             what = (f"at most {STREAMED_SHARDS_ON_DISK} shards at a time, the downloads deleted once written" if streamed
                     else f"output {human_bytes(plan.output_bytes)} + downloads {human_bytes(plan.peak_download_bytes)}")

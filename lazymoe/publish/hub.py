@@ -1,7 +1,8 @@
 """Push a finished model folder to the Hugging Face Hub (or whatever Hub ``HF_ENDPOINT`` names).
 
-``create_repo(exist_ok=True)`` then ``upload_folder``: the client uploads large files through the Hub's
-large-file path and skips what the Hub already holds, so re-running an interrupted push finishes it.
+``create_repo(exist_ok=True)`` then one ``create_commit`` of the folder's files: the client uploads large files
+through the Hub's large-file path and skips what the Hub already holds, so re-running an interrupted push
+finishes it.
 The token is never printed, logged or written anywhere; every failure a user can fix becomes a
 :class:`~lazymoe.errors.HubError` saying what to do.
 """
@@ -35,10 +36,10 @@ from huggingface_hub.utils import (
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files, gguf_dir_of
-from ..io.folder import CONFIG_FILENAME, is_lazymoe_output, require_weights
+from ..io.folder import CONFIG_FILENAME, card_edited, is_lazymoe_output, require_weights
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
-from .card import build_card, card_edited, detected_extras
+from .card import build_card, detected_extras
 from .gguf_card import build_gguf_card
 from .resume import PushState, UploadedShard
 from ..io.token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
@@ -123,13 +124,9 @@ def _token_help(endpoint: str) -> Text:
 # ----------------------------------------------------------------------------- the folder
 
 
-#: never uploaded: hidden files and folders (.env, .ipynb_checkpoints/, .DS_Store) are the user's or their tools'
-HIDDEN_PATTERNS = (".*", "*/.*")
-
-
 def upload_files(folder: Path) -> list[Path]:
     """The files of ``folder`` a push uploads: every file but hidden ones (a name, or a folder on its path,
-    starting with a dot), which are logged as left out."""
+    starting with a dot: .env, .ipynb_checkpoints/, lazymoe's own records), which are logged as left out."""
     files, hidden = [], []
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -316,27 +313,15 @@ def push_to_hub(
     files = upload_files(folder)
     sizes = [p.stat().st_size for p in files]
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
+    # one commit of the folder's files (what upload_folder makes); a card naming this repo replaces the
+    # README.md in the upload only, the local one is left as it is
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                  for p in files if card is None or p.relative_to(folder).as_posix() != "README.md"]
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
-        if card is None:
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {folder.name} with lazymoe",
-                ignore_patterns=list(HIDDEN_PATTERNS),
-            )
-        else:
-            # the same single commit upload_folder makes, with the card's usage code naming this repo;
-            # the local README.md is left as it is
-            operations = [
-                CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                for p in files if p.relative_to(folder).as_posix() != "README.md"
-            ]
-            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-            commit = api.create_commit(
-                repo_id=repo_id,
-                operations=operations,
-                commit_message=commit_message or f"Upload {folder.name} with lazymoe",
-            )
+        commit = api.create_commit(repo_id=repo_id, operations=operations,
+                                   commit_message=commit_message or f"Upload {folder.name} with lazymoe")
     logger.info("Pushed %s to %s", folder, url)
     return PushResult(repo_id=repo_id, url=url, private=private, files=len(sizes), bytes=sum(sizes),
                       commit_url=getattr(commit, "commit_url", None), commit=getattr(commit, "oid", None))
