@@ -54,3 +54,33 @@ def test_python_m_lazymoe_ends_with_the_commands_status():
                          text=True, env=env)
     assert ok.returncode == 0 and ok.stdout.startswith("lazymoe ")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_late_ctrl_c_cannot_break_the_exit_handlers():
+    """Once the work is done, SIGINT is ignored while the exit handlers run (a Ctrl-C there printed a
+    traceback from one of torch's handlers after a push had succeeded)."""
+    done = _python(
+        "import atexit, signal\n"
+        "from lazymoe.cli import exit_now\n"
+        "atexit.register(lambda: print('ignored' if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 'live'))\n"
+        "exit_now(0)\n")
+    assert done.returncode == 0 and done.stdout == "ignored\n", done.stderr
+
+
+def test_a_reader_that_goes_away_is_no_error(tiny_world, tmp_path):
+    """`lazymoe plan R | head -1`: the pipe closes, the command stops quietly with a shell's SIGPIPE status
+    (it said "error: Broken pipe; check the path" and exited 2)."""
+    from helpers import moe_config
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]])))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write fails with a broken pipe
+    try:
+        done = subprocess.run([sys.executable, "-m", "lazymoe", "-q", "plan", str(recipe)], stdout=w,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    finally:
+        os.close(w)
+    assert done.returncode == 141 and done.stderr == "", (done.returncode, done.stderr)

@@ -382,7 +382,8 @@ def test_push_never_uploads_hidden_files(hub, merged, caplog):
     assert not [name for name in stored if name.startswith(".") and name != ".gitattributes"]
     shown = {name for name in before if not name.startswith(".")}
     assert shown <= set(stored) and "config.json" in stored
-    assert "not uploading hidden files: .env, .ipynb_checkpoints/README-checkpoint.md" in caplog.text
+    assert "not uploading hidden files: .env, .ipynb_checkpoints/README-checkpoint.md\n" in caplog.text
+    assert ".lazymoe-card.sha256" not in caplog.text, "lazymoe's own record is left out without a word"
     assert snapshot(merged) == before
 
 

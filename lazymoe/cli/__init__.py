@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -91,6 +93,7 @@ def exit_now(code: int) -> None:
     that the interpreter would wait for is still running, exit the usual way, which waits for it."""
     if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a late Ctrl-C must not break a handler
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -119,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # what reads the output went away (`lazymoe plan R | head -1`): nothing to say, and nowhere to say it
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # a shell's status for a command ended by a closed pipe (128 + SIGPIPE)
     except OSError as err:
         # the system refused a path the user gave (a name too long, a loop of links): one line, as for a bad
         # setting; -v keeps the traceback for a bug report

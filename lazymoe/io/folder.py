@@ -47,6 +47,8 @@ CARD_RECORD = ".lazymoe-card.sha256"
 #: repo, its Hub and the commit (:class:`HubCopy`, JSON), written once that commit landed. Hidden, so a push never
 #: uploads it; it marks no folder as complete: the steps that read the weights name that repo instead of failing.
 HUB_RECORD = ".lazymoe-hub.json"
+#: the hidden files lazymoe keeps in folders it wrote (never uploaded, like every hidden file)
+LAZYMOE_RECORDS = (CARD_RECORD, HUB_RECORD)
 #: every file a lazymoe output folder may hold (shell patterns); anything else in it is the user's own
 OUTPUT_FILES = ("config.json", "generation_config.json", CONFIG_FILENAME, CARD_FILENAME, "model*.safetensors",
                 "model.safetensors.index.json", *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,

@@ -36,7 +36,7 @@ from huggingface_hub.utils import (
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files, gguf_dir_of
-from ..io.folder import CONFIG_FILENAME, card_edited, is_lazymoe_output, require_weights
+from ..io.folder import CONFIG_FILENAME, LAZYMOE_RECORDS, card_edited, is_lazymoe_output, require_weights
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
 from .card import build_card, detected_extras
@@ -130,7 +130,11 @@ def upload_files(folder: Path) -> list[Path]:
     files, hidden = [], []
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            (hidden if any(part.startswith(".") for part in path.relative_to(folder).parts) else files).append(path)
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
+                if path.name not in LAZYMOE_RECORDS:  # lazymoe's own notes on the folder go unsaid
+                    hidden.append(path)
+            else:
+                files.append(path)
     if hidden:
         logger.warning("not uploading hidden files: %s", ", ".join(p.relative_to(folder).as_posix() for p in hidden))
     return files
