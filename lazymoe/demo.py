@@ -27,11 +27,12 @@ from tokenizers.models import BPE
 
 from .errors import DemoError, OutputExistsError, Setting, Text
 from .io.folder import write_text_atomic
+from .io.outdir import DISK_FULL, disk_full_error
 from .io.safetensors import NAME_TO_ST
 from .moe import arch
 from .moe.arch import FAMILIES, FAMILY_ATTENTION_EXTRAS
 
-__all__ = ["build_tokenizer", "build_model", "build_demo", "DEMO_EXPERTS", "CHAT_TEMPLATE"]
+__all__ = ["build_tokenizer", "build_model", "build_demo", "finished_demo", "DEMO_EXPERTS", "CHAT_TEMPLATE"]
 
 # Mistral-style [INST] template: simple, and both transformers (Jinja) and llama-cpp-python render it.
 CHAT_TEMPLATE = (
@@ -365,8 +366,12 @@ def _check_saved_names(out: Path, config: Any) -> None:
 
 
 #: what build_demo wrote, file by file (sha256 of each, by path inside the folder): a rebuild replaces exactly those
-#: files, unchanged, and never one the user added or edited. Hidden, like the card's record.
+#: files, unchanged, and never one the user added or edited. Hidden, like the card's record. A build writes it twice:
+#: first, before any file, naming the top-level entries the build will write ({"building": [...]}), so a build
+#: stopped midway (Ctrl-C, a crash) leaves a record that lets the next one clear exactly those and start again; then,
+#: once every file is written, the list of files (an atomic rename over the first).
 DEMO_RECORD = ".lazymoe-demo.json"
+_RECORD_TMP = f".{DEMO_RECORD}.tmp-"  # write_text_atomic's temporary name for the record
 
 
 def _sha256(path: Path) -> str:
@@ -383,41 +388,73 @@ def _demo_files(out: Path) -> dict[str, Path]:
             if (p.is_file() or p.is_symlink()) and p.name != DEMO_RECORD}
 
 
-def _read_record(out: Path) -> dict[str, str] | None:
+def _read_record(out: Path) -> dict[str, Any] | None:
+    """The demo's record in ``out``: ``{"files": {path: sha256}}`` for a finished build, ``{"building": [names]}``
+    for one that was stopped; None when there is none (or it is not one)."""
     try:
         record = json.loads((out / DEMO_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    files = record.get("files") if isinstance(record, dict) else None
-    return files if isinstance(files, dict) else None
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("building"), list) and all(isinstance(n, str) for n in record["building"]):
+        return {"building": record["building"]}
+    return {"files": record["files"]} if isinstance(record.get("files"), dict) else None
 
 
-def _clear_earlier_demo(out: Path, overwrite: bool) -> None:
+def finished_demo(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a demo that :func:`build_demo` finished (a stopped build's record says so)."""
+    record = _read_record(Path(out_dir))
+    return record is not None and "files" in record
+
+
+def _earlier_demo(out: Path, overwrite: bool) -> set[str]:
     """Before anything is written: refuse a folder holding anything but a demo built earlier (``overwrite``: that
-    demo's own files, unchanged), then delete that demo's files so the new one never mixes with them."""
+    demo's own files, unchanged) or a build that was stopped (only files under the entries it named). Returns the
+    top-level entries whose files are the earlier demo's, to clear before the new one is built."""
     if not out.is_dir() or not any(out.iterdir()):
         if out.exists() and not out.is_dir():
             raise DemoError(f"{out} is a file; give the demo a folder.")
-        return
+        return set()
     record = _read_record(out)
     if record is None:
         raise OutputExistsError(f"{out} already exists and is not empty, and holds no record of a demo lazymoe built "
                                 f"there ({DEMO_RECORD}), so nothing in it is replaced: give the demo another folder, "
                                 "or empty this one.")
-    if not overwrite:
-        replace = Setting("overwrite", True)
-        raise OutputExistsError(Text(f"{out} holds a demo built earlier: {replace.placeholder} to rebuild it (only "
-                                     "the files the demo wrote are replaced), or give another folder.", (replace,)))
     files = _demo_files(out)
-    theirs = [name for name, path in files.items() if path.is_symlink() or record.get(name) != _sha256(path)]
+    if "building" in record:  # a build that was stopped: its files are whatever lies under the entries it named
+        owned = set(record["building"])
+        theirs = [name for name in files if name.split("/")[0] not in owned and not name.startswith(_RECORD_TMP)]
+        what = "files a demo build that was stopped did not write"
+    else:
+        if not overwrite:
+            replace = Setting("overwrite", True)
+            raise OutputExistsError(Text(f"{out} holds a demo built earlier: {replace.placeholder} to rebuild it (only "
+                                         "the files the demo wrote are replaced), or give another folder.", (replace,)))
+        owned = {name.split("/")[0] for name in record["files"]}
+        theirs = [name for name, path in files.items() if not name.startswith(_RECORD_TMP)
+                  and (path.is_symlink() or record["files"].get(name) != _sha256(path))]
+        what = "files the demo did not write, or that were changed since"
     if theirs:
         more = f" and {len(theirs) - 5} more" if len(theirs) > 5 else ""
-        raise OutputExistsError(f"{out} holds files the demo did not write, or that were changed since "
-                                f"({', '.join(theirs[:5])}{more}); rebuilding could replace them. Move them out of "
-                                "it, or give the demo another folder.")
-    (out / DEMO_RECORD).unlink()  # first: a rebuild stopped midway leaves no record claiming files it did not write
-    for path in files.values():
-        path.unlink()
+        raise OutputExistsError(f"{out} holds {what} ({', '.join(theirs[:5])}{more}); rebuilding could replace them. "
+                                "Move them out of it, or give the demo another folder.")
+    return owned
+
+
+def _clear(out: Path, owned: set[str]) -> None:
+    """Delete the earlier demo's files (those under ``owned``), then the folders they leave empty."""
+    for name, path in _demo_files(out).items():
+        if name.split("/")[0] in owned or name.startswith(_RECORD_TMP):
+            path.unlink()
+    for name in owned:
+        folder = out / name
+        if folder.is_dir() and not folder.is_symlink():
+            for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def build_demo(
@@ -437,25 +474,45 @@ def build_demo(
     Expert names beyond the four classic domains are ``expert5``, ``expert6``, ...
 
     ``out_dir`` must be new or empty; with ``overwrite``, it may hold a demo built earlier, whose own files (as
-    it recorded them, unchanged) are replaced. Anything else in it is refused, never overwritten.
+    it recorded them, unchanged) are replaced. A build that was stopped (Ctrl-C) is started again without
+    ``overwrite``. Anything else in it is refused, never overwritten.
     """
     if num_experts < 1:
         raise DemoError(f"num_experts={num_experts}: a MoE needs at least one expert.")
     out = Path(out_dir).resolve()
-    _clear_earlier_demo(out, overwrite)
+    earlier = _earlier_demo(out, overwrite)
+    domains = list(DEMO_EXPERTS)
+    names = [domains[e] if e < len(domains) else f"expert{e + 1}" for e in range(num_experts)]
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # the claim first: a build stopped from here on leaves a record the next build recognises
+        write_text_atomic(out / DEMO_RECORD, json.dumps(
+            {"building": sorted(earlier | {"tokenizer", "base", "demo.yaml", *names})}, indent=1) + "\n")
     except OSError as err:
+        if err.errno in DISK_FULL:
+            raise disk_full_error(err, out, cleaned=False) from None
         raise DemoError(f"Cannot create the demo folder {out} ({err.strerror}); choose a folder you can write to.") from None
+    try:
+        return _build(out, earlier, names, gate_mode, experts_per_token, perturb, vocab_size, model_kwargs)
+    except OSError as err:
+        if err.errno in DISK_FULL:  # save_pretrained's own error would end in a traceback
+            raise disk_full_error(err, out, cleaned=False) from None
+        raise
+
+
+def _build(out: Path, earlier: set[str], names: list[str], gate_mode: str, experts_per_token: int, perturb: float,
+           vocab_size: int, model_kwargs: dict[str, Any]) -> Path:
+    """build_demo's work, once ``out`` is claimed: clear the earlier demo, write the models, the recipe, the record."""
+    domains = list(DEMO_EXPERTS)
+    _clear(out, earlier)
     tok_dir = build_tokenizer(out / "tokenizer", vocab_size=vocab_size)
     base_dir = build_model(out / "base", tokenizer_dir=tok_dir, seed=0, **model_kwargs)
-    domains = list(DEMO_EXPERTS)
     experts = []
-    for e in range(num_experts):
+    for e, name in enumerate(names):
         if e < len(domains):
-            name, (positive, negative) = domains[e], DEMO_EXPERTS[domains[e]]
+            positive, negative = DEMO_EXPERTS[name]
         else:
-            name, positive, negative = f"expert{e + 1}", [f"topic {e + 1}", f"subject {e + 1}", f"area {e + 1}"], []
+            positive, negative = [f"topic {e + 1}", f"subject {e + 1}", f"area {e + 1}"], []
         path = build_model(out / name, tokenizer_dir=tok_dir, base=base_dir, perturb=perturb, seed=1000 + e)
         entry: dict[str, Any] = {"source_model": str(path), "positive_prompts": list(positive)}
         if negative:
@@ -465,7 +522,7 @@ def build_demo(
         "base_model": str(base_dir),
         "gate_mode": gate_mode,
         "dtype": model_kwargs.get("dtype", "float32"),
-        "experts_per_token": min(experts_per_token, num_experts),
+        "experts_per_token": min(experts_per_token, len(names)),
         "experts": experts,
     }
     path = out / "demo.yaml"

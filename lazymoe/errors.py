@@ -91,6 +91,17 @@ def worded(message: str | Text | BaseException, words: Words) -> str:
     return text_of(message).worded(words)
 
 
+#: how a command line (``lazymoe``, the tools) starts the one line it prints for an error; lower case, as
+#: argparse's own ``lazymoe: error: ...``
+ERROR_PREFIX = "error: "
+
+
+def error_line(message: str) -> str:
+    """``message`` as the one line a command prints for an error: the prefix, every run of whitespace (a newline
+    in a model name or path) made one space."""
+    return ERROR_PREFIX + " ".join(message.split())
+
+
 class LazyMoEError(Exception):
     """Base class: an error whose message is meant for the user, not a bug. ``message`` may be a :class:`Text`
     naming settings; ``str(error)`` words them for Python, front ends with :func:`worded`."""

@@ -28,13 +28,18 @@ DEFAULT_ANSWER_TOKENS = 96
 #: lazymoe eval --tasks default: lm-evaluation-harness tasks, and documents per task
 DEFAULT_BENCHMARK_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "winogrande")
 DEFAULT_BENCHMARK_LIMIT = 100
+#: the most threads llama.cpp runs: its thread pool and CPU masks are sized by GGML_MAX_N_THREADS (512 in the
+#: ggml.h of the pinned llama-cpp-python); more crashes it (a segfault, or bad_alloc in the quantiser). A fixed
+#: cap, not a multiple of this machine's cores: a notebook may plan on one machine and run on another.
+LLAMA_MAX_THREADS = 512
 #: counts each front end passes on as they are (``lazymoe eval --generate-tokens``, ``lazymoe gguf --threads``,
 #: ``lazymoe chat --threads``, the same keywords in Python; the notebook keeps their defaults): the setting as a
-#: message names it, the least value allowed, and what that value does
-COUNT_FLOORS = {setting.name: (setting, least, effect) for setting, least, effect in (
-    (Setting("generate_tokens", ..., noun=True), 0, "writes no texts"),
-    (Setting("threads", ..., noun=True), 0, "uses every core, the default"),
-    (Setting("n_threads", ..., noun=True), 0, "uses half the cores, the default"),
+#: message names it, the least value allowed and what it does, the most (None: no most) and why
+_LLAMA_CAP = (LLAMA_MAX_THREADS, f"llama.cpp runs at most {LLAMA_MAX_THREADS} threads")
+COUNT_RANGES = {setting.name: (setting, least, effect, *most) for setting, least, effect, most in (
+    (Setting("generate_tokens", ..., noun=True), 0, "writes no texts", (None, "")),
+    (Setting("threads", ..., noun=True), 0, "uses every core, the default", _LLAMA_CAP),
+    (Setting("n_threads", ..., noun=True), 0, "uses half the cores, the default", _LLAMA_CAP),
 )}
 #: the merged model's licence on its card and the Hub when neither the recipe nor the caller names one
 DEFAULT_LICENSE = "apache-2.0"
@@ -59,13 +64,17 @@ def repo_name_problem(name: str) -> str | None:
 
 
 def check_count(name: str, value: Any) -> None:
-    """Refuse a count option ``name`` (a key of :data:`COUNT_FLOORS`) that is not None (its default) nor a whole
-    number from its floor up, naming the option as each front end spells it (``--threads``, ``threads=``)."""
-    given, least, effect = COUNT_FLOORS[name]
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+    """Refuse a count option ``name`` (a key of :data:`COUNT_RANGES`) that is not None (its default) nor a whole
+    number in its range, naming the option as each front end spells it (``--threads``, ``threads=``)."""
+    given, least, effect, most, why = COUNT_RANGES[name]
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if value is None or (whole and least <= value and (most is None or value <= most)):
         return
-    raise ConfigError(Text(f"{given.placeholder} is {value!r}; it must be a whole number, {least} or more ({least} "
-                           f"{effect}).", (given,)))
+    if most is None:
+        allowed = f"{least} or more ({least} {effect})"
+    else:
+        allowed = f"from {least} to {most} ({least} {effect}; {why})"
+    raise ConfigError(Text(f"{given.placeholder} is {value!r}; it must be a whole number, {allowed}.", (given,)))
 
 
 def _cli(flag: str, **extra: Any) -> dict[str, Any]:

@@ -186,14 +186,16 @@ def test_gguf_into_a_file_is_one_line(merged, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("mine", encoding="utf-8")
     line = one_line_error(capsys, ["gguf", str(merged), "--quant", "none", "--outdir", str(target)])
-    assert line == f"{target} is a file, not a folder: add --outdir OUTDIR (a folder for the GGUF files)."
+    assert line == (f"your --outdir argument {target} is a file, not a folder for the GGUF files: give a new or empty "
+                    f"folder, or leave it out to write them to {tmp_path / 'moe-GGUF'}.")
     assert target.read_text(encoding="utf-8") == "mine"
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--max-tokens", "0"], "your --max-tokens argument is 0: an answer needs at least 1 token."),
     (["--max-tokens", "-1", "-i"], "your --max-tokens argument is -1: an answer needs at least 1 token."),
-    (["--n-ctx", "-5"], "n_ctx is -5: add --n-ctx N_CTX with a context length in tokens (0: the model's own)."),
+    (["--n-ctx", "-5"], "your --n-ctx argument is -5: a context length is a whole number of tokens, 0 or more (0: the "
+                        "model's own)."),
 ])
 def test_chat_refuses_lengths_llama_cpp_cannot_use_before_loading(tmp_path, capsys, argv, message):
     gguf = tmp_path / "m.gguf"
@@ -423,9 +425,11 @@ def test_a_card_edited_by_hand_is_never_replaced_by_a_later_step(tiny_world, tmp
     (["eval", "{merged}", "--generate-tokens", "-1"],
      "your --generate-tokens argument is -1; it must be a whole number, 0 or more (0 writes no texts)."),
     (["gguf", "{merged}", "--threads", "-2"],
-     "your --threads argument is -2; it must be a whole number, 0 or more (0 uses every core, the default)."),
+     "your --threads argument is -2; it must be a whole number, from 0 to 512 (0 uses every core, the default; "
+     "llama.cpp runs at most 512 threads)."),
     (["chat", "{gguf}", "--prompt", "hi", "--threads", "-1"],
-     "your --threads argument is -1; it must be a whole number, 0 or more (0 uses half the cores, the default)."),
+     "your --threads argument is -1; it must be a whole number, from 0 to 512 (0 uses half the cores, the default; "
+     "llama.cpp runs at most 512 threads)."),
 ])
 def test_a_negative_count_is_refused_naming_its_flag_and_range(merged, tmp_path, capsys, argv, message):
     gguf = tmp_path / "m.gguf"
@@ -447,11 +451,14 @@ def test_python_callers_get_the_same_count_check_in_their_words(merged, tmp_path
         (lambda: evaluate(merged, generate_tokens=-1),
          "your generate_tokens= argument is -1; it must be a whole number, 0 or more (0 writes no texts)."),
         (lambda: convert_to_gguf(merged, threads=-2, progress=False),
-         "your threads= argument is -2; it must be a whole number, 0 or more (0 uses every core, the default)."),
+         "your threads= argument is -2; it must be a whole number, from 0 to 512 (0 uses every core, the default; "
+         "llama.cpp runs at most 512 threads)."),
         (lambda: quantize_gguf(gguf, tmp_path / "m.Q8_0.gguf", "Q8_0", threads=True),
-         "your threads= argument is True; it must be a whole number, 0 or more (0 uses every core, the default)."),
+         "your threads= argument is True; it must be a whole number, from 0 to 512 (0 uses every core, the default; "
+         "llama.cpp runs at most 512 threads)."),
         (lambda: chat(gguf, "hi", n_threads=-1),
-         "your n_threads= argument is -1; it must be a whole number, 0 or more (0 uses half the cores, the default)."),
+         "your n_threads= argument is -1; it must be a whole number, from 0 to 512 (0 uses half the cores, the "
+         "default; llama.cpp runs at most 512 threads)."),
     ]:
         with pytest.raises(ConfigError) as caught:
             call()

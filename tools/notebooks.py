@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the lazymoe of this checkout, not an installed copy
 
-from lazymoe.errors import ConfigError  # noqa: E402
+from lazymoe.errors import ConfigError, error_line  # noqa: E402
 from lazymoe.notebook.presets import Preset, load_preset  # noqa: E402
 
 #: the GitHub repository the notebooks install from and the Colab links point at: change it here only
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {path}")
         print(readme_links())
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(str(err)), file=sys.stderr)
         return 2
     return 0
 

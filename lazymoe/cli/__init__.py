@@ -15,21 +15,34 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from .._version import __version__
-from ..errors import LazyMoEError, Setting, Words, python_words, worded
+from ..errors import LazyMoEError, Setting, Words, error_line, python_words, worded
+from ..io.outdir import DISK_FULL, disk_full_error
 from ..io.token import env_tokens, redact
 from . import build_commands, eval_commands, publish_commands
 
 log = logging.getLogger("lazymoe")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a value starting with a minus and a digit is always a value: ``--max-shard-size
+    -5GB`` reaches the size check and its one line, as ``--max-shard-size=-5GB`` does, instead of argparse taking
+    ``-5GB`` for a flag and printing its usage. No lazymoe flag starts with a digit, so nothing is lost."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")  # argparse's own test, widened (every subparser)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lazymoe", description="Build Mixture-of-Experts models from dense LLMs.")
+    parser = _Parser(prog="lazymoe", description="Build Mixture-of-Experts models from dense LLMs.")
     parser.add_argument("--version", action="version", version=f"lazymoe {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -116,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except LazyMoEError as err:
         # one line, whatever the message holds (a model name or path may carry a newline)
         message = worded(err, args.words)  # each setting it names as this command's flag
-        print(f"error: {' '.join(redact(message, [getattr(args, 'token', None), *env_tokens()]).split())}",
-              file=sys.stderr)
+        print(error_line(redact(message, [getattr(args, "token", None), *env_tokens()])), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
@@ -132,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         # setting; -v keeps the traceback for a bug report
         if args.verbose:
             traceback.print_exc()
-        where = f"{err.filename}: " if err.filename else ""
-        message = redact(where + (err.strerror or str(err)), [getattr(args, "token", None), *env_tokens()])
-        print(f"error: {' '.join(message.split())}; check the path", file=sys.stderr)
+        if err.errno in DISK_FULL:  # no step saw it coming: say so, and what to do, not "check the path"
+            message = str(disk_full_error(err, Path(err.filename).parent if err.filename else None, cleaned=False))
+        else:
+            message = (f"{err.filename}: " if err.filename else "") + f"{err.strerror or err}; check the path"
+        print(error_line(redact(message, [getattr(args, "token", None), *env_tokens()])), file=sys.stderr)
         return 2
     except Exception as err:  # a bug: show the traceback, but never a token that some message may carry
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))

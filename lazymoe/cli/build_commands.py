@@ -169,7 +169,9 @@ def cmd_demo(args) -> int:
         raise OutputExistsError(f"{merged} already holds a merged demo from an earlier run. Run `lazymoe demo "
                                 f"{work} --overwrite` to rebuild it (the GGUF files made from it in {gguf_dir.name} "
                                 "go too), or give another folder.")
-    config_path = build_demo(work / "inputs", overwrite=args.overwrite,  # the demo's own files only, never the user's
+    # the demo's own files only, never the user's; inputs without a merged model are a run that was stopped (Ctrl-C
+    # during the merge, whose output is all or nothing), so they are rebuilt without asking for --overwrite
+    config_path = build_demo(work / "inputs", overwrite=args.overwrite or not merged.exists(),
                              gate_mode=RECOMMENDED_GATE_MODE)  # as the notebook demo's preset
     print(f"Built tiny local experts and {config_path}")
     out = merge(config_path, merged, overwrite=True, progress=not args.quiet)

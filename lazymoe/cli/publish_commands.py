@@ -35,7 +35,8 @@ def _add_card(sub) -> None:
     p.add_argument("--gguf-dir", help="folder of NAME.QUANT.gguf files to list in a GGUF section")
     p.add_argument("--gguf-repo", help="Hub repo holding those GGUF files (default: REPO_ID-GGUF)")
     p.add_argument("--routing-image", help="image inside the model folder showing the routing, e.g. routing.png")
-    p.add_argument("--gguf-of", metavar="MERGED_REPO",
+    # dest: the library's name for it, so a message naming base_repo_id says --gguf-of
+    p.add_argument("--gguf-of", dest="base_repo_id", metavar="MERGED_REPO",
                    help="write the card of the GGUF repo in DIR, quantised from MERGED_REPO")
     p.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
     p.add_argument("--overwrite", action="store_true",
@@ -48,8 +49,8 @@ def cmd_card(args) -> int:
     from ..publish.gguf_card import build_gguf_card
 
     folder = Path(args.model_dir)
-    if args.gguf_of:
-        text = build_gguf_card(find_gguf_files(folder), base_repo_id=args.gguf_of, repo_id=args.repo_id,
+    if args.base_repo_id:
+        text = build_gguf_card(find_gguf_files(folder), base_repo_id=args.base_repo_id, repo_id=args.repo_id,
                                model_name=args.model_name, license=args.license)
     else:
         text = build_card(folder, model_name=args.model_name, license=args.license, repo_id=args.repo_id,

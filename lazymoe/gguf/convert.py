@@ -38,7 +38,8 @@ from .converter import (
 )
 from ..io.outdir import DISK_MARGIN_BYTES
 from .llama import capture_llama_log, import_llama_cpp
-from .files import gguf_dir_of
+from .files import foreign_gguf_entries, gguf_dir_of
+from .header import gguf_problem
 from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants
 
 log = logging.getLogger("lazymoe.gguf")
@@ -102,7 +103,38 @@ def _model_params(model_dir: Path) -> int:
     return total
 
 
-def _check_outdir(model_dir: Path, out: Path, default: Path) -> None:
+def _check_outdir(model_dir: Path, out: Path, default: Path, *, given: bool, overwrite: bool) -> None:
+    """Refuse, before any work, a GGUF folder that would mix the files with something else: a model folder or a
+    folder inside one, the filesystem root, the home folder, a file, or a folder holding files of the user's own
+    (unless ``overwrite``: then they go beside those). ``given``: the user named ``out``; else it is ``default``,
+    and a message says how to clear the way (the notebook and ``publish`` have no outdir to change)."""
+    outdir = Setting("outdir", ..., noun=True)
+    named = Text(f"{outdir.placeholder} {out}", (outdir,)) if given else Text(f"{out}")
+    _check_not_a_model_folder(model_dir, out, default, named)
+    target = out.resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder to protect (no HOME, no passwd entry)
+        home = None
+    if target == Path(target.anchor) or target == home:
+        where = "your home folder" if target == home else "the filesystem root"
+        raise GGUFError(Text.join([named, f" is {where}: give the GGUF files a folder of their own (such as "
+                                          f"{target / default.name}), or leave it out to write them to {default}."]))
+    if target.exists() and not target.is_dir():
+        fix = f"give a new or empty folder, or leave it out to write them to {default}" if given else \
+            "move that file away and run again"
+        raise GGUFError(Text.join([named, f" is a file, not a folder for the GGUF files: {fix}."]))
+    foreign = foreign_gguf_entries(target) if target.is_dir() else []
+    if foreign and not overwrite:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        replace = Setting("overwrite", True)
+        fix = Text(f"give a new or empty folder, or {replace.placeholder} to write them beside those (files of the "
+                   "same names are replaced)", (replace,)) if given else "move them out of it and run again"
+        raise GGUFError(Text.join([named, f" holds files lazymoe did not write there ({', '.join(foreign[:3])}{more}), "
+                                          "so the GGUF files would mix with them: ", fix, "."]))
+
+
+def _check_not_a_model_folder(model_dir: Path, out: Path, default: Path, named: Text) -> None:
     """GGUF files go beside a model, never into a model folder: a push of that folder uploads every file in it (the
     GGUF files would go up with the model) and a merged folder holding them no longer holds only a merged model
     (``io.folder.OUTPUT_FILES``), so a later ``overwrite`` refuses to replace it."""
@@ -117,10 +149,9 @@ def _check_outdir(model_dir: Path, out: Path, default: Path) -> None:
         where = "a model folder (it holds config.json)"
     else:
         where = f"inside the model folder {holder}"
-    given = Setting("outdir", ..., noun=True)
-    raise GGUFError(Text(
-        f"{given.placeholder} {out} is {where}: a push of that folder would upload the GGUF files with the model. "
-        f"Leave it out to write them to {default}, or give a folder outside any model folder.", (given,)))
+    raise GGUFError(Text.join([named, f" is {where}: a push of that folder would upload the GGUF files with the "
+                                      f"model. Leave it out to write them to {default}, or give a folder outside any "
+                                      "model folder."]))
 
 
 def _model_folder_above(path: Path) -> Path | None:
@@ -211,16 +242,12 @@ def convert_to_gguf(
     name = name or model_dir.resolve().name
     default = gguf_dir_of(model_dir, name)
     out = Path(outdir) if outdir is not None else default
-    _check_outdir(model_dir, out, default)
+    _check_outdir(model_dir, out, default, given=outdir is not None, overwrite=overwrite)
     if quant_list:
         import_llama_cpp()  # fail now, not after a long conversion
     n_params = _model_params(model_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        where = Setting("outdir", ...)
-        raise GGUFError(Text(f"{out} is a file, not a folder: {where.placeholder} (a folder for the GGUF files).",
-                             (where,))) from None
     except OSError as err:
         raise GGUFError(f"Cannot create the GGUF folder {out} ({err.strerror or err}); choose a folder you can "
                         "write to.") from None
@@ -231,7 +258,7 @@ def convert_to_gguf(
     try:
         base = out / f"{name}.{outtype.upper()}.gguf"
         bar.set_description(f"convert {outtype.upper()}")
-        if base.is_file() and not overwrite:
+        if _reusable(base, overwrite):
             log.info("%s exists from an earlier conversion: reusing it (delete it to rebuild)", base)
         else:
             _check_disk(out, int(gguf_bytes(n_params, outtype) * 1.02), base.name)
@@ -259,7 +286,7 @@ def convert_to_gguf(
         for quant in quant_list:
             bar.set_description(f"quantise {quant}")
             dst = out / f"{name}.{quant}.gguf"
-            if dst.is_file() and not overwrite:
+            if _reusable(dst, overwrite):
                 log.info("%s exists, reusing it", dst)
             else:
                 _check_disk(out, int(gguf_bytes(n_params, quant) * 1.1), dst.name)
@@ -271,6 +298,17 @@ def convert_to_gguf(
     finally:
         bar.close()
     return paths
+
+
+def _reusable(path: Path, overwrite: bool) -> bool:
+    """Whether a file an earlier run made at ``path`` is kept instead of made again: not with ``overwrite``, and
+    never one that is not whole (llama.cpp would refuse it later with a message about offsets)."""
+    if overwrite or not path.is_file():
+        return False
+    problem = gguf_problem(path)
+    if problem is not None:
+        log.warning("%s is not a whole GGUF file (%s); making it again.", path, problem)
+    return problem is None
 
 
 def _progress_bar(total: int, enabled: bool, *, unit: str = "file", desc: str | None = None,

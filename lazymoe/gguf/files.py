@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CardError, GGUFError
+from ..io.folder import CARD_FILENAME, CARD_RECORD, CONFIG_FILENAME
 from .quants import PREFERENCE, UNQUANTISED, quant_of
 
 UNQUANTISED_NAMES = frozenset(q.name for q in UNQUANTISED)
+#: every file lazymoe writes into a GGUF folder (shell patterns): the GGUF files, the recipe copy ``lazymoe chat``
+#: reads, the NAME-GGUF card and its record, and while ``lazymoe gguf`` runs its hidden partial files and the
+#: converter's log. A folder holding anything else holds files of the user's own.
+GGUF_FOLDER_FILES = ("*.gguf", CONFIG_FILENAME, CARD_FILENAME, CARD_RECORD, ".*.gguf.partial", ".*.convert.log")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,17 @@ def gguf_dir_of(model_dir: str | os.PathLike, name: str | None = None) -> Path:
     folder (``NAME``: the folder's name)."""
     model = Path(model_dir).resolve()
     return model.parent / f"{name or model.name}-GGUF"
+
+
+def foreign_gguf_entries(folder: str | os.PathLike) -> list[str]:
+    """What ``folder`` holds that lazymoe never writes into a GGUF folder (subfolders with a trailing ``/``), sorted."""
+    found = []
+    for entry in Path(folder).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            found.append(entry.name + "/")
+        elif not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in GGUF_FOLDER_FILES):
+            found.append(entry.name)
+    return sorted(found)
 
 
 def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:

@@ -21,6 +21,7 @@ from ..options import check_count
 INSTALL_HINT = install_hint("llama_cpp")
 #: the lengths a chat is given (each front end words them: max_tokens=, --max-tokens)
 _MAX_TOKENS, _N_CTX = Setting("max_tokens", ..., noun=True), Setting("n_ctx", ...)
+_N_CTX_GIVEN = Setting("n_ctx", ..., noun=True)
 
 
 def import_llama_cpp() -> Any:
@@ -95,8 +96,8 @@ def _check_lengths(max_tokens: int, n_ctx: int) -> None:
         raise GGUFError(Text(f"{_MAX_TOKENS.placeholder} is {max_tokens!r}: an answer needs at least 1 token.",
                              (_MAX_TOKENS,)))
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-        raise GGUFError(Text(f"n_ctx is {n_ctx!r}: {_N_CTX.placeholder} with a context length in tokens (0: the "
-                             "model's own).", (_N_CTX,)))
+        raise GGUFError(Text(f"{_N_CTX_GIVEN.placeholder} is {n_ctx!r}: a context length is a whole number of tokens, "
+                             "0 or more (0: the model's own).", (_N_CTX_GIVEN,)))
 
 
 def _answer(llm: Any, messages: list[dict[str, str]], n_ctx: int, **options: Any) -> str:

@@ -77,10 +77,15 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def disk_full_error(err: OSError, where: Path, need: str) -> InsufficientResourcesError:
+def disk_full_error(err: OSError, where: Path | str | None, need: str | None = None, *,
+                    cleaned: bool = True) -> InsufficientResourcesError:
+    """The one message for a disk that filled up while writing at ``where``: ``need``, how much a run needs when
+    the caller knows it; ``cleaned``, whether the caller removed what it had half-written."""
+    kept = "; nothing half-written was kept" if cleaned else ""
+    free = f"Free at least {need} there" if need else "Free space there"
     return InsufficientResourcesError(
-        f"The disk at {where} filled up while writing ({os.strerror(err.errno)}); nothing half-written was kept. "
-        f"Free at least {need} there (or choose an output folder on a larger disk) and run again."
+        f"The disk{f' at {where}' if where else ''} filled up while writing ({os.strerror(err.errno)}){kept}. "
+        f"{free if where else free.replace(' there', '')} (or choose an output folder on a larger disk) and run again."
     )
 
 

@@ -255,7 +255,8 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo):
     except Exception as err:
         raise ModelMismatchError(
             f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
-            "The MoE reuses the base tokenizer, so the base folder must contain one."
+            f"The MoE reuses the base tokenizer, so the base {'repo' if base.ref.repo_id else 'folder'}'s "
+            "tokenizer files must load: repair them, or use a base whose tokenizer loads."
         ) from None
     if config.router_chat_template and config.uses_prompts:  # a template that fails, fails now, not after downloads
         router_token_ids(tok, config.experts[0].positive_prompts[0], chat_template=True)

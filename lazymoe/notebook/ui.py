@@ -83,7 +83,7 @@ def prepare_demo(folder: str | Path = "lazymoe-demo", *, show: Callable[[Any], N
     """Build the tiny offline demo models into ``folder`` (skipped when they are already there)."""
     folder = Path(folder)
     parts = ["base", *demo.DEMO_EXPERTS]
-    if all((folder / p / "config.json").is_file() for p in parts):
+    if demo.finished_demo(folder) and all((folder / p / "config.json").is_file() for p in parts):
         show(_html(notice_html(f"The demo models are already in {folder}/: {', '.join(parts)}.", "ok")))
         return folder
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import MoEConfig, license_id, load_config
-from ..errors import CardError, ModelNotFoundError
+from ..errors import CardError, ModelNotFoundError, Setting, Text
 from ..io.folder import CARD_FILENAME, CONFIG_FILENAME, ROUTING_IMAGE
 from ..io.outdir import final_name
 from ..io.sources import ModelRef, describe, read_model_config
@@ -175,6 +175,10 @@ def resolve_license(license: str | None, config: MoEConfig | None = None) -> str
         raise CardError(f"license {str(value).strip().lower()!r} {err}.") from None
 
 
-def check_repo_id(value: str | None, what: str) -> None:
+def check_repo_id(value: str | None, name: str) -> None:
+    """Refuse a ``value`` of the argument ``name`` that is not a full Hub repo id, naming the argument as the user's
+    front end spells it (``repo_id=``, ``--repo-id``)."""
     if value is not None and not _REPO_ID.match(value):
-        raise CardError(f"{what} {value!r} must be a full Hub repo id, namespace/name (like me/MyMoE-4x7B).")
+        given = Setting(name, ..., noun=True)
+        raise CardError(Text(f"{given.placeholder} {value!r} must be a full Hub repo id, namespace/name (like "
+                             "me/MyMoE-4x7B).", (given,)))

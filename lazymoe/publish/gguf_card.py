@@ -49,7 +49,7 @@ def gguf_card_data(
     files = list(gguf_files)
     if not files:
         raise CardError("A GGUF card needs at least one .gguf file; run lazymoe gguf first.")
-    check_repo_id(base_repo_id, "base_repo_id (the merged model's Hub id)")
+    check_repo_id(base_repo_id, "base_repo_id")
     check_repo_id(repo_id, "repo_id")
     repo_id = repo_id or f"{base_repo_id}-GGUF"
     quant = default_quant(files)
