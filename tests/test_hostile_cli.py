@@ -78,6 +78,24 @@ def test_a_demo_stopped_by_ctrl_c_runs_again(tmp_path):
     assert finished_demo(inputs) and (work / "merged" / "config.json").is_file()
 
 
+def test_a_demo_stopped_during_its_merge_runs_again(tmp_path, monkeypatch, capsys):
+    """Stopped during the merge (whose output is all or nothing), the demo left finished inputs and no merged
+    model; the same command then refused the inputs as "a demo built earlier" until --overwrite was added."""
+    import lazymoe.pipeline.merge as merging
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with monkeypatch.context() as m:
+        m.setattr(merging, "merge", stopped)
+        assert main(["-q", "demo", str(work)]) == 130
+    assert not (work / "merged").exists()
+    assert main(["-q", "demo", str(work)]) == 0
+    assert (work / "merged" / "config.json").is_file()
+    capsys.readouterr()
+
+
 def _stop_at_model(monkeypatch, n: int) -> None:
     """Make the demo's ``n``-th model (1: the base) stop as Ctrl-C would, after transformers wrote part of it."""
     import lazymoe.demo as demo
@@ -223,10 +241,11 @@ def test_gguf_refuses_the_filesystem_root_and_the_home_folder(merged, tmp_path, 
     (home / "thesis.tex").write_text("mine", encoding="utf-8")
     monkeypatch.setenv("HOME", str(home))
     target, said = (Path("/"), "the filesystem root") if where == "root" else (home, "your home folder")
+    before = sorted(os.listdir(target))
     line = one_line_error(capsys, ["gguf", str(merged), "--quant", "none", "--outdir", str(target), "--overwrite"])
     assert line == (f"your --outdir argument {target} is {said}: give the GGUF files a folder of their own (such as "
                     f"{target / 'moe-GGUF'}), or leave it out to write them to {tmp_path / 'moe-GGUF'}.")
-    assert sorted(p.name for p in home.iterdir()) == ["thesis.tex"] and not list(Path("/").glob("moe.*.gguf"))
+    assert sorted(os.listdir(target)) == before and not (tmp_path / "moe-GGUF").exists()
 
 
 def test_gguf_refuses_a_folder_of_the_users_own_files_unless_told(merged, tmp_path, capsys):

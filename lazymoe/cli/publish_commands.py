@@ -9,7 +9,7 @@ from ..errors import ConfigError, GGUFError, OutputExistsError, Setting, Text
 from ..gguf.files import find_gguf_files
 from ..gguf.quants import DEFAULT_QUANTS, OUTTYPES, QUANT_TYPES
 from ..io.folder import CONFIG_FILENAME
-from ..options import DEFAULT_LICENSE
+from ..options import DEFAULT_LICENSE, LLAMA_MAX_THREADS
 
 
 def add(sub) -> None:
@@ -147,7 +147,7 @@ def _add_gguf(sub) -> None:
                         f"menu: {','.join(QUANT_TYPES)}")
     p.add_argument("--outdir", help="where to write (default: MODEL_DIR-GGUF beside the model)")
     p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="unquantised file type (default f16)")
-    p.add_argument("--threads", type=int, help="quantiser threads (default: all cores)")
+    p.add_argument("--threads", type=int, help=f"quantiser threads, at most {LLAMA_MAX_THREADS} (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="rebuild files that already exist")
     p.set_defaults(func=cmd_gguf)
 
@@ -164,7 +164,8 @@ def _add_chat(sub) -> None:
                                     "(default: beside the GGUF file or its parent)")
     p.add_argument("--max-tokens", type=int, default=128, help="longest answer, in tokens")
     p.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1: all, when the build has one)")
-    p.add_argument("--threads", dest="n_threads", type=int, metavar="N", help="CPU threads (default: half the cores)")
+    p.add_argument("--threads", dest="n_threads", type=int, metavar="N",
+                   help=f"CPU threads, at most {LLAMA_MAX_THREADS} (default: half the cores)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length, in tokens")
     p.set_defaults(func=cmd_chat)
 

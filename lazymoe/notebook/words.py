@@ -33,7 +33,8 @@ NOTEBOOK_PHRASES = {"outdir": "run the notebook from a folder on a larger disk",
 #: settings the notebook always sets itself, so no message from a notebook step names them; their messages
 #: keep the Python words (a notebook user calling lazymoe from Python reads those)
 SET_BY_THE_NOTEBOOK = frozenset({"device", "layout", "model_name", "download", "base_repo_id", "include_path",
-                                 "max_tokens", "n_ctx", "generate_tokens", "threads", "n_threads"})
+                                 "max_tokens", "n_ctx", "generate_tokens", "threads", "n_threads", "repo_id",
+                                 "gguf_repo"})
 
 
 def form_words(setting: Setting) -> str:

@@ -175,10 +175,15 @@ def resolve_license(license: str | None, config: MoEConfig | None = None) -> str
         raise CardError(f"license {str(value).strip().lower()!r} {err}.") from None
 
 
+#: the arguments that name a Hub repo on a card, as a message names them (``repo_id=``, ``--repo-id``)
+_REPO_ARGUMENTS = {s.name: s for s in (Setting("repo_id", ..., noun=True), Setting("gguf_repo", ..., noun=True),
+                                       Setting("base_repo_id", ..., noun=True))}
+
+
 def check_repo_id(value: str | None, name: str) -> None:
-    """Refuse a ``value`` of the argument ``name`` that is not a full Hub repo id, naming the argument as the user's
-    front end spells it (``repo_id=``, ``--repo-id``)."""
+    """Refuse a ``value`` of the argument ``name`` (a key of :data:`_REPO_ARGUMENTS`) that is not a full Hub repo
+    id, naming the argument as the user's front end spells it."""
     if value is not None and not _REPO_ID.match(value):
-        given = Setting(name, ..., noun=True)
+        given = _REPO_ARGUMENTS[name]
         raise CardError(Text(f"{given.placeholder} {value!r} must be a full Hub repo id, namespace/name (like "
                              "me/MyMoE-4x7B).", (given,)))
