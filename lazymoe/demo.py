@@ -503,13 +503,12 @@ def build_demo(
 def _build(out: Path, earlier: set[str], names: list[str], gate_mode: str, experts_per_token: int, perturb: float,
            vocab_size: int, model_kwargs: dict[str, Any]) -> Path:
     """build_demo's work, once ``out`` is claimed: clear the earlier demo, write the models, the recipe, the record."""
-    domains = list(DEMO_EXPERTS)
     _clear(out, earlier)
     tok_dir = build_tokenizer(out / "tokenizer", vocab_size=vocab_size)
     base_dir = build_model(out / "base", tokenizer_dir=tok_dir, seed=0, **model_kwargs)
     experts = []
     for e, name in enumerate(names):
-        if e < len(domains):
+        if name in DEMO_EXPERTS:
             positive, negative = DEMO_EXPERTS[name]
         else:
             positive, negative = [f"topic {e + 1}", f"subject {e + 1}", f"area {e + 1}"], []

@@ -81,11 +81,12 @@ def disk_full_error(err: OSError, where: Path | str | None, need: str | None = N
                     cleaned: bool = True) -> InsufficientResourcesError:
     """The one message for a disk that filled up while writing at ``where``: ``need``, how much a run needs when
     the caller knows it; ``cleaned``, whether the caller removed what it had half-written."""
+    at, there = (f" at {where}", " there") if where else ("", "")
     kept = "; nothing half-written was kept" if cleaned else ""
-    free = f"Free at least {need} there" if need else "Free space there"
+    free = f"Free at least {need}{there}" if need else f"Free space{there}"
     return InsufficientResourcesError(
-        f"The disk{f' at {where}' if where else ''} filled up while writing ({os.strerror(err.errno)}){kept}. "
-        f"{free if where else free.replace(' there', '')} (or choose an output folder on a larger disk) and run again."
+        f"The disk{at} filled up while writing ({os.strerror(err.errno)}){kept}. {free} (or choose an output folder "
+        "on a larger disk) and run again."
     )
 
 
