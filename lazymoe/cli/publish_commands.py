@@ -45,7 +45,7 @@ def _add_card(sub) -> None:
 
 
 def cmd_card(args) -> int:
-    from ..publish.card import CARD_FILENAME, build_card, card_edited, write_card_text
+    from ..publish.card import CARD_FILENAME, build_card, card_kept_because, write_card_text
     from ..publish.gguf_card import build_gguf_card
 
     folder = Path(args.model_dir)
@@ -58,10 +58,11 @@ def cmd_card(args) -> int:
     if args.stdout:
         print(text, end="")
         return 0
-    if card_edited(folder) and not args.overwrite:  # a merged model's card or a NAME-GGUF folder's alike
+    kept = card_kept_because(folder)  # a merged model's card or a NAME-GGUF folder's alike
+    if kept and not args.overwrite:
         replace = Setting("overwrite", True)
         raise OutputExistsError(Text(
-            f"{folder / CARD_FILENAME} was edited since lazymoe wrote it; {replace.placeholder} to replace it "
+            f"{folder / CARD_FILENAME} {kept}; {replace.placeholder} to replace it "
             "with lazymoe's card (print it instead with --stdout).", (replace,)))
     print(f"Wrote {write_card_text(folder, text)}")
     return 0

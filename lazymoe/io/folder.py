@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +44,22 @@ BENCHMARKS_JSON = "benchmarks.json"
 #: the sha256 of the README.md lazymoe last wrote (publish.card): a README.md that no longer matches it was
 #: edited by hand, and lazymoe leaves it alone. Hidden, so a push never uploads it.
 CARD_RECORD = ".lazymoe-card.sha256"
+#: what every model card lazymoe renders says (templates/model_card.md.j2, since the first card): how a README.md
+#: written before lazymoe kept CARD_RECORD is told from the user's own
+CARD_SIGNATURE = "is a Mixture of Experts (MoE) built with lazymoe from"
 #: where the weights of a merge that uploaded each shard and deleted it (``merge --push --no-keep``) went: the
 #: repo, its Hub and the commit (:class:`HubCopy`, JSON), written once that commit landed. Hidden, so a push never
 #: uploads it; it marks no folder as complete: the steps that read the weights name that repo instead of failing.
 HUB_RECORD = ".lazymoe-hub.json"
 #: the hidden files lazymoe keeps in folders it wrote (never uploaded, like every hidden file)
 LAZYMOE_RECORDS = (CARD_RECORD, HUB_RECORD)
+#: the names a merge gives its weights (moe.plan: one model.safetensors, or model-0000i-of-0000N.safetensors and their
+#: index): a push replaces those of an earlier upload to the same repo, and no other file there
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+WEIGHT_INDEX = "model.safetensors.index.json"
 #: every file a lazymoe output folder may hold (shell patterns); anything else in it is the user's own
 OUTPUT_FILES = ("config.json", "generation_config.json", CONFIG_FILENAME, CARD_FILENAME, "model*.safetensors",
-                "model.safetensors.index.json", *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,
+                WEIGHT_INDEX, *TOKENIZER_FILES, ROUTING_IMAGE, EVAL_JSON, EVAL_IMAGE, ANSWERS_MD,
                 ANSWERS_JSON, BENCHMARKS_JSON, CARD_RECORD, HUB_RECORD, ".*.tmp-*")
 
 
@@ -64,20 +72,37 @@ def write_card_text(folder: str | os.PathLike, text: str) -> Path:
 
 
 def card_edited(folder: str | os.PathLike) -> bool:
-    """Whether ``folder/README.md`` was changed since lazymoe wrote it. A folder without the record (made by a
-    lazymoe before it kept one) counts as unedited; a missing README.md too (there is nothing to lose)."""
+    """Whether ``folder/README.md`` is the user's to keep: lazymoe replaces it only with an explicit
+    overwrite (see :func:`card_kept_because`). A missing README.md is not (there is nothing to lose)."""
+    return card_kept_because(folder) is not None
+
+
+def card_kept_because(folder: str | os.PathLike) -> str | None:
+    """Why ``folder/README.md`` is the user's, as a phrase after its path ("was edited since lazymoe wrote it",
+    "was not written by lazymoe"), or None when lazymoe may replace it: it matches the record lazymoe keeps of
+    the card it wrote (:data:`CARD_RECORD`), or, with no record, it is a model card lazymoe rendered before it
+    kept one (a model folder whose README.md says :data:`CARD_SIGNATURE`). With no record, any other README.md
+    is the user's, and always in a folder without config.json (a NAME-GGUF folder: ``lazymoe gguf`` writes no
+    card there)."""
     folder = Path(folder)
     try:
         card = (folder / CARD_FILENAME).read_bytes()
     except FileNotFoundError:
-        return False
+        return None
+    except OSError:
+        return _NOT_OURS
     try:
         recorded = (folder / CARD_RECORD).read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        return False
+        ours = (folder / "config.json").is_file() and CARD_SIGNATURE.encode() in card
+        return None if ours else _NOT_OURS
     except (OSError, UnicodeDecodeError):
-        return True
-    return recorded != hashlib.sha256(card).hexdigest()
+        return _EDITED
+    return None if recorded == hashlib.sha256(card).hexdigest() else _EDITED
+
+
+_EDITED = "was edited since lazymoe wrote it"
+_NOT_OURS = "was not written by lazymoe"
 
 
 def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -> bool:

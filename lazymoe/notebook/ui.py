@@ -41,7 +41,7 @@ from ..pipeline import merge as merging
 from ..pipeline.preflight import blocking, check_ahead
 from ..pipeline.release import ReleaseResult, release
 from ..pipeline.route import write_routing_picture
-from ..publish.card import CARD_FILENAME, ROUTING_IMAGE, detected_extras, rerender_card
+from ..publish.card import CARD_FILENAME, ROUTING_IMAGE, card_kept_because, detected_extras, rerender_card
 from ..evaluate.benchmarks import check_benchmark_options, run_benchmarks, write_benchmarks
 from ..evaluate.questions import Question, answer_questions, questions_from_config, write_answers
 from ..evaluate.skill import write_evaluation
@@ -394,7 +394,8 @@ class Builder:
     def route(self):
         """Route each expert's prompts through the merged model, show the picture, embed it in the card."""
         folder = self._require_model()
-        report = write_routing_picture(folder, progress=True)
+        report = write_routing_picture(folder, progress=True, update_card=False)
+        self._card(folder, repo_id=self.repo_id, **detected_extras(folder))  # the picture in the card
         table, *_ = report.summary().split("\nwarning: ")
         self._show(_html(f"<pre>{html.escape(table)}</pre>"))
         for message in report.warnings:
@@ -509,9 +510,16 @@ class Builder:
 
     def _card(self, folder: Path, **options) -> None:
         """Re-render the local model card with what is known now (repo ids, GGUF files, evaluations)."""
-        if rerender_card(folder, **{k: v for k, v in options.items() if v}) is None:
-            self._notice(f"{folder / CARD_FILENAME} was edited by hand, so it is kept as it is: it does not show "
-                         "what this step adds.", "warn")
+        kept = card_kept_because(folder)
+        if kept:
+            self._card_kept(folder / CARD_FILENAME, kept)
+        else:
+            rerender_card(folder, **{k: v for k, v in options.items() if v})
+
+    def _card_kept(self, card: Path, why: str) -> None:
+        """Say that ``card`` is the user's and stays as it is (an upload sends it as it is)."""
+        self._notice(f"{card} {why}, so it is kept as it is: it does not show what this step adds "
+                     "(delete it and run the step again for lazymoe's card).", "warn")
 
     def _release(self, settings: NotebookSettings, **options) -> ReleaseResult:
         """The library's publishing step with the form's Hub settings; shows each part as it finishes."""
@@ -527,6 +535,8 @@ class Builder:
                                  + table_html(rows, ("File", "Size"))))
             elif step == "gguf":
                 self._notice(f"Uploaded the GGUF files to {value.url}", "ok")
+            elif step == "card_kept":
+                self._card_kept(value, card_kept_because(value.parent) or "is yours")
 
         return release(self._require_model(), private=settings.private, token=self.form.token,
                        colab_secret=settings.hf_secret or "HF_TOKEN", on_step=shown, **options)

@@ -14,7 +14,7 @@ from ..config import load_config
 from ..errors import ModelNotFoundError
 from ..gguf.convert import convert_to_gguf
 from ..gguf.quants import DEFAULT_QUANTS
-from ..io.folder import CONFIG_FILENAME, is_lazymoe_output
+from ..io.folder import CARD_FILENAME, CONFIG_FILENAME, card_edited, is_lazymoe_output
 from ..publish.card import rerender_card
 from ..publish.gguf_card import write_gguf_card
 from ..publish.hub import PushResult, push_to_hub
@@ -48,16 +48,25 @@ def release(
     that upload for a model already pushed (then ``repo`` must be its full id). With ``gguf`` the folder is
     converted to F16 GGUF plus ``quants``, its local card re-rendered to list them and, with ``repo``, they
     are uploaded to ``REPO-GGUF`` with their own card. ``on_step(name, value)`` hears each finished step
-    ("model", "gguf_files", "gguf") as it happens, for a front end that shows progress.
+    ("model", "gguf_files", "gguf") as it happens, for a front end that shows progress, and ("card_kept", path)
+    once for each README.md that is the user's and is left (and uploaded) as it is, not lazymoe's card.
     """
     folder = Path(model_dir)
     if not is_lazymoe_output(folder):
         raise ModelNotFoundError(f"There is no merged model at {folder}: run the merge first (it writes "
                                  f"config.json and {CONFIG_FILENAME}).")
     say = on_step or (lambda name, value: None)
+    told: set[Path] = set()
+
+    def card_kept(where: Path) -> None:  # said before the step that leaves it, once per folder
+        if where not in told and card_edited(where):
+            told.add(where)
+            say("card_kept", where / CARD_FILENAME)
+
     result = ReleaseResult()
     repo_id = repo
     if repo and upload_model:
+        card_kept(folder)
         result.model = push_to_hub(folder, repo, private=private, token=token, colab_secret=colab_secret,
                                    progress=progress)
         repo_id = result.model.repo_id
@@ -68,9 +77,11 @@ def release(
     say("gguf_files", result.gguf_files)
     gguf_repo = f"{repo_id}-GGUF" if repo_id else None
     options = {"repo_id": repo_id, "gguf_repo": gguf_repo, "gguf_files": result.gguf_files}
+    card_kept(folder)
     rerender_card(folder, **{k: v for k, v in options.items() if v})  # the local card lists the files
     if repo_id:
         gguf_dir = result.gguf_files[0].parent
+        card_kept(gguf_dir)
         write_gguf_card(gguf_dir, base_repo_id=repo_id, repo_id=gguf_repo,
                         license=load_config(folder / CONFIG_FILENAME).license)
         result.gguf = push_to_hub(gguf_dir, gguf_repo, private=private, token=token, colab_secret=colab_secret,

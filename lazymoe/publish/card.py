@@ -23,7 +23,7 @@ from urllib.parse import quote
 from ..config import MoEConfig
 from ..errors import CardError, Setting, Text
 from ..gguf.files import GGUFFile, find_gguf_files, gguf_dir_of
-from ..io.folder import CONFIG_FILENAME, card_edited, write_card_text
+from ..io.folder import CONFIG_FILENAME, card_edited, card_kept_because, write_card_text
 from ..moe import arch
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
 from ..units import human_params
@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:  # the plan is only read here; moe/ never imports publish/
     from ..moe.plan import MergePlan
 
-__all__ = ["CARD_FILENAME", "ROUTING_IMAGE", "ModelFacts", "build_card", "card_data", "card_edited", "detected_extras",
-           "rerender_card", "write_card", "write_card_text"]
+__all__ = ["CARD_FILENAME", "ROUTING_IMAGE", "ModelFacts", "build_card", "card_data", "card_edited",
+           "card_kept_because", "detected_extras", "rerender_card", "write_card", "write_card_text"]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -301,11 +301,11 @@ def rerender_card(model_dir: str | os.PathLike, *, replace_edited: bool = False,
     """Rewrite ``model_dir/README.md`` from the folder alone (same options as :func:`build_card`). A card
     edited by hand since lazymoe wrote it is left as it is (None, and a warning saying how to replace it)
     unless ``replace_edited``: ``route``, ``eval`` and ``publish`` update the card as a side effect, and
-    must not throw away the user's words."""
+    must not throw away the user's words (nor a README.md that is not lazymoe's at all)."""
     folder = Path(model_dir)
-    if not replace_edited and card_edited(folder):
-        logger.warning("%s was edited since lazymoe wrote it, so it is left as it is (without this step's "
-                       "update); `lazymoe card %s --overwrite` replaces it with lazymoe's card.",
-                       folder / CARD_FILENAME, folder)
+    kept = None if replace_edited else card_kept_because(folder)
+    if kept:
+        logger.warning("%s %s, so it is left as it is (without this step's update); `lazymoe card %s "
+                       "--overwrite` replaces it with lazymoe's card.", folder / CARD_FILENAME, kept, folder)
         return None
     return write_card_text(folder, build_card(folder, **options))

@@ -13,7 +13,7 @@ from ..errors import CardError
 from ..gguf.files import GGUFFile, find_gguf_files
 from ..gguf.quants import BY_NAME as QUANTS_BY_NAME
 from ..gguf.quants import PREFERENCE as QUANT_PREFERENCE
-from ..io.folder import card_edited, write_card_text
+from ..io.folder import card_kept_because, write_card_text
 from ..units import human_bytes
 from .facts import CARD_FILENAME, EXAMPLE_PROMPT, GGUF_TAGS, HUB_URL, check_repo_id, resolve_license
 from .render import render_gguf_card
@@ -97,13 +97,15 @@ def write_gguf_card(
     replace_edited: bool = False,
 ) -> Path | None:
     """Write ``gguf_dir/README.md`` listing its ``*.gguf`` files as quantisations of ``base_repo_id``, and record
-    its hash as a merged model's card does. A card edited by hand since lazymoe wrote it is left as it is (None,
-    and a warning) unless ``replace_edited``: ``publish`` writes this card as a side effect."""
+    its hash as a merged model's card does. A card edited by hand since lazymoe wrote it, or a README.md lazymoe did
+    not write, is left as it is (None, and a warning) unless ``replace_edited``: ``publish`` writes this card as a
+    side effect."""
     folder = Path(gguf_dir)
-    if not replace_edited and card_edited(folder):
-        logger.warning("%s was edited since lazymoe wrote it, so it is left as it is (the push uploads it as it "
-                       "is); `lazymoe card %s --gguf-of %s --overwrite` replaces it with lazymoe's card.",
-                       folder / CARD_FILENAME, folder, base_repo_id)
+    kept = None if replace_edited else card_kept_because(folder)
+    if kept:
+        logger.warning("%s %s, so it is left as it is (the push uploads it as it is); `lazymoe card %s --gguf-of "
+                       "%s --overwrite` replaces it with lazymoe's card.", folder / CARD_FILENAME, kept, folder,
+                       base_repo_id)
         return None
     text = build_gguf_card(find_gguf_files(folder), base_repo_id=base_repo_id, repo_id=repo_id,
                            model_name=model_name, license=license)

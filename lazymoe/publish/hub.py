@@ -2,7 +2,9 @@
 
 ``create_repo(exist_ok=True)`` then one ``create_commit`` of the folder's files: the client uploads large files
 through the Hub's large-file path and skips what the Hub already holds, so re-running an interrupted push
-finishes it.
+finishes it. The same commit deletes the weight files of an earlier upload that the new one does not name (another
+shard layout), and nothing else. A push stopped before its commit leaves a repo it created empty, and says so: it
+is not deleted, since the Hub keeps the large files already sent in that repo only, and a re-run resumes there.
 The token is never printed, logged or written anywhere; every failure a user can fix becomes a
 :class:`~lazymoe.errors.HubError` saying what to do.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.lfs import UploadInfo
 from huggingface_hub.utils import (
@@ -36,7 +38,8 @@ from huggingface_hub.utils import (
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files, gguf_dir_of
-from ..io.folder import CONFIG_FILENAME, LAZYMOE_RECORDS, card_edited, is_lazymoe_output, require_weights
+from ..io.folder import (CONFIG_FILENAME, LAZYMOE_RECORDS, WEIGHT_FILE, WEIGHT_INDEX, card_edited, is_lazymoe_output,
+                         require_weights)
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
 from .card import build_card, detected_extras
@@ -229,6 +232,7 @@ class PushTarget:
     token_source: str | Text
     _api: Any = field(repr=False, compare=False)
     _token: _Token = field(repr=False, compare=False)
+    empty: bool = True  # it holds no file (but the Hub's .gitattributes): free, or made by a push never committed
 
     @property
     def url(self) -> str:
@@ -260,18 +264,20 @@ def check_push_target(
     with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
         who = api.whoami()
     repo_id = _check_permissions(api, found, who, repo, endpoint)
-    exists = _check_free_or_ours(api, found, repo_id, endpoint, private)
+    exists, files = _check_free_or_ours(api, found, repo_id, endpoint, private)
     return PushTarget(repo_id=repo_id, user=who["name"], endpoint=endpoint, exists=exists,
-                      token_source=found.source, _api=api, _token=found)
+                      token_source=found.source, _api=api, _token=found, empty=not files)
 
 
-def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str, private: bool) -> bool:
-    """True if ``repo_id`` exists and may be updated, False if it is free; HubError if it holds someone's work."""
+def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str,
+                        private: bool) -> tuple[bool, set[str]]:
+    """Whether ``repo_id`` exists (and may be updated) and the files it holds (but .gitattributes); HubError if it
+    holds someone's work."""
     with _errors_as_hub_errors(token, endpoint, repo_id, stage="connect"):
         try:
             info = api.model_info(repo_id)
         except RepositoryNotFoundError:
-            return False
+            return False, set()
     files = {s.rfilename for s in (info.siblings or [])} - {".gitattributes"}
     ours = "lazymoe" in (info.tags or []) or CONFIG_FILENAME in files
     if files and not ours:
@@ -286,7 +292,7 @@ def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str, 
             f"uploaded. Make it private ({endpoint}/{repo_id}/settings) and push again, or "
             f"{_PUBLIC.placeholder} to push it public.", (_PUBLIC,)
         ))
-    return True
+    return True, files
 
 
 def push_to_hub(
@@ -323,12 +329,41 @@ def push_to_hub(
                   for p in files if card is None or p.relative_to(folder).as_posix() != "README.md"]
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload"):
-        commit = api.create_commit(repo_id=repo_id, operations=operations,
-                                   commit_message=commit_message or f"Upload {folder.name} with lazymoe")
+    try:
+        with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload",
+                                                             empty_repo=target.empty):
+            deletions, parent = _replaced_weights(api, repo_id, operations)
+            commit = api.create_commit(repo_id=repo_id, operations=[*operations, *deletions], parent_commit=parent,
+                                       commit_message=commit_message or f"Upload {folder.name} with lazymoe")
+    except KeyboardInterrupt:
+        if target.empty:
+            logger.warning("The push stopped before its commit. %s", empty_repo_note(repo_id, endpoint, rerun="push"))
+        raise
     logger.info("Pushed %s to %s", folder, url)
     return PushResult(repo_id=repo_id, url=url, private=private, files=len(sizes), bytes=sum(sizes),
                       commit_url=getattr(commit, "commit_url", None), commit=getattr(commit, "oid", None))
+
+
+def _replaced_weights(api: HfApi, repo_id: str,
+                      adds: list[CommitOperationAdd]) -> tuple[list[CommitOperationDelete], str | None]:
+    """What the commit of ``adds`` deletes: the weight files of an earlier upload to ``repo_id`` that it does not
+    name (another shard layout: other shard names, one model.safetensors where there were shards and their index,
+    or the reverse), so the repo holds one model, not the new one beside the old. Only lazymoe's weight names at
+    the top of the repo (``WEIGHT_FILE``, ``WEIGHT_INDEX``) go, and only when ``adds`` holds weights of those names
+    (a GGUF folder replaces no model); every other file stays. Read just before the commit, which is made on top of
+    the commit read (its ``parent_commit``): one that lands meanwhile fails it rather than outlive it. Deleting in
+    the very commit that adds the new files keeps the repo whole at every commit, and a re-run after a failure
+    reads the repo again, so it converges to the same files."""
+    names = {op.path_in_repo for op in adds}
+    if not any(WEIGHT_FILE.fullmatch(name) for name in names):
+        return [], None
+    info = api.model_info(repo_id)
+    stale = sorted(s.rfilename for s in info.siblings or ()
+                   if s.rfilename not in names and (WEIGHT_FILE.fullmatch(s.rfilename) or s.rfilename == WEIGHT_INDEX))
+    if stale:
+        logger.info("Deleting %d weight file(s) of the earlier upload in the same commit: %s", len(stale),
+                    ", ".join(stale))
+    return [CommitOperationDelete(path_in_repo=name) for name in stale], info.sha
 
 
 # ----------------------------------------------------------------------------- streamed push
@@ -364,6 +399,9 @@ class StreamingPush:
         self.state: PushState | None = None
         self._ready: Callable[[], object] | None = None  # what start(after=...) waits for before touching the Hub
         self._started = False
+        self._repo_made = False  # create_repo returned: the repo exists from here on
+        self._committed = False
+        self._told = False  # an error raised from here said that the repo is left empty
 
     def start(self, state: PushState | None = None, *, after: Callable[[], object] | None = None) -> None:
         """Create the repo (if needed) and start the upload threads. ``state`` records each shard once uploaded
@@ -385,6 +423,7 @@ class StreamingPush:
             self._started = True
         with self._errors("connect"):
             self.target._api.create_repo(self.target.repo_id, private=self.private, exist_ok=True)
+        self._repo_made = True
         self._threads = [threading.Thread(target=self._run, name=f"lazymoe-upload-{i}", daemon=True)
                          for i in range(self._count)]
         for thread in self._threads:
@@ -444,8 +483,10 @@ class StreamingPush:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
         repo_id = self.target.repo_id
         with _progress_bars(self.progress), self._errors("commit"):
-            commit = self.target._api.create_commit(repo_id=repo_id, operations=operations,
-                                                    commit_message=commit_message)
+            deletions, parent = _replaced_weights(self.target._api, repo_id, operations)
+            commit = self.target._api.create_commit(repo_id=repo_id, operations=[*operations, *deletions],
+                                                    parent_commit=parent, commit_message=commit_message)
+        self._committed = True
         total = sum(op.upload_info.size for op in operations)
         logger.info("Pushed %d files (%.1f MB) to %s in one commit", len(operations), total / 1e6, self.target.url)
         if self.state is not None:
@@ -455,13 +496,23 @@ class StreamingPush:
                           commit=getattr(commit, "oid", None))
 
     def abort(self) -> None:
-        """Stop uploading (a failed merge): nothing is committed."""
+        """Stop uploading (a failed or interrupted merge): nothing is committed. A repo this push created and left
+        empty is said to be so (a warning), unless the error that stopped the merge said it already."""
         while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
         self._stop()
+        if self.left_empty and not self._told:
+            logger.warning("The merge stopped before its upload was committed. %s",
+                           empty_repo_note(self.target.repo_id, self.target.endpoint))
+
+    @property
+    def left_empty(self) -> bool:
+        """Whether the repo exists by now but holds nothing of ours: this push (or an earlier run of it that
+        never committed) created it, and its one commit has not landed."""
+        return self._repo_made and self.target.empty and not self._committed
 
     def _stop(self) -> None:
         for _ in self._threads:
@@ -505,8 +556,14 @@ class StreamingPush:
 
     @contextmanager
     def _errors(self, stage: str) -> Iterator[None]:
-        with _errors_as_hub_errors(self.target._token, self.target.endpoint, self.target.repo_id, stage=stage):
-            yield
+        empty = self.left_empty
+        try:
+            with _errors_as_hub_errors(self.target._token, self.target.endpoint, self.target.repo_id, stage=stage,
+                                       empty_repo=empty):
+                yield
+        except HubError as error:
+            self._told = self._told or _says_empty(str(error))
+            raise
 
 
 class _NotOnHub(Exception):
@@ -646,17 +703,40 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _errors_as_hub_errors(token: _Token, endpoint: str, repo_id: str, *, stage: str) -> Iterator[None]:
-    """Turn the client's exceptions into HubErrors a user can act on; the token never appears in them."""
+def _errors_as_hub_errors(token: _Token, endpoint: str, repo_id: str, *, stage: str,
+                          empty_repo: bool = False) -> Iterator[None]:
+    """Turn the client's exceptions into HubErrors a user can act on; the token never appears in them.
+    ``empty_repo``: the repo exists but holds nothing of ours yet (created for this upload), which they say."""
     try:
         yield
     except HubError:
         raise
     except Exception as error:  # noqa: BLE001 - classified below; anything unknown keeps its type name
-        raise HubError(_explain(error, token, endpoint, repo_id, stage)) from error
+        explained = _explain(error, token, endpoint, repo_id, stage, empty_repo=empty_repo)
+        if empty_repo and not _says_empty(explained):
+            rerun = "push" if stage == "upload" else "merge and upload"  # push_to_hub's stage, or a streamed push's
+            explained = Text.join([explained, " ", empty_repo_note(repo_id, endpoint, rerun=rerun)])
+        raise HubError(explained) from error
 
 
-def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage: str) -> str | Text:
+_EMPTY = "exists but is empty"
+
+
+def _says_empty(message: str) -> bool:
+    return _EMPTY in message
+
+
+def empty_repo_note(repo_id: str, endpoint: str, *, rerun: str = "merge and upload") -> str:
+    """What a push that stopped before its commit leaves on the Hub when it created the repo: the repo, empty.
+    It is kept rather than deleted: the Hub keeps the large files a push sent only in that repo, so a re-run
+    resumes there and sends none of them again."""
+    return (f"The repo {repo_id!r} {_EMPTY} (it was created for this upload, and nothing is committed before the "
+            f"whole model is): run the same {rerun} again to resume it (what the Hub already received is "
+            f"not sent again), or delete it at {endpoint}/{repo_id}/settings.")
+
+
+def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage: str, *,
+             empty_repo: bool = False) -> str | Text:
     status = _http_status(error)
     cause = _describe(error, [token.value, *env_tokens()])
     if status == 401:
@@ -669,21 +749,26 @@ def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage
             f"fine-grained token write access there, at {endpoint}/settings/tokens."])
     if _is_network_error(error) or (status is not None and (status >= 500 or status in (408, 429))):
         if stage in ("stream", "commit"):
+            shown = (f"the repo {_EMPTY} (it was created for this upload)" if empty_repo else
+                     "the repo shows no half model")
             return (
-                f"The upload to {repo_id!r} was interrupted ({cause}); nothing was committed, so the repo shows "
-                "no half model. Run the same merge with --push again: shards the Hub already received are "
-                "not sent again."
+                f"The upload to {repo_id!r} was interrupted ({cause}); nothing was committed, so {shown}. Run the "
+                "same merge with --push again to resume: shards the Hub already received are not sent again."
             )
         if stage == "upload":
+            held = f", in the repo, which {_EMPTY} until the push completes" if empty_repo else ""
             return (
                 f"The upload to {repo_id!r} was interrupted ({cause}). Nothing is lost: your folder is untouched "
-                "and the Hub keeps the files it already received. Run the same push again to resume; only the "
-                "missing files are sent."
+                f"and the Hub keeps the files it already received{held}. Run the same push again to resume; only "
+                "the missing files are sent."
             )
         return (
             f"Could not reach the Hub at {endpoint} ({cause}). Check the network (and HF_ENDPOINT if you set "
             "it), then push again."
         )
+    if status == 412:  # the commit is made on top of the commit its deletions were read at (_replaced_weights)
+        return (f"The repo {repo_id!r} changed while pushing (another commit landed first); nothing of this push "
+                "was committed. Push again.")
     if isinstance(error, ValueError) and "README.md" in str(error):
         return (
             f"The Hub rejected the model card metadata: {cause}. Fix the YAML block at the top of README.md "
