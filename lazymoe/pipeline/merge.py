@@ -135,8 +135,8 @@ class _OnThread:
 
 def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     """The base's tokenizer, checked (``checks.check_tokenizer``) and loaded on a thread of its own. Loading a
-    tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB): a
-    merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
+    tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB; a mode
+    without prompts only reads the files, in milliseconds, and loads nothing): a merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
     re-raises the check's error) before it tokenises, touches the Hub repo or makes the output final, so a
     bad tokenizer still leaves no output behind; the writer stops at its next tensor once the check fails. A
     merge from the Hub fetches ranges meanwhile (a few seconds of weights, kept in the range cache for the next
@@ -144,9 +144,10 @@ def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
 
 
-def _tokenizer_loaded(folder: Path) -> _OnThread:
-    """A plan made earlier checked the tokenizer then: only load it, on its own thread."""
-    return _OnThread(lambda: _load_tokenizer(folder), "lazymoe-tokenizer")
+def _tokenizer_loaded(config: MoEConfig, folder: Path) -> _OnThread:
+    """A plan made earlier checked the tokenizer then: only load it, on its own thread, for a mode that
+    tokenises its prompts (the others never need it, nor transformers' import)."""
+    return _OnThread(lambda: _load_tokenizer(folder) if config.uses_prompts else None, "lazymoe-tokenizer")
 
 
 def _load_tokenizer(folder: Path):
@@ -374,7 +375,7 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
     # overlapping: each base tensor is located when the pass reaches it, so it waits for one layer at a time
     base = store.local(config.base_model, wait=not router.threaded, resolve=resolve)
     if tokenizer is None:  # a plan made earlier
-        tokenizer = _tokenizer_loaded(base.folder)
+        tokenizer = _tokenizer_loaded(config, base.folder)
     router_plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
 
     def router_pass():
