@@ -131,3 +131,34 @@ def test_a_merge_without_prompts_does_not_import_transformers(tiny_world, tmp_pa
     run = subprocess.run([sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True, check=True)
     assert run.stdout.strip().splitlines()[-1] == "[]"
     assert (out / "tokenizer.json").read_bytes() == (tiny_world["base"] / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("settings,decided", [
+    ({"gate_mode": "random"}, True),  # nothing to tokenise
+    ({"gate_mode": "hidden"}, True),  # short prompts, far inside the context
+    ({"gate_mode": "hidden", "router_chat_template": True}, False),  # only transformers renders a chat template
+])
+def test_the_files_decide_the_check_where_transformers_could_not_say_otherwise(tiny_world, settings, decided):
+    from lazymoe.moe.checks import check_tokenizer_files
+
+    plan = lazymoe.make_plan(moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], **settings),
+                             progress=False)
+    assert check_tokenizer_files(plan.config, plan.base) is decided
+
+
+def test_a_prompt_near_the_context_is_left_to_transformers_to_count(tiny_world, tmp_path):
+    from lazymoe.moe.checks import check_tokenizer, check_tokenizer_files
+
+    plan = lazymoe.make_plan(moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]],
+                                        gate_mode="hidden"), progress=False)
+    context = plan.base.config["max_position_embeddings"]
+    fits = plan.config.model_copy(deep=True)
+    fits.experts[0].positive_prompts = ["a " * (context - 4)]  # a token per "a ", within the context or nearly
+    assert check_tokenizer_files(fits, plan.base) is False, "too close to the context for a margin-free count"
+    assert check_tokenizer(fits, plan.base) is not None  # transformers counts it: it fits
+    long = plan.config.model_copy(deep=True)
+    long.experts[0].positive_prompts = ["a " * (context + 10)]
+    assert check_tokenizer_files(long, plan.base) is False
+    with pytest.raises(ModelMismatchError, match=r"experts\[0\]\.positive_prompts\[0\] is \d+ tokens long but the "
+                                                 rf"base reads at most {context}"):
+        check_tokenizer(long, plan.base)

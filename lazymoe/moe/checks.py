@@ -245,28 +245,49 @@ def _check_base_shapes(config: MoEConfig, base: ModelInfo, H: int) -> None:
             )
 
 
-def check_tokenizer(config: MoEConfig, base: ModelInfo):
-    """The base tokenizer must load and must not produce ids the embedding matrix does not have; returns it
-    (the router pass tokenises the prompts with it), or None for a gate mode that reads no prompts.
-
-    A mode without prompts never tokenises, so when the base has a ``tokenizer.json`` the check reads the files
-    with the `tokenizers` library alone (:func:`tokenizer_size`): milliseconds, where transformers' import costs
-    about 2 s of CPU, as long as copying a few GB on two cores. The verdict is transformers' own
-    (``tests/test_tokenizer_check.py`` holds both to it, case by case)."""
+def check_tokenizer_files(config: MoEConfig, base: ModelInfo) -> bool:
+    """The part of the tokenizer check that needs no transformers, in milliseconds (its import costs about 2 s
+    of CPU, as long as copying a few GB on two cores): the files are there, ``tokenizer.json`` loads with the
+    `tokenizers` library (the one transformers' own tokenizers wrap) and no token id it can produce exceeds the
+    embedding (:func:`tokenizer_size`), and the prompts fit the base's context. Raises what
+    :func:`check_tokenizer` would; returns whether it decided everything :func:`check_tokenizer` checks (which
+    then cannot fail): not under transformers 4, whose rules differ in corners, nor with
+    ``router_chat_template``, nor for a prompt within a few tokens of the context."""
     vocab = base.tensors[arch.EMBED].shape[0]
     if base.folder is not None and not any((base.folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelMismatchError(
             f"base_model ({config.base_model}) has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...). "
             "The MoE reuses the base tokenizer: add the tokenizer files of the model it was fine-tuned from."
         )
-    if (not config.uses_prompts and base.folder is not None and (base.folder / "tokenizer.json").is_file()
-            and _transformers_major() >= 5):
-        try:
-            size = tokenizer_size(base.folder)
-        except Exception as err:  # noqa: BLE001 - whatever the files' readers raise, the user's answer is one
-            raise _unloadable(config, err) from None
-        _check_size(config, size, vocab)
+    if base.folder is None or not (base.folder / "tokenizer.json").is_file() or _transformers_major() < 5:
+        return False
+    try:
+        tok, size = read_tokenizer(base.folder)
+    except Exception as err:  # noqa: BLE001 - whatever the files' readers raise, the user's answer is one
+        raise _unloadable(config, err) from None
+    _check_size(config, size, vocab)
+    if not config.uses_prompts:
+        return True
+    context = base.config.get("max_position_embeddings")
+    if config.router_chat_template or not isinstance(context, int):
+        return False
+    prompts = [p for e in config.experts for p in (*e.positive_prompts, *e.negative_prompts)]
+    # transformers may add a BOS or EOS that tokenizer.json's post-processor does not: a margin, not a count
+    return max(len(tok.encode(p).ids) for p in prompts) + _PROMPT_MARGIN <= context
+
+
+#: tokens a prompt may gain between `tokenizers` and transformers (special tokens one adds and not the other)
+_PROMPT_MARGIN = 8
+
+
+def check_tokenizer(config: MoEConfig, base: ModelInfo):
+    """The base tokenizer must load and must not produce ids the embedding matrix does not have; returns it
+    (the router pass tokenises the prompts with it), or None for a gate mode that reads no prompts, whose
+    check :func:`check_tokenizer_files` decides without loading transformers. The verdict is transformers'
+    own either way (``tests/test_tokenizer_check.py`` holds the two to it, case by case)."""
+    if check_tokenizer_files(config, base) and not config.uses_prompts:
         return None
+    vocab = base.tensors[arch.EMBED].shape[0]
     from transformers import AutoTokenizer
 
     try:
@@ -319,9 +340,14 @@ _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_toke
 
 
 def tokenizer_size(folder: Path) -> int:
-    """How many tokens the tokenizer in ``folder`` has once transformers loads it (``len(tokenizer)``), from
-    its files alone: ``tokenizer.json``'s vocabulary and added tokens (read by `tokenizers`, the library
-    transformers' own tokenizers wrap), plus each distinct token that ``tokenizer_config.json`` names and the
+    """How many tokens the tokenizer in ``folder`` has once transformers loads it (:func:`read_tokenizer`)."""
+    return read_tokenizer(folder)[1]
+
+
+def read_tokenizer(folder: Path) -> tuple[Tokenizer, int]:
+    """The tokenizer in ``folder`` as `tokenizers` reads it, and how many tokens it has once transformers
+    loads it (``len(tokenizer)``), from its files alone: ``tokenizer.json``'s vocabulary and added tokens, plus
+    each distinct token that ``tokenizer_config.json`` names and the
     vocabulary lacks, which transformers appends: the special-token settings (``bos_token`` ... ``mask_token``,
     any other ``*_token`` holding a token), ``extra_special_tokens`` (or the older
     ``additional_special_tokens``) and ``added_tokens_decoder``. Raises what the readers raise on a damaged
@@ -351,7 +377,7 @@ def tokenizer_size(folder: Path) -> int:
             raise TypeError("added_tokens_decoder must map ids to tokens")
         named.extend(t for t in (_token_text(v, decoder=True) for v in decoder.values()) if t is not None)
     new = {t for t in named if tok.token_to_id(t) is None}
-    return tok.get_vocab_size(with_added_tokens=True) + len(new)
+    return tok, tok.get_vocab_size(with_added_tokens=True) + len(new)
 
 
 def _token_text(value, *, decoder: bool = False) -> str | None:

@@ -231,12 +231,15 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
         raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
-    tokenizer = None
+    tokenizer, decided = None, True  # a plan made earlier checked the tokenizer then
     if plan is None:
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
-        tokenizer = _tokenizer_checked(plan.config, plan.base)  # runs while the first weights are fetched or copied
-        if plan.download_bytes and plan.whole_models:  # but models downloaded whole (GBs) wait for every check
+        # the tokenizer's files first (milliseconds); loading it (seconds) runs while the first weights are
+        # fetched or copied, and is waited for only where the files could not decide the whole check
+        decided = checks.check_tokenizer_files(plan.config, plan.base)
+        tokenizer = _tokenizer_checked(plan.config, plan.base)
+        if plan.download_bytes and plan.whole_models and not decided:  # models downloaded whole (GBs) wait for it
             tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if device not in (None, "auto") and config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
@@ -256,7 +259,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                 "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
         try:
             return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, decided=decided)
         finally:
             if pusher is not None:
                 pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
@@ -271,7 +274,8 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
-                pusher: StreamingPush | None, tokenizer: _OnThread | None = None) -> tuple[Path, PushResult | None]:
+                pusher: StreamingPush | None, tokenizer: _OnThread | None = None,
+                decided: bool = True) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -285,9 +289,9 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
         state = PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint())
         saved = _saved_gates(state, plan)
-        # nothing touches the Hub repo before every check has passed: the tokenizer check may still run while
-        # the first weights are fetched and the first shard is written
-        pusher.start(state, after=tokenizer.result if tokenizer is not None else None)
+        # nothing touches the Hub repo before every check has passed: where the tokenizer's files did not decide
+        # it, loading the tokenizer may still run while the first weights are fetched and the first shard written
+        pusher.start(state, after=None if decided or tokenizer is None else tokenizer.result)
         if not pusher.keep and state.shards:  # kept shards must be on disk: only a --no-keep push can skip some
             skip = pusher.resume([s.filename for s in plan.shards[:-1]])  # the routers' shard is always built
     reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
