@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import random as _random
 import re
@@ -90,6 +91,24 @@ class _Strict(BaseModel):
                 _check_shape(cls, obj)
             with _one_line_errors():
                 return super().model_validate(obj, *args, **kwargs)
+
+        @classmethod
+        def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                data = json.loads(json_data)
+            except (ValueError, TypeError):
+                data = None  # pydantic words what is wrong with the JSON itself, made one line below
+            if isinstance(data, dict):
+                _check_shape(cls, data)
+            with _one_line_errors():
+                return super().model_validate_json(json_data, *args, **kwargs)
+
+        @classmethod
+        def model_validate_strings(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(obj, dict):
+                _check_shape(cls, obj)
+            with _one_line_errors():
+                return super().model_validate_strings(obj, *args, **kwargs)
 
 
 class HubTexts(_Strict):
@@ -318,7 +337,7 @@ def _format_validation_error(err: ValidationError) -> str:
         return f"{loc}: {_short_repr(first.get('input'))} is not allowed; use one of {', '.join(allowed)}.{hint}"
     if first["type"] == "missing":
         return f"{loc} is required but missing from the config."
-    return f"{loc}: {msg} (got {_short_repr(first.get('input'))})."
+    return f"{loc or 'The config'}: {msg} (got {_short_repr(first.get('input'))})."  # no loc: the whole input
 
 
 _REPR = reprlib.Repr()

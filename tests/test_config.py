@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -147,7 +149,19 @@ def test_a_config_built_in_python_gets_the_one_line_error_load_config_gives(data
         MoEConfig(**data)
     with pytest.raises(ConfigError) as validated:
         MoEConfig.model_validate(data)
-    assert str(built.value) == str(validated.value) == str(loaded.value) == message
+    with pytest.raises(ConfigError) as from_json:
+        MoEConfig.model_validate_json(json.dumps(data))
+    assert str(built.value) == str(validated.value) == str(from_json.value) == str(loaded.value) == message
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{bad", "The config: Invalid JSON: key must be a string at line 1 column 2 (got '{bad')."),
+    ("[1]", "The config: Input should be an object (got [1])."),
+])
+def test_a_config_from_json_that_is_not_one_gets_one_line(text, message):
+    with pytest.raises(ConfigError) as err:
+        MoEConfig.model_validate_json(text)
+    assert str(err.value) == message
 
 
 def test_python_built_configs_and_experts_are_checked_in_the_same_words():

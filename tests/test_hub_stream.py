@@ -518,9 +518,10 @@ def test_a_failing_router_pass_stops_the_merge_and_commits_nothing(hub, publishe
 
 def test_weights_are_fetched_while_the_tokenizer_is_checked_and_a_failed_check_touches_no_repo(
         hub, published, tiny_world, tmp_path, monkeypatch):
-    """Loading the base tokenizer (transformers' import, seconds) no longer holds back the first fetch; the
-    repo is created and shards are uploaded only once the check has passed, so a bad tokenizer stops the
-    merge with its own error, leaves nothing on disk and nothing on the Hub."""
+    """Loading the base tokenizer (transformers' import, seconds) no longer holds back the first fetch; where
+    the tokenizer's files cannot decide the check (transformers 4, a chat template: simulated here), the repo is
+    created and shards are uploaded only once the check has passed, so a bad tokenizer stops the merge with its
+    own error, leaves nothing on disk and nothing on the Hub."""
     import threading
 
     from hubserver import ALICE_WRITE_TOKEN
@@ -539,6 +540,7 @@ def test_weights_are_fetched_while_the_tokenizer_is_checked_and_a_failed_check_t
         raise ModelMismatchError(f"base_model ({config.base_model}): its tokenizer cannot be loaded (OSError: x).")
 
     monkeypatch.setattr(checks, "check_tokenizer", slow_bad_tokenizer)
+    monkeypatch.setattr(checks, "check_tokenizer_files", lambda config, base: False)  # undecided: wait for the load
     cfg, _ = hub_and_local(tiny_world, gate_mode="random", seed=1)
     with pytest.raises(ModelMismatchError, match=r"^base_model \(lazyorg/tiny-base\): its tokenizer cannot be loaded"):
         merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", keep=False, token=ALICE_WRITE_TOKEN,
@@ -563,12 +565,46 @@ def test_no_model_is_downloaded_whole_before_the_tokenizer_check_has_passed(hub,
     cfg, _ = hub_and_local(tiny_world, gate_mode="classifier", seed=1)
     assert lazymoe.make_plan(cfg, progress=False).whole_models
     monkeypatch.setattr(checks, "check_tokenizer", slow_bad_tokenizer)
+    monkeypatch.setattr(checks, "check_tokenizer_files", lambda config, base: False)  # undecided: wait for the load
     hub.reset_counters()
     with pytest.raises(ModelMismatchError, match="its tokenizer cannot be loaded"):
         lazymoe.merge(cfg, tmp_path / "moe", progress=False)
     whole = [r for r in hub.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
              and not r.range]
     assert whole == [] and tensor_ranges(hub) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_push_whose_tokenizer_files_decide_the_check_uploads_while_the_tokenizer_loads(
+        hub, published, tiny_world, tmp_path, monkeypatch):
+    """hidden tokenises its prompts, so the merge loads the base tokenizer (transformers' import: seconds, longer
+    than fetching a small first shard); its files already decided the check (they load, fit the embedding, the
+    prompts fit the context), so the repo is created and the first shard uploaded while the tokenizer loads."""
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.moe import checks
+    from lazymoe.pipeline import merge as merging
+
+    real = checks.check_tokenizer
+    uploaded_meanwhile = []
+
+    def slow_tokenizer(config, base):
+        deadline = time.monotonic() + 60
+        while not hub.requests_of("lfs-upload", status=200) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        uploaded_meanwhile.append(bool(hub.requests_of("lfs-upload", status=200)))
+        return real(config, base)
+
+    monkeypatch.setattr(checks, "check_tokenizer", slow_tokenizer)
+    cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
+    out, pushed = merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", token=ALICE_WRITE_TOKEN,
+                                         max_shard_bytes="150KB", progress=False)
+    assert uploaded_meanwhile == [True], "a shard was uploaded before the tokenizer had loaded"
+    assert len(hub.requests_of("commit", status=200)) == 1
+    ref = lazymoe.merge(local, tmp_path / "local", progress=False, max_shard_bytes="150KB")
+    names = sorted(p.name for p in ref.glob("*.safetensors"))
+    assert len(names) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == names
+    for name in [*names, "model.safetensors.index.json", "config.json"]:  # the local merge's bytes
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
 
 
 def test_a_fetch_failure_stops_the_router_pass_too(hub, published, tiny_world, tmp_path):

@@ -238,6 +238,8 @@ def test_where_the_disk_cannot_hold_the_output_an_upload_keeps_no_shard(builder,
     assert "uploads each shard as it is written and deletes it" in shown and "fits, each shard deleted" in shown
     out = builder.merge()
     assert list(out.glob("*.safetensors")) == [] and "each shard was deleted once uploaded" in builder.screen.html()
+    assert (out / ".lazymoe-hub.json").is_file() and ".lazymoe-hub.json" not in builder.screen.html(), \
+        "the file table shows the model's files, not lazymoe's own records"
     assert builder.route() is None and "on the Hub only" in builder.screen.html(), "skipped, and Run all goes on"
     assert builder.push() is builder.pushed and len(hub.requests_of("commit", status=200)) == 1
 

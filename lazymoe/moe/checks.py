@@ -5,6 +5,12 @@ Each error names the expert (or base), the field or tensor, and what to do inste
 
 from __future__ import annotations
 
+import json
+from importlib import metadata
+from pathlib import Path
+
+from tokenizers import Tokenizer  # the Rust library transformers' tokenizers wrap: milliseconds to import
+
 from . import arch
 from ..config import MoEConfig
 from ..errors import ModelFormatError, ModelMismatchError
@@ -239,25 +245,55 @@ def _check_base_shapes(config: MoEConfig, base: ModelInfo, H: int) -> None:
             )
 
 
-def check_tokenizer(config: MoEConfig, base: ModelInfo):
-    """The base tokenizer must load and must not produce ids the embedding matrix does not have; returns it
-    (the router pass tokenises the prompts with it)."""
-    from transformers import AutoTokenizer
-
+def check_tokenizer_files(config: MoEConfig, base: ModelInfo) -> bool:
+    """The part of the tokenizer check that needs no transformers, in milliseconds (its import costs about 2 s
+    of CPU, as long as copying a few GB on two cores): the files are there, ``tokenizer.json`` loads with the
+    `tokenizers` library (the one transformers' own tokenizers wrap) and no token id it can produce exceeds the
+    embedding (:func:`tokenizer_size`), and the prompts fit the base's context. Raises what
+    :func:`check_tokenizer` would; returns whether it decided everything :func:`check_tokenizer` checks (which
+    then cannot fail): not under transformers 4, whose rules differ in corners, nor with
+    ``router_chat_template``, nor for a prompt within a few tokens of the context."""
     vocab = base.tensors[arch.EMBED].shape[0]
     if base.folder is not None and not any((base.folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelMismatchError(
             f"base_model ({config.base_model}) has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...). "
             "The MoE reuses the base tokenizer: add the tokenizer files of the model it was fine-tuned from."
         )
+    if base.folder is None or not (base.folder / "tokenizer.json").is_file() or _transformers_major() < 5:
+        return False
+    try:
+        tok, size = read_tokenizer(base.folder)
+    except Exception as err:  # noqa: BLE001 - whatever the files' readers raise, the user's answer is one
+        raise _unloadable(config, base, err) from None
+    _check_size(config, size, vocab)
+    if not config.uses_prompts:
+        return True
+    context = base.config.get("max_position_embeddings")
+    if config.router_chat_template or not isinstance(context, int):
+        return False
+    prompts = [p for e in config.experts for p in (*e.positive_prompts, *e.negative_prompts)]
+    # transformers may add a BOS or EOS that tokenizer.json's post-processor does not: a margin, not a count
+    return max(len(tok.encode(p).ids) for p in prompts) + _PROMPT_MARGIN <= context
+
+
+#: tokens a prompt may gain between `tokenizers` and transformers (special tokens one adds and not the other)
+_PROMPT_MARGIN = 8
+
+
+def check_tokenizer(config: MoEConfig, base: ModelInfo):
+    """The base tokenizer must load and must not produce ids the embedding matrix does not have; returns it
+    (the router pass tokenises the prompts with it), or None for a gate mode that reads no prompts, whose
+    check :func:`check_tokenizer_files` decides without loading transformers. The verdict is transformers'
+    own either way (``tests/test_tokenizer_check.py`` holds the two to it, case by case)."""
+    if check_tokenizer_files(config, base) and not config.uses_prompts:
+        return None
+    vocab = base.tensors[arch.EMBED].shape[0]
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(str(base.folder))
     except Exception as err:
-        raise ModelMismatchError(
-            f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
-            f"The MoE reuses the base tokenizer, so the base {'repo' if base.ref.repo_id else 'folder'}'s "
-            "tokenizer files must load: repair them, or use a base whose tokenizer loads."
-        ) from None
+        raise _unloadable(config, base, err) from None
     if config.router_chat_template and config.uses_prompts:  # a template that fails, fails now, not after downloads
         router_token_ids(tok, config.experts[0].positive_prompts[0], chat_template=True)
     context = base.config.get("max_position_embeddings")
@@ -270,9 +306,87 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo):
                         f"experts[{i}].{field}[{j}] is {n} tokens long but the base reads at most {context}; "
                         "shorten it: a few sentences describe a domain best."
                     )
-    if len(tok) > vocab:
+    _check_size(config, len(tok), vocab)
+    return tok
+
+
+def _transformers_major() -> int:
+    """The installed transformers' major version, read without importing it. :func:`tokenizer_size` follows
+    transformers 5's rules (4.x differs in corners: it ignores a model's own ``image_token``, refuses a list of
+    ``extra_special_tokens``), so under 4.x the check loads the tokenizer itself."""
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
+def _unloadable(config: MoEConfig, base: ModelInfo, err: BaseException) -> ModelMismatchError:
+    return ModelMismatchError(
+        f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
+        f"The MoE reuses the base tokenizer, so the base {'repo' if base.ref.repo_id else 'folder'}'s "
+        "tokenizer files must load: repair them, or use a base whose tokenizer loads."
+    )
+
+
+def _check_size(config: MoEConfig, size: int, vocab: int) -> None:
+    if size > vocab:
         raise ModelMismatchError(
-            f"base_model ({config.base_model}): the tokenizer has {len(tok)} tokens but the embedding only "
+            f"base_model ({config.base_model}): the tokenizer has {size} tokens but the embedding only "
             f"{vocab} rows, so some token ids would crash the model. Use a base whose tokenizer matches its weights."
         )
-    return tok
+
+
+#: the special tokens every transformers tokenizer has a setting for (``SPECIAL_TOKENS_ATTRIBUTES``)
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def tokenizer_size(folder: Path) -> int:
+    """How many tokens the tokenizer in ``folder`` has once transformers loads it (:func:`read_tokenizer`)."""
+    return read_tokenizer(folder)[1]
+
+
+def read_tokenizer(folder: Path) -> tuple[Tokenizer, int]:
+    """The tokenizer in ``folder`` as `tokenizers` reads it, and how many tokens it has once transformers
+    loads it (``len(tokenizer)``), from its files alone: ``tokenizer.json``'s vocabulary and added tokens, plus
+    each distinct token that ``tokenizer_config.json`` names and the
+    vocabulary lacks, which transformers appends: the special-token settings (``bos_token`` ... ``mask_token``,
+    any other ``*_token`` holding a token), ``extra_special_tokens`` (or the older
+    ``additional_special_tokens``) and ``added_tokens_decoder``. Raises what the readers raise on a damaged
+    file, and TypeError where transformers refuses a setting too."""
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    named: list[str] = []
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise TypeError(f"tokenizer_config.json holds a JSON {type(cfg).__name__}, not an object")
+        for key, value in cfg.items():
+            if key in _SPECIAL_TOKENS and value is not None:
+                if _token_text(value) is None:
+                    raise TypeError(f"{key} must be a token string, not {value!r}")
+                named.append(_token_text(value))
+            elif key.endswith("_token") and _token_text(value) is not None:  # a model's own, e.g. image_token
+                named.append(_token_text(value))
+        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens")
+        if isinstance(extra, dict):
+            extra = list(extra.values())
+        if extra is not None and not isinstance(extra, list):
+            raise TypeError("extra_special_tokens must be a list of tokens or a mapping of named tokens")
+        named.extend(t for t in map(_token_text, extra or ()) if t is not None)
+        decoder = cfg.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise TypeError("added_tokens_decoder must map ids to tokens")
+        named.extend(t for t in (_token_text(v, decoder=True) for v in decoder.values()) if t is not None)
+    new = {t for t in named if tok.token_to_id(t) is None}
+    return tok, tok.get_vocab_size(with_added_tokens=True) + len(new)
+
+
+def _token_text(value, *, decoder: bool = False) -> str | None:
+    """A token as tokenizer_config.json writes it: a string, or an object with its content (a serialised
+    AddedToken, ``"__type": "AddedToken"``; any such object in ``added_tokens_decoder``); None otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        if decoder or value.get("__type") == "AddedToken":
+            return value["content"]
+    return None

@@ -35,7 +35,8 @@ from ..gguf.files import preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
 from ..gguf.llama import expert_prompts
-from ..io.folder import CONFIG_FILENAME, is_lazymoe_output, missing_weights, read_hub_record, require_weights
+from ..io.folder import (CONFIG_FILENAME, LAZYMOE_RECORDS, is_lazymoe_output, missing_weights, read_hub_record,
+                         require_weights)
 from ..options import DEFAULT_ANSWER_TOKENS, NotebookSettings
 from ..pipeline import merge as merging
 from ..pipeline.preflight import blocking, check_ahead
@@ -385,7 +386,7 @@ class Builder:
             done = (f"Merged and uploaded to {pushed.url} in one commit" + (
                 f"; {out} holds the small files only (each shard was deleted once uploaded)" if not keep else
                 f", and written to {out}"))
-        files = sorted(p for p in out.iterdir() if p.is_file())
+        files = sorted(p for p in out.iterdir() if p.is_file() and p.name not in LAZYMOE_RECORDS)  # the user's view
         rows = [(p.name, human_bytes(p.stat().st_size)) for p in files]
         self._show(_html(notice_html(done, "ok") + table_html(rows, ("File", "Size"))))
         return out

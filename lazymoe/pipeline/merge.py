@@ -135,8 +135,8 @@ class _OnThread:
 
 def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     """The base's tokenizer, checked (``checks.check_tokenizer``) and loaded on a thread of its own. Loading a
-    tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB): a
-    merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
+    tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB; a mode
+    without prompts only reads the files, in milliseconds, and loads nothing): a merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
     re-raises the check's error) before it tokenises, touches the Hub repo or makes the output final, so a
     bad tokenizer still leaves no output behind; the writer stops at its next tensor once the check fails. A
     merge from the Hub fetches ranges meanwhile (a few seconds of weights, kept in the range cache for the next
@@ -144,9 +144,10 @@ def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
 
 
-def _tokenizer_loaded(folder: Path) -> _OnThread:
-    """A plan made earlier checked the tokenizer then: only load it, on its own thread."""
-    return _OnThread(lambda: _load_tokenizer(folder), "lazymoe-tokenizer")
+def _tokenizer_loaded(config: MoEConfig, folder: Path) -> _OnThread:
+    """A plan made earlier checked the tokenizer then: only load it, on its own thread, for a mode that
+    tokenises its prompts (the others never need it, nor transformers' import)."""
+    return _OnThread(lambda: _load_tokenizer(folder) if config.uses_prompts else None, "lazymoe-tokenizer")
 
 
 def _load_tokenizer(folder: Path):
@@ -230,12 +231,15 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
         raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
-    tokenizer = None
+    tokenizer, decided = None, True  # a plan made earlier checked the tokenizer then
     if plan is None:
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
-        tokenizer = _tokenizer_checked(plan.config, plan.base)  # runs while the first weights are fetched or copied
-        if plan.download_bytes and plan.whole_models:  # but models downloaded whole (GBs) wait for every check
+        # the tokenizer's files first (milliseconds); loading it (seconds) runs while the first weights are
+        # fetched or copied, and is waited for only where the files could not decide the whole check
+        decided = checks.check_tokenizer_files(plan.config, plan.base)
+        tokenizer = _tokenizer_checked(plan.config, plan.base)
+        if plan.download_bytes and plan.whole_models and not decided:  # models downloaded whole (GBs) wait for it
             tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if device not in (None, "auto") and config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
@@ -255,7 +259,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                 "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
         try:
             return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, decided=decided)
         finally:
             if pusher is not None:
                 pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
@@ -270,7 +274,8 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
 
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
-                pusher: StreamingPush | None, tokenizer: _OnThread | None = None) -> tuple[Path, PushResult | None]:
+                pusher: StreamingPush | None, tokenizer: _OnThread | None = None,
+                decided: bool = True) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -284,9 +289,9 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
         state = PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint())
         saved = _saved_gates(state, plan)
-        # nothing touches the Hub repo before every check has passed: the tokenizer check may still run while
-        # the first weights are fetched and the first shard is written
-        pusher.start(state, after=tokenizer.result if tokenizer is not None else None)
+        # nothing touches the Hub repo before every check has passed: where the tokenizer's files did not decide
+        # it, loading the tokenizer may still run while the first weights are fetched and the first shard written
+        pusher.start(state, after=None if decided or tokenizer is None else tokenizer.result)
         if not pusher.keep and state.shards:  # kept shards must be on disk: only a --no-keep push can skip some
             skip = pusher.resume([s.filename for s in plan.shards[:-1]])  # the routers' shard is always built
     reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
@@ -374,7 +379,7 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
     # overlapping: each base tensor is located when the pass reaches it, so it waits for one layer at a time
     base = store.local(config.base_model, wait=not router.threaded, resolve=resolve)
     if tokenizer is None:  # a plan made earlier
-        tokenizer = _tokenizer_loaded(base.folder)
+        tokenizer = _tokenizer_loaded(config, base.folder)
     router_plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
 
     def router_pass():
