@@ -34,6 +34,27 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     return world
 
 
+@pytest.fixture
+def recipe(tiny_world, tmp_path) -> Path:
+    """A two-expert recipe over the tiny world that merges in a second (random gates: no router pass)."""
+    import yaml
+
+    from helpers import moe_config
+
+    path = tmp_path / "moe.yaml"
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=7)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def merged(recipe, tmp_path) -> Path:
+    """``recipe`` merged into tmp_path/moe (a module may define its own ``merged``, which then wins)."""
+    import lazymoe
+
+    return lazymoe.merge(recipe, tmp_path / "moe", progress=False)
+
+
 # --- evaluation fixtures ---
 
 @pytest.fixture(scope="session")

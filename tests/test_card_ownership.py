@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import moe_config, one_line_error
+from helpers import one_line_error
 from hubserver import ALICE_WRITE_TOKEN
 
 import lazymoe
@@ -30,19 +30,6 @@ tags:
 
 Notes I wrote myself.
 """
-
-
-@pytest.fixture
-def recipe(tiny_world, tmp_path) -> Path:
-    path = tmp_path / "moe.yaml"
-    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=7)
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def merged(recipe, tmp_path) -> Path:
-    return lazymoe.merge(recipe, tmp_path / "moe", progress=False)
 
 
 def refused(card: Path) -> str:

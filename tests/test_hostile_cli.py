@@ -20,31 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import moe_config, one_line_error
+from helpers import moe_config, one_line_error, snapshot
 
 import lazymoe
 from lazymoe.cli import main
 from lazymoe.errors import ConfigError, GGUFError, OutputExistsError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def recipe(tiny_world, tmp_path) -> Path:
-    """A two-expert recipe that merges in a second (random gates: no router pass)."""
-    path = tmp_path / "moe.yaml"
-    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="random", seed=7)
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def merged(recipe, tmp_path) -> Path:
-    return lazymoe.merge(recipe, tmp_path / "moe", progress=False)
 
 
 def _env() -> dict[str, str]:
