@@ -13,7 +13,7 @@ import os
 import random as _random
 import re
 import reprlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -85,30 +85,22 @@ class _Strict(BaseModel):
             with _one_line_errors():
                 super().__setattr__(name, value)
 
+        # pydantic's three ways in from data, each with the same words: a dict's shape first, then one line
         @classmethod
         def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(obj, dict):
-                _check_shape(cls, obj)
-            with _one_line_errors():
-                return super().model_validate(obj, *args, **kwargs)
+            return _validated(cls, obj, lambda: super(_Strict, cls).model_validate(obj, *args, **kwargs))
 
         @classmethod
         def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 data = json.loads(json_data)
             except (ValueError, TypeError):
-                data = None  # pydantic words what is wrong with the JSON itself, made one line below
-            if isinstance(data, dict):
-                _check_shape(cls, data)
-            with _one_line_errors():
-                return super().model_validate_json(json_data, *args, **kwargs)
+                data = None  # pydantic words what is wrong with the JSON itself, made one line
+            return _validated(cls, data, lambda: super(_Strict, cls).model_validate_json(json_data, *args, **kwargs))
 
         @classmethod
         def model_validate_strings(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(obj, dict):
-                _check_shape(cls, obj)
-            with _one_line_errors():
-                return super().model_validate_strings(obj, *args, **kwargs)
+            return _validated(cls, obj, lambda: super(_Strict, cls).model_validate_strings(obj, *args, **kwargs))
 
 
 class HubTexts(_Strict):
@@ -348,6 +340,14 @@ def _short_repr(value: Any, limit: int = 80) -> str:
     """A repr that stays short however big the input (YAML aliases can nest millions of items)."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _validated(model: type[BaseModel], data: Any, validate: Callable[[], Any]) -> Any:
+    """``validate()``, after the shape check of ``data`` where it is a mapping, with pydantic's error made one line."""
+    if isinstance(data, dict):
+        _check_shape(model, data)
+    with _one_line_errors():
+        return validate()
 
 
 @contextmanager

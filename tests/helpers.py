@@ -82,3 +82,15 @@ def one_line_error(capsys, argv: list[str]) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0].removeprefix("error: ")
+
+
+def stand_in_demo(monkeypatch, recipe: Path, merged: Path) -> None:
+    """``lazymoe demo`` with the tiny test merge standing in for the demo's build and its merge (seconds)."""
+    import shutil
+
+    import lazymoe.demo as demo
+    import lazymoe.pipeline.merge as merging
+
+    monkeypatch.setattr(demo, "build_demo", lambda folder, **options: recipe)
+    monkeypatch.setattr(merging, "merge", lambda config, out, **options: Path(shutil.copytree(merged, out,
+                                                                                              dirs_exist_ok=True)))

@@ -5,12 +5,11 @@ without --overwrite, left by the steps that update the card as a side effect, up
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import one_line_error
+from helpers import one_line_error, stand_in_demo
 from hubserver import ALICE_WRITE_TOKEN
 
 import lazymoe
@@ -92,13 +91,8 @@ def test_the_users_own_readme_in_a_model_folder_without_a_record_is_not_replaced
 
 
 def test_a_demo_rebuild_keeps_a_readme_the_user_wrote_in_its_gguf_folder(merged, recipe, tmp_path, monkeypatch):
-    import lazymoe.demo as demo
-    import lazymoe.pipeline.merge as merging
-
     work = tmp_path / "work"
-    monkeypatch.setattr(demo, "build_demo", lambda folder, **options: recipe)  # the tiny merge stands in for both
-    monkeypatch.setattr(merging, "merge", lambda config, out, **options: Path(shutil.copytree(merged, out,
-                                                                                              dirs_exist_ok=True)))
+    stand_in_demo(monkeypatch, recipe, merged)
     gguf_dir = work / "merged-GGUF"
     gguf_dir.mkdir(parents=True)
     (gguf_dir / "merged.Q8_0.gguf").write_bytes(b"GGUF" + bytes(64))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import moe_config, one_line_error, snapshot
+from helpers import moe_config, one_line_error, snapshot, stand_in_demo
 
 import lazymoe
 from lazymoe.cli import main
@@ -570,13 +570,8 @@ def test_a_demo_rebuild_replaces_only_the_files_the_demo_wrote(tmp_path):
 def test_a_demo_rebuild_removes_the_stale_gguf_files_and_nothing_else(merged, recipe, tmp_path, monkeypatch, capsys):
     """The GGUF files of the replaced demo model are stale (`lazymoe gguf` would even reuse them); they used to be
     kept whenever the folder held the recipe copy `lazymoe gguf` puts there, i.e. always."""
-    import lazymoe.demo as demo
-    import lazymoe.pipeline.merge as merging
-
     work = tmp_path / "work"
-    monkeypatch.setattr(demo, "build_demo", lambda folder, **options: recipe)  # the tiny merge stands in for both
-    monkeypatch.setattr(merging, "merge", lambda config, out, **options: Path(shutil.copytree(merged, out,
-                                                                                              dirs_exist_ok=True)))
+    stand_in_demo(monkeypatch, recipe, merged)
     gguf_dir = work / "merged-GGUF"
     gguf_dir.mkdir(parents=True)
     for name in ("merged.F16.gguf", "merged.Q8_0.gguf", "lazymoe_config.yml", "notes.md"):

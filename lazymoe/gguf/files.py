@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CardError, GGUFError
-from ..io.folder import CARD_FILENAME, CARD_RECORD, CONFIG_FILENAME
+from ..io.folder import CARD_FILENAME, CARD_RECORD, CONFIG_FILENAME, foreign_entries
 from .quants import PREFERENCE, UNQUANTISED, quant_of
 
 UNQUANTISED_NAMES = frozenset(q.name for q in UNQUANTISED)
@@ -39,13 +38,7 @@ def gguf_dir_of(model_dir: str | os.PathLike, name: str | None = None) -> Path:
 
 def foreign_gguf_entries(folder: str | os.PathLike) -> list[str]:
     """What ``folder`` holds that lazymoe never writes into a GGUF folder (subfolders with a trailing ``/``), sorted."""
-    found = []
-    for entry in Path(folder).iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            found.append(entry.name + "/")
-        elif not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in GGUF_FOLDER_FILES):
-            found.append(entry.name)
-    return sorted(found)
+    return foreign_entries(folder, GGUF_FOLDER_FILES)
 
 
 def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:

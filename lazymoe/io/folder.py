@@ -116,14 +116,15 @@ def is_lazymoe_output(folder: str | os.PathLike, *, follow_links: bool = True) -
     return folder.is_dir() and (folder / CONFIG_FILENAME).is_file() and (folder / "config.json").is_file()
 
 
-def foreign_entries(folder: str | os.PathLike) -> list[str]:
+def foreign_entries(folder: str | os.PathLike, ours: tuple[str, ...] = OUTPUT_FILES) -> list[str]:
     """What a lazymoe output folder holds that no lazymoe step writes (the user's notes, a subfolder...),
-    sorted, folders with a trailing ``/``: replacing the folder would delete them."""
+    sorted, folders with a trailing ``/``: replacing the folder would delete them. ``ours``: the name patterns
+    lazymoe writes there (a merged model's by default)."""
     found = []
     for entry in Path(folder).iterdir():
         if entry.is_dir() and not entry.is_symlink():
             found.append(entry.name + "/")
-        elif not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in OUTPUT_FILES):
+        elif not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in ours):
             found.append(entry.name)
     return sorted(found)
 
