@@ -162,3 +162,16 @@ def test_a_prompt_near_the_context_is_left_to_transformers_to_count(tiny_world, 
     with pytest.raises(ModelMismatchError, match=r"experts\[0\]\.positive_prompts\[0\] is \d+ tokens long but the "
                                                  rf"base reads at most {context}"):
         check_tokenizer(long, plan.base)
+
+
+def test_a_plan_whose_tokenizer_files_decide_the_check_does_not_import_transformers(tiny_world, tmp_path):
+    # hidden tokenises its prompts when it merges, but the check itself is decided by the files: `lazymoe plan`
+    # answers without transformers' import
+    path = tmp_path / "moe.yml"
+    path.write_text(json.dumps(moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]],
+                                          gate_mode="hidden")))
+    code = ("import sys, lazymoe\n"
+            "lazymoe.make_plan(sys.argv[1], progress=False)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]"

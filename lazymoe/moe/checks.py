@@ -281,11 +281,11 @@ _PROMPT_MARGIN = 8
 
 
 def check_tokenizer(config: MoEConfig, base: ModelInfo):
-    """The base tokenizer must load and must not produce ids the embedding matrix does not have; returns it
-    (the router pass tokenises the prompts with it), or None for a gate mode that reads no prompts, whose
-    check :func:`check_tokenizer_files` decides without loading transformers. The verdict is transformers'
-    own either way (``tests/test_tokenizer_check.py`` holds the two to it, case by case)."""
-    if check_tokenizer_files(config, base) and not config.uses_prompts:
+    """The base tokenizer must load and must not produce ids the embedding matrix does not have. Where its files
+    decide that (:func:`check_tokenizer_files`, nearly always) transformers is not loaded and this returns None;
+    otherwise it loads the tokenizer to decide and returns it (the router pass tokenises the prompts with it).
+    The verdict is transformers' own either way (``tests/test_tokenizer_check.py`` holds the two to it)."""
+    if check_tokenizer_files(config, base):
         return None
     vocab = base.tensors[arch.EMBED].shape[0]
     from transformers import AutoTokenizer
@@ -348,11 +348,10 @@ def tokenizer_size(folder: Path) -> int:
 def read_tokenizer(folder: Path) -> tuple[Tokenizer, int]:
     """The tokenizer in ``folder`` as `tokenizers` reads it, and how many tokens it has once transformers
     loads it (``len(tokenizer)``), from its files alone: ``tokenizer.json``'s vocabulary and added tokens, plus
-    each distinct token that ``tokenizer_config.json`` names and the
-    vocabulary lacks, which transformers appends: the special-token settings (``bos_token`` ... ``mask_token``,
-    any other ``*_token`` holding a token), ``extra_special_tokens`` (or the older
-    ``additional_special_tokens``) and ``added_tokens_decoder``. Raises what the readers raise on a damaged
-    file, and TypeError where transformers refuses a setting too."""
+    each distinct token that ``tokenizer_config.json`` names and the vocabulary lacks, which transformers
+    appends: the special-token settings (``bos_token`` ... ``mask_token``, any other ``*_token`` holding a
+    token), ``extra_special_tokens`` (or the older ``additional_special_tokens``) and ``added_tokens_decoder``.
+    Raises what the readers raise on a damaged file, and TypeError where transformers refuses a setting too."""
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     named: list[str] = []
     path = folder / "tokenizer_config.json"

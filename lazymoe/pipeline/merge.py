@@ -134,19 +134,21 @@ class _OnThread:
 
 
 def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
-    """The base's tokenizer, checked (``checks.check_tokenizer``) and loaded on a thread of its own. Loading a
-    tokenizer imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB; a mode
-    without prompts only reads the files, in milliseconds, and loads nothing): a merge from local folders copies its first tensors meanwhile, and waits for it (``result()``, which
-    re-raises the check's error) before it tokenises, touches the Hub repo or makes the output final, so a
-    bad tokenizer still leaves no output behind; the writer stops at its next tensor once the check fails. A
-    merge from the Hub fetches ranges meanwhile (a few seconds of weights, kept in the range cache for the next
-    run), but downloads no model whole before the check has passed."""
+    """Where the tokenizer's files could not decide the check (``checks.check_tokenizer_files``: transformers 4,
+    a chat template, a prompt near the context), the full check on a thread of its own: it loads the tokenizer,
+    which imports most of transformers (2-3 s on 2 CPU cores, about as long as copying a few GB). A merge from
+    local folders copies its first tensors meanwhile and waits for it (``result()``, which re-raises the
+    check's error) before it tokenises, touches the Hub repo or makes the output final, so a bad tokenizer
+    still leaves no output behind; the writer stops at its next tensor once the check fails. A merge from the
+    Hub fetches ranges meanwhile (a few seconds of weights, kept in the range cache for the next run), but
+    downloads no model whole before the check has passed."""
     return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
 
 
 def _tokenizer_loaded(config: MoEConfig, folder: Path) -> _OnThread:
-    """A plan made earlier checked the tokenizer then: only load it, on its own thread, for a mode that
-    tokenises its prompts (the others never need it, nor transformers' import)."""
+    """The check was decided already (by the tokenizer's files, or by a plan made earlier): only load the
+    tokenizer, on its own thread, for a mode that tokenises its prompts (the others never need it, nor
+    transformers' import)."""
     return _OnThread(lambda: _load_tokenizer(folder) if config.uses_prompts else None, "lazymoe-tokenizer")
 
 
@@ -231,16 +233,19 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir).strip():
         raise OutputExistsError(f"The output folder must be a path, got {output_dir!r}.")
     output_dir = Path(output_dir)
-    tokenizer, decided = None, True  # a plan made earlier checked the tokenizer then
+    tokenizer, pending = None, None  # a plan made earlier checked the tokenizer then
     if plan is None:
         plan = _make_plan(config, max_shard_bytes=max_shard_bytes, layout=layout, low_disk=low_disk,
                           progress=progress, tokenizer=False)
-        # the tokenizer's files first (milliseconds); loading it (seconds) runs while the first weights are
-        # fetched or copied, and is waited for only where the files could not decide the whole check
-        decided = checks.check_tokenizer_files(plan.config, plan.base)
-        tokenizer = _tokenizer_checked(plan.config, plan.base)
-        if plan.download_bytes and plan.whole_models and not decided:  # models downloaded whole (GBs) wait for it
-            tokenizer.result()
+        # the tokenizer's files decide the check in milliseconds, nearly always; where they cannot, the full
+        # check (seconds) runs while the first weights are fetched or copied, and the Hub waits for it
+        if checks.check_tokenizer_files(plan.config, plan.base):
+            tokenizer = _tokenizer_loaded(plan.config, plan.base.folder)
+        else:
+            tokenizer = _tokenizer_checked(plan.config, plan.base)
+            pending = tokenizer.result
+            if plan.download_bytes and plan.whole_models:  # models downloaded whole (GBs) wait for it too
+                tokenizer.result()
     config = plan.config.with_seed(from_recipe=pusher is not None)
     if device not in (None, "auto") and config.gate_mode in HIDDEN_MODES + FITTED_MODES + WRITTEN_MODES:
         pick_device(device)  # a bad --device fails now, not after the downloads (auto cannot fail: no torch yet)
@@ -259,7 +264,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
                 "or choose another output folder", "" if streamed else _low_disk_hint(plan), "."]))
         try:
             return _merge_into(target, plan, config, device=device, progress=progress, pusher=pusher,
-                               tokenizer=tokenizer, decided=decided)
+                               tokenizer=tokenizer, pending=pending)
         finally:
             if pusher is not None:
                 pusher.abort()  # a no-op once finished; after a failure, stops the uploads (nothing committed)
@@ -275,7 +280,7 @@ def _low_disk_hint(plan: planning.MergePlan) -> str | Text:
 
 def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfig, *, device, progress,
                 pusher: StreamingPush | None, tokenizer: _OnThread | None = None,
-                decided: bool = True) -> tuple[Path, PushResult | None]:
+                pending: Callable[[], object] | None = None) -> tuple[Path, PushResult | None]:
     # our own copy: warnings found while merging must not leak into a plan the caller keeps
     plan = dataclasses.replace(plan, config=config, warnings=list(plan.warnings))
     for w in plan.warnings:
@@ -289,9 +294,9 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
         state = PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint())
         saved = _saved_gates(state, plan)
-        # nothing touches the Hub repo before every check has passed: where the tokenizer's files did not decide
-        # it, loading the tokenizer may still run while the first weights are fetched and the first shard written
-        pusher.start(state, after=None if decided or tokenizer is None else tokenizer.result)
+        # nothing touches the Hub repo before every check has passed: a ``pending`` tokenizer check may still run
+        # while the first weights are fetched and the first shard is written
+        pusher.start(state, after=pending)
         if not pusher.keep and state.shards:  # kept shards must be on disk: only a --no-keep push can skip some
             skip = pusher.resume([s.filename for s in plan.shards[:-1]])  # the routers' shard is always built
     reads = plan.reads(skip_shards=frozenset(i for i, s in enumerate(plan.shards) if s.filename in skip),
