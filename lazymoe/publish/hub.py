@@ -323,12 +323,7 @@ def push_to_hub(
     files = upload_files(folder)
     sizes = [p.stat().st_size for p in files]
     logger.info("Uploading %d files (%.1f MB) from %s to %s", len(sizes), sum(sizes) / 1e6, folder, url)
-    # one commit of the folder's files (what upload_folder makes); a card naming this repo replaces the
-    # README.md in the upload only, the local one is left as it is
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                  for p in files if card is None or p.relative_to(folder).as_posix() != "README.md"]
-    if card is not None:
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    operations = _file_operations(folder, files, card)  # one commit of them, as upload_folder makes
     try:
         with _progress_bars(progress), _errors_as_hub_errors(found, endpoint, repo_id, stage="upload",
                                                              empty_repo=target.empty):
@@ -342,6 +337,17 @@ def push_to_hub(
     logger.info("Pushed %s to %s", folder, url)
     return PushResult(repo_id=repo_id, url=url, private=private, files=len(sizes), bytes=sum(sizes),
                       commit_url=getattr(commit, "commit_url", None), commit=getattr(commit, "oid", None))
+
+
+def _file_operations(folder: Path, files: list[Path], card: str | None,
+                     sent: frozenset[str] = frozenset()) -> list[CommitOperationAdd]:
+    """The commit's additions for ``files`` of ``folder``, but those ``sent`` already; a ``card`` naming the repo
+    replaces README.md in the upload only (the local one is left as it is)."""
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for p in files
+           if (name := p.relative_to(folder).as_posix()) not in sent and (card is None or name != "README.md")]
+    if card is not None:
+        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    return ops
 
 
 def _replaced_weights(api: HfApi, repo_id: str,
@@ -480,12 +486,8 @@ class StreamingPush:
         self._start_now()
         self._stop()
         self._raise_if_failed()
-        shards = [self._done[name] for name in sorted(self._done)]
-        operations = list(shards)
-        operations += [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-                       for p in upload_files(folder)
-                       if p.relative_to(folder).as_posix() not in {*self._done, "README.md"}]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+        operations = [self._done[name] for name in sorted(self._done)]  # the shards, uploaded already
+        operations += _file_operations(folder, upload_files(folder), card, sent=frozenset(self._done))
         repo_id = self.target.repo_id
         with _progress_bars(self.progress), self._errors("commit"):
             deletions, parent = _replaced_weights(self.target._api, repo_id, operations)
