@@ -175,3 +175,23 @@ def test_a_plan_whose_tokenizer_files_decide_the_check_does_not_import_transform
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (_config(pad_token={"content": "<dp>", "special": True}),
+     "TypeError: pad_token must be a token string, not {'content': '<dp>', 'special': True}"),
+    (_write("tokenizer_config.json", "[1, 2]"), "TypeError: tokenizer_config.json holds a JSON list, not an object"),
+    (_write("tokenizer.json", "{not json"), "Exception: key must be a string"),
+])
+def test_a_base_tokenizer_the_files_refuse_gets_one_line_naming_the_problem_and_the_fix(tiny_world, tmp_path, edit,
+                                                                                      problem):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_world["base"], base)
+    edit(base)
+    cfg = moe_config(base, [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
+    with pytest.raises(ModelMismatchError) as err:
+        lazymoe.make_plan(cfg, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"base_model ({base}): its tokenizer cannot be loaded ({problem}")
+    assert message.endswith("The MoE reuses the base tokenizer, so the base folder's tokenizer files must load: "
+                            "repair them, or use a base whose tokenizer loads.")
