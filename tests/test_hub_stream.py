@@ -581,19 +581,20 @@ def test_a_push_whose_tokenizer_files_decide_the_check_uploads_while_the_tokeniz
     prompts fit the context), so the repo is created and the first shard uploaded while the tokenizer loads."""
     from hubserver import ALICE_WRITE_TOKEN
 
+    from lazymoe.moe import checks
     from lazymoe.pipeline import merge as merging
 
-    real = merging._load_tokenizer
+    real = checks.load_tokenizer
     uploaded_meanwhile = []
 
-    def slow_tokenizer(folder):
+    def slow_tokenizer(config, base):
         deadline = time.monotonic() + 60
         while not hub.requests_of("lfs-upload", status=200) and time.monotonic() < deadline:
             time.sleep(0.01)
         uploaded_meanwhile.append(bool(hub.requests_of("lfs-upload", status=200)))
-        return real(folder)
+        return real(config, base)
 
-    monkeypatch.setattr(merging, "_load_tokenizer", slow_tokenizer)
+    monkeypatch.setattr(checks, "load_tokenizer", slow_tokenizer)
     cfg, local = hub_and_local(tiny_world, gate_mode="hidden", seed=1)
     out, pushed = merging.merge_and_push(cfg, tmp_path / "tiny-moe", "tiny-moe", token=ALICE_WRITE_TOKEN,
                                          max_shard_bytes="150KB", progress=False)

@@ -17,7 +17,7 @@ import pytest
 
 import lazymoe
 from lazymoe.errors import ModelMismatchError
-from lazymoe.moe.checks import tokenizer_size
+from lazymoe.moe.checks import LeftToTransformers, tokenizer_size
 from tests.helpers import moe_config
 
 ADDED = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False, "special": True}
@@ -34,6 +34,13 @@ def _config(**settings):
 
 def _write(name, text):
     return lambda folder: (folder / name).write_text(text)
+
+
+def _drop_decoder(folder):
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("added_tokens_decoder", None)
+    path.write_text(json.dumps(cfg))
 
 
 CASES = {
@@ -59,7 +66,21 @@ CASES = {
     "tokenizer_config.json, damaged": _write("tokenizer_config.json", "{bad"),
     "tokenizer.json, damaged": _write("tokenizer.json", "{not json"),
     "tokenizer.json without a model": _write("tokenizer.json", json.dumps({"version": "1.0"})),
+    # found by a hostile pass: what transformers refuses, ignores, or reads from older files
+    "an empty pad token": _config(pad_token=""),
+    "added tokens decoder, null": _config(added_tokens_decoder=None),
+    "added tokens decoder, a key that is no id": _config(added_tokens_decoder={"abc": {"content": "<x>", **ADDED}}),
+    "added tokens decoder, a bare string": _config(added_tokens_decoder={"0": "<unk>"}),
+    "extra special tokens, plain objects": _config(extra_special_tokens=[{"content": "<e1>", "special": True}]),
+    "older files, a new pad token in special_tokens_map.json": lambda folder: (
+        _drop_decoder(folder), _write("special_tokens_map.json", json.dumps({"pad_token": "<pad>"}))(folder)),
+    "older files, a new token in added_tokens.json": lambda folder: (
+        _drop_decoder(folder), _write("added_tokens.json", json.dumps({"<new>": 512}))(folder)),
+    "older files, special_tokens_map.json damaged": lambda folder: (
+        _drop_decoder(folder), _write("special_tokens_map.json", "{bad")(folder)),
 }
+#: cases whose older token files transformers reads by its own rules: the file check leaves them to the full one
+LEFT_TO_TRANSFORMERS = {name for name in CASES if name.startswith("older files")}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +113,10 @@ def verdicts(tiny_world, tmp_path_factory):
 def test_the_fast_check_counts_what_transformers_loads(verdicts, case):
     folders, by_transformers = verdicts
     expected = by_transformers[case]
-    if isinstance(expected, int):
+    if case in LEFT_TO_TRANSFORMERS:  # the full check decides: transformers' verdict by construction
+        with pytest.raises(LeftToTransformers):
+            tokenizer_size(folders[case])
+    elif isinstance(expected, int):
         assert tokenizer_size(folders[case]) == expected
     else:  # transformers refuses it: so does the fast check
         with pytest.raises(Exception):
@@ -106,11 +130,14 @@ def test_the_cases_cover_both_verdicts(verdicts):
     assert any(isinstance(v, str) for v in verdicts[1].values())
 
 
-def test_a_merge_without_prompts_refuses_a_tokenizer_that_outgrows_the_embedding(tiny_world, tmp_path):
-    # the demo tokenizer has 512 tokens and the tiny base embeds exactly 512: one new special token is one too many
+@pytest.mark.parametrize("case", ["a new pad token", "older files, a new pad token in special_tokens_map.json",
+                                  "older files, a new token in added_tokens.json"])
+def test_a_merge_without_prompts_refuses_a_tokenizer_that_outgrows_the_embedding(tiny_world, tmp_path, case):
+    # the demo tokenizer has 512 tokens and the tiny base embeds exactly 512: one new special token is one too many,
+    # whether tokenizer_config.json names it or an older file that the full check reads does
     base = tmp_path / "base"
     shutil.copytree(tiny_world["base"], base)
-    _config(pad_token="<pad>")(base)
+    CASES[case](base)
     cfg = moe_config(base, [tiny_world["chat"], tiny_world["code"]], gate_mode="random")
     with pytest.raises(ModelMismatchError, match=r"the tokenizer has 513 tokens but the embedding only 512 rows"):
         lazymoe.make_plan(cfg, progress=False)
@@ -195,3 +222,19 @@ def test_a_base_tokenizer_the_files_refuse_gets_one_line_naming_the_problem_and_
     assert "\n" not in message and message.startswith(f"base_model ({base}): its tokenizer cannot be loaded ({problem}")
     assert message.endswith("The MoE reuses the base tokenizer, so the base folder's tokenizer files must load: "
                             "repair them, or use a base whose tokenizer loads.")
+
+
+def test_a_tokenizer_that_fails_to_load_after_its_files_passed_is_still_one_line(tiny_world, tmp_path, monkeypatch):
+    # the files decide the check for hidden, and the merge then loads the tokenizer to tokenise the prompts: should
+    # transformers refuse it anyway (a rule the files cannot see), the merge stops with the check's one line
+    from transformers import AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise TypeError("Input must be a List[Union[str, AddedToken]]")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    cfg = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["code"]], gate_mode="hidden")
+    with pytest.raises(ModelMismatchError, match=r"^base_model \(.*\): its tokenizer cannot be loaded \(TypeError: "
+                                                 r"Input must be a List\[Union\[str, AddedToken\]\]\)\. The MoE reuses"):
+        lazymoe.merge(cfg, tmp_path / "moe", progress=False)
+    assert not (tmp_path / "moe").exists()

@@ -263,8 +263,10 @@ def check_tokenizer_files(config: MoEConfig, base: ModelInfo) -> bool:
         return False
     try:
         tok, size = read_tokenizer(base.folder)
+    except LeftToTransformers:
+        return False
     except Exception as err:  # noqa: BLE001 - whatever the files' readers raise, the user's answer is one
-        raise _unloadable(config, base, err) from None
+        raise tokenizer_unloadable(config, base, err) from None
     _check_size(config, size, vocab)
     if not config.uses_prompts:
         return True
@@ -288,12 +290,7 @@ def check_tokenizer(config: MoEConfig, base: ModelInfo):
     if check_tokenizer_files(config, base):
         return None
     vocab = base.tensors[arch.EMBED].shape[0]
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(base.folder))
-    except Exception as err:
-        raise _unloadable(config, base, err) from None
+    tok = load_tokenizer(config, base)
     if config.router_chat_template and config.uses_prompts:  # a template that fails, fails now, not after downloads
         router_token_ids(tok, config.experts[0].positive_prompts[0], chat_template=True)
     context = base.config.get("max_position_embeddings")
@@ -320,7 +317,17 @@ def _transformers_major() -> int:
         return 0
 
 
-def _unloadable(config: MoEConfig, base: ModelInfo, err: BaseException) -> ModelMismatchError:
+def load_tokenizer(config: MoEConfig, base: ModelInfo):
+    """The base's tokenizer as transformers loads it (``AutoTokenizer``), or the one-line error saying it cannot."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base.folder))
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises, the user's answer is one
+        raise tokenizer_unloadable(config, base, err) from None
+
+
+def tokenizer_unloadable(config: MoEConfig, base: ModelInfo, err: BaseException) -> ModelMismatchError:
     return ModelMismatchError(
         f"base_model ({config.base_model}): its tokenizer cannot be loaded ({type(err).__name__}: {err}). "
         f"The MoE reuses the base tokenizer, so the base {'repo' if base.ref.repo_id else 'folder'}'s "
@@ -351,40 +358,60 @@ def read_tokenizer(folder: Path) -> tuple[Tokenizer, int]:
     each distinct token that ``tokenizer_config.json`` names and the vocabulary lacks, which transformers
     appends: the special-token settings (``bos_token`` ... ``mask_token``, any other ``*_token`` holding a
     token), ``extra_special_tokens`` (or the older ``additional_special_tokens``) and ``added_tokens_decoder``.
-    Raises what the readers raise on a damaged file, and TypeError where transformers refuses a setting too."""
+    Raises what the readers raise on a damaged file, TypeError or ValueError where transformers refuses a
+    setting too, and :class:`LeftToTransformers` for an older tokenizer whose special_tokens_map.json or
+    added_tokens.json transformers reads (no ``added_tokens_decoder``)."""
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     named: list[str] = []
     path = folder / "tokenizer_config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(cfg, dict):
-            raise TypeError(f"tokenizer_config.json holds a JSON {type(cfg).__name__}, not an object")
-        for key, value in cfg.items():
-            if key in _SPECIAL_TOKENS and value is not None:
-                if _token_text(value) is None:
-                    raise TypeError(f"{key} must be a token string, not {value!r}")
-                named.append(_token_text(value))
-            elif key.endswith("_token") and _token_text(value) is not None:  # a model's own, e.g. image_token
-                named.append(_token_text(value))
-        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens")
-        if isinstance(extra, dict):
-            extra = list(extra.values())
-        if extra is not None and not isinstance(extra, list):
-            raise TypeError("extra_special_tokens must be a list of tokens or a mapping of named tokens")
-        named.extend(t for t in map(_token_text, extra or ()) if t is not None)
-        decoder = cfg.get("added_tokens_decoder") or {}
-        if not isinstance(decoder, dict):
-            raise TypeError("added_tokens_decoder must map ids to tokens")
-        named.extend(t for t in (_token_text(v, decoder=True) for v in decoder.values()) if t is not None)
-    new = {t for t in named if tok.token_to_id(t) is None}
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"tokenizer_config.json holds a JSON {type(cfg).__name__}, not an object")
+    if "added_tokens_decoder" not in cfg and any((folder / name).is_file() for name in _LEGACY_TOKEN_FILES):
+        raise LeftToTransformers("transformers reads the older special_tokens_map.json / added_tokens.json")
+    for key, value in cfg.items():
+        if key in _SPECIAL_TOKENS and value is not None:
+            if _token_text(value) is None:
+                raise TypeError(f"{key} must be a token string, not {value!r}")
+            named.append(_token_text(value))
+        elif key.endswith("_token") and _token_text(value) is not None:  # a model's own, e.g. image_token
+            named.append(_token_text(value))
+    extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens")
+    if isinstance(extra, dict):
+        named.extend(t for t in map(_token_text, extra.values()) if t is not None)
+    elif isinstance(extra, list):
+        for value in extra:
+            if _token_text(value) is None:
+                raise TypeError(f"extra_special_tokens must hold token strings, not {value!r}")
+            named.append(_token_text(value))
+    elif extra is not None:
+        raise TypeError("extra_special_tokens must be a list of tokens or a mapping of named tokens")
+    decoder = cfg.get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict):
+        raise TypeError("added_tokens_decoder must map ids to tokens")
+    for key, value in decoder.items():
+        int(key)  # an id, as transformers reads it: ValueError otherwise
+        if _token_text(value, decoder=True) is None:
+            raise TypeError(f"added_tokens_decoder[{key!r}] must be a token object, not {value!r}")
+        named.append(_token_text(value, decoder=True))
+    new = {t for t in named if t and tok.token_to_id(t) is None}  # transformers adds no empty token
     return tok, tok.get_vocab_size(with_added_tokens=True) + len(new)
+
+
+#: the token files of older tokenizers: transformers 5 still reads them where tokenizer_config.json has no
+#: ``added_tokens_decoder``, by rules :func:`read_tokenizer` does not repeat (it leaves those to transformers)
+_LEGACY_TOKEN_FILES = ("special_tokens_map.json", "added_tokens.json")
+
+
+class LeftToTransformers(Exception):
+    """The files alone cannot tell what transformers would make of them: the full check loads the tokenizer."""
 
 
 def _token_text(value, *, decoder: bool = False) -> str | None:
     """A token as tokenizer_config.json writes it: a string, or an object with its content (a serialised
     AddedToken, ``"__type": "AddedToken"``; any such object in ``added_tokens_decoder``); None otherwise."""
     if isinstance(value, str):
-        return value
+        return None if decoder else value  # the decoder holds token objects; transformers refuses a bare string
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         if decoder or value.get("__type") == "AddedToken":
             return value["content"]

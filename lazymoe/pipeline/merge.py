@@ -145,17 +145,12 @@ def _tokenizer_checked(config: MoEConfig, base) -> _OnThread:
     return _OnThread(lambda: checks.check_tokenizer(config, base), "lazymoe-tokenizer")
 
 
-def _tokenizer_loaded(config: MoEConfig, folder: Path) -> _OnThread:
+def _tokenizer_loaded(config: MoEConfig, base) -> _OnThread:
     """The check was decided already (by the tokenizer's files, or by a plan made earlier): only load the
     tokenizer, on its own thread, for a mode that tokenises its prompts (the others never need it, nor
-    transformers' import)."""
-    return _OnThread(lambda: _load_tokenizer(folder) if config.uses_prompts else None, "lazymoe-tokenizer")
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer  # on the tokenizer's thread: the import is most of the cost
-
-    return AutoTokenizer.from_pretrained(str(folder))
+    transformers' import); a load that fails anyway says so in the check's one line."""
+    return _OnThread(lambda: checks.load_tokenizer(config, base) if config.uses_prompts else None,
+                     "lazymoe-tokenizer")
 
 
 def _check_overlap(output_dir: Path, plan: planning.MergePlan) -> None:
@@ -240,7 +235,7 @@ def _merge(config, output_dir, *, max_shard_bytes, layout, device, low_disk, ove
         # the tokenizer's files decide the check in milliseconds, nearly always; where they cannot, the full
         # check (seconds) runs while the first weights are fetched or copied, and the Hub waits for it
         if checks.check_tokenizer_files(plan.config, plan.base):
-            tokenizer = _tokenizer_loaded(plan.config, plan.base.folder)
+            tokenizer = _tokenizer_loaded(plan.config, plan.base)
         else:
             tokenizer = _tokenizer_checked(plan.config, plan.base)
             pending = tokenizer.result
@@ -384,7 +379,7 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
     # overlapping: each base tensor is located when the pass reaches it, so it waits for one layer at a time
     base = store.local(config.base_model, wait=not router.threaded, resolve=resolve)
     if tokenizer is None:  # a plan made earlier
-        tokenizer = _tokenizer_loaded(config, base.folder)
+        tokenizer = _tokenizer_loaded(config, base)
     router_plan = dataclasses.replace(plan, models={**plan.models, config.base_model: base})
 
     def router_pass():
