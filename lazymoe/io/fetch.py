@@ -39,13 +39,24 @@ logger = logging.getLogger(__name__)
 #: adjacent tensors are fetched as one chunk up to this size; one range request moves at most PART bytes.
 #: Parts are fetched in reading order by WORKERS threads sharing one link: small parts keep the bytes needed
 #: next arriving first (a part gets 1/WORKERS of the link), large enough that a request's latency is small
-#: beside its transfer.
+#: beside its transfer. A chunk under WORKERS x PART bytes is cut into WORKERS equal parts (none under
+#: MIN_PART), so that it is alone in flight and chunks arrive one after another, each at the whole link's
+#: speed. Cut at PART, a 15 MB chunk was four requests sharing the link with four of the next chunk's: the
+#: first shard came in half as fast as it could, and later shards in pairs, which left the upload (as fast
+#: as the download) waiting for the second of each pair.
 CHUNK_MAX = 64 << 20
 PART = 4 << 20
+MIN_PART = 1 << 20
 #: requests in flight
 WORKERS = 8
 #: the step of the router pass's reads when they happen before any output tensor is written
 ROUTER_STEP = -1
+
+
+def part_size(nbytes: int, workers: int) -> int:
+    """The bytes of one range request for a chunk of ``nbytes``: PART, or less so that the chunk makes at
+    least ``workers`` requests (none under MIN_PART), all of which run at once."""
+    return max(MIN_PART, min(PART, -(-nbytes // max(workers, 1))))
 
 
 def range_cache_dir() -> Path:
@@ -166,6 +177,7 @@ class RangedWeights:
                 self._router_names.setdefault(read.ref, []).append(read.name)
         self._lock = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazymoe-fetch")
+        self._workers = workers
         self._ahead = 0  # bytes fetched (or being fetched) whose last reader has not passed
         self._closed = False
         self._step = ROUTER_STEP - 1  # the last step done
@@ -320,13 +332,14 @@ class RangedWeights:
         partial = chunk.path.with_name(chunk.path.name + ".incomplete")
         with open(partial, "wb") as f:
             f.truncate(chunk.size)
-        starts = list(range(chunk.start, chunk.end, PART)) or [chunk.start]
+        part = part_size(chunk.size, self._workers)
+        starts = list(range(chunk.start, chunk.end, part)) or [chunk.start]
         chunk.parts_left = len(starts)
         if chunk.size == 0:
             self._finish(chunk, partial)
             return
         for start in starts:
-            future: Future = self._pool.submit(self._fetch_part, chunk, partial, start, min(start + PART, chunk.end))
+            future: Future = self._pool.submit(self._fetch_part, chunk, partial, start, min(start + part, chunk.end))
             future.add_done_callback(lambda f, c=chunk, p=partial: self._part_done(f, c, p))
 
     def _fetch_part(self, chunk: _Chunk, partial: Path, start: int, end: int) -> None:
