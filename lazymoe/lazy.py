@@ -1,4 +1,5 @@
-"""torch, imported the first time it is used rather than when a module that needs it is imported.
+"""torch and huggingface_hub, imported the first time they are used rather than when a module that needs them is
+imported.
 
 Loading torch costs 1-3 s of CPU. A local merge copies gigabytes through the kernel in about the same
 time, and it needs torch only for what runs beside the copy (the tokenizer check, the router pass) and
@@ -6,6 +7,10 @@ for the last, small, routers' shard. So the modules on the merge's path (``moe.w
 write ``from ..lazy import torch`` instead of ``import torch``: the writer starts copying at once while
 another thread pays for the import (``tests/test_layout.py`` checks that importing the merge loads no
 torch). Everywhere else, a plain ``import torch`` inside the function that needs it does the same job.
+
+huggingface_hub's client (its HTTP stack) costs 0.2-0.3 s, a twentieth of copying a 7B model's MoE here, and
+a merge of local folders never talks to the Hub: the modules a local merge imports (``io.sources``,
+``io.fetch``, ``io.ranges``, ``publish.hub``) reach it through ``hf_hub`` and its three submodules below.
 """
 
 from __future__ import annotations
@@ -41,9 +46,17 @@ class LazyModule:
 
 
 if TYPE_CHECKING:
+    import huggingface_hub as hf_hub
     import torch
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import lfs as hf_lfs
+    from huggingface_hub import utils as hf_utils
 else:
     torch = LazyModule("torch")
+    hf_hub = LazyModule("huggingface_hub")
+    hf_errors = LazyModule("huggingface_hub.errors")
+    hf_lfs = LazyModule("huggingface_hub.lfs")
+    hf_utils = LazyModule("huggingface_hub.utils")
 
 
 def no_grad(fn: _F) -> _F:

@@ -25,10 +25,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub import constants
 from tqdm.auto import tqdm
 
 from ..errors import HubError
+from ..lazy import hf_hub
 from .ranges import read_range
 from .safetensors import TensorInfo
 from .token import env_tokens, redact
@@ -127,7 +128,7 @@ def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path
     chunks: list[_Chunk] = []
     for (ref, file), tensors in by_file.items():
         info = models[ref]
-        if isinstance(try_to_load_from_cache(info.ref.repo_id, file.name, revision=info.commit), str):
+        if isinstance(hf_hub.try_to_load_from_cache(info.ref.repo_id, file.name, revision=info.commit), str):
             continue  # complete in the Hugging Face cache: read there
         where = cache / info.ref.repo_id.replace("/", "--") / info.commit
         current: _Chunk | None = None
@@ -226,7 +227,7 @@ class RangedWeights:
             return tensor
         chunk = self._holder.get((ref, name))
         if chunk is None:
-            cached = try_to_load_from_cache(info.ref.repo_id, tensor.file.name, revision=info.commit)
+            cached = hf_hub.try_to_load_from_cache(info.ref.repo_id, tensor.file.name, revision=info.commit)
             if isinstance(cached, str):
                 return replace(tensor, file=Path(cached))
             chunk = self._unplanned(ref, tensor)

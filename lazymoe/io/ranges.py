@@ -11,9 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from huggingface_hub import hf_hub_url
-from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
-
+from ..lazy import hf_hub, hf_utils
 from .safetensors import TensorInfo, header_length, header_tensors, parse_header
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
@@ -25,10 +23,10 @@ class RangeError(OSError):
 
 def read_range(repo_id: str, revision: str, filename: str, start: int, end: int) -> tuple[bytes, int]:
     """Bytes ``start``..``end`` (end excluded) of ``filename`` at ``revision``, and the file's total size."""
-    url = hf_hub_url(repo_id, filename, revision=revision)
-    headers = {**build_hf_headers(), "Range": f"bytes={start}-{end - 1}"}
-    response = http_backoff("GET", url, headers=headers)
-    hf_raise_for_status(response)
+    url = hf_hub.hf_hub_url(repo_id, filename, revision=revision)
+    headers = {**hf_utils.build_hf_headers(), "Range": f"bytes={start}-{end - 1}"}
+    response = hf_utils.http_backoff("GET", url, headers=headers)
+    hf_utils.hf_raise_for_status(response)
     match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
     data = response.content
     if response.status_code != 206 or match is None or int(match[1]) != start or len(data) != end - start:

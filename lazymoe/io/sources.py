@@ -16,9 +16,8 @@ from pathlib import Path
 
 from concurrent.futures import ThreadPoolExecutor
 
-from huggingface_hub import snapshot_download, try_to_load_from_cache
-
 from ..errors import ModelFormatError, ModelNotFoundError
+from ..lazy import hf_hub
 from .folder import TOKENIZER_FILES, read_json, require_weights
 from .hub_ids import MAX_HUB_NAME_CHARS
 from .ranges import remote_tensors
@@ -203,7 +202,7 @@ def describe(ref: ModelRef) -> ModelInfo:
     _check_env_tokens()
     try:
         folder = Path(
-            snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=METADATA_PATTERNS)
+            hf_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=METADATA_PATTERNS)
         )
     except Exception as err:  # huggingface_hub raises many types; translate the ones users meet
         raise _hub_error(ref, err) from err
@@ -236,7 +235,7 @@ def fetch_weights(info: ModelInfo) -> ModelInfo:
         return info
     try:
         folder = Path(
-            snapshot_download(
+            hf_hub.snapshot_download(
                 info.ref.repo_id,
                 revision=info.ref.revision,
                 allow_patterns=[*METADATA_PATTERNS, "*.safetensors"],
@@ -301,7 +300,7 @@ def _cached_files(info: ModelInfo) -> set[Path]:
     """Weight files of a Hub model that are already complete in the local cache."""
     out = set()
     for filename in {t.file.name for t in info.tensors.values()}:
-        hit = try_to_load_from_cache(info.ref.repo_id, filename, revision=info.ref.revision)
+        hit = hf_hub.try_to_load_from_cache(info.ref.repo_id, filename, revision=info.ref.revision)
         if isinstance(hit, str):
             out.add(Path(hit))
     return out

@@ -24,22 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.errors import RepositoryNotFoundError
-from huggingface_hub.lfs import UploadInfo
-from huggingface_hub.utils import (
-    HFValidationError,
-    are_progress_bars_disabled,
-    disable_progress_bars,
-    enable_progress_bars,
-    validate_repo_id,
-)
+from huggingface_hub import constants
 
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
 from ..gguf.files import find_gguf_files, gguf_dir_of
 from ..io.folder import (CONFIG_FILENAME, LAZYMOE_RECORDS, WEIGHT_FILE, WEIGHT_INDEX, card_edited, is_lazymoe_output,
                          require_weights)
+from ..lazy import hf_errors, hf_hub, hf_lfs, hf_utils
 from ..io.safetensors import read_header
 from ..options import repo_name_problem
 from .card import build_card, detected_extras
@@ -112,7 +104,7 @@ def _first_token(token: str | None, colab_secret: str) -> tuple[_Token | None, l
     for name in TOKEN_ENV_NAMES:
         if os.environ.get(name, "").strip():
             return _Token(os.environ[name].strip(), f"your {name} environment variable"), notes
-    saved = get_token()  # the saved login (refreshed if it is an expiring OAuth token)
+    saved = hf_hub.get_token()  # the saved login (refreshed if it is an expiring OAuth token)
     return (_Token(saved.strip(), "your saved login (`hf auth login`)") if saved else None), notes
 
 
@@ -260,7 +252,7 @@ def check_push_target(
     if found is None:
         why = f" ({'; '.join(notes)})" if notes else ""
         raise HubError(Text.join([f"No Hugging Face token found{why}. Pushing needs one. ", _token_help(endpoint)]))
-    api = HfApi(endpoint=endpoint, token=found.value, library_name="lazymoe")
+    api = hf_hub.HfApi(endpoint=endpoint, token=found.value, library_name="lazymoe")
     with _errors_as_hub_errors(found, endpoint, repo, stage="connect"):
         who = api.whoami()
     repo_id = _check_permissions(api, found, who, repo, endpoint)
@@ -269,14 +261,14 @@ def check_push_target(
                       token_source=found.source, _api=api, _token=found, empty=not files)
 
 
-def _check_free_or_ours(api: HfApi, token: _Token, repo_id: str, endpoint: str,
+def _check_free_or_ours(api: hf_hub.HfApi, token: _Token, repo_id: str, endpoint: str,
                         private: bool) -> tuple[bool, set[str]]:
     """Whether ``repo_id`` exists (and may be updated) and the files it holds (but .gitattributes); HubError if it
     holds someone's work."""
     with _errors_as_hub_errors(token, endpoint, repo_id, stage="connect"):
         try:
             info = api.model_info(repo_id)
-        except RepositoryNotFoundError:
+        except hf_errors.RepositoryNotFoundError:
             return False, set()
     files = {s.rfilename for s in (info.siblings or [])} - {".gitattributes"}
     ours = "lazymoe" in (info.tags or []) or CONFIG_FILENAME in files
@@ -340,18 +332,18 @@ def push_to_hub(
 
 
 def _file_operations(folder: Path, files: list[Path], card: str | None,
-                     sent: frozenset[str] = frozenset()) -> list[CommitOperationAdd]:
+                     sent: frozenset[str] = frozenset()) -> list[hf_hub.CommitOperationAdd]:
     """The commit's additions for ``files`` of ``folder``, but those ``sent`` already; a ``card`` naming the repo
     replaces README.md in the upload only (the local one is left as it is)."""
-    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for p in files
+    ops = [hf_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for p in files
            if (name := p.relative_to(folder).as_posix()) not in sent and (card is None or name != "README.md")]
     if card is not None:
-        ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+        ops.append(hf_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     return ops
 
 
-def _replaced_weights(api: HfApi, repo_id: str,
-                      adds: list[CommitOperationAdd]) -> tuple[list[CommitOperationDelete], str | None]:
+def _replaced_weights(api: hf_hub.HfApi, repo_id: str,
+                      adds: list[hf_hub.CommitOperationAdd]) -> tuple[list[hf_hub.CommitOperationDelete], str | None]:
     """What the commit of ``adds`` deletes: the weight files of an earlier upload to ``repo_id`` that it does not
     name (another shard layout: other shard names, one model.safetensors where there were shards and their index,
     or the reverse), so the repo holds one model, not the new one beside the old. Only lazymoe's weight names at
@@ -369,7 +361,7 @@ def _replaced_weights(api: HfApi, repo_id: str,
     if stale:
         logger.info("Deleting %d weight file(s) of the earlier upload in the same commit: %s", len(stale),
                     ", ".join(stale))
-    return [CommitOperationDelete(path_in_repo=name) for name in stale], info.sha
+    return [hf_hub.CommitOperationDelete(path_in_repo=name) for name in stale], info.sha
 
 
 # ----------------------------------------------------------------------------- streamed push
@@ -396,10 +388,10 @@ class StreamingPush:
         self.keep = keep
         self.private = private
         self.progress = progress
-        self._queue: queue.Queue[CommitOperationAdd | None] = queue.Queue()
+        self._queue: queue.Queue[hf_hub.CommitOperationAdd | None] = queue.Queue()
         self._slots = threading.Semaphore(in_flight)
         self._lock = threading.Lock()
-        self._done: dict[str, CommitOperationAdd] = {}
+        self._done: dict[str, hf_hub.CommitOperationAdd] = {}
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._count = threads
@@ -447,8 +439,8 @@ class StreamingPush:
             if name not in recorded:
                 continue
             shard = recorded[name]
-            op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
-            op.upload_info = UploadInfo(sha256=bytes.fromhex(shard.sha256), size=shard.size, sample=shard.sample)
+            op = hf_hub.CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+            op.upload_info = hf_lfs.UploadInfo(sha256=bytes.fromhex(shard.sha256), size=shard.size, sample=shard.sample)
             op.path_or_fileobj = _NotHere()  # read only if the Hub asks for the bytes, i.e. lacks them
             try:
                 with _progress_bars(False):
@@ -475,7 +467,7 @@ class StreamingPush:
         # hashed now, while the uploads in flight still fill the link: once a slot frees, the Hub is asked at
         # once. Hashed by the upload thread, the two uploads (which share the link and so finish together) both
         # hashed while the link idled: ~3 s per pair of 2 GB shards at 0.6 GB/s of sha256
-        op = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+        op = hf_hub.CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
         while not self._slots.acquire(timeout=0.2):
             self._raise_if_failed()
         self._raise_if_failed()
@@ -543,7 +535,7 @@ class StreamingPush:
             finally:
                 self._slots.release()
 
-    def _upload(self, api: Any, repo_id: str, op: CommitOperationAdd) -> None:
+    def _upload(self, api: Any, repo_id: str, op: hf_hub.CommitOperationAdd) -> None:
         path = Path(op.path_or_fileobj)
         with _progress_bars(self.progress):
             api.preupload_lfs_files(repo_id, additions=[op])
@@ -637,7 +629,7 @@ def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) 
     return build_card(folder, repo_id=repo_id, gguf_repo=gguf_repo, **extras)
 
 
-def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str, endpoint: str) -> str:
+def _check_permissions(api: hf_hub.HfApi, token: _Token, who: dict[str, Any], repo: str, endpoint: str) -> str:
     """The full repo id for ``repo``, after refusing what the token visibly cannot do.
 
     Checked up front so that the user gets a precise message before anything is created; the Hub's
@@ -646,8 +638,8 @@ def _check_permissions(api: HfApi, token: _Token, who: dict[str, Any], repo: str
     user, orgs = who["name"], [org["name"] for org in who.get("orgs", [])]
     repo_id = repo.strip().strip("/") if "/" in repo else f"{user}/{repo.strip()}"
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
+        hf_utils.validate_repo_id(repo_id)
+    except hf_utils.HFValidationError as err:
         raise HubError(f"{repo!r} is not a valid repo name: {err}") from None
     namespace, name = repo_id.split("/")
     holder = Text.join([token.source, f" (user {user!r})"])
@@ -696,14 +688,14 @@ def _default_endpoint() -> str:
 
 @contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    if enabled or are_progress_bars_disabled():
+    if enabled or hf_utils.are_progress_bars_disabled():
         yield
         return
-    disable_progress_bars()
+    hf_utils.disable_progress_bars()
     try:
         yield
     finally:
-        enable_progress_bars()
+        hf_utils.enable_progress_bars()
 
 
 # ----------------------------------------------------------------------------- errors
