@@ -146,7 +146,7 @@ def test_an_upload_failure_says_the_new_repo_is_empty_and_a_rerun_completes_it(h
     message = str(caught.value)
     assert "\n" not in message and message.startswith("The upload to 'alice/tiny-moe' was interrupted (")
     assert ("nothing was committed, so the repo exists but is empty (it was created for this upload). Run the same "
-            "merge with --push again to resume: shards the Hub already received are not sent again.") in message
+            "merge and upload again to resume: shards the Hub already received are not sent again.") in message
     assert set(hub.files("alice/tiny-moe")) == {".gitattributes"}
 
     hub.clear_failures()

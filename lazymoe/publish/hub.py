@@ -752,7 +752,7 @@ def _explain(error: Exception, token: _Token, endpoint: str, repo_id: str, stage
                      "the repo shows no half model")
             return (
                 f"The upload to {repo_id!r} was interrupted ({cause}); nothing was committed, so {shown}. Run the "
-                "same merge with --push again to resume: shards the Hub already received are not sent again."
+                "same merge and upload again to resume: shards the Hub already received are not sent again."
             )
         if stage == "upload":
             held = f", in the repo, which {_EMPTY} until the push completes" if empty_repo else ""
