@@ -959,6 +959,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import _synth
 
+    _synth.compile_lazymoe()
+
     if not Path("/proc/self/io").is_file():
         raise SystemExit("this benchmark reads /proc/<pid>/io and needs Linux")
     work_dir: Path = args.work.resolve()
