@@ -289,7 +289,7 @@ def test_an_upload_failure_commits_nothing_and_a_rerun_sends_only_the_missing_sh
                        max_shard_bytes="150KB", progress=False)
     message = str(caught.value)
     assert "\n" not in message and message.startswith("The upload to 'alice/tiny-moe' was interrupted (")
-    assert "nothing was committed" in message and "--push again" in message
+    assert "nothing was committed" in message and "merge and upload again" in message
     assert hub.requests_of("commit") == [] and set(hub.files("alice/tiny-moe")) == {".gitattributes"}
     assert list(tmp_path.iterdir()) == [], "no output folder, no shard left behind"
     received = {r.path.rsplit("/", 1)[-1] for r in hub.requests_of("lfs-upload", status=200)}
