@@ -48,7 +48,15 @@ def test_a_demo_stopped_by_ctrl_c_runs_again(tmp_path):
     while not (inputs / "tokenizer" / "tokenizer.model").is_file():  # mid-build: the tokenizer, no model yet
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.01)
+    # one Ctrl-C was lost once in a loaded full run (the demo ran to its end; a library's bare `except:` around
+    # an optional import is the likely cause, not proven), so it is pressed again, as a user would, until the
+    # demo stops; 2 s apart, so a press never lands in the exit of the one before
     proc.send_signal(signal.SIGINT)
+    while proc.poll() is None and not (inputs / "demo.yaml").exists():
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted"), (out, err)
     assert inputs.is_dir() and not (inputs / "demo.yaml").exists() and not finished_demo(inputs)
