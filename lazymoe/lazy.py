@@ -2,15 +2,19 @@
 imported.
 
 Loading torch costs 1-3 s of CPU. A local merge copies gigabytes through the kernel in about the same
-time, and it needs torch only for what runs beside the copy (the tokenizer check, the router pass) and
-for the last, small, routers' shard. So the modules on the merge's path (``moe.writer``, ``router.*``)
+time, and it needs torch only for what runs beside the copy (the router pass of a mode that runs a model)
+and for tensors it transforms. So the modules on the merge's path (``moe.writer``, ``router.*``)
 write ``from ..lazy import torch`` instead of ``import torch``: the writer starts copying at once while
 another thread pays for the import (``tests/test_layout.py`` checks that importing the merge loads no
-torch). Everywhere else, a plain ``import torch`` inside the function that needs it does the same job.
+torch), and a ``random`` merge of straight copies never pays it (its rows come from ``router.seeded``).
+Everywhere else, a plain ``import torch`` inside the function that needs it does the same job.
 
 huggingface_hub's client (its HTTP stack) costs 0.2-0.3 s, about 5% of copying the benchmark's 6.5 GB MoE on a
 fast disk, and a merge of local folders never talks to the Hub: the modules a local merge imports (``io.sources``,
 ``io.fetch``, ``io.ranges``, ``publish.hub``) reach it through ``hf_hub`` and its three submodules below.
+
+numpy costs 0.1 s; the merge's modules that use it (the router rows, ``router.seeded``) reach it through ``np``,
+so that cost, too, falls on the router thread rather than before the first copy.
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ class LazyModule:
 
 if TYPE_CHECKING:
     import huggingface_hub as hf_hub
+    import numpy as np
     import torch
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import lfs as hf_lfs
     from huggingface_hub import utils as hf_utils
 else:
     torch = LazyModule("torch")
+    np = LazyModule("numpy")
     hf_hub = LazyModule("huggingface_hub")
     hf_errors = LazyModule("huggingface_hub.errors")
     hf_lfs = LazyModule("huggingface_hub.lfs")

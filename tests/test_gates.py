@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import moe_config
@@ -43,12 +44,12 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 def test_random_modes_are_seeded_and_have_the_reference_distributions():
     a = reference.random_gates(4, 8, 512, mode="random", seed=7)
-    assert torch.equal(a, reference.random_gates(4, 8, 512, mode="random", seed=7))
-    assert not torch.equal(a, reference.random_gates(4, 8, 512, mode="random", seed=8))
+    assert np.array_equal(a, reference.random_gates(4, 8, 512, mode="random", seed=7))
+    assert not np.array_equal(a, reference.random_gates(4, 8, 512, mode="random", seed=8))
     assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1.0) < 0.02  # N(0, 1), not normalised
     u = reference.random_gates(4, 8, 512, mode="uniform_random", seed=7)
     bound = 1 / math.sqrt(512)
-    assert float(u.abs().max()) <= bound
+    assert float(np.abs(u).max()) <= bound
     assert abs(float(u.std()) - bound / math.sqrt(3)) < 0.02 * bound  # U(-b, b) has std b / sqrt(3)
 
 
@@ -65,7 +66,7 @@ def test_cheap_embed_is_the_one_hot_embedding_sum(tiny_world):
             total += (torch.nn.functional.one_hot(ids, V).float() @ embed.detach()).sum(0)
         return _unit(total)
 
-    got = gates.compute_gates(plan, tok, progress=False)
+    got = torch.from_numpy(gates.compute_gates(plan, tok, progress=False))
     for e, expert in enumerate(plan.config.experts):
         want = vec(expert.positive_prompts)
         if expert.negative_prompts:
@@ -95,7 +96,7 @@ def test_hidden_modes_are_the_residual_stream_entering_each_layer(tiny_world, mo
         per_prompt = states.mean(2) if mode == "hidden_avg" else states[:, :, -1]
         return per_prompt.mean(1)
 
-    got = gates.compute_gates(plan, tok, device="cpu", progress=False)
+    got = torch.from_numpy(gates.compute_gates(plan, tok, device="cpu", progress=False))
     for e, expert in enumerate(plan.config.experts):
         want = mean_state(expert.positive_prompts)
         if expert.negative_prompts:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ModelFileError
+from ..lazy import np
 
 if TYPE_CHECKING:  # torch is imported where a tensor is read or written, so headers and plans stay light
     import torch
@@ -212,6 +213,25 @@ def tensor_bytes_view(t: "torch.Tensor") -> memoryview:
 
     t = t.contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def float32_bytes(array, tag: str) -> memoryview:
+    """A float32 numpy array cast to the float dtype ``tag`` (F32, F16, BF16) as little-endian bytes, exactly as
+    torch's ``.to(dtype)`` rounds (to nearest, ties to even, overflow to infinity; a NaN stays a NaN), with
+    no torch: the router rows of a random-mode merge are the only tensor it computes."""
+    a = np.ascontiguousarray(array, dtype="<f4")
+    if tag == "F32":
+        out = a
+    elif tag == "F16":
+        with np.errstate(over="ignore"):  # overflow gives infinity, as in torch
+            out = a.astype("<f2")
+    elif tag == "BF16":
+        bits = a.view("<u4")
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        out = np.where(np.isnan(a), np.uint32(0x7FC0), rounded).astype("<u2")
+    else:
+        raise ValueError(f"float32_bytes casts to F32, F16 or BF16, not {tag}")
+    return memoryview(out.reshape(-1).view(np.uint8))
 
 
 def build_header(entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ModelFileError
-from ..io.safetensors import build_header, copy_bytes, read_tensor, tensor_bytes_view, torch_dtype, write_all
+from ..io.safetensors import build_header, copy_bytes, float32_bytes, read_tensor, tensor_bytes_view, torch_dtype, write_all
 from ..io.sources import TensorInfo, WeightStore
 from ..lazy import torch
 from .plan import MergePlan, OutTensor, Piece
@@ -27,7 +27,8 @@ class _Transforms:
         self.store = store
 
     @property
-    def gates(self) -> torch.Tensor:
+    def gates(self):
+        """The router rows, a float32 numpy array (L, rows, H) (``compute_gates``)."""
         return self._gates() if callable(self._gates) else self._gates
 
     def source(self, piece: Piece) -> TensorInfo:
@@ -38,19 +39,21 @@ class _Transforms:
             return False
         return piece.expert is None or leaves_unchanged(self.plan.config, piece.expert, is_residual=piece.is_residual)
 
-    def materialise(self, out: OutTensor, piece: Piece) -> torch.Tensor:
+    def materialise(self, out: OutTensor, piece: Piece) -> memoryview:
+        """The bytes of a tensor that is not a straight copy: router rows (cast with numpy, so a merge whose rows
+        need no torch never imports it), zeros, or a source tensor transformed in float32 and cast."""
+        if out.computed == "shared_gate":  # the row after the experts' (see MergePlan.gate_rows)
+            return float32_bytes(self.gates[out.gate_layer, self.plan.config.num_experts:], out.dtype)
+        if out.computed == "gate":
+            return float32_bytes(self.gates[out.gate_layer, : self.plan.config.num_experts], out.dtype)
         dtype = torch_dtype(out.dtype)
         if out.computed == "zeros":
-            return torch.zeros(out.shape, dtype=dtype)
-        if out.computed == "shared_gate":  # the row after the experts' (see MergePlan.gate_rows)
-            return self.gates[out.gate_layer, self.plan.config.num_experts:].to(dtype)
-        if piece.source is None:
-            return self.gates[out.gate_layer, : self.plan.config.num_experts].to(dtype)
+            return tensor_bytes_view(torch.zeros(out.shape, dtype=dtype))
         t = read_tensor(self.source(piece))
         if piece.expert is None:
-            return t.to(dtype)
-        return expert_weight(self.plan.config, piece.expert, piece.source.name, t, is_residual=piece.is_residual,
-                             dtype=dtype)
+            return tensor_bytes_view(t.to(dtype))
+        return tensor_bytes_view(expert_weight(self.plan.config, piece.expert, piece.source.name, t,
+                                               is_residual=piece.is_residual, dtype=dtype))
 
 
 def write_shards(plan: MergePlan, gates, folder: Path, store: WeightStore, *,
@@ -95,7 +98,7 @@ def write_shards(plan: MergePlan, gates, folder: Path, store: WeightStore, *,
                             copy_bytes(tx.source(piece), f)
                         else:
                             data = tx.materialise(t, piece)
-                            write_all(f, tensor_bytes_view(data))
+                            write_all(f, data)
                             del data
                     written = f.tell() - start
                     if written != t.nbytes:  # a source whose header lied about its size

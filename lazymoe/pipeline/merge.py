@@ -27,6 +27,7 @@ from ..io.folder import CONFIG_FILENAME, HubCopy, free_disk_bytes, write_hub_rec
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
 from ..io.fetch import RangedWeights, Read
 from ..io.sources import TOKENIZER_FILES, ModelRef, describe
+from ..lazy import np
 from ..moe import checks
 from ..moe import plan as planning
 from ..moe.plan import STREAMED_SHARDS_ON_DISK
@@ -364,10 +365,8 @@ def _saved_gates(state: PushState, plan: planning.MergePlan):
     shape = (plan.num_layers, plan.gate_rows, int(plan.out_config["hidden_size"]))
     if found is None or found[1] != shape:
         return None
-    import torch  # only now: a first run fetches while the router thread loads torch
-
     logger.info("Resuming: the router rows come from the interrupted run (no router pass)")
-    return torch.frombuffer(bytearray(found[0]), dtype=torch.float32).reshape(shape)
+    return np.frombuffer(found[0], dtype="<f4").reshape(shape)
 
 
 def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget, plan: planning.MergePlan,
@@ -392,7 +391,7 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
                               folder_of=lambda ref: store.local(ref).folder)
         store.router_done()
         if pusher is not None:  # a re-run after an interruption needs no router pass
-            pusher.state.save_gates(gates.float().contiguous().numpy().tobytes(), tuple(gates.shape))
+            pusher.state.save_gates(gates.astype("<f4").tobytes(), tuple(gates.shape))
         logger.debug("router pass done")
         return gates
 

@@ -7,7 +7,7 @@ folder); a test checks the router logits against transformers' own Mixtral.
 
 from __future__ import annotations
 
-from ..lazy import torch
+from ..lazy import np, torch
 from ..moe.arch import SHARED_GATE_CONSTANT
 
 SINGULAR_CONDITION = 5.0  # gate_condition above this: some experts are hard to tell apart (mergekit warns at 5 too)
@@ -37,12 +37,12 @@ def shared_mlp(x: torch.Tensor, gate: torch.Tensor, expert, act) -> torch.Tensor
     return torch.sigmoid(x @ gate)[..., None] * ((act(x @ gate_proj.T) * (x @ up_proj.T)) @ down_proj.T)
 
 
-def constant_shared_gate(num_layers: int, hidden: int) -> torch.Tensor:
-    """(L, 1, H): the shared gate whose sigmoid is 1/2 for every token (to float rounding; see arch)."""
-    return torch.full((num_layers, 1, hidden), SHARED_GATE_CONSTANT)
+def constant_shared_gate(num_layers: int, hidden: int) -> np.ndarray:
+    """(L, 1, H) float32 numpy: the shared gate whose sigmoid is 1/2 for every token (to float rounding; see arch)."""
+    return np.full((num_layers, 1, hidden), SHARED_GATE_CONSTANT, dtype=np.float32)
 
 
-def gate_condition(gate: torch.Tensor) -> float:
+def gate_condition(gate) -> float:
     """How close a layer's router is to being unable to tell some experts apart (about 1 = fully distinct).
 
     A softmax router ignores whatever all rows share (adding a vector to every row adds the same number to
@@ -51,10 +51,16 @@ def gate_condition(gate: torch.Tensor) -> float:
     large when two rows nearly coincide or when one shared direction dominates every row (then the logits
     differ by little). mergekit-moe's warning takes the condition number of the raw rows instead, which
     flags every well-fitted router whose rows sum to zero.
+
+    ``gate`` is (E, H), a numpy array or a torch tensor (numpy does the arithmetic: a random-mode merge never
+    imports torch).
     """
-    rows = gate.double() / gate.double().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    if hasattr(gate, "detach"):
+        gate = gate.detach().cpu().double().numpy()
+    rows = np.asarray(gate, dtype=np.float64)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
     E = rows.shape[0]
     if E < 2:
         return 1.0
-    smallest = float(torch.linalg.svdvals(rows - rows.mean(0))[E - 2])
+    smallest = float(np.linalg.svd(rows - rows.mean(0), compute_uv=False)[E - 2])
     return float("inf") if smallest <= 1e-12 else 1.0 / smallest

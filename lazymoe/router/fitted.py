@@ -220,7 +220,7 @@ def fitted_gates(plan, tokenizer, *, device: str | None = None, progress: bool =
             experts.append((g, u, d))
         out = moe_mlp(x, x @ W.to(dev).T, experts[:E], k, stack.act, normalise=plan.output.norm_topk_prob)
         if len(experts) > E:  # the shared expert, behind its constant gate (sigmoid = 1/2)
-            gate = constant_shared_gate(1, x.shape[-1])[0, 0].to(dev)
+            gate = torch.from_numpy(constant_shared_gate(1, x.shape[-1])[0, 0]).to(dev)
             out = out + shared_mlp(x, gate, experts[E], stack.act)
         stack.add_mlp_output(out)
         del experts

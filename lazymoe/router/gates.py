@@ -1,4 +1,4 @@
-"""Router initialisation, the dispatcher: one (num_layers, num_experts, hidden) float32 tensor of gate rows.
+"""Router initialisation, the dispatcher: one (num_layers, num_experts, hidden) float32 numpy array of gate rows.
 
 The reference modes follow mergekit-moe exactly (BRIEF §3), so recipes written for it route the way
 their authors expect:
@@ -11,7 +11,8 @@ their authors expect:
   entering layer ℓ at the last token (``hidden_avg``: averaged over every position, padding included),
   averaged over prompts, positives minus negatives, unit length.
 
-All randomness comes from one seeded generator, so a saved config reproduces its gates bit for bit.
+All randomness comes from one seeded generator, so a saved config reproduces its gates bit for bit. The random
+modes draw torch's numbers without torch (``router.seeded``), so a merge in them never imports torch.
 
 The fitted modes are lazymoe's own, and fit each router on what it reads at inference: the input of its
 layer's MLP (the ``post_attention_layernorm`` output) **in the MoE being built**. The prompts run through
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..io.safetensors import read_tensor
-from ..lazy import torch
+from ..lazy import np
 from ..moe import arch
 from .block import SINGULAR_CONDITION, constant_shared_gate, gate_condition
 from .device import pick_device
@@ -48,8 +49,8 @@ from .written import written_gates
 
 
 def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool = True, resolve=None,
-                  upstream: str = "moe", folder_of=None) -> torch.Tensor:
-    """Gate rows for every layer and expert, as float32 on the CPU: (L, plan.gate_rows, H), the routed experts'
+                  upstream: str = "moe", folder_of=None) -> np.ndarray:
+    """Gate rows for every layer and expert, a float32 numpy array (L, plan.gate_rows, H): the routed experts'
     rows first, then (Qwen MoE) the shared expert's gate row.
 
     ``resolve(ref, name) -> TensorInfo`` (e.g. ``WeightStore.resolve``) locates the tensors the fitted modes
@@ -87,13 +88,16 @@ def compute_gates(plan, tokenizer, *, device: str | None = None, progress: bool 
                               folder_of=folder_of)
     else:  # config validation makes this unreachable; keep the message for direct API misuse
         raise ConfigError(f"Unknown gate_mode {mode!r}.")
+    if not isinstance(gates, np.ndarray):  # the modes that ran torch
+        gates = gates.detach().float().cpu().numpy()
     if plan.gate_rows > R:
-        gates = torch.cat([gates, constant_shared_gate(L, H)], dim=1)
+        gates = np.concatenate([gates, constant_shared_gate(L, H)], axis=1)
+    gates = np.ascontiguousarray(gates, dtype=np.float32)
     assert gates.shape == (L, plan.gate_rows, H), gates.shape
     return gates
 
 
-def degenerate_layers(gates: torch.Tensor, threshold: float | None = None) -> list[int]:
+def degenerate_layers(gates: np.ndarray, threshold: float | None = None) -> list[int]:
     """Layers whose router can barely tell some experts apart (see ``block.gate_condition``).
 
     The measure ignores what all rows share, which a softmax router ignores too, so the centred rows of

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 
 from ..config import MoEConfig
-from ..lazy import torch
+from ..lazy import np, torch
+from . import seeded
 from .prompts import tokenize_prompts
 from .streamed import StreamedBase
 
@@ -16,13 +17,16 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def random_gates(num_layers: int, num_experts: int, hidden: int, *, mode: str, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+def random_gates(num_layers: int, num_experts: int, hidden: int, *, mode: str, seed: int):
+    """The ``random`` (N(0, 1)) or ``uniform_random`` (U(-1/sqrt(H), 1/sqrt(H))) rows, (L, E, H) float32 numpy:
+    the bits ``torch.randn``/``torch.rand`` give from ``torch.Generator().manual_seed(seed)`` on an x86 CPU,
+    computed without importing torch (``router.seeded``)."""
     shape = (num_layers, num_experts, hidden)
     if mode == "random":
-        return torch.randn(shape, generator=gen)
+        return seeded.randn(shape, seed)
     bound = 1.0 / math.sqrt(hidden)
-    return torch.rand(shape, generator=gen) * (2 * bound) - bound
+    # torch.rand(...) * (2 * bound) - bound: each float scalar is rounded to float32 first, each step rounded
+    return seeded.rand(shape, seed) * np.float32(2 * bound) - np.float32(bound)
 
 
 def cheap_embed_gates(embed: torch.Tensor, tokenizer, config: MoEConfig, num_layers: int) -> torch.Tensor:
