@@ -13,14 +13,24 @@ huggingface_hub's client (its HTTP stack) costs 0.2-0.3 s, about 5% of copying t
 fast disk, and a merge of local folders never talks to the Hub: the modules a local merge imports (``io.sources``,
 ``io.fetch``, ``io.ranges``, ``publish.hub``) reach it through ``hf_hub`` and its three submodules below.
 
+torch's import first maps and relocates libtorch (hundreds of MB of code), 0.3 s here, with the interpreter lock
+held: every other thread stops, and in a streamed push those are the threads moving bytes to and from the Hub.
+``load_torch_libraries`` does that part with the lock released, and the first use of ``torch`` below (and the
+tokenizer's load, which imports it through transformers) calls it first.
+
 numpy costs 0.1 s; the merge's modules that use it (the router rows, ``router.seeded``) reach it through ``np``,
 so that cost, too, falls on the router thread rather than before the first copy.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
+import importlib.util
+import os
+import sys
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
@@ -41,6 +51,8 @@ class LazyModule:
     def __getattr__(self, attr: str):
         module = self._module
         if module is None:
+            if self._name == "torch":
+                load_torch_libraries()
             module = self._module = importlib.import_module(self._name)
         return getattr(module, attr)
 
@@ -63,6 +75,37 @@ else:
     hf_errors = LazyModule("huggingface_hub.errors")
     hf_lfs = LazyModule("huggingface_hub.lfs")
     hf_utils = LazyModule("huggingface_hub.utils")
+
+
+_libraries_lock = threading.Lock()
+_libraries_tried = False
+
+
+def load_torch_libraries() -> bool:
+    """Load libtorch's shared libraries without holding the interpreter lock, so that torch's import, which
+    would load them with the lock held, finds them loaded; True if it did. Linux only; once per process.
+
+    A function called through ctypes runs with the lock released, so ``dlopen`` is called that way, with the
+    flags Python's import uses for an extension (RTLD_NOW, local). Anything unexpected (another platform, a
+    torch without ``lib/libtorch_python.so``, a library that will not load alone) leaves the work to the import.
+    """
+    global _libraries_tried
+    with _libraries_lock:
+        if _libraries_tried or "torch" in sys.modules or not sys.platform.startswith("linux"):
+            return False
+        _libraries_tried = True
+        try:
+            spec = importlib.util.find_spec("torch")
+            if spec is None or spec.origin is None:
+                return False
+            path = os.path.join(os.path.dirname(spec.origin), "lib", "libtorch_python.so")
+            if not os.path.isfile(path):
+                return False
+            dlopen = ctypes.CDLL(None).dlopen
+            dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+            return bool(dlopen(os.fsencode(path), os.RTLD_NOW))
+        except (AttributeError, OSError, ImportError, ValueError):
+            return False
 
 
 def no_grad(fn: _F) -> _F:

@@ -182,3 +182,31 @@ def _heavy_loaded(argv: list[str], heavy: set[str]) -> list[str]:
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     return sorted(loaded & heavy)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the libraries are loaded ahead on Linux only")
+def test_torchs_libraries_load_without_the_interpreter_lock_before_its_import():
+    # a thread that wakes every millisecond measures the longest stop of the interpreter while torch loads:
+    # libtorch's own load (0.3 s here) happens in load_torch_libraries, which releases the lock
+    code = """
+import sys, threading, time
+from lazymoe import lazy
+gaps, done = [], threading.Event()
+def tick():
+    last = time.perf_counter()
+    while not done.is_set():
+        time.sleep(0.001)
+        now = time.perf_counter(); gaps.append(now - last); last = now
+t = threading.Thread(target=tick); t.start(); time.sleep(0.05)
+before = len(gaps)
+assert lazy.load_torch_libraries() is True
+assert "libtorch_python" in open("/proc/self/maps").read() and "torch" not in sys.modules
+load_gap = max(gaps[before:])
+assert float(lazy.torch.ones(3).sum()) == 3.0
+assert lazy.load_torch_libraries() is False  # once per process, and never once torch is imported
+done.set(); t.join()
+print(round(load_gap, 3))
+"""
+    done = _run(["-c", code])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 0.15, "the interpreter stopped while libtorch loaded"

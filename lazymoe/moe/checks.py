@@ -16,6 +16,7 @@ from ..config import MoEConfig
 from ..errors import ModelFormatError, ModelMismatchError
 from ..io.safetensors import ST_DTYPES, ST_TO_NAME
 from ..io.sources import TOKENIZER_FILES, ModelInfo
+from ..lazy import load_torch_libraries
 from ..tokens import router_token_ids
 
 
@@ -319,6 +320,7 @@ def _transformers_major() -> int:
 
 def load_tokenizer(config: MoEConfig, base: ModelInfo):
     """The base's tokenizer as transformers loads it (``AutoTokenizer``), or the one-line error saying it cannot."""
+    load_torch_libraries()  # transformers imports torch: its libraries first, without stopping other threads
     from transformers import AutoTokenizer
 
     try:
