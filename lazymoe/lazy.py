@@ -24,8 +24,10 @@ so that cost, too, falls on the router thread rather than before the first copy.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import gc
 import importlib
 import importlib.util
 import os
@@ -51,9 +53,10 @@ class LazyModule:
     def __getattr__(self, attr: str):
         module = self._module
         if module is None:
-            if self._name == "torch":
-                load_torch_libraries()
-            module = self._module = importlib.import_module(self._name)
+            with collector_paused():
+                if self._name == "torch":
+                    load_torch_libraries()
+                module = self._module = importlib.import_module(self._name)
         return getattr(module, attr)
 
     def __repr__(self) -> str:
@@ -75,6 +78,51 @@ else:
     hf_errors = LazyModule("huggingface_hub.errors")
     hf_lfs = LazyModule("huggingface_hub.lfs")
     hf_utils = LazyModule("huggingface_hub.utils")
+
+
+_collector_lock = threading.Lock()
+_collector_pausers = 0
+_collector_was_enabled = False
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """No cyclic garbage collection while the block runs (in any thread), then as before.
+
+    Importing torch and transformers creates over a million long-lived objects. While they pile up the
+    collector keeps walking all of them (a full pass each time they grow by a quarter), with the interpreter
+    lock held: about 0.5 s of stops, measured, in which no other thread moves a byte. Paused, it walks them
+    once, afterwards (0.4 s more), unless the process is lazymoe's own (``own_process``): then they are frozen
+    (``gc.freeze``), never walked again. Nested and concurrent pauses (the tokenizer's thread and the router
+    pass's) count.
+    """
+    global _collector_pausers, _collector_was_enabled
+    with _collector_lock:
+        if _collector_pausers == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _collector_pausers += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector_pausers -= 1
+            if _collector_pausers == 0 and _collector_was_enabled:
+                if _own_process:
+                    gc.freeze()
+                gc.enable()
+
+
+_own_process = False
+
+
+def own_process() -> None:
+    """Called by the ``lazymoe`` command, whose process ends with its work: what the imports left (modules,
+    classes, functions) lives as long as the process, so ``collector_paused`` freezes it rather than have the
+    collector walk it again. Never inside someone else's process (a notebook's kernel, a test run): frozen
+    objects that later become garbage in a cycle would never be freed there."""
+    global _own_process
+    _own_process = True
 
 
 _libraries_lock = threading.Lock()

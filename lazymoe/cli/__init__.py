@@ -22,6 +22,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from .. import lazy
 from .._version import __version__
 from ..errors import LazyMoEError, Setting, Words, error_line, python_words, worded
 from ..io.outdir import DISK_FULL, disk_full_error
@@ -96,6 +97,7 @@ _INTERRUPTED = {
 
 def run() -> None:
     """The ``lazymoe`` command (and ``python -m lazymoe``): :func:`main`, then :func:`exit_now`."""
+    lazy.own_process()  # the process is ours: the heavy imports' objects are frozen, not walked again
     exit_now(main())
 
 

@@ -16,7 +16,7 @@ from ..config import MoEConfig
 from ..errors import ModelFormatError, ModelMismatchError
 from ..io.safetensors import ST_DTYPES, ST_TO_NAME
 from ..io.sources import TOKENIZER_FILES, ModelInfo
-from ..lazy import load_torch_libraries
+from ..lazy import collector_paused, load_torch_libraries
 from ..tokens import router_token_ids
 
 
@@ -320,13 +320,14 @@ def _transformers_major() -> int:
 
 def load_tokenizer(config: MoEConfig, base: ModelInfo):
     """The base's tokenizer as transformers loads it (``AutoTokenizer``), or the one-line error saying it cannot."""
-    load_torch_libraries()  # transformers imports torch: its libraries first, without stopping other threads
-    from transformers import AutoTokenizer
+    with collector_paused():  # transformers' import, and the tokenizer modules it imports on first use
+        load_torch_libraries()  # transformers imports torch: its libraries first, without stopping other threads
+        from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(base.folder))
-    except Exception as err:  # noqa: BLE001 - whatever transformers raises, the user's answer is one
-        raise tokenizer_unloadable(config, base, err) from None
+        try:
+            return AutoTokenizer.from_pretrained(str(base.folder))
+        except Exception as err:  # noqa: BLE001 - whatever transformers raises, the user's answer is one
+            raise tokenizer_unloadable(config, base, err) from None
 
 
 def tokenizer_unloadable(config: MoEConfig, base: ModelInfo, err: BaseException) -> ModelMismatchError:
