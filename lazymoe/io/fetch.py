@@ -1,8 +1,9 @@
 """Only the bytes a merge reads, fetched from the Hub by HTTP ranges while the merge runs.
 
 :class:`RangedWeights` takes, in the order they will be read, the tensors a merge needs from each model. For
-a Hub model it groups tensors that lie next to each other in one weight file and are read together (the same
-step group: the router pass, or one output shard) into a *chunk*, and fetches chunks in reading order with a
+a Hub model it groups tensors that lie next to each other in one weight file and are read together (one
+output shard, whichever reader comes first; tensors only the router pass reads, its group) into a *chunk*,
+so a shard is complete once its own bytes are in, and fetches chunks in reading order with a
 pool of threads, big chunks as several ranges at once (``io.ranges``), at most ``window`` bytes ahead of
 the writer. Two readers may share one stream of fetches: the writer (``done(step)`` as it passes each output
 tensor) and the router pass, running in a thread of its own (``router_done()`` when it ends); a chunk is kept
@@ -112,12 +113,22 @@ def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path
     first: dict[tuple[str, str], Read] = {}
     last: dict[tuple[str, str], int] = {}
     router: set[tuple[str, str]] = set()
+    shard: dict[tuple[str, str], int] = {}  # the writer's group (its output shard) of a tensor it reads
     for read in reads:
         key = (read.ref, read.name)
         first.setdefault(key, read)
         last[key] = max(last.get(key, read.step), read.step)
         if read.router:
             router.add(key)
+        else:
+            shard.setdefault(key, read.group)
+
+    def group(key: tuple[str, str]) -> int:
+        # a tensor the writer reads shares a chunk only with tensors of its own shard, even when the router
+        # pass reads it first: a shard is complete, and uploaded, once its own bytes are in, not when a
+        # chunk reaching into the next shard is
+        return shard.get(key, first[key].group)
+
     by_file: dict[tuple[str, Path], list[TensorInfo]] = {}
     for (ref, name) in first:
         info = models[ref]
@@ -135,7 +146,7 @@ def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path
         for t in sorted(tensors, key=lambda t: t.offset):
             read = first[(ref, t.name)]
             if (current is None or current.end != t.offset or current.size + t.nbytes > CHUNK_MAX
-                    or first[(ref, current.names[0])].group != read.group):
+                    or group((ref, current.names[0])) != group((ref, t.name))):
                 current = _Chunk(ref, info.ref.repo_id, info.commit, file.name, t.offset, t.offset, where,
                                  first=read.step, last=last[(ref, t.name)])
                 chunks.append(current)
