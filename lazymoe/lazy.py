@@ -119,8 +119,10 @@ _own_process = False
 def own_process() -> None:
     """Called by the ``lazymoe`` command, whose process ends with its work: what the imports left (modules,
     classes, functions) lives as long as the process, so ``collector_paused`` freezes it rather than have the
-    collector walk it again. Never inside someone else's process (a notebook's kernel, a test run): frozen
-    objects that later become garbage in a cycle would never be freed there."""
+    collector walk it again. The price: cyclic garbage that exists at that moment, or that frozen objects
+    become later, is never freed (1.5 MB in a streamed push with a router pass, measured), which a process
+    that ends with the merge can pay. Never inside someone else's process (a notebook's kernel, a test run),
+    which may live for days."""
     global _own_process
     _own_process = True
 

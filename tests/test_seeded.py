@@ -64,8 +64,16 @@ def test_the_random_modes_rows_are_what_mergekits_torch_calls_give(hidden):
 
 def _round_to_f32(exact: Fraction) -> np.float32:
     """The float32 nearest to an exact rational, ties to even (the reference for a fused multiply-add)."""
-    r = np.float32(float(exact))  # within one float32 step of the answer
-    candidates = {r, np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))}
+    big = np.finfo(np.float32).max
+    if abs(exact) >= Fraction(float(big)) + Fraction(2**103):  # IEEE: at or past the threshold, infinity
+        return np.float32(np.inf if exact > 0 else -np.inf)
+    with np.errstate(over="ignore"):
+        r = np.float32(float(exact))  # within one float32 step of the answer
+    if np.isinf(r):
+        r = np.float32(big if exact > 0 else -big)
+    with np.errstate(over="ignore"):
+        candidates = {c for c in (r, np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf)))
+                      if np.isfinite(c)}
     return min(candidates, key=lambda c: (abs(Fraction(float(c)) - exact), int(np.array(c).view(np.uint32)) & 1))
 
 
@@ -83,7 +91,12 @@ def test_the_fused_multiply_add_rounds_once_even_where_float64_lands_on_a_float3
     a_up = np.full_like(c, np.float32(1 + 2**-22))  # a_up * b_up = step/2 * (1 - 2**-44): still below
     sign = np.where(rng.random(c.shape) < 0.5, np.float32(1), np.float32(-1))
     random = [rng.standard_normal(3000).astype(np.float32) * np.float32(s) for s in (1, 1, 1e-3)]
-    for x, y, z in [(a, b_down, c), (a_up, b_up, c), (a, b_down, -c), (sign * a, b_down, c), random]:
+    # float32's overflow threshold is a halfway point too: a product of 2**103 - 2**56 added to FLT_MAX lands on
+    # it in float64, while the exact sum stays below it (FLT_MAX, not infinity)
+    big = np.float32(np.finfo(np.float32).max)
+    edge = [np.array([10610063 * 2.0**28, -10610063 * 2.0**28, 2.0**64], np.float32),
+            np.array([13264529 * 2.0**28] * 2 + [2.0**64], np.float32), np.array([big, -big, big], np.float32)]
+    for x, y, z in [(a, b_down, c), (a_up, b_up, c), (a, b_down, -c), (sign * a, b_down, c), random, edge]:
         got = seeded._fma(x, y, z)
         want = [_round_to_f32(Fraction(float(p)) * Fraction(float(q)) + Fraction(float(r))) for p, q, r in zip(x, y, z)]
         assert bits(got) == bits(np.array(want, np.float32))

@@ -68,7 +68,8 @@ def _fma(a, b, c):
     """
     p = np.asarray(a, np.float64) * np.asarray(b, np.float64)
     s = p + np.asarray(c, np.float64)
-    r = s.astype(np.float32)
+    with np.errstate(over="ignore"):  # past float32's range: infinity, as the instruction gives
+        r = s.astype(np.float32)
     halfway = (s.view(np.uint64) & np.uint64(0x1FFFFFFF)) == np.uint64(0x10000000)
     doubtful = halfway | (np.abs(s) < 2.0**-125)
     if doubtful.any():
@@ -79,17 +80,23 @@ def _fma(a, b, c):
 
 
 def _fma_exact(a, b, c):
-    """``_fma`` for any inputs: the float64 sum's rounding error (two-sum) decides halfway cases."""
-    p = a.astype(np.float64) * b.astype(np.float64)
-    c = c.astype(np.float64)
-    s = p + c
-    back = s - p
-    err = (p - (s - back)) + (c - back)
-    r = s.astype(np.float32)
-    below = s - r.astype(np.float64)  # > 0: s lies above r
-    other = np.nextafter(r, np.where(below > 0, np.float32(np.inf), np.float32(-np.inf)))
-    tie = (below != 0) & (other.astype(np.float64) - s == below) & (err != 0)
-    return np.where(tie & ((err > 0) == (below > 0)), other, r)
+    """``_fma`` for any inputs: the float64 sum's rounding error (two-sum) decides halfway cases, the largest
+    of which is float32's overflow threshold (FLT_MAX + half a step: at or past it the fused result is
+    infinite, just below it FLT_MAX)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a.astype(np.float64) * b.astype(np.float64)
+        c = c.astype(np.float64)
+        s = p + c
+        back = s - p
+        err = (p - (s - back)) + (c - back)
+        r = s.astype(np.float32)
+        below = s - r.astype(np.float64)  # > 0: s lies above r
+        other = np.nextafter(r, np.where(below > 0, np.float32(np.inf), np.float32(-np.inf)))
+        tie = (below != 0) & (other.astype(np.float64) - s == below) & (err != 0)
+        r = np.where(tie & ((err > 0) == (below > 0)), other, r)
+        flt_max = np.finfo(np.float32).max
+        short = np.isinf(r) & (np.abs(s) == float(flt_max) + 2.0**103) & (err * s < 0)
+        return np.where(short, np.copysign(flt_max, s).astype(np.float32), r)
 
 
 def _log(x):
