@@ -13,7 +13,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ModelFileError
-from ..io.safetensors import build_header, copy_bytes, float32_bytes, read_tensor, tensor_bytes_view, torch_dtype, write_all
+from ..io.safetensors import (build_header, copy_bytes, float32_bytes, read_tensor, tensor_bytes_view, torch_dtype,
+                              write_all)
 from ..io.sources import TensorInfo, WeightStore
 from ..lazy import torch
 from .plan import MergePlan, OutTensor, Piece
@@ -42,10 +43,10 @@ class _Transforms:
     def materialise(self, out: OutTensor, piece: Piece) -> memoryview:
         """The bytes of a tensor that is not a straight copy: router rows (cast with numpy, so a merge whose rows
         need no torch never imports it), zeros, or a source tensor transformed in float32 and cast."""
-        if out.computed == "shared_gate":  # the row after the experts' (see MergePlan.gate_rows)
-            return float32_bytes(self.gates[out.gate_layer, self.plan.config.num_experts:], out.dtype)
-        if out.computed == "gate":
-            return float32_bytes(self.gates[out.gate_layer, : self.plan.config.num_experts], out.dtype)
+        if out.computed in ("gate", "shared_gate"):
+            E = self.plan.config.num_experts  # the shared gate's row comes after the experts' (MergePlan.gate_rows)
+            rows = slice(E, None) if out.computed == "shared_gate" else slice(None, E)
+            return float32_bytes(self.gates[out.gate_layer, rows], out.dtype)
         dtype = torch_dtype(out.dtype)
         if out.computed == "zeros":
             return tensor_bytes_view(torch.zeros(out.shape, dtype=dtype))

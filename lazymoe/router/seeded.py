@@ -30,6 +30,8 @@ and its last bits differ from these; a merge there gets the rows an x86 machine 
 
 from __future__ import annotations
 
+import math
+
 from ..lazy import np, torch
 
 _F32_MIN_NORMAL = 0x00800000
@@ -158,9 +160,7 @@ def _box_muller(blocks):
 
 def randn(shape: tuple[int, ...], seed: int):
     """``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` as a float32 numpy array."""
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(shape)
     if n < 16:  # torch's other path (see the module docstring): ask torch
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
     full = n // 16 * 16
@@ -175,7 +175,4 @@ def randn(shape: tuple[int, ...], seed: int):
 
 def rand(shape: tuple[int, ...], seed: int):
     """``torch.rand(shape, generator=torch.Generator().manual_seed(seed))`` as a float32 numpy array."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return _uniform(_words(seed, n)).reshape(shape)
+    return _uniform(_words(seed, math.prod(shape))).reshape(shape)
