@@ -117,6 +117,35 @@ def _wait_until_idle(page, timeout_ms: int) -> None:
     )
 
 
+def _wait_for_kernel_idle(url: str, token: str, timeout_s: float) -> None:
+    """The server's own view: its one kernel is idle (the status it last heard from the kernel process)."""
+    deadline, state = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=5) as r:
+            kernels = json.load(r)
+        state = [k.get("execution_state") for k in kernels]
+        if state == ["idle"]:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the kernel is not idle {timeout_s:.0f} s after its restart: {state}")
+
+
+def _print_cells(page) -> None:
+    """Each cell's prompt and the end of its output, printed (pytest shows it under a failure)."""
+    try:
+        cells = page.evaluate("""() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')].map(c => [
+            (c.querySelector('.jp-InputPrompt') || {}).textContent || '',
+            (c.querySelector('.jp-OutputArea') || {}).innerText || ''])""", )
+        status = page.locator(".jp-StatusBar-Widget").all_inner_texts()
+    except Exception as err:  # the page itself may be what failed
+        print(f"(could not read the notebook: {err})")
+        return
+    print("status bar:", " · ".join(t.strip() for t in status if t.strip()))
+    for i, (prompt, output) in enumerate(cells):
+        output = " ".join(output.split())
+        print(f"cell {i} {prompt.strip()} {output[-400:]}")
+
+
 def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -175,11 +204,20 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
             # 4. restart the kernel: every Python object is gone; the form cell restores the saved edits
             page.get_by_role("menuitem", name="Kernel", exact=True).click()
             page.get_by_role("menuitem", name=re.compile(r"^Restart Kernel…")).click()
-            page.locator(".jp-Dialog .jp-mod-accept").click()  # the dialog's "Restart" button
+            # the server's answer to the restart request, then a kernel that says it is idle: the status bar
+            # alone still reads "Idle" from before the restart for a moment, and cells run in that moment go
+            # to the old kernel and are lost (seen once in CI: nothing ran, the test waited out its 120 s)
+            with page.expect_response(lambda r: r.request.method == "POST" and r.url.split("?")[0].endswith("/restart"),
+                                      timeout=120_000):
+                page.locator(".jp-Dialog .jp-mod-accept").click()  # the dialog's "Restart" button
+            _wait_for_kernel_idle(url, token, 120)
             page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"Python 3.*\| Idle")).first.wait_for(timeout=120_000)
             page.locator(".jp-Notebook .jp-Cell").nth(1).click()  # the setup cell, then run it and the next two
             for _ in range(3):
                 page.keyboard.press("Shift+Enter")
+            # the new kernel ran them: the setup cell is its first execution
+            page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-InputPrompt", has_text="[1]").wait_for(
+                timeout=120_000)
             page.get_by_text("Restored your edits from").first.wait_for(timeout=120_000)
             name = page.locator(".lazymoe-model-name input")
             assert name.input_value() == "Browser-Edited-MoE"
@@ -237,6 +275,7 @@ def test_edit_the_form_in_jupyterlab_and_merge_with_the_edits(jupyterlab, tmp_pa
                 page.locator(".lazymoe-form").first.screenshot(path=str(ARTIFACTS / f"form-after-{width}px.png"))
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"))
+            _print_cells(page)  # what the notebook showed, in the CI log (the screenshot stays on that machine)
             shutil.copy(tmp_path / "jupyterlab.log", ARTIFACTS / "browser-jupyterlab.log")
             raise
         finally:
