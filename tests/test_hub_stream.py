@@ -354,9 +354,18 @@ def test_a_no_keep_merge_records_where_its_weights_went_and_each_step_names_that
                        ALICE_WRITE_TOKEN, "--max-shard-size", "150KB"]) == 0
     capsys.readouterr()
     commit = hub.repos["alice/tiny-moe"].branches["main"]
-    assert shard_count(out) == 0 and read_hub_record(out) == HubCopy("alice/tiny-moe", hub.url, commit)
+    uploaded = {n: b for n, b in hub.files("alice/tiny-moe").items() if n != ".gitattributes"}
+    report = {"private": False, "files": len(uploaded), "bytes": sum(len(b.data) for b in uploaded.values()),
+              "commit_url": f"{hub.url}/alice/tiny-moe/commit/{commit}"}
+    assert shard_count(out) == 0 and read_hub_record(out) == HubCopy("alice/tiny-moe", hub.url, commit, **report)
     assert json.loads((out / HUB_RECORD).read_text()) == {"repo_id": "alice/tiny-moe", "endpoint": hub.url,
-                                                          "commit": commit}
+                                                          "commit": commit, **report}
+    # a record from before the report was kept (or with a damaged report) still says where the weights are
+    (out / HUB_RECORD).write_text(json.dumps({"repo_id": "alice/tiny-moe", "endpoint": hub.url, "commit": commit,
+                                              "files": "7", "bytes": -1}))
+    assert read_hub_record(out) == HubCopy("alice/tiny-moe", hub.url, commit)
+    (out / HUB_RECORD).write_text(json.dumps({"repo_id": "alice/tiny-moe", "endpoint": hub.url, "commit": commit,
+                                              **report}))
     assert HUB_RECORD not in hub.files("alice/tiny-moe") and foreign_entries(out) == []
     url = f"{hub.url}/alice/tiny-moe"
     told = (f"{out} holds the small files only: its weights were uploaded to {url} and deleted here as each shard "
@@ -761,3 +770,40 @@ def test_records_of_merges_never_finished_are_swept_after_a_week(tmp_path):
     assert recent.path.exists(), "a record written within the week stays"
     assert again.shards == mine.shards and mine.path.exists(), "the push's own record is never swept"
     assert unrelated.exists(), "only records are touched"
+
+
+def _in_order_pipeline_seconds(shards: list[tuple[int, int]], bandwidth: float) -> float:
+    """The best an in-order pipeline can do: fetch each shard's bytes back to back at full speed, upload each
+    shard as soon as it is complete and the link is free."""
+    fetched = free = 0.0
+    for fetch, size in shards:
+        fetched += fetch / bandwidth
+        free = max(free, fetched) + size / bandwidth
+    return free
+
+
+def test_the_hub_benchmarks_transfer_floor_is_a_floor_and_is_reached_by_an_ideal_pipeline():
+    import random
+
+    from hub_bench import transfer_floor_bytes
+
+    def floor(shards):
+        output = sum(s for _, s in shards)
+        needed = sum(f for f, _ in shards)
+        return transfer_floor_bytes(needed, output, shards)
+
+    # nine equal shards and the routers' small one last (181 bytes out): the floor is the output plus one
+    # shard less the computed byte, and the ideal pipeline is one byte above it (the routers' own upload)
+    shards = [(20, 20)] * 9 + [(0, 1)]
+    assert floor(shards) == 181 + 20 - 1
+    assert _in_order_pipeline_seconds(shards, 1.0) == 201
+    rng = random.Random(7)
+    for _ in range(2000):
+        shards = [(f, f) for f in (rng.randint(1, 50) for _ in range(rng.randint(1, 12)))]
+        if rng.random() < 0.5:
+            shards.append((0, 2))  # the routers' shard: computed, nothing fetched
+        if rng.random() < 0.3:
+            shards.append((10, 20))  # a widening cast: half of it counts as computed
+        orders = [shards, sorted(shards), sorted(shards, reverse=True), rng.sample(shards, len(shards))]
+        best = min(_in_order_pipeline_seconds(o, 1.0) for o in orders)
+        assert floor(shards) <= best + 1e-9, shards

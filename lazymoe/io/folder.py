@@ -6,6 +6,7 @@ writes both last-but-one, just before the folder is renamed into place, so a fol
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -147,6 +148,12 @@ class HubCopy:
     repo_id: str  # namespace/name
     endpoint: str  # the Hub it is on, e.g. https://huggingface.co
     commit: str | None = None  # the commit that uploaded them
+    # what the upload reported (publish.hub.PushResult), so that a later session can report it too; None in a
+    # record written before these were kept
+    private: bool | None = None
+    files: int | None = None
+    bytes: int | None = None
+    commit_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -155,7 +162,8 @@ class HubCopy:
 
 def write_hub_record(folder: Path, copy: HubCopy) -> Path:
     """Record in ``folder`` that its weights are in ``copy`` (call once the commit holding them landed)."""
-    data = {"repo_id": copy.repo_id, "endpoint": copy.endpoint, "commit": copy.commit}
+    data = {"repo_id": copy.repo_id, "endpoint": copy.endpoint, "commit": copy.commit, "private": copy.private,
+            "files": copy.files, "bytes": copy.bytes, "commit_url": copy.commit_url}
     return write_text_atomic(Path(folder) / HUB_RECORD, json.dumps(data, indent=1) + "\n")
 
 
@@ -168,7 +176,14 @@ def read_hub_record(folder: Path) -> HubCopy | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     texts = (copy.repo_id, copy.endpoint, copy.commit or "-")
-    return copy if all(isinstance(t, str) and t and t.isprintable() for t in texts) else None
+    if not all(isinstance(t, str) and t and t.isprintable() for t in texts):
+        return None
+    # the upload's report: kept only where every part of it reads as what it should be
+    report = {key: data.get(key) for key in ("private", "files", "bytes", "commit_url")}
+    if (isinstance(report["private"], bool) and all(type(report[k]) is int and report[k] >= 0 for k in ("files", "bytes"))
+            and (report["commit_url"] is None or (isinstance(report["commit_url"], str) and report["commit_url"].isprintable()))):
+        copy = dataclasses.replace(copy, **report)
+    return copy
 
 
 def require_weights(folder: str | os.PathLike) -> None:

@@ -440,7 +440,8 @@ def _merge_with(store: RangedWeights, router: _RouterPass, target: OutputTarget,
         card = plan_card(plan, tmp, model_name=output_dir.name, repo_id=pusher.target.repo_id)
         pushed = pusher.finish(tmp, card, commit_message=f"Upload {output_dir.name} with lazymoe")
         if not pusher.keep:  # the commit landed: the folder says where its weights are (after the upload: never sent)
-            write_hub_record(tmp, HubCopy(pushed.repo_id, pusher.target.endpoint, pushed.commit))
+            write_hub_record(tmp, HubCopy(pushed.repo_id, pusher.target.endpoint, pushed.commit, pushed.private,
+                                          pushed.files, pushed.bytes, pushed.commit_url))
     target.commit()
     if pusher is not None and not pusher.keep:
         logger.info("Wrote %s without its shards: the weights are on the Hub only (%s)", output_dir, pushed.url)
