@@ -226,27 +226,38 @@ def needed_bytes(server: HubServer, config: Path, work: Path, shard: str) -> dic
     """The plan's figures for this recipe on this Hub (a child process, so the client reads the env)."""
     code = ("import json, sys; from lazymoe.pipeline.merge import make_plan; "
             "p = make_plan(sys.argv[1], max_shard_bytes=sys.argv[2], progress=False); "
-            "shards = [(sum(q.nbytes_in for t in s.tensors for q in t.pieces), s.nbytes) for s in p.shards]; "
-            "print(json.dumps({'needed': p.download_bytes, 'output': p.output_bytes, 'shards': shards}))")
+            "reads = [sorted({(q.model, q.source.name, q.nbytes_in) for t in s.tensors for q in t.pieces if q.source}) "
+            "for s in p.shards]; "
+            "print(json.dumps({'needed': p.download_bytes, 'output': p.output_bytes, "
+            "'shards': [s.nbytes for s in p.shards], 'reads': reads}))")
     out, _ = run_child([sys.executable, "-c", code, str(config), shard], child_env(server, work / "hf-plan"))
     figures = json.loads(out.strip().splitlines()[-1])
-    figures["floor"] = transfer_floor_bytes(figures["needed"], figures["output"], figures["shards"])
+    reads = [{(model, name): nbytes for model, name, nbytes in shard_reads} for shard_reads in figures.pop("reads")]
+    figures["floor"] = transfer_floor_bytes(figures["needed"], figures["output"], list(zip(reads, figures["shards"])))
     figures["shards"] = len(figures["shards"])
     return figures
 
 
-def transfer_floor_bytes(needed: int, output: int, shards: list[tuple[int, int]]) -> int:
+def transfer_floor_bytes(needed: int, output: int, shards: list[tuple[dict, int]]) -> int | None:
     """Bytes' worth of time (at one bandwidth B each way) that any fetch-merge-push pipeline needs at least,
     whatever its order, when a shard can only be uploaded once all of it is known: the LFS upload starts with
-    the file's sha256. ``shards``: (bytes fetched for it, its bytes); what a shard holds beyond what is fetched
-    for it (the routers, computed; a widening cast) counts as computed: C, all shards together.
+    the file's sha256. ``shards``: for each, the source tensors it reads ({(model, tensor): bytes}) and its
+    bytes. What a shard holds beyond what it reads (the routers, computed; a widening cast) counts as computed:
+    C, all shards together. None when a source tensor feeds two shards (a noise-upcycled expert, an lm_head
+    untied from the embeddings): a byte fetched once then counts twice, and the bound below does not hold.
 
-    Take the shard m with the most fetched bytes F_m, complete at time t. Before t the download carried F_m
-    and everything of the shards completed earlier, so at most t*B - F_m + C of the output can have been
-    uploaded by t; the rest goes after t: T >= t + (O - t*B + F_m - C)/B = (O + F_m - C)/B.
+    With each fetched byte in one shard, take the shard m reading the most, F_m, complete at time t. Before t
+    the download carried F_m and everything the shards completed earlier read, so at most t*B - F_m + C of the
+    output can have been uploaded by t; the rest goes after t: T >= t + (O - t*B + F_m - C)/B = (O + F_m - C)/B.
     And the last shard to complete waits for every fetched byte: T >= (N + smallest shard)/B."""
-    computed = sum(max(0, size - fetched) for fetched, size in shards)
-    return max(output + max(f for f, _ in shards) - computed, needed + min(s for _, s in shards))
+    seen: set = set()
+    for reads, _ in shards:
+        if seen & reads.keys():
+            return None
+        seen |= reads.keys()
+    fetched = [(sum(reads.values()), size) for reads, size in shards]
+    computed = sum(max(0, size - f) for f, size in fetched)
+    return max(output + max(f for f, _ in fetched) - computed, needed + min(s for _, s in fetched))
 
 
 #: the runs ``--repeat`` repeats: the one whose ratio the goal bounds closely (the others are 2x or 0.8x it)
@@ -423,23 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         floor = max(figures["needed"], figures["output"]) / (r["bw"] * MB)
-        least = figures["floor"] / (r["bw"] * MB)
+        least = figures["floor"] / (r["bw"] * MB) if figures["floor"] is not None else None
+        floor_cells = f"{least:.1f} | {r['transfer'] / least:.2f}" if least else "– | –"
         walls = r["walls"]
         spread = f" ({walls[0]:.1f}–{walls[-1]:.1f}, {len(walls)} runs)" if len(walls) > 1 else ""
         lines.append(
             f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f}{spread} | {r['down'] / MB:.1f} | {r['down'] / figures['needed']:.3f} "
             f"| {r['up'] / MB:.1f} | {r['commits']} | {r['disk'] / MB:.0f} | {r['rss'] / MB:.0f} | "
-            f"{r['wall'] / floor:.2f} | {r['transfer']:.1f} | {r['transfer'] / floor:.2f} | {least:.1f} | "
-            f"{r['transfer'] / least:.2f} |")
+            f"{r['wall'] / floor:.2f} | {r['transfer']:.1f} | {r['transfer'] / floor:.2f} | {floor_cells} |")
     lines.append("")
     lines.append("fetched: body bytes the server sent (config, tokenizer and headers included); needed: the tensor "
                  "bytes the MoE reads (plan.download_bytes); max(fetch, upload): the needed bytes or the output, "
                  "whichever is larger, at the bandwidth; transfer: from the first request for weight bytes to the "
                  "end of the commit, as the server saw them (wall less the processes' start-up, imports, planning "
                  "and exit). A pipeline run several times (--repeat) shows its median run, with the range of its wall times. "
-                 "transfer floor: the least transfer time of any pipeline that uploads a shard only once all of it "
+                 "transfer floor: a transfer time no pipeline can beat if it uploads a shard only once all of it "
                  "is known (an LFS upload starts with the file's sha256): (output + the largest shard's fetched "
-                 "bytes - computed bytes) / bandwidth, whatever the order (bench/hub_bench.py: transfer_floor_bytes).")
+                 "bytes - computed bytes) / bandwidth, whatever the order, when no source tensor feeds two shards "
+                 "(bench/hub_bench.py: transfer_floor_bytes; – otherwise).")
     for bw in sorted({r["bw"] for r in rows}):
         for kind in ("streamed", "resume"):
             if ("sequential", bw) in digests and (kind, bw) in digests:

@@ -283,6 +283,19 @@ def test_after_a_kernel_restart_the_steps_that_read_hub_only_weights_are_skipped
     assert again.push() == pushed and f"Uploaded while merging: {url} (the weights are on the Hub only)." in screen.html()
     assert again.repo_id == "alice/tiny-moe" and len(hub.requests_of("commit", status=200)) == 1, "nothing sent again"
 
+    # a folder merged before the record kept the upload's report: the same notice, and nothing to return
+    import json
+
+    record = out / ".lazymoe-hub.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k in ("repo_id", "endpoint", "commit")}))
+    Builder._instances.clear()
+    screen.clear()
+    older = Builder(MoEForm(builder.preset), workdir=tmp_path, show=screen.append)
+    tick(older)
+    assert older.push() is None and f"Uploaded while merging: {url} (the weights are on the Hub only)." in screen.html()
+    assert len(hub.requests_of("commit", status=200)) == 1
+
 
 def test_a_merged_folder_whose_shards_were_deleted_by_hand_is_one_red_line_in_each_step(builder, tmp_path):
     out = builder.merge()

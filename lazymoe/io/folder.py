@@ -170,18 +170,25 @@ def write_hub_record(folder: Path, copy: HubCopy) -> Path:
 def read_hub_record(folder: Path) -> HubCopy | None:
     """Where ``folder``'s weights were uploaded to (:func:`write_hub_record`), or None: no record, or one that
     cannot be read (then nothing is known about a Hub copy)."""
+    def number(text: str) -> int:  # a number too long to be a byte count is no count (and not json's ValueError)
+        return int(text) if len(text) <= 20 else -1
+
     try:
-        data = json.loads((Path(folder) / HUB_RECORD).read_text(encoding="utf-8"))
+        data = json.loads((Path(folder) / HUB_RECORD).read_text(encoding="utf-8"), parse_int=number)
         copy = HubCopy(data["repo_id"], data["endpoint"], data.get("commit"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    texts = (copy.repo_id, copy.endpoint, copy.commit or "-")
-    if not all(isinstance(t, str) and t and t.isprintable() for t in texts):
+
+    def text(value: object) -> bool:
+        return isinstance(value, str) and bool(value) and value.isprintable()
+
+    if not (text(copy.repo_id) and text(copy.endpoint) and (copy.commit is None or text(copy.commit))):
         return None
     # the upload's report: kept only where every part of it reads as what it should be
     report = {key: data.get(key) for key in ("private", "files", "bytes", "commit_url")}
+    url = report["commit_url"]
     if (isinstance(report["private"], bool) and all(type(report[k]) is int and report[k] >= 0 for k in ("files", "bytes"))
-            and (report["commit_url"] is None or (isinstance(report["commit_url"], str) and report["commit_url"].isprintable()))):
+            and (url is None or (text(url) and url.startswith(f"{copy.endpoint}/")))):
         copy = dataclasses.replace(copy, **report)
     return copy
 
