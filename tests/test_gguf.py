@@ -93,8 +93,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def test_outputs_are_named_and_complete(gguf256):
     assert set(gguf256) == {"F32", "Q8_0", "Q4_K_M"}
     folder = gguf256["F32"].parent
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "lazymoe_config.yml", "moe.F32.gguf", "moe.Q4_K_M.gguf", "moe.Q8_0.gguf"]  # no .partial left
+    assert sorted(p.name for p in folder.iterdir()) == [  # no .partial left; the record of what each came from
+        ".lazymoe-gguf.json", "lazymoe_config.yml", "moe.F32.gguf", "moe.Q4_K_M.gguf", "moe.Q8_0.gguf"]
     sizes = {k: p.stat().st_size for k, p in gguf256.items()}
     assert sizes["F32"] > 3 * sizes["Q8_0"] > 1.5 * 3 * sizes["Q4_K_M"]
 
@@ -187,6 +187,45 @@ def test_cli_gguf_reuses_complete_files(gguf256, moe256, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing rebuilt
 
 
+def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_earlier_ones(moe256, tmp_path):
+    """A rerun reuses a GGUF file only when it was made from the model as it is now: merged again (other experts,
+    another seed), the model's files are new, and so must the GGUF files be; else the old model would be
+    quantised, published and chatted with under the new one's name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lazymoe.io.folder import GGUF_RECORD
+
+    model, out = tmp_path / "moe", tmp_path / "moe-GGUF"
+    shutil.copytree(moe256, model)
+    first = convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
+    made = {p: p.stat().st_mtime_ns for p in first}
+    assert set(json.loads((out / GGUF_RECORD).read_text())["made_from"]) == {p.name for p in first}
+
+    assert convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False) == first
+    assert {p: p.stat().st_mtime_ns for p in first} == made, "the same model: nothing made again"
+
+    # "merged again": the same names and sizes, other router rows (what another seed gives)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    gate = next(n for n in tensors if n.endswith("block_sparse_moe.gate.weight"))
+    tensors[gate] = torch.flip(tensors[gate], dims=[0]).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    again = convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
+    assert again == first and all(p.stat().st_mtime_ns != made[p] for p in again), "both files made again"
+    layer = int(gate.split(".")[2])
+    written = {t.name: t for t in _gguf_module().GGUFReader(again[0]).tensors}[f"blk.{layer}.ffn_gate_inp.weight"]
+    assert np.array_equal(np.asarray(written.data).reshape(tensors[gate].shape), tensors[gate].numpy())
+
+    # a record that cannot be read: nothing is known about the files, so they are made again
+    remade = {p: p.stat().st_mtime_ns for p in again}
+    (out / GGUF_RECORD).write_text("{not json")
+    convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
+    assert all(p.stat().st_mtime_ns != remade[p] for p in again)
+    assert json.loads((out / GGUF_RECORD).read_text())["made_from"].keys() == {p.name for p in again}
+
+
 def test_converter_error_is_the_real_cause(moe256, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -221,7 +260,8 @@ def test_conversion_shows_progress_not_the_converters_log(moe256, tmp_path, caps
     err = capsys.readouterr().err
     assert "INFO:" not in err  # ~60 lines of the converter's own log used to flood the terminal
     assert "convert F16" in err and "100%" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lazymoe_config.yml", "moe.F16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lazymoe-gguf.json", "lazymoe_config.yml",
+                                                                    "moe.F16.gguf"]
 
 
 def test_unsupported_architecture_error(moe256, tmp_path):

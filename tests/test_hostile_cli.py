@@ -254,7 +254,8 @@ def test_gguf_refuses_a_folder_of_the_users_own_files_unless_told(merged, tmp_pa
 
     assert main(["-q", "gguf", str(merged), "--quant", "none", "--outdir", str(mine), "--overwrite"]) == 0
     assert {**before, "moe.F16.gguf": (mine / "moe.F16.gguf").read_bytes(),
-            "lazymoe_config.yml": (mine / "lazymoe_config.yml").read_bytes()} == snapshot(mine)
+            "lazymoe_config.yml": (mine / "lazymoe_config.yml").read_bytes(),
+            ".lazymoe-gguf.json": (mine / ".lazymoe-gguf.json").read_bytes()} == snapshot(mine)
     capsys.readouterr()
 
 
@@ -269,8 +270,8 @@ def test_gguf_writes_again_into_a_gguf_folder_lazymoe_made(merged, tmp_path, cap
     f16 = (out / "moe.F16.gguf").stat().st_mtime_ns
     assert main(["-q", "gguf", str(merged), "--quant", "none"]) == 0
     assert (out / "moe.F16.gguf").stat().st_mtime_ns == f16  # reused, not made again
-    assert sorted(p.name for p in out.iterdir()) == [".lazymoe-card.sha256", "README.md", "lazymoe_config.yml",
-                                                     "moe.F16.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [".lazymoe-card.sha256", ".lazymoe-gguf.json", "README.md",
+                                                     "lazymoe_config.yml", "moe.F16.gguf"]
     capsys.readouterr()
 
 

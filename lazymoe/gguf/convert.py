@@ -3,12 +3,17 @@
 Every step checks its own result (converter exit status and output, quantiser return code, tensors that
 fell back to another type) and stops with the real cause; disk space is checked before each step; files are
 written under a hidden ``.partial`` name and renamed only when complete, so a final name is always a whole
-file and a rerun resumes by skipping them.
+file and a rerun resumes by skipping them. A file is skipped only when the folder's record (:data:`GGUF_RECORD`)
+says it was made from what is there now: the model's files as they are (a merge again, with other experts or
+another seed, writes new ones), or the 16/32-bit file a quantisation comes from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
+import json
 import logging
 import os
 import re
@@ -22,7 +27,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from ..errors import GGUFError, InsufficientResourcesError, Setting, Text
-from ..io.folder import CONFIG_FILENAME, free_disk_bytes, require_weights
+from ..io.folder import CONFIG_FILENAME, GGUF_RECORD, free_disk_bytes, require_weights, write_text_atomic
 from ..io.safetensors import scan_file
 from ..moe import arch
 from ..options import check_count
@@ -254,12 +259,14 @@ def convert_to_gguf(
     if (model_dir / CONFIG_FILENAME).is_file() and not (out / CONFIG_FILENAME).exists():
         shutil.copy2(model_dir / CONFIG_FILENAME, out / CONFIG_FILENAME)  # lets `lazymoe chat` find the prompts
 
+    made_from = _read_gguf_record(out)
     bar = _progress_bar(1 + len(quant_list), progress)
     try:
         base = out / f"{name}.{outtype.upper()}.gguf"
         bar.set_description(f"convert {outtype.upper()}")
-        if _reusable(base, overwrite):
-            log.info("%s exists from an earlier conversion: reusing it (delete it to rebuild)", base)
+        model_state = model_fingerprint(model_dir)
+        if _reusable(base, overwrite, made_from, model_state):
+            log.info("%s exists from an earlier conversion of this model: reusing it (delete it to rebuild)", base)
         else:
             _check_disk(out, int(gguf_bytes(n_params, outtype) * 1.02), base.name)
             folder = Path(converter_dir) if converter_dir else None
@@ -281,18 +288,21 @@ def convert_to_gguf(
             finally:
                 tensors.close()
                 tmp.unlink(missing_ok=True)
+            _record(out, made_from, base, model_state)
         bar.update(1)
         paths = [base]
+        base_state = file_fingerprint(base)
         for quant in quant_list:
             bar.set_description(f"quantise {quant}")
             dst = out / f"{name}.{quant}.gguf"
-            if _reusable(dst, overwrite):
-                log.info("%s exists, reusing it", dst)
+            if _reusable(dst, overwrite, made_from, base_state):
+                log.info("%s exists, made from %s as it is now: reusing it", dst, base.name)
             else:
                 _check_disk(out, int(gguf_bytes(n_params, quant) * 1.1), dst.name)
                 report = quantize_gguf(base, dst, quant, threads=threads)
                 if report.fallbacks:
                     log.warning("%s", report.summary())
+                _record(out, made_from, dst, base_state)
             paths.append(dst)
             bar.update(1)
     finally:
@@ -300,10 +310,59 @@ def convert_to_gguf(
     return paths
 
 
-def _reusable(path: Path, overwrite: bool) -> bool:
-    """Whether a file an earlier run made at ``path`` is kept instead of made again: not with ``overwrite``, and
-    never one that is not whole (llama.cpp would refuse it later with a message about offsets)."""
+#: the model files the converter reads: weights, index, configs and tokenizer (not the card, which later steps
+#: rewrite, nor lazymoe's hidden records)
+_CONVERTER_READS = ("*.safetensors", "*.json", "tokenizer.model")
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """The state of the files of ``model_dir`` that a conversion reads: each one's name, size and modification
+    time. A merge writes every file anew, so a model merged again (with the same name, other experts or another
+    seed) has another fingerprint, even when its sizes are the same."""
+    lines = []
+    for path in sorted(model_dir.iterdir()):
+        if path.name.startswith(".") or not any(path.match(p) for p in _CONVERTER_READS):
+            continue
+        with contextlib.suppress(OSError):  # a file that vanished while we look is not read by the converter either
+            st = path.stat()
+            lines.append(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    """A GGUF file as a quantisation is made from it: its size and modification time."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_gguf_record(out: Path) -> dict[str, str]:
+    """``{file name: what it was made from}`` for the GGUF files in ``out``; empty when there is no record or it
+    cannot be read (then no file is reused)."""
+    try:
+        data = json.loads((out / GGUF_RECORD).read_text(encoding="utf-8"))
+        made_from = data["made_from"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return {}
+    if not isinstance(made_from, dict):
+        return {}
+    return {k: v for k, v in made_from.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _record(out: Path, made_from: dict[str, str], path: Path, state: str) -> None:
+    """Note that ``path`` was made from ``state`` (after it was written whole)."""
+    made_from[path.name] = state
+    write_text_atomic(out / GGUF_RECORD, json.dumps({"made_from": made_from}, indent=1, sort_keys=True) + "\n")
+
+
+def _reusable(path: Path, overwrite: bool, made_from: dict[str, str], state: str) -> bool:
+    """Whether a file an earlier run made at ``path`` is kept instead of made again: not with ``overwrite``, only
+    when the record says it was made from ``state`` (what it would be made from now), and never one that is not
+    whole (llama.cpp would refuse it later with a message about offsets)."""
     if overwrite or not path.is_file():
+        return False
+    if made_from.get(path.name) != state:
+        why = "the model changed since it was made" if path.name in made_from else "nothing records what it was made from"
+        log.info("%s is from an earlier conversion, but %s: making it again.", path, why)
         return False
     problem = gguf_problem(path)
     if problem is not None:

@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CardError, GGUFError
-from ..io.folder import CARD_FILENAME, CARD_RECORD, CONFIG_FILENAME, foreign_entries
+from ..io.folder import CARD_FILENAME, CARD_RECORD, CONFIG_FILENAME, GGUF_RECORD, foreign_entries
 from .quants import PREFERENCE, UNQUANTISED, quant_of
 
 UNQUANTISED_NAMES = frozenset(q.name for q in UNQUANTISED)
 #: every file lazymoe writes into a GGUF folder (shell patterns): the GGUF files, the recipe copy ``lazymoe chat``
-#: reads, the NAME-GGUF card and its record, and while ``lazymoe gguf`` runs its hidden partial files and the
-#: converter's log. A folder holding anything else holds files of the user's own.
-GGUF_FOLDER_FILES = ("*.gguf", CONFIG_FILENAME, CARD_FILENAME, CARD_RECORD, ".*.gguf.partial", ".*.convert.log")
+#: reads, the NAME-GGUF card and its record, the record of what each GGUF file was made from, and while ``lazymoe
+#: gguf`` runs its hidden partial files and the converter's log. A folder holding anything else holds files of
+#: the user's own.
+GGUF_FOLDER_FILES = ("*.gguf", CONFIG_FILENAME, CARD_FILENAME, CARD_RECORD, GGUF_RECORD, f".{GGUF_RECORD}.tmp-*",
+                     ".*.gguf.partial", ".*.convert.log")
 
 
 @dataclass(frozen=True)

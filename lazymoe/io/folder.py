@@ -53,7 +53,10 @@ CARD_SIGNATURE = "is a Mixture of Experts (MoE) built with lazymoe from"
 #: uploads it; it marks no folder as complete: the steps that read the weights name that repo instead of failing.
 HUB_RECORD = ".lazymoe-hub.json"
 #: the hidden files lazymoe keeps in folders it wrote (never uploaded, like every hidden file)
-LAZYMOE_RECORDS = (CARD_RECORD, HUB_RECORD)
+#: in a NAME-GGUF folder: what each GGUF file was made from (``gguf.convert``), so that a file made from an
+#: earlier merge of the model is made again rather than reused
+GGUF_RECORD = ".lazymoe-gguf.json"
+LAZYMOE_RECORDS = (CARD_RECORD, HUB_RECORD, GGUF_RECORD)
 #: the names a merge gives its weights (moe.plan: one model.safetensors, or model-0000i-of-0000N.safetensors and their
 #: index): a push replaces those of an earlier upload to the same repo, and no other file there
 WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
