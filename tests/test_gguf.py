@@ -199,9 +199,16 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
 
     model, out = tmp_path / "moe", tmp_path / "moe-GGUF"
     shutil.copytree(moe256, model)
-    first = convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
+    first = convert_to_gguf(model, out, outtype="f32", quants="Q8_0,Q4_K_M", threads=1, progress=False)
+    q4 = first.pop()
     made = {p: p.stat().st_mtime_ns for p in first}
-    assert set(json.loads((out / GGUF_RECORD).read_text())["made_from"]) == {p.name for p in first}
+    assert set(json.loads((out / GGUF_RECORD).read_text())["made_from"]) == {p.name for p in [*first, q4]}
+    # another model's file in the same folder (its record entry from another model): never touched
+    other = out / "moe.v2.F32.gguf"
+    shutil.copyfile(first[0], other)
+    record = json.loads((out / GGUF_RECORD).read_text())
+    record["made_from"][other.name] = "0" * 64
+    (out / GGUF_RECORD).write_text(json.dumps(record))
 
     assert convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False) == first
     assert {p: p.stat().st_mtime_ns for p in first} == made, "the same model: nothing made again"
@@ -214,6 +221,9 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
     save_file(tensors, shard, metadata={"format": "pt"})
     again = convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
     assert again == first and all(p.stat().st_mtime_ns != made[p] for p in again), "both files made again"
+    # the Q4_K_M this run did not ask for came from the earlier model: gone, so no upload or card lists it
+    assert not q4.exists() and other.is_file()
+    assert set(json.loads((out / GGUF_RECORD).read_text())["made_from"]) == {p.name for p in again} | {other.name}
     layer = int(gate.split(".")[2])
     written = {t.name: t for t in _gguf_module().GGUFReader(again[0]).tensors}[f"blk.{layer}.ffn_gate_inp.weight"]
     assert np.array_equal(np.asarray(written.data).reshape(tensors[gate].shape), tensors[gate].numpy())
@@ -224,6 +234,7 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
     convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
     assert all(p.stat().st_mtime_ns != remade[p] for p in again)
     assert json.loads((out / GGUF_RECORD).read_text())["made_from"].keys() == {p.name for p in again}
+    assert other.is_file(), "a file the record does not name is left alone"
 
 
 def test_converter_error_is_the_real_cause(moe256, tmp_path):

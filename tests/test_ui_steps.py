@@ -352,6 +352,17 @@ def test_gguf_step_converts_uploads_as_name_gguf_and_chats(builder, hub):
     assert later.chat(n_threads=1, max_tokens=2) is not None and later.gguf_files == files
     assert ALICE_WRITE_TOKEN not in builder.screen.html()
 
+    # merged again (the same name, another seed): a new session does not chat with the earlier model's files
+    form.upload.value = False
+    form.overwrite.value, form.seed.value = True, "99"
+    builder.merge()
+    screen = Screen()
+    fresh = Builder(builder.form, workdir=builder.workdir, show=screen.append)
+    with pytest.raises(StepFailed):
+        fresh.chat(n_threads=1, max_tokens=2)
+    assert "There are no GGUF files of this model yet: run the GGUF step first." in screen.html()
+    assert all(p.is_file() for p in files), "the earlier files stay until the GGUF step replaces them"
+
 
 def test_a_failed_step_hides_the_progress_bar_it_left_open():
     """A loop left by an exception keeps its bar open (grey, "0/4") until it is garbage-collected; the failed

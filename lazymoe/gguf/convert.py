@@ -45,7 +45,7 @@ from ..io.outdir import DISK_MARGIN_BYTES
 from .llama import capture_llama_log, import_llama_cpp
 from .files import foreign_gguf_entries, gguf_dir_of
 from .header import gguf_problem
-from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants
+from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants, quant_of
 
 log = logging.getLogger("lazymoe.gguf")
 
@@ -295,7 +295,7 @@ def convert_to_gguf(
         for quant in quant_list:
             bar.set_description(f"quantise {quant}")
             dst = out / f"{name}.{quant}.gguf"
-            if _reusable(dst, overwrite, made_from, base_state):
+            if _reusable(dst, overwrite, made_from, base_state):  # (the base is current: just made or reused)
                 log.info("%s exists, made from %s as it is now: reusing it", dst, base.name)
             else:
                 _check_disk(out, int(gguf_bytes(n_params, quant) * 1.1), dst.name)
@@ -305,6 +305,7 @@ def convert_to_gguf(
                 _record(out, made_from, dst, base_state)
             paths.append(dst)
             bar.update(1)
+        _drop_stale(out, made_from, name, model_state)
     finally:
         bar.close()
     return paths
@@ -330,9 +331,56 @@ def model_fingerprint(model_dir: Path) -> str:
 
 
 def file_fingerprint(path: Path) -> str:
-    """A GGUF file as a quantisation is made from it: its size and modification time."""
+    """A GGUF file as a quantisation is made from it: its name, size and modification time."""
     st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{path.name} {st.st_size}:{st.st_mtime_ns}"
+
+
+def _current(out: Path, made_from: dict[str, str], name: str, model_state: str) -> bool:
+    """Whether the record says ``out/name`` was made from the model as it is now: directly (the 16/32-bit file),
+    or from a 16/32-bit file of ``out`` that is itself current and unchanged since (a quantisation)."""
+    state = made_from.get(name)
+    if state is None:
+        return False
+    if " " not in state:
+        return state == model_state
+    source = state.split(" ", 1)[0]
+    try:
+        unchanged = source != name and file_fingerprint(out / source) == state
+    except OSError:
+        return False
+    return unchanged and _current(out, made_from, source, model_state)
+
+
+def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike | None = None) -> list[Path]:
+    """The GGUF files of ``model_dir`` in ``outdir`` (default ``NAME-GGUF`` beside it) that were made from the
+    model as it is now, by the record :func:`convert_to_gguf` keeps; sorted by name. Files it does not record,
+    or made before the model was merged again, are not among them."""
+    model_dir = Path(model_dir)
+    name = model_dir.resolve().name
+    out = Path(outdir) if outdir is not None else gguf_dir_of(model_dir, name)
+    made_from = _read_gguf_record(out)
+    if not made_from:
+        return []
+    state = model_fingerprint(model_dir)
+    return sorted(out / n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"
+                  and (out / n).is_file() and _current(out, made_from, n, state))
+
+
+def _drop_stale(out: Path, made_from: dict[str, str], name: str, model_state: str) -> None:
+    """Delete the GGUF files of model ``name`` in ``out`` that the record says were made from an earlier state of
+    the model (a quantisation this run did not ask for, left from before the model was merged again): they
+    would be uploaded, listed on the card and chatted with as this model. Files the record does not name, and
+    other models' files, are left alone."""
+    ours = [n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
+    stale = [n for n in ours if not _current(out, made_from, n, model_state)]
+    for n in stale:
+        with contextlib.suppress(FileNotFoundError):
+            (out / n).unlink()
+            log.info("deleted %s: it was made from an earlier merge of %s", out / n, name)
+        del made_from[n]
+    if stale:
+        write_text_atomic(out / GGUF_RECORD, json.dumps({"made_from": made_from}, indent=1, sort_keys=True) + "\n")
 
 
 def _read_gguf_record(out: Path) -> dict[str, str]:

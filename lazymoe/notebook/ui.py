@@ -31,6 +31,7 @@ from .. import demo
 from .._version import __version__
 from ..config import MoEConfig, load_config
 from ..errors import LazyMoEError, OutputNotWritableError, StepFailed, WeightsOnHubError, worded
+from ..gguf.convert import current_gguf_files
 from ..gguf.files import preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
@@ -587,10 +588,10 @@ class Builder:
             self._notice("GGUF is off, so there is nothing to chat with (the Try step already tested the model).")
             return None
         folder = self._require_model()
-        if not self.gguf_files:  # made in an earlier session: convert_to_gguf's default folder
-            self.gguf_files = sorted((folder.parent / f"{folder.name}-GGUF").glob("*.gguf"))
+        if not self.gguf_files:  # made in an earlier session (convert_to_gguf's default folder), from this model
+            self.gguf_files = current_gguf_files(folder)
         if not self.gguf_files:
-            raise LazyMoEError("There are no GGUF files yet: run the GGUF step first.")
+            raise LazyMoEError("There are no GGUF files of this model yet: run the GGUF step first.")
         names, prompts = zip(*expert_prompts(folder / CONFIG_FILENAME))
         target = preferred_gguf(self.gguf_files)
         answers = gguf_chat(target, list(prompts), **llama_options)
