@@ -187,14 +187,16 @@ def test_cli_gguf_reuses_complete_files(gguf256, moe256, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing rebuilt
 
 
-def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_earlier_ones(moe256, tmp_path):
+def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_earlier_ones(moe256, tmp_path, caplog):
     """A rerun reuses a GGUF file only when it was made from the model as it is now: merged again (other experts,
     another seed), the model's files are new, and so must the GGUF files be; else the old model would be
     quantised, published and chatted with under the new one's name."""
+    import logging
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    from lazymoe.gguf.convert import current_gguf_files
     from lazymoe.io.folder import GGUF_RECORD
 
     model, out = tmp_path / "moe", tmp_path / "moe-GGUF"
@@ -203,15 +205,15 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
     q4 = first.pop()
     made = {p: p.stat().st_mtime_ns for p in first}
     assert set(json.loads((out / GGUF_RECORD).read_text())["made_from"]) == {p.name for p in [*first, q4]}
-    # another model's file in the same folder (its record entry from another model): never touched
-    other = out / "moe.v2.F32.gguf"
-    shutil.copyfile(first[0], other)
-    record = json.loads((out / GGUF_RECORD).read_text())
-    record["made_from"][other.name] = "0" * 64
-    (out / GGUF_RECORD).write_text(json.dumps(record))
+    assert current_gguf_files(model, out) == sorted([*first, q4])
 
+    (model / "eval.json").write_text("{}")  # a later step's file beside the model: not what was converted
     assert convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False) == first
     assert {p: p.stat().st_mtime_ns for p in first} == made, "the same model: nothing made again"
+    first[0].unlink()  # the 16-bit file deleted to save disk: made again, and the quantisation still reused
+    assert convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False) == first
+    assert first[1].stat().st_mtime_ns == made[first[1]]
+    made[first[0]] = first[0].stat().st_mtime_ns
 
     # "merged again": the same names and sizes, other router rows (what another seed gives)
     shard = sorted(model.glob("*.safetensors"))[0]
@@ -219,14 +221,24 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
     gate = next(n for n in tensors if n.endswith("block_sparse_moe.gate.weight"))
     tensors[gate] = torch.flip(tensors[gate], dims=[0]).contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
-    again = convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger="lazymoe.gguf"):
+        again = convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
     assert again == first and all(p.stat().st_mtime_ns != made[p] for p in again), "both files made again"
-    # the Q4_K_M this run did not ask for came from the earlier model: gone, so no upload or card lists it
-    assert not q4.exists() and other.is_file()
-    assert set(json.loads((out / GGUF_RECORD).read_text())["made_from"]) == {p.name for p in again} | {other.name}
     layer = int(gate.split(".")[2])
     written = {t.name: t for t in _gguf_module().GGUFReader(again[0]).tensors}[f"blk.{layer}.ffn_gate_inp.weight"]
     assert np.array_equal(np.asarray(written.data).reshape(tensors[gate].shape), tensors[gate].numpy())
+    # the Q4_K_M this run did not ask for came from the earlier merge: left, named in a warning, never current
+    assert q4.is_file() and current_gguf_files(model, out) == again
+    assert f"{q4.name} made from the model as it was before (merged again since)" in caplog.text
+
+    # a file no record names (made by a lazymoe before the record): never current, and named in a warning too
+    caplog.clear()
+    unknown = out / "moe.Q5_K_M.gguf"
+    shutil.copyfile(q4, unknown)
+    with caplog.at_level(logging.WARNING, logger="lazymoe.gguf"):
+        convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
+    assert "moe.Q5_K_M.gguf of unknown origin (no record says what it was made from)" in caplog.text
+    assert unknown not in current_gguf_files(model, out)
 
     # a record that cannot be read: nothing is known about the files, so they are made again
     remade = {p: p.stat().st_mtime_ns for p in again}
@@ -234,7 +246,6 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
     convert_to_gguf(model, out, outtype="f32", quants="Q8_0", threads=1, progress=False)
     assert all(p.stat().st_mtime_ns != remade[p] for p in again)
     assert json.loads((out / GGUF_RECORD).read_text())["made_from"].keys() == {p.name for p in again}
-    assert other.is_file(), "a file the record does not name is left alone"
 
 
 def test_converter_error_is_the_real_cause(moe256, tmp_path):

@@ -209,8 +209,14 @@ def test_python_and_the_notebook_get_the_same_thread_limit(merged, recipe, tmp_p
     from lazymoe.notebook.form import MoEForm
     from lazymoe.notebook.ui import Builder, StepFailed
 
+    import json
+
+    from lazymoe.gguf.convert import model_fingerprint
+
     (tmp_path / "moe-GGUF").mkdir()
     (tmp_path / "moe-GGUF" / "moe.Q8_0.gguf").write_bytes(b"GGUF")  # an earlier session's file: never loaded
+    (tmp_path / "moe-GGUF" / ".lazymoe-gguf.json").write_text(  # made from this model, as its record says
+        json.dumps({"made_from": {"moe.Q8_0.gguf": model_fingerprint(merged)}}))
     notebook = {"model_name": "moe", "gguf": True, "quants": ["Q8_0"]}
     text = yaml.safe_dump({**yaml.safe_load(recipe.read_text(encoding="utf-8")), "notebook": notebook})
     shown = []

@@ -4,8 +4,8 @@ Every step checks its own result (converter exit status and output, quantiser re
 fell back to another type) and stops with the real cause; disk space is checked before each step; files are
 written under a hidden ``.partial`` name and renamed only when complete, so a final name is always a whole
 file and a rerun resumes by skipping them. A file is skipped only when the folder's record (:data:`GGUF_RECORD`)
-says it was made from what is there now: the model's files as they are (a merge again, with other experts or
-another seed, writes new ones), or the 16/32-bit file a quantisation comes from.
+says it was made from the model's files as they are now (a merge again, with other experts or another seed,
+writes new ones): a model merged again under the same name never gets its earlier GGUF files.
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ def convert_to_gguf(
 ) -> list[Path]:
     """Convert a merged model to ``NAME.{OUTTYPE}.gguf`` and quantise it to each of ``quants``.
 
-    Output goes to ``outdir`` (default: ``MODEL_DIR-GGUF`` beside the model). Existing complete files are
-    reused unless ``overwrite``. Returns the paths, the unquantised file first. Tensors that had to take
+    Output goes to ``outdir`` (default: ``MODEL_DIR-GGUF`` beside the model). Existing complete files made from
+    the model as it is now (the folder's record says so) are reused unless ``overwrite``. Returns the paths, the unquantised file first. Tensors that had to take
     another type are logged as warnings (use :func:`quantize_gguf` to get them as data).
     """
     check_count("threads", threads)
@@ -256,8 +256,8 @@ def convert_to_gguf(
     except OSError as err:
         raise GGUFError(f"Cannot create the GGUF folder {out} ({err.strerror or err}); choose a folder you can "
                         "write to.") from None
-    if (model_dir / CONFIG_FILENAME).is_file() and not (out / CONFIG_FILENAME).exists():
-        shutil.copy2(model_dir / CONFIG_FILENAME, out / CONFIG_FILENAME)  # lets `lazymoe chat` find the prompts
+    if (model_dir / CONFIG_FILENAME).is_file():  # lets `lazymoe chat` find the prompts: this merge's, not an earlier's
+        shutil.copy2(model_dir / CONFIG_FILENAME, out / CONFIG_FILENAME)
 
     made_from = _read_gguf_record(out)
     bar = _progress_bar(1 + len(quant_list), progress)
@@ -291,96 +291,92 @@ def convert_to_gguf(
             _record(out, made_from, base, model_state)
         bar.update(1)
         paths = [base]
-        base_state = file_fingerprint(base)
         for quant in quant_list:
             bar.set_description(f"quantise {quant}")
             dst = out / f"{name}.{quant}.gguf"
-            if _reusable(dst, overwrite, made_from, base_state):  # (the base is current: just made or reused)
-                log.info("%s exists, made from %s as it is now: reusing it", dst, base.name)
+            if _reusable(dst, overwrite, made_from, model_state):
+                log.info("%s exists from an earlier quantisation of this model: reusing it", dst)
             else:
                 _check_disk(out, int(gguf_bytes(n_params, quant) * 1.1), dst.name)
                 report = quantize_gguf(base, dst, quant, threads=threads)
                 if report.fallbacks:
                     log.warning("%s", report.summary())
-                _record(out, made_from, dst, base_state)
+                _record(out, made_from, dst, model_state)
             paths.append(dst)
             bar.update(1)
-        _drop_stale(out, made_from, name, model_state)
+        _warn_stale(out, made_from, name, model_state)
     finally:
         bar.close()
     return paths
 
 
-#: the model files the converter reads: weights, index, configs and tokenizer (not the card, which later steps
-#: rewrite, nor lazymoe's hidden records)
-_CONVERTER_READS = ("*.safetensors", "*.json", "tokenizer.model")
+#: the files of a model folder that llama.cpp's converter reads: the weights and their index, the configs and the
+#: tokenizer (its gguf-py vocab reads the chat template and BPE merges too). Not the card, nor what later steps
+#: write beside the model (eval.json, answers.json, ...), nor lazymoe's hidden records.
+_CONVERTER_READS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """The state of the files of ``model_dir`` that a conversion reads: each one's name, size and modification
-    time. A merge writes every file anew, so a model merged again (with the same name, other experts or another
-    seed) has another fingerprint, even when its sizes are the same."""
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The state of the files of ``model_dir`` that a conversion reads. Small files by their content; weight
+    files by their header (names, dtypes, shapes, offsets), size and modification time, since hashing gigabytes
+    would cost as much as converting them. A merge writes every weight file anew, so a model merged again under
+    the same name (other experts, another seed) has another fingerprint even when its shapes are the same; a
+    copy that does not keep modification times has another one too (its GGUF files are then made again)."""
     lines = []
-    for path in sorted(model_dir.iterdir()):
-        if path.name.startswith(".") or not any(path.match(p) for p in _CONVERTER_READS):
+    for path in sorted(Path(model_dir).iterdir()):
+        if not any(path.match(p) for p in _CONVERTER_READS) or not path.is_file():
             continue
-        with contextlib.suppress(OSError):  # a file that vanished while we look is not read by the converter either
-            st = path.stat()
-            lines.append(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}")
+        try:
+            if path.suffix == ".safetensors":
+                st = path.stat()
+                with path.open("rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = f.read(min(size, 100_000_000))
+                digest = f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(header).hexdigest()}"
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:  # a file that vanished while we look is not read by the converter either
+            continue
+        lines.append(f"{path.name}\0{digest}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def file_fingerprint(path: Path) -> str:
-    """A GGUF file as a quantisation is made from it: its name, size and modification time."""
-    st = path.stat()
-    return f"{path.name} {st.st_size}:{st.st_mtime_ns}"
+def _own_gguf_names(made_from: dict[str, str], name: str) -> list[str]:
+    """The names in the record that are model ``name``'s GGUF files: ``NAME.TAG.gguf`` exactly (never a path,
+    never another model's ``NAME.v2.F16.gguf``)."""
+    return [n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
 
 
-def _current(out: Path, made_from: dict[str, str], name: str, model_state: str) -> bool:
-    """Whether the record says ``out/name`` was made from the model as it is now: directly (the 16/32-bit file),
-    or from a 16/32-bit file of ``out`` that is itself current and unchanged since (a quantisation)."""
-    state = made_from.get(name)
-    if state is None:
-        return False
-    if " " not in state:
-        return state == model_state
-    source = state.split(" ", 1)[0]
-    try:
-        unchanged = source != name and file_fingerprint(out / source) == state
-    except OSError:
-        return False
-    return unchanged and _current(out, made_from, source, model_state)
-
-
-def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike | None = None) -> list[Path]:
-    """The GGUF files of ``model_dir`` in ``outdir`` (default ``NAME-GGUF`` beside it) that were made from the
-    model as it is now, by the record :func:`convert_to_gguf` keeps; sorted by name. Files it does not record,
-    or made before the model was merged again, are not among them."""
+def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike | None = None, *,
+                       name: str | None = None) -> list[Path]:
+    """The GGUF files of ``model_dir`` in ``outdir`` (default ``NAME-GGUF`` beside it) made from the model as it is
+    now, by the record :func:`convert_to_gguf` keeps; sorted by name. Files it does not record, or that were made
+    before the model was merged again, are not among them."""
     model_dir = Path(model_dir)
-    name = model_dir.resolve().name
+    name = name or model_dir.resolve().name
     out = Path(outdir) if outdir is not None else gguf_dir_of(model_dir, name)
     made_from = _read_gguf_record(out)
-    if not made_from:
+    if not made_from or not model_dir.is_dir():
         return []
     state = model_fingerprint(model_dir)
-    return sorted(out / n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"
-                  and (out / n).is_file() and _current(out, made_from, n, state))
+    return sorted(out / n for n in _own_gguf_names(made_from, name) if made_from[n] == state and (out / n).is_file())
 
 
-def _drop_stale(out: Path, made_from: dict[str, str], name: str, model_state: str) -> None:
-    """Delete the GGUF files of model ``name`` in ``out`` that the record says were made from an earlier state of
-    the model (a quantisation this run did not ask for, left from before the model was merged again): they
-    would be uploaded, listed on the card and chatted with as this model. Files the record does not name, and
-    other models' files, are left alone."""
-    ours = [n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
-    stale = [n for n in ours if not _current(out, made_from, n, model_state)]
-    for n in stale:
-        with contextlib.suppress(FileNotFoundError):
-            (out / n).unlink()
-            log.info("deleted %s: it was made from an earlier merge of %s", out / n, name)
-        del made_from[n]
-    if stale:
-        write_text_atomic(out / GGUF_RECORD, json.dumps({"made_from": made_from}, indent=1, sort_keys=True) + "\n")
+def _warn_stale(out: Path, made_from: dict[str, str], name: str, state: str) -> None:
+    """Say which of the model's GGUF files in ``out`` were made from an earlier state of the model (a merge
+    again, and a quantisation this run did not ask for): they are left, but an upload of the folder or its card
+    would take them for this model."""
+    on_disk = {p.name: None for p in out.glob("*.gguf")}
+    stale = [n for n in _own_gguf_names(made_from, name) if made_from[n] != state and n in on_disk]
+    unknown = [n for n in _own_gguf_names(on_disk, name) if n not in made_from]  # a lazymoe before the record
+    for names, what in ((stale, "made from the model as it was before (merged again since)"),
+                        (unknown, "of unknown origin (no record says what it was made from)")):
+        if names:
+            them = "it" if len(names) == 1 else "them"
+            log.warning("%s: %s %s, and not made again by this run; delete %s, or ask for %s too, before uploading "
+                        "this folder.", out, ", ".join(sorted(names)), what, them, them)
 
 
 def _read_gguf_record(out: Path) -> dict[str, str]:
