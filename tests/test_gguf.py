@@ -196,7 +196,7 @@ def test_a_model_merged_again_under_the_same_name_gets_new_gguf_files_not_the_ea
 
     from safetensors.torch import load_file, save_file
 
-    from lazymoe.gguf.convert import current_gguf_files
+    from lazymoe.gguf.files import current_gguf_files
     from lazymoe.io.folder import GGUF_RECORD
 
     model, out = tmp_path / "moe", tmp_path / "moe-GGUF"

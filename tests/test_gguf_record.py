@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lazymoe.gguf.convert import _read_gguf_record, current_gguf_files, model_fingerprint
+from lazymoe.gguf.files import current_gguf_files, model_fingerprint, read_gguf_record
 from lazymoe.io.folder import GGUF_RECORD
 
 
@@ -59,4 +59,44 @@ def test_a_damaged_record_is_no_record(tmp_path):
         assert current_gguf_files(model) == [], text
     (out / GGUF_RECORD).unlink()
     (out / GGUF_RECORD).mkdir()  # not even a file
-    assert _read_gguf_record(out) == {} and current_gguf_files(model) == []
+    assert read_gguf_record(out).made_from == {} and current_gguf_files(model) == []
+
+
+def test_a_gguf_folder_holding_files_of_an_earlier_merge_is_not_pushed(hub, recipe, tmp_path):
+    """A quantisation made before the model was merged again, and not asked for again: refused before any repo
+    is created, by a push of the folder and by a release of the model (its GGUF step), naming the file."""
+    import pytest
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import HubError
+    from lazymoe.pipeline.merge import merge
+    from lazymoe.pipeline.release import release
+    from lazymoe.publish.hub import check_no_stale_gguf, push_to_hub
+
+    model = merge(recipe, tmp_path / "moe", progress=False)
+    repos = set(hub.repos)
+    out = tmp_path / "moe-GGUF"
+    out.mkdir()
+    for tag in ("F16", "Q8_0", "Q4_K_M"):
+        (out / f"moe.{tag}.gguf").write_bytes(b"GGUF" + bytes(12))
+    now = model_fingerprint(model)
+    (out / GGUF_RECORD).write_text(json.dumps({"model": str(model), "name": "moe", "made_from": {
+        "moe.F16.gguf": now, "moe.Q8_0.gguf": now, "moe.Q4_K_M.gguf": "a merge of moe before this one"}}))
+    told = (f"{out} holds GGUF files made from an earlier merge of its model (merged again since): moe.Q4_K_M.gguf. "
+            "Delete it, or make it again from the model as it is now (ask for Q4_K_M in the GGUF step, or with "
+            "`lazymoe gguf --quant`), then push again.")
+    with pytest.raises(HubError) as caught:
+        push_to_hub(out, "moe-GGUF", token=ALICE_WRITE_TOKEN, progress=False)
+    assert str(caught.value) == told
+    with pytest.raises(HubError) as caught:
+        release(model, repo="moe", gguf=True, quants=["Q8_0"], token=ALICE_WRITE_TOKEN, progress=False)
+    assert str(caught.value) == told
+    assert set(hub.repos) == repos and not hub.requests_of("commit"), "nothing was created or sent"
+    check_no_stale_gguf(out, remade=["moe.F16.gguf", "moe.Q4_K_M.gguf"])  # a run that makes it again may go on
+    (out / "moe.Q4_K_M.gguf").unlink()
+    check_no_stale_gguf(out)
+    # a record that does not name its model (written before it did), or a model no longer there: nothing to judge
+    (out / "moe.Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(12))
+    (out / GGUF_RECORD).write_text(json.dumps({"model": str(tmp_path / "gone"), "name": "moe", "made_from": {
+        "moe.Q4_K_M.gguf": "old"}}))
+    check_no_stale_gguf(out)

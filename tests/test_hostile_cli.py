@@ -211,7 +211,7 @@ def test_python_and_the_notebook_get_the_same_thread_limit(merged, recipe, tmp_p
 
     import json
 
-    from lazymoe.gguf.convert import model_fingerprint
+    from lazymoe.gguf.files import model_fingerprint
 
     (tmp_path / "moe-GGUF").mkdir()
     (tmp_path / "moe-GGUF" / "moe.Q8_0.gguf").write_bytes(b"GGUF")  # an earlier session's file: never loaded

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from .converter import (
 )
 from ..io.outdir import DISK_MARGIN_BYTES
 from .llama import capture_llama_log, import_llama_cpp
-from .files import foreign_gguf_entries, gguf_dir_of
+from .files import foreign_gguf_entries, gguf_dir_of, model_fingerprint, own_gguf_names, read_gguf_record
 from .header import gguf_problem
 from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants, quant_of
 
@@ -259,7 +258,7 @@ def convert_to_gguf(
     if (model_dir / CONFIG_FILENAME).is_file():  # lets `lazymoe chat` find the prompts: this merge's, not an earlier's
         shutil.copy2(model_dir / CONFIG_FILENAME, out / CONFIG_FILENAME)
 
-    made_from = _read_gguf_record(out)
+    made_from = read_gguf_record(out).made_from
     bar = _progress_bar(1 + len(quant_list), progress)
     try:
         base = out / f"{name}.{outtype.upper()}.gguf"
@@ -288,7 +287,7 @@ def convert_to_gguf(
             finally:
                 tensors.close()
                 tmp.unlink(missing_ok=True)
-            _record(out, made_from, base, model_state)
+            _record(out, made_from, base, model_state, model_dir, name)
         bar.update(1)
         paths = [base]
         for quant in quant_list:
@@ -301,7 +300,7 @@ def convert_to_gguf(
                 report = quantize_gguf(base, dst, quant, threads=threads)
                 if report.fallbacks:
                     log.warning("%s", report.summary())
-                _record(out, made_from, dst, model_state)
+                _record(out, made_from, dst, model_state, model_dir, name)
             paths.append(dst)
             bar.update(1)
         _warn_stale(out, made_from, name, model_state)
@@ -310,67 +309,13 @@ def convert_to_gguf(
     return paths
 
 
-#: the files of a model folder that llama.cpp's converter reads: the weights and their index, the configs and the
-#: tokenizer (its gguf-py vocab reads the chat template and BPE merges too). Not the card, nor what later steps
-#: write beside the model (eval.json, answers.json, ...), nor lazymoe's hidden records.
-_CONVERTER_READS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
-
-
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """The state of the files of ``model_dir`` that a conversion reads. Small files by their content; weight
-    files by their header (names, dtypes, shapes, offsets), size and modification time, since hashing gigabytes
-    would cost as much as converting them. A merge writes every weight file anew, so a model merged again under
-    the same name (other experts, another seed) has another fingerprint even when its shapes are the same; a
-    copy that does not keep modification times has another one too (its GGUF files are then made again)."""
-    lines = []
-    for path in sorted(Path(model_dir).iterdir()):
-        if not any(path.match(p) for p in _CONVERTER_READS) or not path.is_file():
-            continue
-        try:
-            if path.suffix == ".safetensors":
-                st = path.stat()
-                with path.open("rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = f.read(min(size, 100_000_000))
-                digest = f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(header).hexdigest()}"
-            else:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:  # a file that vanished while we look is not read by the converter either
-            continue
-        lines.append(f"{path.name}\0{digest}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def _own_gguf_names(made_from: dict[str, str], name: str) -> list[str]:
-    """The names in the record that are model ``name``'s GGUF files: ``NAME.TAG.gguf`` exactly (never a path,
-    never another model's ``NAME.v2.F16.gguf``)."""
-    return [n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
-
-
-def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike | None = None, *,
-                       name: str | None = None) -> list[Path]:
-    """The GGUF files of ``model_dir`` in ``outdir`` (default ``NAME-GGUF`` beside it) made from the model as it is
-    now, by the record :func:`convert_to_gguf` keeps; sorted by name. Files it does not record, or that were made
-    before the model was merged again, are not among them."""
-    model_dir = Path(model_dir)
-    name = name or model_dir.resolve().name
-    out = Path(outdir) if outdir is not None else gguf_dir_of(model_dir, name)
-    made_from = _read_gguf_record(out)
-    if not made_from or not model_dir.is_dir():
-        return []
-    state = model_fingerprint(model_dir)
-    return sorted(out / n for n in _own_gguf_names(made_from, name) if made_from[n] == state and (out / n).is_file())
-
-
 def _warn_stale(out: Path, made_from: dict[str, str], name: str, state: str) -> None:
     """Say which of the model's GGUF files in ``out`` were made from an earlier state of the model (a merge
     again, and a quantisation this run did not ask for): they are left, but an upload of the folder or its card
     would take them for this model."""
     on_disk = {p.name: None for p in out.glob("*.gguf")}
-    stale = [n for n in _own_gguf_names(made_from, name) if made_from[n] != state and n in on_disk]
-    unknown = [n for n in _own_gguf_names(on_disk, name) if n not in made_from]  # a lazymoe before the record
+    stale = [n for n in own_gguf_names(made_from, name) if made_from[n] != state and n in on_disk]
+    unknown = [n for n in own_gguf_names(on_disk, name) if n not in made_from]  # a lazymoe before the record
     for names, what in ((stale, "made from the model as it was before (merged again since)"),
                         (unknown, "of unknown origin (no record says what it was made from)")):
         if names:
@@ -379,23 +324,11 @@ def _warn_stale(out: Path, made_from: dict[str, str], name: str, state: str) -> 
                         "this folder.", out, ", ".join(sorted(names)), what, them, them)
 
 
-def _read_gguf_record(out: Path) -> dict[str, str]:
-    """``{file name: what it was made from}`` for the GGUF files in ``out``; empty when there is no record or it
-    cannot be read (then no file is reused)."""
-    try:
-        data = json.loads((out / GGUF_RECORD).read_text(encoding="utf-8"))
-        made_from = data["made_from"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return {}
-    if not isinstance(made_from, dict):
-        return {}
-    return {k: v for k, v in made_from.items() if isinstance(k, str) and isinstance(v, str)}
-
-
-def _record(out: Path, made_from: dict[str, str], path: Path, state: str) -> None:
-    """Note that ``path`` was made from ``state`` (after it was written whole)."""
+def _record(out: Path, made_from: dict[str, str], path: Path, state: str, model_dir: Path, name: str) -> None:
+    """Note that ``path`` was made from ``state`` of the model ``model_dir`` (after it was written whole)."""
     made_from[path.name] = state
-    write_text_atomic(out / GGUF_RECORD, json.dumps({"made_from": made_from}, indent=1, sort_keys=True) + "\n")
+    record = {"model": str(model_dir.resolve()), "name": name, "made_from": made_from}
+    write_text_atomic(out / GGUF_RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def _reusable(path: Path, overwrite: bool, made_from: dict[str, str], state: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +43,99 @@ def gguf_dir_of(model_dir: str | os.PathLike, name: str | None = None) -> Path:
 def foreign_gguf_entries(folder: str | os.PathLike) -> list[str]:
     """What ``folder`` holds that lazymoe never writes into a GGUF folder (subfolders with a trailing ``/``), sorted."""
     return foreign_entries(folder, GGUF_FOLDER_FILES)
+
+
+#: the files of a model folder that llama.cpp's converter reads: the weights and their index, the configs and the
+#: tokenizer (its gguf-py vocab reads the chat template and BPE merges too). Not the card, nor what later steps
+#: write beside the model (eval.json, answers.json, ...), nor lazymoe's hidden records.
+_CONVERTER_READS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The state of the files of ``model_dir`` that a conversion reads. Small files by their content; weight
+    files by their header (names, dtypes, shapes, offsets), size and modification time, since hashing gigabytes
+    would cost as much as converting them. A merge writes every weight file anew, so a model merged again under
+    the same name (other experts, another seed) has another fingerprint even when its shapes are the same; a
+    copy that does not keep modification times has another one too (its GGUF files are then made again)."""
+    lines = []
+    for path in sorted(Path(model_dir).iterdir()):
+        if not any(path.match(p) for p in _CONVERTER_READS) or not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                st = path.stat()
+                with path.open("rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = f.read(min(size, 100_000_000))
+                digest = f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(header).hexdigest()}"
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:  # a file that vanished while we look is not read by the converter either
+            continue
+        lines.append(f"{path.name}\0{digest}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def own_gguf_names(made_from: dict[str, str], name: str) -> list[str]:
+    """The names in the record that are model ``name``'s GGUF files: ``NAME.TAG.gguf`` exactly (never a path,
+    never another model's ``NAME.v2.F16.gguf``)."""
+    return [n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
+
+
+def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike | None = None, *,
+                       name: str | None = None) -> list[Path]:
+    """The GGUF files of ``model_dir`` in ``outdir`` (default ``NAME-GGUF`` beside it) made from the model as it is
+    now, by the record :func:`convert_to_gguf` keeps; sorted by name. Files it does not record, or that were made
+    before the model was merged again, are not among them."""
+    model_dir = Path(model_dir)
+    name = name or model_dir.resolve().name
+    out = Path(outdir) if outdir is not None else gguf_dir_of(model_dir, name)
+    made_from = read_gguf_record(out).made_from
+    if not made_from or not model_dir.is_dir():
+        return []
+    state = model_fingerprint(model_dir)
+    return sorted(out / n for n in own_gguf_names(made_from, name) if made_from[n] == state and (out / n).is_file())
+
+
+@dataclass(frozen=True)
+class GGUFRecord:
+    """A GGUF folder's record (:data:`GGUF_RECORD`): the model its files were made from (None in a record that
+    does not say), the name they carry, and ``{file name: the model's state it was made from}``."""
+
+    model: Path | None
+    name: str | None
+    made_from: dict[str, str]
+
+
+def read_gguf_record(out: str | os.PathLike) -> GGUFRecord:
+    """The record of the GGUF folder ``out``; an empty one when there is none or it cannot be read (then no file
+    is reused, and none is known to be stale)."""
+    empty = GGUFRecord(None, None, {})
+    try:
+        data = json.loads((Path(out) / GGUF_RECORD).read_text(encoding="utf-8"))
+        made_from = data["made_from"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return empty
+    if not isinstance(made_from, dict):
+        return empty
+    made_from = {k: v for k, v in made_from.items() if isinstance(k, str) and isinstance(v, str)}
+    model, name = data.get("model"), data.get("name")
+    readable = isinstance(model, str) and isinstance(name, str) and model.isprintable() and "\0" not in model
+    return GGUFRecord(Path(model) if readable else None, name if readable else None, made_from)
+
+
+def stale_gguf_files(out: str | os.PathLike) -> list[Path]:
+    """The GGUF files in ``out`` that its record says were made from an earlier state of its model (merged again
+    since); sorted. Empty when the record does not name the model, or the model is not there to compare with."""
+    out = Path(out)
+    record = read_gguf_record(out)
+    if record.model is None or record.name is None or not record.model.is_dir():
+        return []
+    state = model_fingerprint(record.model)
+    return sorted(out / n for n in own_gguf_names(record.made_from, record.name)
+                  if record.made_from[n] != state and (out / n).is_file())
 
 
 def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:

@@ -31,8 +31,7 @@ from .. import demo
 from .._version import __version__
 from ..config import MoEConfig, load_config
 from ..errors import LazyMoEError, OutputNotWritableError, StepFailed, WeightsOnHubError, worded
-from ..gguf.convert import current_gguf_files
-from ..gguf.files import preferred_gguf
+from ..gguf.files import current_gguf_files, preferred_gguf
 from ..gguf.install import LLAMA_CPP_PYTHON_VERSION
 from ..gguf.llama import chat as gguf_chat
 from ..gguf.llama import expert_prompts

@@ -13,11 +13,12 @@ from pathlib import Path
 from ..config import load_config
 from ..errors import ModelNotFoundError
 from ..gguf.convert import convert_to_gguf
-from ..gguf.quants import DEFAULT_QUANTS
+from ..gguf.files import gguf_dir_of
+from ..gguf.quants import DEFAULT_QUANTS, parse_quants
 from ..io.folder import CARD_FILENAME, CONFIG_FILENAME, card_edited, is_lazymoe_output
 from ..publish.card import rerender_card
 from ..publish.gguf_card import write_gguf_card
-from ..publish.hub import PushResult, push_to_hub
+from ..publish.hub import PushResult, check_no_stale_gguf, push_to_hub
 
 
 @dataclass
@@ -65,6 +66,10 @@ def release(
 
     result = ReleaseResult()
     repo_id = repo
+    if gguf and repo:  # before any upload or conversion: files of an earlier merge this run would not replace
+        name = folder.resolve().name
+        check_no_stale_gguf(gguf_dir_of(folder), remade=[f"{name}.F16.gguf", *(f"{name}.{q}.gguf"
+                                                                               for q in parse_quants(quants))])
     if repo and upload_model:
         card_kept(folder)
         result.model = push_to_hub(folder, repo, private=private, token=token, colab_secret=colab_secret,

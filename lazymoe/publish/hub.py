@@ -18,7 +18,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,8 @@ from huggingface_hub import constants
 
 from ..colab import has_user_secrets, read_secret
 from ..errors import HubError, Setting, Text
-from ..gguf.files import find_gguf_files, gguf_dir_of
+from ..gguf.files import find_gguf_files, gguf_dir_of, stale_gguf_files
+from ..gguf.quants import quant_of
 from ..io.folder import (CONFIG_FILENAME, LAZYMOE_RECORDS, WEIGHT_FILE, WEIGHT_INDEX, card_edited, is_lazymoe_output,
                          require_weights)
 from ..lazy import hf_errors, hf_hub, hf_lfs, hf_utils
@@ -306,6 +307,7 @@ def push_to_hub(
     """
     _check_gguf_of(Path(model_dir).expanduser(), base_repo_id)
     folder = check_model_folder(model_dir)
+    check_no_stale_gguf(folder)
     target = check_push_target(repo, private=private, token=token, colab_secret=colab_secret)
     api, found, endpoint, repo_id = target._api, target._token, target.endpoint, target.repo_id
     card = _card_for_repo(folder, repo_id, base_repo_id)  # before creating anything: it may refuse
@@ -605,6 +607,21 @@ def _check_gguf_of(folder: Path, base_repo_id: str | None) -> None:
     if not any(folder.glob("*.gguf")):
         raise HubError(f"{folder} holds no .gguf files, so there is nothing to push as the GGUF files of "
                        f"{base_repo_id}: make them with `lazymoe gguf MODEL_DIR --outdir {folder}` and push again.")
+
+
+def check_no_stale_gguf(folder: Path, remade: Iterable[str] = ()) -> None:
+    """Refuse, before anything is created, a GGUF folder holding files its record says were made from an earlier
+    merge of its model (merged again since, and a quantisation not asked for again): they would go up, and be
+    listed, as the new model's. ``remade``: names a conversion about to run will make again (not stale then)."""
+    remade = set(remade)
+    stale = [p for p in stale_gguf_files(folder) if p.name not in remade]
+    if stale:
+        names = ", ".join(p.name for p in stale)
+        them = "it" if len(stale) == 1 else "them"
+        raise HubError(f"{folder} holds GGUF files made from an earlier merge of its model (merged again since): "
+                       f"{names}. Delete {them}, or make {them} again from the model as it is now (ask for "
+                       f"{', '.join(quant_of(p.name) or p.name for p in stale)} in the GGUF step, or with "
+                       "`lazymoe gguf --quant`), then push again.")
 
 
 def _card_for_repo(folder: Path, repo_id: str, base_repo_id: str | None = None) -> str | None:
