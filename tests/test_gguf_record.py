@@ -92,6 +92,9 @@ def test_a_gguf_folder_holding_files_of_an_earlier_merge_is_not_pushed(hub, reci
         release(model, repo="moe", gguf=True, quants=["Q8_0"], token=ALICE_WRITE_TOKEN, progress=False)
     assert str(caught.value) == told
     assert set(hub.repos) == repos and not hub.requests_of("commit"), "nothing was created or sent"
+    from lazymoe.publish.card import detected_extras
+
+    assert detected_extras(model)["gguf_files"] == [out / "moe.F16.gguf", out / "moe.Q8_0.gguf"], "nor on the card"
     check_no_stale_gguf(out, remade=["moe.F16.gguf", "moe.Q4_K_M.gguf"])  # a run that makes it again may go on
     (out / "moe.Q4_K_M.gguf").unlink()
     check_no_stale_gguf(out)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from ..config import MoEConfig
 from ..errors import CardError, Setting, Text
-from ..gguf.files import GGUFFile, find_gguf_files, gguf_dir_of
+from ..gguf.files import GGUFFile, find_gguf_files, gguf_dir_of, stale_gguf_files
 from ..io.folder import CONFIG_FILENAME, card_edited, card_kept_because, write_card_text
 from ..moe import arch
 from ..router.modes import BY_NAME as GATE_MODES_BY_NAME
@@ -292,8 +292,11 @@ def detected_extras(model_dir: str | os.PathLike) -> dict[str, Any]:
     if (folder / ROUTING_IMAGE).is_file():
         extras["routing_image"] = ROUTING_IMAGE
     gguf_dir = gguf_dir_of(folder)
-    if gguf_dir.is_dir() and any(gguf_dir.glob("*.gguf")):
-        extras["gguf_files"] = gguf_dir
+    if gguf_dir.is_dir():  # not those its record says an earlier merge of the model made (merged again since)
+        stale = set(stale_gguf_files(gguf_dir))
+        files = [p for p in sorted(gguf_dir.glob("*.gguf")) if p not in stale]
+        if files:
+            extras["gguf_files"] = files
     return extras
 
 
