@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        floor = max(figures["needed"], figures["output"]) / (r["bw"] * MB)
+        longer = max(figures["needed"], figures["output"]) / (r["bw"] * MB)  # the longer transfer, alone
         least = figures["floor"] / (r["bw"] * MB) if figures["floor"] is not None else None
         floor_cells = f"{least:.1f} | {r['transfer'] / least:.2f}" if least else "– | –"
         walls = r["walls"]
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f}{spread} | {r['down'] / MB:.1f} | {r['down'] / figures['needed']:.3f} "
             f"| {r['up'] / MB:.1f} | {r['commits']} | {r['disk'] / MB:.0f} | {r['rss'] / MB:.0f} | "
-            f"{r['wall'] / floor:.2f} | {r['transfer']:.1f} | {r['transfer'] / floor:.2f} | {floor_cells} |")
+            f"{r['wall'] / longer:.2f} | {r['transfer']:.1f} | {r['transfer'] / longer:.2f} | {floor_cells} |")
     lines.append("")
     lines.append("fetched: body bytes the server sent (config, tokenizer and headers included); needed: the tensor "
                  "bytes the MoE reads (plan.download_bytes); max(fetch, upload): the needed bytes or the output, "

@@ -42,7 +42,8 @@ from .converter import (
 )
 from ..io.outdir import DISK_MARGIN_BYTES
 from .llama import capture_llama_log, import_llama_cpp
-from .files import foreign_gguf_entries, gguf_dir_of, model_fingerprint, own_gguf_names, read_gguf_record
+from .files import (foreign_gguf_entries, gguf_dir_of, model_fingerprint, own_gguf_names, read_gguf_record,
+                    recorded_files)
 from .header import gguf_problem
 from .quants import DEFAULT_QUANTS, OUTTYPES, gguf_bytes, parse_quants, quant_of
 
@@ -313,9 +314,9 @@ def _warn_stale(out: Path, made_from: dict[str, str], name: str, state: str) -> 
     """Say which of the model's GGUF files in ``out`` were made from an earlier state of the model (a merge
     again, and a quantisation this run did not ask for): they are left, but an upload of the folder or its card
     would take them for this model."""
-    on_disk = {p.name: None for p in out.glob("*.gguf")}
-    stale = [n for n in own_gguf_names(made_from, name) if made_from[n] != state and n in on_disk]
-    unknown = [n for n in own_gguf_names(on_disk, name) if n not in made_from]  # a lazymoe before the record
+    stale = [p.name for p in recorded_files(out, made_from, name, state, current=False)]
+    unknown = [n for n in own_gguf_names((p.name for p in out.glob("*.gguf")), name)
+               if n not in made_from]  # made by a lazymoe before the record
     for names, what in ((stale, "made from the model as it was before (merged again since)"),
                         (unknown, "of unknown origin (no record says what it was made from)")):
         if names:

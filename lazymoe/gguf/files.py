@@ -78,10 +78,17 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def own_gguf_names(made_from: dict[str, str], name: str) -> list[str]:
-    """The names in the record that are model ``name``'s GGUF files: ``NAME.TAG.gguf`` exactly (never a path,
-    never another model's ``NAME.v2.F16.gguf``)."""
-    return [n for n in made_from if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
+def own_gguf_names(names: Iterable[str], name: str) -> list[str]:
+    """Those of ``names`` that are model ``name``'s GGUF files: ``NAME.TAG.gguf`` exactly (never a path, never
+    another model's ``NAME.v2.F16.gguf``)."""
+    return [n for n in names if (tag := quant_of(n)) is not None and n == f"{name}.{tag}.gguf"]
+
+
+def recorded_files(out: Path, made_from: dict[str, str], name: str, state: str, *, current: bool) -> list[Path]:
+    """Model ``name``'s GGUF files in ``out`` that the record ``made_from`` says were made from ``state`` (with
+    ``current``), or from another state of the model (without); only those on disk, sorted."""
+    return sorted(out / n for n in own_gguf_names(made_from, name)
+                  if (made_from[n] == state) == current and (out / n).is_file())
 
 
 def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike | None = None, *,
@@ -95,8 +102,7 @@ def current_gguf_files(model_dir: str | os.PathLike, outdir: str | os.PathLike |
     made_from = read_gguf_record(out).made_from
     if not made_from or not model_dir.is_dir():
         return []
-    state = model_fingerprint(model_dir)
-    return sorted(out / n for n in own_gguf_names(made_from, name) if made_from[n] == state and (out / n).is_file())
+    return recorded_files(out, made_from, name, model_fingerprint(model_dir), current=True)
 
 
 @dataclass(frozen=True)
@@ -133,9 +139,7 @@ def stale_gguf_files(out: str | os.PathLike) -> list[Path]:
     record = read_gguf_record(out)
     if record.model is None or record.name is None or not record.model.is_dir():
         return []
-    state = model_fingerprint(record.model)
-    return sorted(out / n for n in own_gguf_names(record.made_from, record.name)
-                  if record.made_from[n] != state and (out / n).is_file())
+    return recorded_files(out, record.made_from, record.name, model_fingerprint(record.model), current=False)
 
 
 def find_gguf_files(source: str | os.PathLike | Iterable[str | os.PathLike | GGUFFile]) -> list[GGUFFile]:

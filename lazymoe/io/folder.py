@@ -52,10 +52,10 @@ CARD_SIGNATURE = "is a Mixture of Experts (MoE) built with lazymoe from"
 #: repo, its Hub and the commit (:class:`HubCopy`, JSON), written once that commit landed. Hidden, so a push never
 #: uploads it; it marks no folder as complete: the steps that read the weights name that repo instead of failing.
 HUB_RECORD = ".lazymoe-hub.json"
-#: the hidden files lazymoe keeps in folders it wrote (never uploaded, like every hidden file)
-#: in a NAME-GGUF folder: what each GGUF file was made from (``gguf.convert``), so that a file made from an
+#: in a NAME-GGUF folder: what each GGUF file was made from (``gguf.files``), so that a file made from an
 #: earlier merge of the model is made again rather than reused
 GGUF_RECORD = ".lazymoe-gguf.json"
+#: the hidden files lazymoe keeps in folders it wrote (never uploaded, like every hidden file)
 LAZYMOE_RECORDS = (CARD_RECORD, HUB_RECORD, GGUF_RECORD)
 #: the names a merge gives its weights (moe.plan: one model.safetensors, or model-0000i-of-0000N.safetensors and their
 #: index): a push replaces those of an earlier upload to the same repo, and no other file there
@@ -165,9 +165,7 @@ class HubCopy:
 
 def write_hub_record(folder: Path, copy: HubCopy) -> Path:
     """Record in ``folder`` that its weights are in ``copy`` (call once the commit holding them landed)."""
-    data = {"repo_id": copy.repo_id, "endpoint": copy.endpoint, "commit": copy.commit, "private": copy.private,
-            "files": copy.files, "bytes": copy.bytes, "commit_url": copy.commit_url}
-    return write_text_atomic(Path(folder) / HUB_RECORD, json.dumps(data, indent=1) + "\n")
+    return write_text_atomic(Path(folder) / HUB_RECORD, json.dumps(dataclasses.asdict(copy), indent=1) + "\n")
 
 
 def read_hub_record(folder: Path) -> HubCopy | None:

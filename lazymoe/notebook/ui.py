@@ -557,8 +557,8 @@ class Builder:
             self._notice(f"Uploaded while merging: {copy.url} (the weights are on the Hub only).", "ok")
             if self.pushed is None and copy.files is not None:  # merged in an earlier session: its record's report
                 self.pushed = PushResult(repo_id=copy.repo_id, url=copy.url, private=bool(copy.private),
-                                         files=copy.files, bytes=copy.bytes or 0, commit_url=copy.commit_url,
-                                         commit=copy.commit)
+                                         files=copy.files, bytes=copy.bytes or 0,  # the report is whole or absent
+                                         commit_url=copy.commit_url, commit=copy.commit)
             return self.pushed
         return self._release(settings, repo=settings.model_name).model
 

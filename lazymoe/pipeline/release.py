@@ -66,10 +66,11 @@ def release(
 
     result = ReleaseResult()
     repo_id = repo
+    outtype = "f16"
     if gguf and repo:  # before any upload or conversion: files of an earlier merge this run would not replace
         name = folder.resolve().name
-        check_no_stale_gguf(gguf_dir_of(folder), remade=[f"{name}.F16.gguf", *(f"{name}.{q}.gguf"
-                                                                               for q in parse_quants(quants))])
+        remade = [f"{name}.{tag}.gguf" for tag in (outtype.upper(), *parse_quants(quants))]
+        check_no_stale_gguf(gguf_dir_of(folder), remade=remade)
     if repo and upload_model:
         card_kept(folder)
         result.model = push_to_hub(folder, repo, private=private, token=token, colab_secret=colab_secret,
@@ -78,7 +79,7 @@ def release(
         say("model", result.model)
     if not gguf:
         return result
-    result.gguf_files = convert_to_gguf(folder, outtype="f16", quants=quants, progress=progress)
+    result.gguf_files = convert_to_gguf(folder, outtype=outtype, quants=quants, progress=progress)
     say("gguf_files", result.gguf_files)
     gguf_repo = f"{repo_id}-GGUF" if repo_id else None
     options = {"repo_id": repo_id, "gguf_repo": gguf_repo, "gguf_files": result.gguf_files}

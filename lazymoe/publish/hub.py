@@ -620,7 +620,7 @@ def check_no_stale_gguf(folder: Path, remade: Iterable[str] = ()) -> None:
         them = "it" if len(stale) == 1 else "them"
         raise HubError(f"{folder} holds GGUF files made from an earlier merge of its model (merged again since): "
                        f"{names}. Delete {them}, or make {them} again from the model as it is now (ask for "
-                       f"{', '.join(quant_of(p.name) or p.name for p in stale)} in the GGUF step, or with "
+                       f"{', '.join(quant_of(p.name) for p in stale)} in the GGUF step, or with "
                        "`lazymoe gguf --quant`), then push again.")
 
 
