@@ -15,6 +15,9 @@ What it does, in one run:
    - ``streamed``: ``lazymoe merge --push REPO --no-keep`` from the Hub ids: only the tensors the MoE reads
      are fetched (ranges), each shard is uploaded while the next is written, one commit at the end;
    - ``mergekit``: download whole, ``mergekit-moe``, then ``HfApi.upload_folder``;
+   - ``upload`` (not run by default): ``HfApi.upload_folder`` of the same output, made beforehand from the
+     experts' local folders: the upload alone, the time the streamed run is to be held against as a user
+     would time it (its start-up, per-file requests and the link's real pace included);
    - ``resume`` (not run by default): the streamed merge with the network going down during the eighth
      shard's upload, then the same command again, measured: it fetches only what the shards the Hub lacks
      are made of, runs no router pass (its rows were recorded) and sends only those shards;
@@ -192,6 +195,8 @@ def steps_for(kind: str, run_dir: Path, config: Path, repo: str, shard: str, mer
                 [*lazymoe, "push", str(out), repo]]
     if kind in ("streamed", "resume"):
         return [[*lazymoe, "merge", str(config), str(out), "--push", repo, "--no-keep", "--max-shard-size", shard]]
+    if kind == "upload":  # the output alone, made beforehand (prepare_upload), as a user would upload it
+        return [[py, "-c", UPLOAD_FOLDER, str(config.parent / UPLOAD_SOURCE), repo]]
     if kind == "mergekit":
         return [[py, "-c", DOWNLOAD, str(config), str(local_cfg)],
                 [str(mergekit), str(local_cfg), str(out), "--quiet"],
@@ -201,8 +206,7 @@ def steps_for(kind: str, run_dir: Path, config: Path, repo: str, shard: str, mer
 
 def transfer_seconds(server: HubServer) -> float:
     """From the first request for weight bytes (not a header read) to the end of the last commit."""
-    weights = [r for r in server.requests_of("resolve") if r.method == "GET" and r.path.endswith(".safetensors")
-               and not (r.range or "").startswith(("bytes=0-7", "bytes=8-"))]
+    weights = server.weight_reads(whole=True)
     commits = server.requests_of("commit", status=200)
     return max(c.finished for c in commits) - min(r.started for r in weights) if weights and commits else 0.0
 
@@ -261,7 +265,21 @@ def transfer_floor_bytes(needed: int, output: int, shards: list[tuple[dict, int]
 
 
 #: the runs ``--repeat`` repeats: the one whose ratio the goal bounds closely (the others are 2x or 0.8x it)
-REPEATED = ("streamed",)
+REPEATED = ("streamed", "upload")
+#: where the ``upload`` run's folder is made, beside the recipe: the merged model, shards and all
+UPLOAD_SOURCE = "upload-source"
+
+
+def prepare_upload(experts: list[Path], work: Path, shard: str) -> None:
+    """The ``upload`` run's folder: the same merge from the experts' local folders (its shards are the
+    streamed run's, byte for byte), made once and not measured."""
+    import _synth
+
+    local = _synth.write_moe_config(work / "local.yaml", experts, gate_mode="hidden", dtype="bfloat16",
+                                    experts_per_token=2)
+    shutil.rmtree(work / UPLOAD_SOURCE, ignore_errors=True)
+    run_child([sys.executable, "-m", "lazymoe", "-q", "merge", str(local), str(work / UPLOAD_SOURCE),
+               "--max-shard-size", shard], dict(os.environ))
 
 
 def measure_run(server: HubServer, kind: str, bw: float, runs_root: Path, config: Path, args, attempt: int,
@@ -371,7 +389,8 @@ def beyonder_arithmetic() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bandwidths", default="5,20", help="MB/s of the local Hub, each direction (default 5,20)")
-    ap.add_argument("--runs", default="sequential,streamed,mergekit")
+    ap.add_argument("--runs", default="sequential,streamed,mergekit",
+                    help="pipelines, of sequential, streamed, mergekit, upload, resume")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=3584)
@@ -409,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(runs_root, ignore_errors=True)
         runs_root.mkdir(parents=True)
         figures = needed_bytes(server, config, runs_root, args.shard)
+        if "upload" in runs:
+            prepare_upload(experts, args.work, args.shard)
         rows, digests = [], {}
         for bw in [float(b) for b in args.bandwidths.split(",")]:
             server.set_bandwidth(download_bps=bw * MB, upload_bps=bw * MB)
@@ -429,13 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| MB/s | pipeline | wall s | fetched MB | fetched / needed | uploaded MB | commits | peak disk MB | "
         "peak RSS MB | wall / max(fetch, upload) | transfer s | transfer / max(fetch, upload) | "
-        "transfer floor s | transfer / floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "transfer floor s | transfer / floor | wall / upload alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    alone = {r["bw"]: r["wall"] for r in rows if r["name"] == "upload"}
     for r in rows:
         longer = max(figures["needed"], figures["output"]) / (r["bw"] * MB)  # the longer transfer, alone
         least = figures["floor"] / (r["bw"] * MB) if figures["floor"] is not None else None
-        floor_cells = f"{least:.1f} | {r['transfer'] / least:.2f}" if least else "– | –"
+        floor_cells = f"{least:.1f} | {r['transfer'] / least:.2f}" if least and r["transfer"] else "– | –"
+        floor_cells += f" | {r['wall'] / alone[r['bw']]:.2f}" if r["bw"] in alone else " | –"
         walls = r["walls"]
         spread = f" ({walls[0]:.1f}–{walls[-1]:.1f}, {len(walls)} runs)" if len(walls) > 1 else ""
         lines.append(
@@ -451,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                  "transfer floor: a transfer time no pipeline can beat if it uploads a shard only once all of it "
                  "is known (an LFS upload starts with the file's sha256): (output + the largest shard's fetched "
                  "bytes - computed bytes) / bandwidth, whatever the order, when no source tensor feeds two shards "
-                 "(bench/hub_bench.py: transfer_floor_bytes; – otherwise).")
+                 "(bench/hub_bench.py: transfer_floor_bytes; – otherwise). upload alone: the `upload` run, "
+                 "huggingface_hub's upload_folder of the same output (made beforehand from local folders) in a "
+                 "fresh process: the time a user waits to upload this model, start-up, per-file requests and the "
+                 "link's real pace included.")
     for bw in sorted({r["bw"] for r in rows}):
         for kind in ("streamed", "resume"):
             if ("sequential", bw) in digests and (kind, bw) in digests:

@@ -250,6 +250,8 @@ class _Context:
     headers: dict[str, str]
     body: bytes
     identity: TokenInfo | None
+    body_sha256: str = ""  # the body's digests, taken as its slices came (_HubHandler._read_body)
+    body_md5: str = ""
 
 
 class HubServer:
@@ -350,6 +352,28 @@ class HubServer:
 
     def requests_of(self, kind: RequestKind, *, status: int | Literal["any"] | None = "any") -> list[RecordedRequest]:
         return [r for r in self.requests if r.kind == kind and (status == "any" or r.status == status)]
+
+    def weight_reads(self, *, whole: bool = False) -> list[RecordedRequest]:
+        """The ranged reads of safetensors tensor data, in the order they came: not the reads of a file's
+        length and header, which are the ranges that start before its data (however a client cuts them).
+        ``whole``: with the downloads of whole safetensors files."""
+        out = []
+        for r in self.requests_of("resolve"):
+            if r.method != "GET" or not r.path.endswith(".safetensors"):
+                continue
+            if not r.range:
+                if whole:
+                    out.append(r)
+                continue
+            owner, name, _, revision, *path = (unquote(s) for s in r.path.split("/")[1:])
+            commit = self.repos[f"{owner}/{name}"].resolve(revision)
+            blob = commit.files["/".join(path)] if commit else None
+            start = r.range.removeprefix("bytes=").split("-")[0]
+            if blob is None or len(blob.data) < 8 or not start:
+                out.append(r)  # not a header read of a file this server holds: count it
+            elif int(start) >= 8 + struct.unpack("<Q", blob.data[:8])[0]:
+                out.append(r)
+        return out
 
     # ----------------------------------------------------------------- publishing & inspection
     def create_repo(self, repo_id: str, *, private: bool = False) -> Repo:
@@ -670,10 +694,10 @@ class HubServer:
         size = int(ctx.query.get("size", ["-1"])[0])
         if not hmac.compare_digest(ctx.query.get("sig", [""])[0], self._sign(repo_id, oid, size)):
             raise HttpError(403, "SignatureDoesNotMatch")
-        if len(ctx.body) != size or hashlib.sha256(ctx.body).hexdigest() != oid:
+        if len(ctx.body) != size or ctx.body_sha256 != oid:
             raise HttpError(400, f"Uploaded content does not match oid {oid} and size {size}")
         self.repos[repo_id].lfs_objects[oid] = ctx.body
-        return Response(200, b"", {"ETag": f'"{hashlib.md5(ctx.body).hexdigest()}"'})
+        return Response(200, b"", {"ETag": f'"{ctx.body_md5}"'})
 
     def _lfs_verify(self, ctx: _Context, repo_id: str) -> Response:
         repo = self._writable_repo(ctx, repo_id)
@@ -855,7 +879,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             response = Response.json({"error": "Internal Error (injected by the test)"}, status=500)
         else:
             try:
-                ctx = _Context(method, segments, query, headers, body, self._identity(headers))
+                ctx = _Context(method, segments, query, headers, body, self._identity(headers),
+                               *(h.hexdigest() for h in self._digests))
                 response = self.hub.handle(kind, ctx, params)
             except HttpError as err:
                 extra = {"X-Error-Message": err.message, **err.headers}
@@ -885,9 +910,19 @@ class _HubHandler(BaseHTTPRequestHandler):
         return identity
 
     def _read_body(self) -> bytes:
+        """The request's body, its slices paced by the upload limit; its sha256 and md5 (``_digests``) are
+        taken as each slice comes, as a store hashes a stream while it arrives: hashed once whole, a 15 MB
+        body held its answer (and so the link) some 30 ms."""
         ended = None  # when the last slice's turn on the link ended (_Throttle.take)
+        self._digests = (hashlib.sha256(), hashlib.md5())
+        chunks: list[bytes] = []
+
+        def keep(data: bytes) -> None:
+            chunks.append(data)
+            for digest in self._digests:
+                digest.update(data)
+
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
@@ -895,17 +930,16 @@ class _HubHandler(BaseHTTPRequestHandler):
                         pass  # trailers
                     return b"".join(chunks)
                 ended = self.hub._up.take(size, ended)
-                chunks.append(self.rfile.read(size))
+                keep(self.rfile.read(size))
                 self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        chunks, left = [], length
+        left = int(self.headers.get("Content-Length") or 0)
         while left > 0:  # in slices, so that a bandwidth limit paces the upload as a slow link would
             step = min(left, _SLICE)
             ended = self.hub._up.take(step, ended)
             data = self.rfile.read(step)
             if not data:
                 break
-            chunks.append(data)
+            keep(data)
             left -= len(data)
         return b"".join(chunks)
 

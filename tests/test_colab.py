@@ -136,7 +136,7 @@ def beyonder_on_the_hub(monkeypatch, tmp_path, tiny_world):
         later = tmp_path / "hub-cache" / ref / "model.safetensors"  # where fetch_weights will put it
         tensors = {n: dataclasses.replace(t, file=later, offset=-1) for n, t in local.tensors.items()}
         infos[ref] = ModelInfo(ModelRef.parse(ref), local.config, tensors, local.folder, local.weight_bytes)
-    monkeypatch.setattr(merge, "describe", lambda ref: infos[str(ref)])
+    monkeypatch.setattr(merge, "describe", lambda ref, tokenizer=True: infos[str(ref)])
     path = tmp_path / "beyonder.yaml"
     path.write_text(yaml.safe_dump(preset.config))
     return path
@@ -169,7 +169,7 @@ def test_an_8x7b_fits_free_colab_only_when_each_shard_is_uploaded_and_deleted(mo
         snapshot = tmp_path / "hub-cache" / ref / ("0" * 40)
         tensors = {n: dataclasses.replace(t, file=snapshot / "model.safetensors") for n, t in local.tensors.items()}
         infos[ref] = ModelInfo(ModelRef.parse(ref), local.config, tensors, local.folder, local.weight_bytes)
-    monkeypatch.setattr(merge, "describe", lambda ref: infos[str(ref)])
+    monkeypatch.setattr(merge, "describe", lambda ref, tokenizer=True: infos[str(ref)])
     experts = [{**preset["experts"][i % 4], "source_model": ref} for i, ref in enumerate(refs)]
     config = {**preset, "base_model": refs[0], "experts": experts}
     plan = merge.make_plan(config, progress=False)
@@ -235,4 +235,4 @@ def test_notebook_plan_shows_the_free_colab_verdict_beside_this_runtimes(beyonde
     assert free.startswith("Free Colab (T4, 12.7 GiB RAM, ~100 GB disk): fits (Disk: merge 96.7 GB of 100.0 GB;")
     assert mine == ("This runtime (Colab): does NOT fit (Disk: merge needs 96.7 GB, has 80.0 GB). "
                     "With Low-disk mode (Advanced) the disk needed is 64.2 GB; uploading each shard while merging "
-                    "and deleting it (tick Upload), 21.8 GB")
+                    "and deleting it (tick Upload), 21.7 GB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,74 @@ def test_plan_reads_only_headers_from_the_hub(hub, published, tiny_world):
     assert plan.download_bytes == needed_bytes(tiny_world)
     ranged = [r for r in hub.requests if r.path.endswith(".safetensors") and r.method == "GET"]
     assert ranged and all("range" in {k.lower() for k in r.headers} for r in ranged), "weights must not be downloaded"
+
+
+def test_a_plan_reads_an_indexed_header_in_one_request_and_no_experts_tokenizer(hub, published, tiny_world):
+    from lazymoe.io.sources import ModelRef, describe
+
+    cfg, _ = hub_config(tiny_world, published, gate_mode="hidden")
+    plan = lazymoe.make_plan(cfg, progress=False)
+    gets = [r for r in hub.requests_of("resolve") if r.method == "GET"]
+
+    def fetched(name: str) -> list[str]:
+        return sorted(r.path.rsplit("/", 1)[1] for r in gets if f"/tiny-{name}/" in r.path)
+
+    shards = sorted(f.name for f in tiny_world["base"].glob("*.safetensors"))
+    assert len(shards) == 12 and (tiny_world["base"] / "model.safetensors.index.json").is_file()
+    # the base: its config, generation config, tokenizer and index, then one request per shard (length + header)
+    assert fetched("base") == sorted(["config.json", "generation_config.json", "model.safetensors.index.json",
+                                      "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                                      "tokenizer_config.json", *shards])
+    assert all(r.range.startswith("bytes=0-") for r in gets if "/tiny-base/" in r.path and r.path.endswith(".safetensors"))
+    # an expert: its config, and its one file's length, then header (no index to guess the header's length from)
+    for name in ("chat", "code"):
+        assert fetched(name) == ["config.json", "model.safetensors", "model.safetensors"]
+    # what the plan knows is what the local folders say, offsets included
+    for name in ("base", "chat", "code"):
+        local = describe(ModelRef.parse(str(tiny_world[name])))
+        remote = plan.models[cfg["base_model"] if name == "base" else next(e["source_model"] for e in cfg["experts"]
+                                                                            if f"tiny-{name}" in e["source_model"])]
+        assert {n: (t.dtype, t.shape, t.offset, t.file.name) for n, t in remote.tensors.items()} == \
+               {n: (t.dtype, t.shape, t.offset, t.file.name) for n, t in local.tensors.items()}
+    read = sum(r.response_bytes for r in gets if r.path.endswith(".safetensors"))
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for m in MODELS_READ(tiny_world)
+                  for f in m.glob("*.safetensors"))
+    assert headers <= read <= headers + 12 * 2048, "a guess over-reads at most a couple of KB per shard"
+
+
+def MODELS_READ(tiny_world):
+    return [tiny_world[name] for name in ("base", "chat", "code")]
+
+
+def test_a_header_longer_than_its_guess_is_read_in_two_requests(hub, published, tiny_world, monkeypatch):
+    from lazymoe.io import sources
+    from lazymoe.io.sources import ModelRef, describe
+
+    monkeypatch.setattr(sources, "header_bytes_guess", lambda names: 40)  # far too short: the rest comes next
+    remote = describe(ModelRef.parse("lazyorg/tiny-base"))
+    local = describe(ModelRef.parse(str(tiny_world["base"])))
+    assert {n: (t.shape, t.offset) for n, t in remote.tensors.items()} == \
+           {n: (t.shape, t.offset) for n, t in local.tensors.items()}
+    reads = [r.range for r in hub.requests_of("resolve") if r.path.endswith(".safetensors")]
+    assert len(reads) == 24 and reads.count("bytes=0-47") == 12 and all(
+        r == "bytes=0-47" or r.startswith("bytes=48-") for r in reads)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"\x05\x00\x00", "is 3 bytes long, too short for a safetensors file"),
+    ((5000).to_bytes(8, "little") + b'{"a": {', "is truncated inside its header (7 of 5000 header bytes)"),
+])
+def test_a_damaged_weight_file_on_the_hub_is_named(hub, tiny_world, tmp_path, content, message):
+    from lazymoe.errors import ModelFormatError
+    from lazymoe.io.sources import ModelRef, describe
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_world["base"], folder)
+    (folder / "model-00003-of-00012.safetensors").write_bytes(content)
+    hub.publish_folder("lazyorg/damaged", folder)
+    with pytest.raises(ModelFormatError, match=re.escape(f"cannot use model-00003-of-00012.safetensors: it {message}.")):
+        describe(ModelRef.parse("lazyorg/damaged"))
 
 
 @pytest.mark.parametrize(("low_disk", "gate_mode"), [(False, "hidden"), (True, "hidden"), (False, "classifier"),

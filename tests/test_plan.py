@@ -6,6 +6,7 @@ planner read a single weight, these tests would fail on the missing data.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from helpers import moe_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lazymoe.config import load_config
 from lazymoe.errors import ConfigError, ModelMismatchError, ModelNotFoundError
@@ -90,6 +93,11 @@ def test_four_mistral_7b_experts_top2(tmp_path):
     assert round(p.active_params / 1e9, 1) == 12.9
     assert p.dtype == "bfloat16" and p.output_bytes == 2 * p.total_params
     assert len(p.shards) == 11 and all(s.nbytes <= 5e9 for s in p.shards)
+    # as many shards as cutting at 5 GB makes, evened out: the plain cut's largest is 4.99 GB (its last 3.72 GB)
+    sizes = [t.nbytes for s in p.shards[:-1] for t in s.tensors]
+    plain = [sum(g) for g in _cut_plainly(sizes, int(5e9))]
+    assert len(plain) == 10 and max(plain) == 4_991_287_296 and plain[-1] == 3_718_291_456
+    assert max(s.nbytes for s in p.shards) == 4_859_158_528 and min(s.nbytes for s in p.shards[:-1]) > 4.78e9
     # the routers (what the router pass computes) in a small last shard of their own, after every weight
     *weights, routers = p.shards
     assert [t.name for t in routers.tensors] == [f"model.layers.{n}.block_sparse_moe.gate.weight" for n in range(32)]
@@ -103,6 +111,42 @@ def test_four_mistral_7b_experts_top2(tmp_path):
     # the router pass runs while the shards are written: its layer and the writer's three embedding-sized
     # tensors (one read, its float32 copy, the cast) are in memory at once
     assert p.router_overlaps and p.peak_ram_bytes == p.router_pass_bytes + 3 * 2 * 32000 * 4096 + 600e6 < 2.2e9
+
+
+def _cut_plainly(sizes: list[int], cap: int) -> list[list[int]]:
+    """Packing in order, a group closed before it would exceed ``cap``: transformers' and mergekit's cut."""
+    groups: list[list[int]] = [[]]
+    for n in sizes:
+        if groups[-1] and sum(groups[-1]) + n > cap:
+            groups.append([])
+        groups[-1].append(n)
+    return groups
+
+
+def _least_largest(sizes: list[int], count: int, cap: int) -> int:
+    """By trying every cut: the least largest group of ``sizes`` cut into at most ``count`` groups, each within
+    ``cap`` unless it is one size alone."""
+    best = None
+    for k in range(count):
+        for cuts in itertools.combinations(range(1, len(sizes)), k):
+            bounds = [0, *cuts, len(sizes)]
+            groups = [sizes[a:b] for a, b in zip(bounds, bounds[1:])]
+            if all(len(g) == 1 or sum(g) <= cap for g in groups):
+                largest = max(map(sum, groups))
+                best = largest if best is None else min(best, largest)
+    return best
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=9), st.integers(1, 150))
+def test_shards_are_as_many_as_a_plain_cut_makes_with_the_largest_as_small_as_any_cut_allows(sizes, cap):
+    starts = planning.even_cuts(sizes, cap)
+    groups = [sizes[a:b] for a, b in zip(starts, [*starts[1:], len(sizes)])]
+    plain = _cut_plainly(sizes, cap)
+    assert [n for g in groups for n in g] == sizes and all(groups), "every tensor once, in its order"
+    assert len(groups) == len(plain), "no more shards than the plain cut"
+    assert all(len(g) == 1 or sum(g) <= cap for g in groups), "no shard over the limit but a tensor alone"
+    assert max(map(sum, groups)) == _least_largest(sizes, len(plain), cap) <= max(map(sum, plain))
 
 
 def test_parse_bytes():

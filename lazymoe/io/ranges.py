@@ -21,15 +21,19 @@ class RangeError(OSError):
     """The Hub answered a range request with something else (a whole file, a short body)."""
 
 
-def read_range(repo_id: str, revision: str, filename: str, start: int, end: int) -> tuple[bytes, int]:
-    """Bytes ``start``..``end`` (end excluded) of ``filename`` at ``revision``, and the file's total size."""
+def read_range(repo_id: str, revision: str, filename: str, start: int, end: int, *,
+               to_eof: bool = False) -> tuple[bytes, int]:
+    """Bytes ``start``..``end`` (end excluded) of ``filename`` at ``revision``, and the file's total size.
+    ``to_eof``: a file that ends before ``end`` gives what it has from ``start`` (HTTP sends a range that
+    reaches past the end up to the end)."""
     url = hf_hub.hf_hub_url(repo_id, filename, revision=revision)
     headers = {**hf_utils.build_hf_headers(), "Range": f"bytes={start}-{end - 1}"}
     response = hf_utils.http_backoff("GET", url, headers=headers)
     hf_utils.hf_raise_for_status(response)
     match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
     data = response.content
-    if response.status_code != 206 or match is None or int(match[1]) != start or len(data) != end - start:
+    last = min(end, int(match[3])) if match is not None and to_eof else end
+    if response.status_code != 206 or match is None or int(match[1]) != start or len(data) != last - start:
         raise RangeError(
             f"asked {filename} for bytes {start}-{end - 1}, got HTTP {response.status_code} with {len(data)} bytes "
             f"({response.headers.get('content-range', 'no Content-Range')})"
@@ -37,10 +41,29 @@ def read_range(repo_id: str, revision: str, filename: str, start: int, end: int)
     return data, int(match[3])
 
 
-def remote_tensors(repo_id: str, revision: str, filename: str, local_path: Path) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors file on the Hub, read from its header alone (two small ranged reads), with
-    their real offsets in the file; ``local_path`` is where the file would be once downloaded."""
-    first, total = read_range(repo_id, revision, filename, 0, 8)
-    size = header_length(first)
-    text = read_range(repo_id, revision, filename, 8, 8 + size)[0] if size else b""
+def remote_tensors(repo_id: str, revision: str, filename: str, local_path: Path,
+                   header_guess: int = 0) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file on the Hub, read from its header alone, with their real offsets in
+    the file; ``local_path`` is where the file would be once downloaded. The first read asks for the length
+    and ``header_guess`` bytes after it (a guess from the index: ``header_bytes_guess``), so a header the
+    guess covers takes one request; the rest of a longer one takes a second."""
+    first, total = read_range(repo_id, revision, filename, 0, 8 + header_guess, to_eof=True)
+    if len(first) < 8:
+        raise ValueError(f"it is {len(first)} bytes long, too short for a safetensors file")
+    size = header_length(first[:8])
+    text = first[8 : 8 + size]
+    if len(text) < size and 8 + len(text) < total:
+        text += read_range(repo_id, revision, filename, 8 + len(text), 8 + size, to_eof=True)[0]
     return header_tensors(parse_header(text, size), 8 + size, total, local_path)
+
+
+#: the most a guess asks for: a header is a few KB per hundred tensors, and an index that lists more (or
+#: lies) must not make the first read fetch weights
+MAX_HEADER_GUESS = 1 << 20
+
+
+def header_bytes_guess(names: list[str]) -> int:
+    """Bytes enough, nearly always, for the header of a file holding tensors ``names``: each entry is its name
+    and about 70 bytes (dtype, a shape, two offsets), padded here to 100, plus 1 KiB for ``__metadata__``;
+    at most MAX_HEADER_GUESS. Over-reading costs a few bytes per tensor; under-reading, a second request."""
+    return min(MAX_HEADER_GUESS, 1024 + sum(len(name.encode()) + 100 for name in names))

@@ -20,7 +20,7 @@ from ..errors import ModelFormatError, ModelNotFoundError
 from ..lazy import hf_hub
 from .folder import TOKENIZER_FILES, read_json, require_weights
 from .hub_ids import MAX_HUB_NAME_CHARS
-from .ranges import remote_tensors
+from .ranges import header_bytes_guess, remote_tensors
 from .safetensors import TensorInfo, scan_file
 from .token import TOKEN_ENV_NAMES, check_token, env_tokens, redact
 
@@ -34,7 +34,10 @@ _REVISION = re.compile(r"^(?!.*\.\.)(?!.*@\{)(?!.*//)(?![/.])[A-Za-z0-9._/+-]{1,
 #: config.json fields the planner reads as positive integers, when present
 _CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
-METADATA_PATTERNS = ["config.json", "generation_config.json", *TOKENIZER_FILES, "*.safetensors.index.json"]
+#: what a merge reads of a Hub expert before any weight: the config, and the index naming its weight files
+WEIGHT_METADATA_PATTERNS = ["config.json", "*.safetensors.index.json"]
+#: ... and of the base, whose generation config and tokenizer the MoE keeps
+METADATA_PATTERNS = [*WEIGHT_METADATA_PATTERNS, "generation_config.json", *TOKENIZER_FILES]
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,10 @@ def _check_env_tokens() -> None:
             check_token(value, f"your {name} environment variable")
 
 
-def describe(ref: ModelRef) -> ModelInfo:
-    """Read config and tensor headers of a model (local, or remote without downloading weights)."""
+def describe(ref: ModelRef, *, tokenizer: bool = True) -> ModelInfo:
+    """Read config and tensor headers of a model (local, or remote without downloading weights).
+    ``tokenizer=False``: of a Hub model, fetch no generation config or tokenizer files (an expert's; the MoE
+    keeps the base's), a dozen requests fewer."""
     if ref.local_path is not None:
         cfg = ref.local_path / "config.json"
         if not cfg.is_file():
@@ -200,19 +205,25 @@ def describe(ref: ModelRef) -> ModelInfo:
         return ModelInfo(ref, config, tensors, ref.local_path, sum(t.nbytes for t in tensors.values()))
 
     _check_env_tokens()
+    patterns = METADATA_PATTERNS if tokenizer else WEIGHT_METADATA_PATTERNS
     try:
-        folder = Path(
-            hf_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=METADATA_PATTERNS)
-        )
+        folder = Path(hf_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
     except Exception as err:  # huggingface_hub raises many types; translate the ones users meet
         raise _hub_error(ref, err) from err
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{ref.repo_id} has no config.json; is it a transformers model repo?")
     index = folder / "model.safetensors.index.json"
-    files = [f.name for f in _weight_files(folder, ref, must_exist=False)] if index.is_file() else ["model.safetensors"]
+    guess: dict[str, list[str]] = {}  # the tensors the index puts in each file: how long its header may be
+    if index.is_file():
+        files = [f.name for f in _weight_files(folder, ref, must_exist=False)]
+        for name, filename in read_json(index, index.name, ref)["weight_map"].items():
+            guess.setdefault(filename, []).append(str(name))
+    else:
+        files = ["model.safetensors"]
     commit = folder.name  # the snapshot is named after the commit: every range is read at that commit
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        jobs = {f: pool.submit(remote_tensors, ref.repo_id, commit, f, folder / f) for f in files}
+        jobs = {f: pool.submit(remote_tensors, ref.repo_id, commit, f, folder / f,
+                               header_bytes_guess(guess[f]) if f in guess else 0) for f in files}
         tensors: dict[str, TensorInfo] = {}
         for filename, job in jobs.items():
             try:

@@ -302,19 +302,43 @@ def _out_dtype(config: MoEConfig, base: ModelInfo) -> str:
     return ST_TO_NAME.get(base.tensors[arch.EMBED].dtype, "float32")
 
 
+def _pack(sizes: list[int], cap: int) -> list[int]:
+    """Where each group starts when ``sizes`` are packed in order, a group closed before it would exceed
+    ``cap`` (a size above ``cap`` makes a group of its own)."""
+    starts, size = [0], 0
+    for i, n in enumerate(sizes):
+        if i > starts[-1] and size + n > cap:
+            starts.append(i)
+            size = 0
+        size += n
+    return starts
+
+
+def even_cuts(sizes: list[int], max_bytes: int) -> list[int]:
+    """Where to cut ``sizes`` (kept in order) into as few groups as packing them at ``max_bytes`` makes, with
+    the largest group as small as any such cut allows: the least cap that packs into that many groups
+    (packing is monotone in the cap, so a binary search finds it). Returns each group's first index."""
+    count = len(_pack(sizes, max_bytes))
+    lo, hi = 1, max(max_bytes, 1)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_pack(sizes, mid)) <= count:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _pack(sizes, lo)
+
+
 def _assign_shards(weights: list[OutTensor], routers: list[OutTensor], max_shard_bytes: int) -> list[Shard]:
-    """Weights in write order, cut at ``max_shard_bytes``; then the routers, in a small shard of their own
+    """Weights in write order, in as many shards as cutting them at ``max_shard_bytes`` makes, but cut where
+    the largest shard is smallest (``even_cuts``): a streamed push can upload a shard only once all of it is
+    written, so the upload waits longest for the largest; then the routers, in a small shard of their own
     (with the weights when everything fits in one shard). No shard but the last needs the router pass: each
     can be written and uploaded while it runs, and a resumed push can skip it whatever device computed the
     routers."""
-    groups: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in weights:
-        if groups[-1] and size + t.nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
+    starts = even_cuts([t.nbytes for t in weights], max_shard_bytes)
+    groups = [weights[a:b] for a, b in zip(starts, [*starts[1:], len(weights)])] or [[]]
+    size = sum(t.nbytes for t in groups[-1])
     if routers:
         if len(groups) > 1 or size + sum(t.nbytes for t in routers) > max_shard_bytes:
             groups.append([])

@@ -65,7 +65,8 @@ def _make_plan(config, *, max_shard_bytes, layout, low_disk, progress, tokenizer
     models = {}
     # a model's config and headers are a few small requests (latency, not bandwidth): read every model at once
     with ThreadPoolExecutor(max_workers=min(8, len(refs)), thread_name_prefix="lazymoe-describe") as pool:
-        futures = [pool.submit(describe, ModelRef.parse(ref)) for ref in refs]
+        # the experts' tokenizers are never read (the MoE keeps the base's): not fetched
+        futures = [pool.submit(describe, ModelRef.parse(ref), tokenizer=ref == config.base_model) for ref in refs]
         with tqdm(total=len(refs), desc="Reading model headers", disable=not progress or len(refs) < 2) as bar:
             for ref, future in zip(refs, futures):
                 models[ref] = future.result()  # the first model's error first, as one after another would
