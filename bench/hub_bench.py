@@ -461,10 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         floor_cells += f" | {r['wall'] / alone[r['bw']]:.2f}" if r["bw"] in alone else " | –"
         walls = r["walls"]
         spread = f" ({walls[0]:.1f}–{walls[-1]:.1f}, {len(walls)} runs)" if len(walls) > 1 else ""
+        ratio = f"{r['down'] / figures['needed']:.3f}" if r["down"] else "–"  # the upload run fetches nothing
+        transfer = f"{r['transfer']:.1f} | {r['transfer'] / longer:.2f}" if r["transfer"] else "– | –"
         lines.append(
-            f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f}{spread} | {r['down'] / MB:.1f} | {r['down'] / figures['needed']:.3f} "
+            f"| {r['bw']:g} | {r['name']} | {r['wall']:.1f}{spread} | {r['down'] / MB:.1f} | {ratio} "
             f"| {r['up'] / MB:.1f} | {r['commits']} | {r['disk'] / MB:.0f} | {r['rss'] / MB:.0f} | "
-            f"{r['wall'] / longer:.2f} | {r['transfer']:.1f} | {r['transfer'] / longer:.2f} | {floor_cells} |")
+            f"{r['wall'] / longer:.2f} | {transfer} | {floor_cells} |")
     lines.append("")
     lines.append("fetched: body bytes the server sent (config, tokenizer and headers included); needed: the tensor "
                  "bytes the MoE reads (plan.download_bytes); max(fetch, upload): the needed bytes or the output, "

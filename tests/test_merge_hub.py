@@ -89,6 +89,27 @@ def test_a_header_longer_than_its_guess_is_read_in_two_requests(hub, published, 
         r == "bytes=0-47" or r.startswith("bytes=48-") for r in reads)
 
 
+def test_a_small_file_sent_whole_for_a_header_read_is_taken_and_a_large_one_refused(monkeypatch):
+    from lazymoe.io import ranges
+
+    small = (2).to_bytes(8, "little") + b"{}"
+
+    class WholeFile:  # a server may answer a range that covers the whole file with 200 and the file
+        status_code, headers = 200, {}
+
+        def __init__(self, content: bytes):
+            self.content = content
+
+    for content, end in ((small, 4096), (small * 400, 4096)):
+        monkeypatch.setattr(ranges.hf_utils, "http_backoff", lambda *a, content=content, **k: WholeFile(content))
+        monkeypatch.setattr(ranges.hf_utils, "hf_raise_for_status", lambda response: None)
+        if len(content) < end:
+            assert ranges.read_range("o/m", "0" * 40, "model.safetensors", 0, end, to_eof=True) == (small, len(small))
+        else:  # more than was asked for: a range the server ignored, never taken as the start of the file
+            with pytest.raises(ranges.RangeError, match="got HTTP 200 with 4000 bytes"):
+                ranges.read_range("o/m", "0" * 40, "model.safetensors", 0, end, to_eof=True)
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"\x05\x00\x00", "is 3 bytes long, too short for a safetensors file"),
     ((5000).to_bytes(8, "little") + b'{"a": {', "is truncated inside its header (7 of 5000 header bytes)"),
