@@ -185,7 +185,9 @@ class _Throttle:
     slice a little late (its handler was still reading the last one, or its sleep overran) is given the time
     since its last slice ended, up to one slice, as a link with a socket buffer keeps sending meanwhile; a
     body's first slice starts when it comes. Paced from the moment each slice came instead, eight 15 MB uploads
-    one after another moved at 87% of the rate, and 93% this way (the rest is each file's own requests).
+    one after another moved at 87% of the rate, and 93% this way (the rest is each file's own requests, and
+    hashing each body once it was whole, before answering). Hashed as its slices come (``_read_body``), an
+    upload in the streamed bench keeps the link at 99% of the rate while it is on it (19.8 of 20 MB/s).
     """
 
     def __init__(self, rate: float | None):
