@@ -486,6 +486,13 @@ def main(argv: list[str] | None = None) -> int:
                 same = all(d == digests[("sequential", bw)][0] for d in digests[(kind, bw)])
                 lines.append(f"- {bw:g} MB/s: {kind} upload {'byte-identical to' if same else 'DIFFERS from'} "
                              "the sequential one (README and the saved recipe aside)")
+        if ("upload", bw) in digests and ("streamed", bw) in digests:
+            shards = [{p: d for p, d in run.items() if p.endswith(".safetensors")}
+                      for run in digests[("upload", bw)] + digests[("streamed", bw)]]
+            extra = sorted(set(digests[("upload", bw)][0]) - set(digests[("streamed", bw)][0]))
+            lines.append(f"- {bw:g} MB/s: the upload run's shards {'are byte-identical to' if all(d == shards[0] for d in shards) else 'DIFFER from'} "
+                         f"the streamed run's; it also sends {', '.join(extra) or 'nothing more'} (upload_folder sends "
+                         "every file of the folder); its peak disk leaves out the folder, made beforehand")
     for r in rows:
         if r["name"] == "resume":
             lines.append(f"- {r['bw']:g} MB/s, resume: the interrupted run had sent {r['held']} of "

@@ -368,12 +368,15 @@ class HubServer:
                     out.append(r)
                 continue
             owner, name, _, revision, *path = (unquote(s) for s in r.path.split("/")[1:])
-            commit = self.repos[f"{owner}/{name}"].resolve(revision)
-            blob = commit.files["/".join(path)] if commit else None
+            repo = self.repos.get(f"{owner}/{name}")
+            commit = repo.resolve(revision) if repo else None
+            blob = commit.files.get("/".join(path)) if commit else None
             start = r.range.removeprefix("bytes=").split("-")[0]
-            if blob is None or len(blob.data) < 8 or not start:
-                out.append(r)  # not a header read of a file this server holds: count it
-            elif int(start) >= 8 + struct.unpack("<Q", blob.data[:8])[0]:
+            if blob is None or not start:
+                out.append(r)  # a file this server does not hold, or a suffix range: not a header read
+                continue
+            data_start = 8 + struct.unpack("<Q", blob.data[:8])[0] if len(blob.data) >= 8 else 8
+            if int(start) >= data_start:
                 out.append(r)
         return out
 

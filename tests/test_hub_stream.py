@@ -49,6 +49,27 @@ def tensor_ranges(hub) -> list:
     return hub.weight_reads()
 
 
+def test_weight_reads_are_the_ranges_from_a_files_data_on(hub, published, tiny_world):
+    import urllib.error
+    import urllib.request
+
+    shard = sorted(tiny_world["base"].glob("*.safetensors"))[0]
+    data_start = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+    url = f"{hub.url}/lazyorg/tiny-base/resolve/main/"
+    for name, first in ((shard.name, 0), (shard.name, data_start - 1), (shard.name, data_start),
+                        ("missing.safetensors", 0)):
+        request = urllib.request.Request(url + name, headers={"Range": f"bytes={first}-{first + 9}"})
+        try:
+            urllib.request.urlopen(request).read()
+        except urllib.error.HTTPError as err:
+            assert err.code == 404 and name == "missing.safetensors"
+    with urllib.request.urlopen(url + shard.name) as whole:  # a whole file: counted only when asked for
+        whole.read()
+    ranges = [r.range for r in hub.weight_reads()]
+    assert ranges == [f"bytes={data_start}-{data_start + 9}", "bytes=0-9"], "a header read is not a weight read"
+    assert len(hub.weight_reads(whole=True)) == 3
+
+
 def test_a_merge_fetches_exactly_the_bytes_it_reads_and_equals_the_local_merge(hub, published, tiny_world, tmp_path):
     from huggingface_hub import constants
 

@@ -102,17 +102,37 @@ def test_a_small_file_sent_whole_for_a_header_read_is_taken_and_a_large_one_refu
         def __init__(self, content: bytes):
             self.content = content
 
-    for content, end in ((small, 4096), (small * 500, 4096)):
+    for content, end in ((small, 4096), (small, len(small)), (small * 500, 4096)):
         monkeypatch.setattr(hf_utils, "http_backoff", lambda *a, content=content, **k: WholeFile(content))
         monkeypatch.setattr(hf_utils, "hf_raise_for_status", lambda response: None)
-        if len(content) < end:
+        if len(content) <= end:
             assert ranges.read_range("o/m", "0" * 40, "model.safetensors", 0, end, to_eof=True) == (small, len(small))
         else:  # more than was asked for: a range the server ignored, never taken as the start of the file
             with pytest.raises(ranges.RangeError, match="got HTTP 200 with 5000 bytes"):
                 ranges.read_range("o/m", "0" * 40, "model.safetensors", 0, end, to_eof=True)
 
 
+@pytest.mark.parametrize("short", [0, 1])
+def test_a_header_exactly_its_guess_is_one_read_and_one_byte_more_two(hub, published, tiny_world, monkeypatch,
+                                                                       short):
+    from lazymoe.io import sources
+    from lazymoe.io.safetensors import scan_file
+    from lazymoe.io.sources import ModelRef, describe
+
+    lengths = {}  # each shard's tensor names -> its header's length, from the local copy
+    for f in tiny_world["base"].glob("*.safetensors"):
+        lengths[frozenset(scan_file(f))] = int.from_bytes(f.read_bytes()[:8], "little")
+    monkeypatch.setattr(sources, "header_bytes_guess", lambda names: lengths[frozenset(names)] - short)
+    remote = describe(ModelRef.parse("lazyorg/tiny-base"))
+    assert {n: t.offset for n, t in remote.tensors.items()} == \
+           {n: t.offset for n, t in describe(ModelRef.parse(str(tiny_world["base"]))).tensors.items()}
+    reads = [r for r in hub.requests_of("resolve") if r.path.endswith(".safetensors")]
+    assert len(reads) == 12 * (1 + short)
+    assert all(r.response_bytes == 1 for r in reads if not r.range.startswith("bytes=0-")), "the one byte missing"
+
+
 @pytest.mark.parametrize(("content", "message"), [
+    (b"", "is 0 bytes long, too short for a safetensors file"),
     (b"\x05\x00\x00", "is 3 bytes long, too short for a safetensors file"),
     ((5000).to_bytes(8, "little") + b'{"a": {', "is truncated inside its header (7 of 5000 header bytes)"),
 ])

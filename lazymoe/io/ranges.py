@@ -29,11 +29,13 @@ def read_range(repo_id: str, revision: str, filename: str, start: int, end: int,
     url = hf_hub.hf_hub_url(repo_id, filename, revision=revision)
     headers = {**hf_utils.build_hf_headers(), "Range": f"bytes={start}-{end - 1}"}
     response = hf_utils.http_backoff("GET", url, headers=headers)
+    if to_eof and start == 0 and response.status_code == 416:
+        return b"", 0  # nothing at byte 0: an empty file
     hf_utils.hf_raise_for_status(response)
     match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
     data = response.content
-    if to_eof and start == 0 and response.status_code == 200 and len(data) < end:
-        return data, len(data)  # a range reaching past a small file's end may be answered with the whole file
+    if to_eof and start == 0 and response.status_code == 200 and len(data) <= end:
+        return data, len(data)  # a range that covers a small file may be answered with the whole file
     last = min(end, int(match[3])) if match is not None and to_eof else end
     if response.status_code != 206 or match is None or int(match[1]) != start or len(data) != last - start:
         raise RangeError(

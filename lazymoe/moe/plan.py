@@ -318,8 +318,9 @@ def even_cuts(sizes: list[int], max_bytes: int) -> list[int]:
     """Where to cut ``sizes`` (kept in order) into as few groups as packing them at ``max_bytes`` makes, with
     the largest group as small as any such cut allows: the least cap that packs into that many groups
     (packing is monotone in the cap, so a binary search finds it). Returns each group's first index."""
+    max_bytes = max(max_bytes, 1)
     count = len(_pack(sizes, max_bytes))
-    lo, hi = 1, max(max_bytes, 1)
+    lo, hi = 1, max_bytes
     while lo < hi:
         mid = (lo + hi) // 2
         if len(_pack(sizes, mid)) <= count:
