@@ -231,8 +231,9 @@ def convert_to_gguf(
     """Convert a merged model to ``NAME.{OUTTYPE}.gguf`` and quantise it to each of ``quants``.
 
     Output goes to ``outdir`` (default: ``MODEL_DIR-GGUF`` beside the model). Existing complete files made from
-    the model as it is now (the folder's record says so) are reused unless ``overwrite``. Returns the paths, the unquantised file first. Tensors that had to take
-    another type are logged as warnings (use :func:`quantize_gguf` to get them as data).
+    the model as it is now (the folder's record says so) are reused unless ``overwrite``. Returns the paths, the
+    unquantised file first. Tensors that had to take another type are logged as warnings (use
+    :func:`quantize_gguf` to get them as data).
     """
     check_count("threads", threads)
     model_dir = Path(model_dir)
