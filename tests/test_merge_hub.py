@@ -135,6 +135,7 @@ def test_a_header_exactly_its_guess_is_one_read_and_one_byte_more_two(hub, publi
     (b"", "is 0 bytes long, too short for a safetensors file"),
     (b"\x05\x00\x00", "is 3 bytes long, too short for a safetensors file"),
     ((5000).to_bytes(8, "little") + b'{"a": {', "is truncated inside its header (7 of 5000 header bytes)"),
+    ((50_000_000).to_bytes(8, "little") + bytes(30_000), "is truncated inside its header (30000 of 50000000 header bytes)"),
 ])
 def test_a_damaged_weight_file_on_the_hub_is_named(hub, tiny_world, tmp_path, content, message):
     from lazymoe.errors import ModelFormatError
@@ -147,6 +148,8 @@ def test_a_damaged_weight_file_on_the_hub_is_named(hub, tiny_world, tmp_path, co
     hub.publish_folder("lazyorg/damaged", folder)
     with pytest.raises(ModelFormatError, match=re.escape(f"cannot use model-00003-of-00012.safetensors: it {message}.")):
         describe(ModelRef.parse("lazyorg/damaged"))
+    read = sum(r.response_bytes for r in hub.requests_of("resolve") if r.path.endswith("model-00003-of-00012.safetensors"))
+    assert read < 8192, "a header length past the file's end is not read up to the end"
 
 
 @pytest.mark.parametrize(("low_disk", "gate_mode"), [(False, "hidden"), (True, "hidden"), (False, "classifier"),
@@ -167,6 +170,35 @@ def test_merge_from_hub_ids_equals_the_local_merge(hub, published, tiny_world, t
         assert cached == [] and ranges == []
     else:
         assert ranges and len(cached) == (len(list(tiny_world["base"].glob("*.safetensors"))) if whole_base else 0)
+
+
+@pytest.mark.parametrize(("gate_mode", "low_disk"), [("random", False), ("cheap_embed", True), ("hidden", False)])
+def test_one_repo_named_twice_at_one_commit_is_fetched_once_and_merges(hub, published, tiny_world, tmp_path,
+                                                                       gate_mode, low_disk):
+    """``org/m`` and ``org/m@<its commit>`` are one set of files: their ranges were two chunks fetching into one
+    file, and the second waited for ever once the first had renamed it."""
+    chat = published["chat"]
+    cfg = moe_config("lazyorg/tiny-base", ["lazyorg/tiny-chat", f"lazyorg/tiny-chat@{chat}",
+                                           f"lazyorg/tiny-base@{published['base']}"], gate_mode=gate_mode, seed=3)
+    local = moe_config(tiny_world["base"], [tiny_world["chat"], tiny_world["chat"], tiny_world["base"]],
+                       gate_mode=gate_mode, seed=3)
+    from_hub = lazymoe.merge(cfg, tmp_path / "hub", progress=False, low_disk=low_disk)
+    assert raw_bytes(from_hub) == raw_bytes(lazymoe.merge(local, tmp_path / "local", progress=False, low_disk=low_disk))
+    chat_bytes = sum(f.stat().st_size for f in tiny_world["chat"].glob("*.safetensors"))
+    fetched = sum(r.response_bytes for r in hub.weight_reads() if "/tiny-chat/" in r.path)
+    assert 0 < fetched < chat_bytes, "the chat expert's MLPs once, not twice"
+
+
+def test_a_chunk_that_cannot_be_written_fails_its_reader_instead_of_hanging(hub, published, tiny_world, tmp_path):
+    from lazymoe.io.fetch import RangedWeights, Read
+
+    plan = lazymoe.make_plan(hub_config(tiny_world, published, gate_mode="random", seed=1)[0], progress=False)
+    ref, name = "lazyorg/tiny-chat", "model.layers.0.mlp.up_proj.weight"
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the range cache's folder must go", encoding="utf-8")
+    with RangedWeights(plan.models, [Read(ref, name, 0, 0)], cache=blocked, progress=False) as store:
+        with pytest.raises(OSError):
+            store.resolve(ref, name)
 
 
 def test_low_disk_keeps_what_was_cached_before(hub, published, tiny_world, tmp_path):

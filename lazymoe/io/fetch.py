@@ -105,11 +105,22 @@ class _Chunk:
         return self.end - self.start
 
 
+def same_files(models: dict[str, ModelInfo], whole: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Each ranged Hub model's ref -> the first ref naming the same repo at the same commit (``org/m`` and
+    ``org/m@<its commit>``: one set of files), so that their tensors share chunks instead of two chunks
+    fetching into one file."""
+    first: dict[tuple[str, str | None], str] = {}
+    return {ref: first.setdefault((info.ref.repo_id, info.commit), ref) for ref, info in models.items()
+            if info.ref.repo_id is not None and ref not in whole}
+
+
 def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path,
                 whole: frozenset[str] = frozenset()) -> tuple[list[_Chunk], dict]:
     """Group the reads of Hub models into chunks; returns the chunks in fetch order and, for every
-    (ref, name) they hold, its chunk. Tensors of local models, of models in ``whole`` and of files complete
-    in the Hugging Face cache are left out."""
+    (ref, name) they hold, its chunk, by the ref ``same_files`` gives. Tensors of local models, of models in
+    ``whole`` and of files complete in the Hugging Face cache are left out."""
+    alias = same_files(models, whole)
+    reads = [replace(r, ref=alias.get(r.ref, r.ref)) for r in reads]
     first: dict[tuple[str, str], Read] = {}
     last: dict[tuple[str, str], int] = {}
     router: set[tuple[str, str]] = set()
@@ -183,6 +194,7 @@ class RangedWeights:
         self._whole = WeightStore({r: m for r, m in self.models.items() if r in whole}, release=release)
         self._whole_last = {r: max((x.step for x in self._reads if x.ref == r), default=ROUTER_STEP) for r in whole}
         self._chunks, self._holder = plan_chunks(self.models, self._reads, self.cache, frozenset(whole))
+        self._alias = same_files(self.models, frozenset(whole))  # the holder's ref for each ref
         self._router_names: dict[str, list[str]] = {}
         for read in self._reads:
             if read.router:
@@ -236,6 +248,7 @@ class RangedWeights:
         tensor = info.tensors[name]
         if info.ref.repo_id is None:
             return tensor
+        ref = self._alias.get(ref, ref)
         chunk = self._holder.get((ref, name))
         if chunk is None:
             cached = hf_hub.try_to_load_from_cache(info.ref.repo_id, tensor.file.name, revision=info.commit)
@@ -244,6 +257,8 @@ class RangedWeights:
             chunk = self._unplanned(ref, tensor)
         self._want(chunk)
         chunk.done.wait()
+        if isinstance(chunk.error, OSError) and chunk.error.errno is not None:
+            raise chunk.error  # this machine's disk (full, a folder gone), not the network: said as such
         if chunk.error is not None:
             raise self._error(chunk)
         return replace(tensor, file=chunk.path, offset=tensor.offset - chunk.start)
@@ -340,10 +355,16 @@ class RangedWeights:
     def _submit(self, chunk: _Chunk) -> None:  # holding the lock
         chunk.submitted = True
         self._ahead += chunk.size
-        chunk.path.parent.mkdir(parents=True, exist_ok=True)
         partial = chunk.path.with_name(chunk.path.name + ".incomplete")
-        with open(partial, "wb") as f:
-            f.truncate(chunk.size)
+        try:
+            chunk.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                f.truncate(chunk.size)
+        except OSError as err:  # a full disk, a cache folder that cannot be made: its readers get the error
+            chunk.error = err
+            chunk.done.set()
+            self._lock.notify_all()
+            return
         part = part_size(chunk.size, self._workers)
         starts = list(range(chunk.start, chunk.end, part)) or [chunk.start]
         chunk.parts_left = len(starts)
@@ -380,8 +401,11 @@ class RangedWeights:
             if chunk.parts_left > 0:
                 return
             if chunk.error is None:
-                self._finish(chunk, partial)
-            else:
+                try:
+                    self._finish(chunk, partial)
+                except OSError as err:  # the range cache changed under us: the reader is told, not left waiting
+                    chunk.error = err
+            if chunk.error is not None:
                 _unlink(partial)
             chunk.done.set()
             self._lock.notify_all()
@@ -443,5 +467,5 @@ class _Located(Mapping):
 def _unlink(path: Path) -> None:
     try:
         path.unlink()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # gone, or its folder never could be made
         pass

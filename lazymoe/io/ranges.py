@@ -55,6 +55,8 @@ def remote_tensors(repo_id: str, revision: str, filename: str, local_path: Path,
     if len(first) < 8:
         raise ValueError(f"it is {len(first)} bytes long, too short for a safetensors file")
     size = header_length(first[:8])
+    if 8 + size > total:  # a length past the file's end: nothing more to read (a lie would fetch the weights)
+        raise ValueError(f"it is truncated inside its header ({total - 8} of {size} header bytes)")
     text = first[8 : 8 + size]
     if len(text) < size and 8 + len(text) < total:
         text += read_range(repo_id, revision, filename, 8 + len(text), 8 + size, to_eof=True)[0]
@@ -62,7 +64,7 @@ def remote_tensors(repo_id: str, revision: str, filename: str, local_path: Path,
 
 
 #: the most a guess asks for: a header is a few KB per hundred tensors, and an index that lists more (or
-#: lies) must not make the first read fetch weights
+#: lies) makes the first read fetch at most this much of the weights
 MAX_HEADER_GUESS = 1 << 20
 
 

@@ -1,6 +1,6 @@
 """Model references (Hub id, ``id@revision`` or local folder) and what we can learn from them cheaply.
 
-``describe()`` reads only config.json, tokenizer files and safetensors headers — on the Hub through
+``describe()`` reads only config.json, the base's tokenizer files and safetensors headers — on the Hub through
 ranged requests — so a plan and every compatibility check happen before any weight is downloaded.
 ``fetch_weights()`` downloads whole weight files (the modes whose experts run as whole models need them);
 ``io.fetch`` fetches just the tensors a merge reads.
