@@ -266,6 +266,8 @@ def transfer_floor_bytes(needed: int, output: int, shards: list[tuple[dict, int]
 
 #: the runs ``--repeat`` repeats: the one whose ratio the goal bounds closely (the others are 2x or 0.8x it)
 REPEATED = ("streamed", "upload")
+#: the bench's recipe over the four experts (from the Hub, and from local folders for the upload run)
+RECIPE = {"gate_mode": "hidden", "dtype": "bfloat16", "experts_per_token": 2}
 #: where the ``upload`` run's folder is made, beside the recipe: the merged model, shards and all
 UPLOAD_SOURCE = "upload-source"
 
@@ -275,8 +277,7 @@ def prepare_upload(experts: list[Path], work: Path, shard: str) -> None:
     streamed run's, byte for byte), made once and not measured."""
     import _synth
 
-    local = _synth.write_moe_config(work / "local.yaml", experts, gate_mode="hidden", dtype="bfloat16",
-                                    experts_per_token=2)
+    local = _synth.write_moe_config(work / "local.yaml", experts, **RECIPE)
     shutil.rmtree(work / UPLOAD_SOURCE, ignore_errors=True)
     run_child([sys.executable, "-m", "lazymoe", "-q", "merge", str(local), str(work / UPLOAD_SOURCE),
                "--max-shard-size", shard], dict(os.environ))
@@ -422,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, folder in enumerate(experts):
             server.publish_folder(f"bench/expert{i}", folder)
             ids.append(f"bench/expert{i}")
-        config = _synth.write_moe_config(args.work / "hub.yaml", [Path(i) for i in ids], gate_mode="hidden",
-                                         dtype="bfloat16", experts_per_token=2)
+        config = _synth.write_moe_config(args.work / "hub.yaml", [Path(i) for i in ids], **RECIPE)
         runs_root = args.work / "runs"
         shutil.rmtree(runs_root, ignore_errors=True)
         runs_root.mkdir(parents=True)

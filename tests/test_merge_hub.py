@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -66,13 +67,9 @@ def test_a_plan_reads_an_indexed_header_in_one_request_and_no_experts_tokenizer(
         assert {n: (t.dtype, t.shape, t.offset, t.file.name) for n, t in remote.tensors.items()} == \
                {n: (t.dtype, t.shape, t.offset, t.file.name) for n, t in local.tensors.items()}
     read = sum(r.response_bytes for r in gets if r.path.endswith(".safetensors"))
-    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for m in MODELS_READ(tiny_world)
-                  for f in m.glob("*.safetensors"))
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for name in ("base", "chat", "code")
+                  for f in tiny_world[name].glob("*.safetensors"))
     assert headers <= read <= headers + 12 * 2048, "a guess over-reads at most a couple of KB per shard"
-
-
-def MODELS_READ(tiny_world):
-    return [tiny_world[name] for name in ("base", "chat", "code")]
 
 
 def test_a_header_longer_than_its_guess_is_read_in_two_requests(hub, published, tiny_world, monkeypatch):
@@ -190,6 +187,7 @@ def test_one_repo_named_twice_at_one_commit_is_fetched_once_and_merges(hub, publ
 
 
 def test_a_chunk_that_cannot_be_written_fails_its_reader_instead_of_hanging(hub, published, tiny_world, tmp_path):
+    from lazymoe.errors import WriteError
     from lazymoe.io.fetch import RangedWeights, Read
 
     plan = lazymoe.make_plan(hub_config(tiny_world, published, gate_mode="random", seed=1)[0], progress=False)
@@ -197,7 +195,34 @@ def test_a_chunk_that_cannot_be_written_fails_its_reader_instead_of_hanging(hub,
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the range cache's folder must go", encoding="utf-8")
     with RangedWeights(plan.models, [Read(ref, name, 0, 0)], cache=blocked, progress=False) as store:
-        with pytest.raises(OSError):
+        with pytest.raises(WriteError) as caught:
+            store.resolve(ref, name)
+    assert str(caught.value) == (
+        f"Cannot keep the ranges fetched from lazyorg/tiny-chat in {blocked} (Not a directory): make that folder "
+        "writable (it is under HF_HOME; set HF_HOME to a folder you can write to), then run the merge again.")
+
+
+def test_a_full_disk_while_fetching_says_so(hub, published, tiny_world, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from lazymoe.errors import InsufficientResourcesError
+    from lazymoe.io.fetch import RangedWeights, Read
+
+    plan = lazymoe.make_plan(hub_config(tiny_world, published, gate_mode="random", seed=1)[0], progress=False)
+    ref, name = "lazyorg/tiny-chat", "model.layers.0.mlp.up_proj.weight"
+    real_open = builtins.open
+
+    def full(path, *args, **kwargs):  # the range cache's partial file cannot be made: the disk is full
+        if str(path).endswith(".incomplete"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    cache = tmp_path / "ranges"
+    with RangedWeights(plan.models, [Read(ref, name, 0, 0)], cache=cache, progress=False) as store:
+        with pytest.raises(InsufficientResourcesError, match=re.escape(
+                f"The disk at {cache} filled up while writing (No space left on device). Free space there")):
             store.resolve(ref, name)
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 from huggingface_hub import constants
 from tqdm.auto import tqdm
 
-from ..errors import HubError
+from ..errors import HubError, LazyMoEError, WriteError
 from ..lazy import hf_hub
+from .outdir import DISK_FULL, disk_full_error
 from .ranges import read_range
 from .safetensors import TensorInfo
 from .token import env_tokens, redact
@@ -117,10 +118,8 @@ def same_files(models: dict[str, ModelInfo], whole: frozenset[str] = frozenset()
 def plan_chunks(models: dict[str, ModelInfo], reads: Iterable[Read], cache: Path,
                 whole: frozenset[str] = frozenset()) -> tuple[list[_Chunk], dict]:
     """Group the reads of Hub models into chunks; returns the chunks in fetch order and, for every
-    (ref, name) they hold, its chunk, by the ref ``same_files`` gives. Tensors of local models, of models in
-    ``whole`` and of files complete in the Hugging Face cache are left out."""
-    alias = same_files(models, whole)
-    reads = [replace(r, ref=alias.get(r.ref, r.ref)) for r in reads]
+    (ref, name) they hold, its chunk. Tensors of local models, of models in ``whole`` and of files complete
+    in the Hugging Face cache are left out."""
     first: dict[tuple[str, str], Read] = {}
     last: dict[tuple[str, str], int] = {}
     router: set[tuple[str, str]] = set()
@@ -193,8 +192,10 @@ class RangedWeights:
         self._reads = list(reads)
         self._whole = WeightStore({r: m for r, m in self.models.items() if r in whole}, release=release)
         self._whole_last = {r: max((x.step for x in self._reads if x.ref == r), default=ROUTER_STEP) for r in whole}
-        self._chunks, self._holder = plan_chunks(self.models, self._reads, self.cache, frozenset(whole))
-        self._alias = same_files(self.models, frozenset(whole))  # the holder's ref for each ref
+        self._alias = same_files(self.models, frozenset(whole))  # the ref that holds each ref's chunks
+        self._chunks, self._holder = plan_chunks(
+            self.models, [replace(r, ref=self._alias.get(r.ref, r.ref)) for r in self._reads], self.cache,
+            frozenset(whole))
         self._router_names: dict[str, list[str]] = {}
         for read in self._reads:
             if read.router:
@@ -257,8 +258,6 @@ class RangedWeights:
             chunk = self._unplanned(ref, tensor)
         self._want(chunk)
         chunk.done.wait()
-        if isinstance(chunk.error, OSError) and chunk.error.errno is not None:
-            raise chunk.error  # this machine's disk (full, a folder gone), not the network: said as such
         if chunk.error is not None:
             raise self._error(chunk)
         return replace(tensor, file=chunk.path, offset=tensor.offset - chunk.start)
@@ -434,8 +433,16 @@ class RangedWeights:
             if self.release_enabled and not chunk.cached:
                 _unlink(chunk.path)
 
-    def _error(self, chunk: _Chunk) -> HubError:
+    def _error(self, chunk: _Chunk) -> LazyMoEError:
         err = chunk.error
+        if isinstance(err, OSError) and err.errno is not None:  # this machine's disk, not the network
+            if err.errno in DISK_FULL:
+                return disk_full_error(err, self.cache, cleaned=False)
+            return WriteError(
+                f"Cannot keep the ranges fetched from {chunk.repo_id} in {self.cache} ({err.strerror}): make that "
+                "folder writable (it is under HF_HOME; set HF_HOME to a folder you can write to), then run the "
+                "merge again."
+            )
         cause = " ".join(redact(str(err), env_tokens()).split())[:300] or type(err).__name__
         kept = "" if self.release_enabled else " The ranges already fetched are kept and will not be fetched again."
         return HubError(

@@ -58,8 +58,8 @@ def remote_tensors(repo_id: str, revision: str, filename: str, local_path: Path,
     if 8 + size > total:  # a length past the file's end: nothing more to read (a lie would fetch the weights)
         raise ValueError(f"it is truncated inside its header ({total - 8} of {size} header bytes)")
     text = first[8 : 8 + size]
-    if len(text) < size and 8 + len(text) < total:
-        text += read_range(repo_id, revision, filename, 8 + len(text), 8 + size, to_eof=True)[0]
+    if len(text) < size:  # the guess was short; the file holds the rest (checked above)
+        text += read_range(repo_id, revision, filename, 8 + len(text), 8 + size)[0]
     return header_tensors(parse_header(text, size), 8 + size, total, local_path)
 
 

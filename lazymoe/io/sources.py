@@ -128,23 +128,30 @@ def read_model_config(path: Path, ref: ModelRef | str) -> dict:
     return cfg
 
 
-def _weight_files(folder: Path, ref: ModelRef, *, must_exist: bool = True) -> list[Path]:
+def _weight_map(folder: Path, ref: ModelRef) -> dict[str, str] | None:
+    """The index's tensor -> file map (checked: every file a plain name beside the index), or None without one."""
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
-        return sorted(folder.glob("*.safetensors"))
+        return None
     weight_map = read_json(index, index.name, ref).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFormatError(f"{ref}: {index.name} has no weight_map; download the model again.")
-    names = set(weight_map.values())
-    for name in names:
+    for name in set(weight_map.values()):
         # shards sit next to the index; a name with a folder in it ("../", "/etc/") reads outside the model
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ModelFormatError(
                 f"{ref}: {index.name} maps a tensor to {name!r}, which is not a file name in the model folder; "
                 "the index is damaged or hostile, download the model again."
             )
-    files = sorted(folder / f for f in names)
-    missing = [f.name for f in files if must_exist and not f.is_file()]
+    return weight_map
+
+
+def _weight_files(folder: Path, ref: ModelRef) -> list[Path]:
+    weight_map = _weight_map(folder, ref)
+    if weight_map is None:
+        return sorted(folder.glob("*.safetensors"))
+    files = sorted(folder / f for f in set(weight_map.values()))
+    missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise ModelNotFoundError(
             f"{ref}: the index lists {', '.join(missing[:3])} but the file is missing; "
@@ -212,18 +219,19 @@ def describe(ref: ModelRef, *, tokenizer: bool = True) -> ModelInfo:
         raise _hub_error(ref, err) from err
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{ref.repo_id} has no config.json; is it a transformers model repo?")
-    index = folder / "model.safetensors.index.json"
-    guess: dict[str, list[str]] = {}  # the tensors the index puts in each file: how long its header may be
-    if index.is_file():
-        files = [f.name for f in _weight_files(folder, ref, must_exist=False)]
-        for name, filename in read_json(index, index.name, ref)["weight_map"].items():
-            guess.setdefault(filename, []).append(str(name))
-    else:
-        files = ["model.safetensors"]
+    # each weight file and the tensors the index puts in it (how long its header may be); no index: one file,
+    # whose header length is read first
+    names: dict[str, list[str]] = {"model.safetensors": []}
+    weight_map = _weight_map(folder, ref)
+    if weight_map is not None:
+        names = {}
+        for name, filename in weight_map.items():
+            names.setdefault(filename, []).append(name)
+    files = sorted(names)
     commit = folder.name  # the snapshot is named after the commit: every range is read at that commit
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         jobs = {f: pool.submit(remote_tensors, ref.repo_id, commit, f, folder / f,
-                               header_bytes_guess(guess[f]) if f in guess else 0) for f in files}
+                               header_bytes_guess(names[f]) if names[f] else 0) for f in files}
         tensors: dict[str, TensorInfo] = {}
         for filename, job in jobs.items():
             try:
