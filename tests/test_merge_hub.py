@@ -128,6 +128,53 @@ def test_a_header_exactly_its_guess_is_one_read_and_one_byte_more_two(hub, publi
     assert all(r.response_bytes == 1 for r in reads if not r.range.startswith("bytes=0-")), "the one byte missing"
 
 
+def test_a_sharded_hub_repo_without_an_index_is_read_as_its_folder_is(hub, tiny_world, tmp_path):
+    import shutil
+
+    from lazymoe.io.sources import ModelRef, describe
+
+    folder = tmp_path / "no-index"
+    shutil.copytree(tiny_world["base"], folder)
+    (folder / "model.safetensors.index.json").unlink()
+    hub.publish_folder("lazyorg/no-index", folder)
+    remote, local = describe(ModelRef.parse("lazyorg/no-index")), describe(ModelRef.parse(str(folder)))
+    assert len({t.file.name for t in local.tensors.values()}) == 12
+    assert {n: (t.offset, t.file.name) for n, t in remote.tensors.items()} == \
+           {n: (t.offset, t.file.name) for n, t in local.tensors.items()}
+
+
+def test_a_shard_the_index_lists_but_the_repo_lacks_is_named(hub, tiny_world, tmp_path):
+    import shutil
+
+    from lazymoe.io.sources import ModelRef, describe
+
+    folder = tmp_path / "missing"
+    shutil.copytree(tiny_world["base"], folder)
+    (folder / "model-00005-of-00012.safetensors").unlink()
+    commit = hub.publish_folder("lazyorg/missing", folder)
+    with pytest.raises(ModelNotFoundError) as caught:
+        describe(ModelRef.parse("lazyorg/missing"))
+    assert str(caught.value) == (
+        f"lazyorg/missing: its index lists model-00005-of-00012.safetensors, which the repo does not hold (commit "
+        f"{commit[:12]}): its upload is incomplete. Ask its owner to upload the file, or use another revision "
+        "(REPO@REVISION).")
+
+
+def test_a_hugging_face_cache_that_cannot_be_written_is_named(hub, published, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from lazymoe.io.sources import ModelRef, describe
+
+    blocked = tmp_path / "afile"
+    blocked.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(blocked / "hub"))
+    with pytest.raises(ModelNotFoundError, match=re.escape(
+            "lazyorg/tiny-base could not be saved in the Hugging Face cache at ")) as caught:
+        describe(ModelRef.parse("lazyorg/tiny-base"))
+    assert str(caught.value).endswith("(Not a directory): set HF_HOME (or HF_HUB_CACHE) to a folder you can write "
+                                      "to, with free space, and run again.")
+
+
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "is 0 bytes long, too short for a safetensors file"),
     (b"\x05\x00\x00", "is 3 bytes long, too short for a safetensors file"),

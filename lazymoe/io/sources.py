@@ -8,6 +8,7 @@ ranged requests — so a plan and every compatibility check happen before any we
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -185,6 +186,11 @@ def _hub_error(ref: ModelRef, err: Exception) -> ModelNotFoundError:
         why = ("cannot be reached (no network, or offline mode): download it while you have a network, with "
                f"`hf download {ref.repo_id}{' --revision ' + ref.revision if ref.revision else ''} --local-dir "
                f"{folder}`, and give the folder {folder!r} instead")
+    elif isinstance(err, (PermissionError, NotADirectoryError, IsADirectoryError)) or (
+            isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+        where = f" at {err.filename}" if err.filename else ""
+        why = (f"could not be saved in the Hugging Face cache{where} ({err.strerror}): set HF_HOME (or "
+               "HF_HUB_CACHE) to a folder you can write to, with free space, and run again")
     else:
         why = f"could not be read ({name}: {' '.join(redact(str(err), env_tokens()).split())[:300]})"
     return ModelNotFoundError(f"{ref.repo_id} {why}.")
@@ -219,33 +225,60 @@ def describe(ref: ModelRef, *, tokenizer: bool = True) -> ModelInfo:
         raise _hub_error(ref, err) from err
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"{ref.repo_id} has no config.json; is it a transformers model repo?")
-    # each weight file and the tensors the index puts in it (how long its header may be); no index: one file,
-    # whose header length is read first
-    names: dict[str, list[str]] = {"model.safetensors": []}
+    commit = folder.name  # the snapshot is named after the commit: every range is read at that commit
     weight_map = _weight_map(folder, ref)
-    if weight_map is not None:
-        names = {}
+    if weight_map is not None:  # each weight file and the tensors it holds (how long its header may be)
+        names: dict[str, list[str]] = {}
         for name, filename in weight_map.items():
             names.setdefault(filename, []).append(name)
-    files = sorted(names)
-    commit = folder.name  # the snapshot is named after the commit: every range is read at that commit
-    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        tensors = _remote_headers(ref, commit, folder, names)
+    else:  # no index: model.safetensors, else the weight files the repo holds (as a local folder is read)
+        try:
+            tensors = _remote_headers(ref, commit, folder, {"model.safetensors": []})
+        except _NotOnHub:
+            try:
+                listed = hf_hub.HfApi().list_repo_files(ref.repo_id, revision=commit)
+            except Exception as err:
+                raise _hub_error(ref, err) from err
+            shards = sorted(f for f in listed if f.endswith(".safetensors") and "/" not in f)
+            if not shards:
+                raise ModelNotFoundError(f"{ref.repo_id} has no .safetensors weights and no "
+                                         "model.safetensors.index.json: lazymoe reads safetensors weights only.") from None
+            tensors = _remote_headers(ref, commit, folder, {f: [] for f in shards})
+    return ModelInfo(ref, read_model_config(folder / "config.json", ref), tensors, folder,
+                     sum(t.nbytes for t in tensors.values()))
+
+
+class _NotOnHub(Exception):
+    """A weight file the repo does not hold at the commit read."""
+
+
+def _not_on_hub(err: BaseException) -> bool:
+    return any(c.__name__ == "EntryNotFoundError" for c in type(err).__mro__)  # (Remote)EntryNotFoundError
+
+
+def _remote_headers(ref: ModelRef, commit: str, folder: Path, names: dict[str, list[str]]) -> dict[str, TensorInfo]:
+    """The tensors of the Hub files ``names`` (file -> the tensors an index puts in it, to size the header
+    read; [] when unknown), read at ``commit``, the files at once."""
+    tensors: dict[str, TensorInfo] = {}
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
         jobs = {f: pool.submit(remote_tensors, ref.repo_id, commit, f, folder / f,
-                               header_bytes_guess(names[f]) if names[f] else 0) for f in files}
-        tensors: dict[str, TensorInfo] = {}
+                               header_bytes_guess(names[f]) if names[f] else 0) for f in sorted(names)}
         for filename, job in jobs.items():
             try:
                 tensors.update(job.result())
             except ValueError as err:
                 raise ModelFormatError(f"{ref}: cannot use {filename}: {err}. Is the repo's upload complete?") from None
             except Exception as err:
-                if filename == "model.safetensors" and type(err).__name__ == "EntryNotFoundError":
-                    raise ModelNotFoundError(f"{ref.repo_id} has no model.safetensors and no "
-                                             "model.safetensors.index.json: lazymoe reads safetensors weights only."
-                                             ) from None
-                raise _hub_error(ref, err) from err
-    return ModelInfo(ref, read_model_config(folder / "config.json", ref), tensors, folder,
-                     sum(t.nbytes for t in tensors.values()))
+                if not _not_on_hub(err):
+                    raise _hub_error(ref, err) from err
+                if filename == "model.safetensors" and len(names) == 1 and not names[filename]:
+                    raise _NotOnHub(filename) from None  # no index: the caller looks for the files the repo has
+                raise ModelNotFoundError(
+                    f"{ref}: its index lists {filename}, which the repo does not hold (commit {commit[:12]}): its "
+                    "upload is incomplete. Ask its owner to upload the file, or use another revision (REPO@REVISION)."
+                ) from None
+    return tensors
 
 
 def fetch_weights(info: ModelInfo) -> ModelInfo:
