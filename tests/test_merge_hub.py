@@ -245,8 +245,26 @@ def test_a_chunk_that_cannot_be_written_fails_its_reader_instead_of_hanging(hub,
         with pytest.raises(WriteError) as caught:
             store.resolve(ref, name)
     assert str(caught.value) == (
-        f"Cannot keep the ranges fetched from lazyorg/tiny-chat in {blocked} (Not a directory): make that folder "
-        "writable (it is under HF_HOME; set HF_HOME to a folder you can write to), then run the merge again.")
+        f"Cannot keep the fetched ranges in {blocked} (Not a directory): make that folder writable (it is under "
+        "HF_HOME; set HF_HOME to a folder you can write to), then run the merge again.")
+
+
+def test_a_range_cache_that_cannot_be_written_stops_a_push_before_its_repo_is_made(hub, published, tiny_world,
+                                                                                    tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from hubserver import ALICE_WRITE_TOKEN
+
+    from lazymoe.errors import WriteError
+    from lazymoe.pipeline.merge import merge_and_push
+
+    blocked = tmp_path / "afile"
+    blocked.write_text("HF_HOME set to a file by mistake", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HOME", str(blocked))  # the range cache lives under it
+    cfg, _ = hub_config(tiny_world, published, gate_mode="random", seed=1)
+    with pytest.raises(WriteError, match=re.escape(f"Cannot keep the fetched ranges in {blocked / 'lazymoe' / 'ranges'} "
+                                                   "(Not a directory)")):
+        merge_and_push(cfg, tmp_path / "moe", "blocked-moe", keep=False, token=ALICE_WRITE_TOKEN, progress=False)
+    assert "alice/blocked-moe" not in hub.repos and hub.weight_reads() == [], "no repo made, no weight fetched"
 
 
 def test_a_full_disk_while_fetching_says_so(hub, published, tiny_world, tmp_path, monkeypatch):

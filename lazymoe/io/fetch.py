@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,25 @@ def part_size(nbytes: int, workers: int) -> int:
 def range_cache_dir() -> Path:
     """Where fetched ranges are kept: beside the Hugging Face cache (``HF_HOME``), read at call time."""
     return Path(constants.HF_HOME) / "lazymoe" / "ranges"
+
+
+def range_cache_error(err: OSError, cache: Path) -> LazyMoEError:
+    """What to say when the range cache ``cache`` cannot be written."""
+    if err.errno in DISK_FULL:
+        return disk_full_error(err, cache, cleaned=False)
+    return WriteError(f"Cannot keep the fetched ranges in {cache} ({err.strerror}): make that folder writable (it is "
+                      "under HF_HOME; set HF_HOME to a folder you can write to), then run the merge again.")
+
+
+def check_range_cache(cache: Path | None = None) -> None:
+    """That the range cache can be made and written to: checked before anything is fetched or made on the Hub."""
+    cache = cache or range_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):
+            pass
+    except OSError as err:
+        raise range_cache_error(err, cache) from None
 
 
 @dataclass(frozen=True)
@@ -436,13 +456,7 @@ class RangedWeights:
     def _error(self, chunk: _Chunk) -> LazyMoEError:
         err = chunk.error
         if isinstance(err, OSError) and err.errno is not None:  # this machine's disk, not the network
-            if err.errno in DISK_FULL:
-                return disk_full_error(err, self.cache, cleaned=False)
-            return WriteError(
-                f"Cannot keep the ranges fetched from {chunk.repo_id} in {self.cache} ({err.strerror}): make that "
-                "folder writable (it is under HF_HOME; set HF_HOME to a folder you can write to), then run the "
-                "merge again."
-            )
+            return range_cache_error(err, self.cache)
         cause = " ".join(redact(str(err), env_tokens()).split())[:300] or type(err).__name__
         kept = "" if self.release_enabled else " The ranges already fetched are kept and will not be fetched again."
         return HubError(

@@ -25,7 +25,7 @@ from ..config import MoEConfig, load_config
 from ..errors import InsufficientResourcesError, LazyMoEError, OutputExistsError, Setting, Text, WriteError
 from ..io.folder import CONFIG_FILENAME, HubCopy, free_disk_bytes, write_hub_record
 from ..io.outdir import DISK_FULL, DISK_MARGIN_BYTES, OutputTarget, disk_full_error
-from ..io.fetch import RangedWeights, Read
+from ..io.fetch import RangedWeights, Read, check_range_cache
 from ..io.sources import TOKENIZER_FILES, ModelRef, describe
 from ..lazy import np
 from ..moe import checks
@@ -288,6 +288,8 @@ def _merge_into(target: OutputTarget, plan: planning.MergePlan, config: MoEConfi
     # router pass loads whole as whole files; local folders are read in place (deleted once written in
     # low-disk mode, or when the shards themselves are deleted once uploaded)
     skip, saved = frozenset(), None
+    if any(m.ref.repo_id is not None and ref not in plan.whole_models for ref, m in plan.models.items()):
+        check_range_cache()  # ranges will be fetched: a cache that cannot take them stops us before the Hub repo
     if pusher is not None:  # a re-run of an interrupted push picks up what it recorded (publish.resume)
         state = PushState(pusher.target.endpoint, pusher.target.repo_id, plan.fingerprint())
         saved = _saved_gates(state, plan)
